@@ -41,3 +41,11 @@ class UnknownNameError(NormscopeError, ValueError):
 
 class NonFiniteError(NormscopeError, FloatingPointError):
     """NaN or Inf where finite numbers are required."""
+
+
+class AnalyzerError(NormscopeError, RuntimeError):
+    """An analyzer could not run: its module is missing, or it failed on this model."""
+
+
+class OutputError(NormscopeError, OSError):
+    """An output folder cannot be written (it exists and is not empty, or is not writable)."""

@@ -1,0 +1,254 @@
+"""Load a model to analyze from a checkpoint file and a model spec, safely.
+
+Accepted, in order of preference:
+
+* a state dict (``torch.save(model.state_dict())`` or a ``.safetensors`` file) plus ``--model``,
+  a built-in name from :mod:`normscope.models` or ``package.module:factory`` for the user's own;
+* a dict as training scripts save it, with the weights under ``state_dict``, ``model`` or
+  ``model_state_dict`` (``module.`` / ``_orig_mod.`` prefixes of DataParallel and
+  ``torch.compile`` are removed);
+* a whole pickled module, only with ``trust=True``: full unpickling runs code from the file.
+
+Files are always opened with ``torch.load(weights_only=True)`` first, which never runs code
+from the file. Every failure raises a :mod:`normscope.errors` class whose message names the
+problem and what to do in one line.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pickle
+import re
+import struct
+import sys
+import zipfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from normscope.errors import CheckpointError, ModelImportError, UntrustedPickleError
+from normscope.models import MODELS, build_model
+
+STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model")
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+ZIP_MAGIC = b"PK\x03\x04"
+PICKLE_PROTOCOL_OPCODE = 0x80
+MAX_NAMED_KEYS = 6
+
+
+def load_model(checkpoint: Path | str | None, model_spec: str | None = None, trust: bool = False) -> nn.Module:
+    """Return the model that ``checkpoint`` and ``model_spec`` describe.
+
+    Args:
+        checkpoint: a ``.pt``/``.pth``/``.bin``/``.safetensors`` file, or ``None`` for no file:
+            then a built-in ``model_spec`` (default ``mlp_bn``) is trained on the digits
+            (:func:`normscope.train.train_reference`) and a ``package.module:factory`` is called.
+        model_spec: a built-in model name or ``package.module:factory``; needed for state dicts.
+        trust: allow full unpickling of a whole pickled module (runs code from the file).
+            Default: False.
+
+    Raises:
+        CheckpointError: missing, unreadable or truncated file; weights that do not fit the model.
+        UntrustedPickleError: the file holds pickled Python objects and ``trust`` is False.
+        ModelImportError: ``model_spec`` cannot be imported or called.
+        UnknownNameError: ``model_spec`` is neither a built-in name nor ``package.module:factory``.
+    """
+    if checkpoint is None:
+        if model_spec is not None and ":" in model_spec:
+            return build_from_spec(model_spec)
+        from normscope.train import train_reference
+
+        return train_reference(model_spec.strip().lower() if model_spec else "mlp_bn")
+    path = Path(checkpoint)
+    content = read_checkpoint(path, trust=trust)
+    if isinstance(content, nn.Module):
+        return content
+    state_dict = extract_state_dict(content, path)
+    if isinstance(state_dict, nn.Module):
+        return state_dict
+    if model_spec is None:
+        raise CheckpointError(
+            f"{path} holds a state dict but no model: pass --model NAME (one of {', '.join(MODELS)}) "
+            "or --model package.module:factory"
+        )
+    model = build_from_spec(model_spec)
+    load_weights(model, state_dict, path)
+    return model
+
+
+def read_checkpoint(path: Path, trust: bool = False) -> Any:
+    """Read ``path`` without running code from it (unless ``trust``); diagnose what is wrong."""
+    if not path.exists():
+        raise CheckpointError(f"checkpoint file not found: {path}; check the path")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint path is not a file: {path}; pass a .pt, .pth or .safetensors file")
+    with path.open("rb") as handle:
+        head = handle.read(8)
+    if path.suffix == ".safetensors" or looks_like_safetensors(path, head):
+        return read_safetensors(path)
+    if head.startswith(ZIP_MAGIC):
+        if not zipfile.is_zipfile(path):
+            raise CheckpointError(f"checkpoint {path} is truncated or corrupted (incomplete zip archive); re-save or re-download it")
+    elif not head or head[0] != PICKLE_PROTOCOL_OPCODE:
+        raise CheckpointError(
+            f"{path} is not a PyTorch checkpoint (expected a file written by torch.save or safetensors)"
+        )
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        if not trust:
+            raise UntrustedPickleError(untrusted_message(path, str(error))) from error
+    except (EOFError, RuntimeError, OSError) as error:
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupted ({first_line(error)}); re-save or re-download it") from error
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except (ImportError, AttributeError) as error:
+        raise ModelImportError(
+            f"{path} is a pickled model whose code cannot be imported ({first_line(error)}); "
+            "make its package importable, or save model.state_dict() and pass --model"
+        ) from error
+
+
+def looks_like_safetensors(path: Path, head: bytes) -> bool:
+    """True when ``head`` is a plausible safetensors header length followed by a JSON object."""
+    if len(head) < 8:
+        return False
+    (header_size,) = struct.unpack("<Q", head)
+    if header_size == 0 or header_size > path.stat().st_size:
+        return False
+    with path.open("rb") as handle:
+        handle.seek(8)
+        return handle.read(1) == b"{"
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Load a ``.safetensors`` file on the CPU (safetensors never runs code)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device="cpu")
+    except SafetensorError as error:
+        message = str(error)
+        if "incomplete" in message or "not fully covered" in message:
+            raise CheckpointError(f"checkpoint {path} is truncated (incomplete safetensors data); re-save or re-download it") from error
+        raise CheckpointError(f"{path} is not a valid safetensors file ({first_line(error)})") from error
+
+
+def untrusted_message(path: Path, torch_message: str) -> str:
+    """One line: what the pickle needs and the two ways forward."""
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", torch_message)
+    what = f" (it needs {found.group(1)})" if found else ""
+    return (
+        f"{path} contains pickled Python objects{what}; loading them can run arbitrary code: "
+        "pass --trust only if you trust the file, or save model.state_dict() and pass --model"
+    )
+
+
+def extract_state_dict(content: Any, path: Path) -> Mapping[str, torch.Tensor] | nn.Module:
+    """The weights inside what ``torch.load`` returned: the dict itself or one of its known keys."""
+    if not isinstance(content, Mapping):
+        raise CheckpointError(
+            f"{path} holds a {type(content).__name__}, not a state dict or a model; "
+            "save model.state_dict() or a dict with a 'state_dict' key"
+        )
+    if content and all(isinstance(v, torch.Tensor) for v in content.values()):
+        return strip_wrapper_prefixes(content)
+    for key in STATE_DICT_KEYS:
+        inner = content.get(key)
+        if isinstance(inner, nn.Module):
+            return inner
+        if isinstance(inner, Mapping) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
+            return strip_wrapper_prefixes(inner)
+    keys = ", ".join(map(str, list(content)[:MAX_NAMED_KEYS])) or "none"
+    raise CheckpointError(
+        f"{path} is a dict without weights under {', '.join(map(repr, STATE_DICT_KEYS))} (its keys: {keys}); "
+        "save model.state_dict() or put it under 'state_dict'"
+    )
+
+
+def strip_wrapper_prefixes(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Remove a ``module.`` or ``_orig_mod.`` prefix that every key carries."""
+    result = dict(state_dict)
+    for prefix in WRAPPER_PREFIXES:
+        if result and all(key.startswith(prefix) for key in result):
+            result = {key[len(prefix):]: value for key, value in result.items()}
+    return result
+
+
+def build_from_spec(spec: str) -> nn.Module:
+    """Build a model from a built-in name or from ``package.module:factory`` (called with no arguments)."""
+    if ":" not in spec:
+        return build_model(spec)
+    module_name, _, attribute = spec.partition(":")
+    if not module_name or not attribute:
+        raise ModelImportError(f"--model {spec!r} is not of the form package.module:factory")
+    factory = import_attribute(module_name, attribute, spec, "--model")
+    try:
+        model = factory() if callable(factory) and not isinstance(factory, nn.Module) else factory
+    except Exception as error:
+        raise ModelImportError(f"--model {spec}: calling {attribute}() failed ({type(error).__name__}: {first_line(error)})") from error
+    if not isinstance(model, nn.Module):
+        raise ModelImportError(f"--model {spec} returned a {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def import_attribute(module_name: str, attribute: str, spec: str, option: str) -> Any:
+    """``getattr(import_module(module_name), attribute)``, importing from the working directory too."""
+    if "" not in sys.path:
+        sys.path.insert(0, "")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as error:
+        raise ModelImportError(
+            f"{option} {spec}: cannot import module {module_name!r} ({type(error).__name__}: {first_line(error)}); "
+            "check the name and that it is importable from the current directory"
+        ) from error
+    try:
+        return getattr(module, attribute)
+    except AttributeError as error:
+        raise ModelImportError(f"{option} {spec}: module {module_name!r} has no attribute {attribute!r}") from error
+
+
+def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], path: Path) -> None:
+    """Copy ``state_dict`` into ``model``, naming missing, unexpected and mis-shaped keys on mismatch."""
+    expected = model.state_dict()
+    missing = [key for key in expected if key not in state_dict]
+    unexpected = [key for key in state_dict if key not in expected]
+    misshaped = [
+        f"{key} {tuple(state_dict[key].shape)} vs {tuple(expected[key].shape)}"
+        for key in expected
+        if key in state_dict and tuple(state_dict[key].shape) != tuple(expected[key].shape)
+    ]
+    problems = [
+        f"{label}: {', '.join(keys[:MAX_NAMED_KEYS])}{' ...' if len(keys) > MAX_NAMED_KEYS else ''}"
+        for label, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", misshaped))
+        if keys
+    ]
+    if problems:
+        raise CheckpointError(
+            f"state dict in {path} does not fit {type(model).__name__} ({'; '.join(problems)}); "
+            "check that --model matches the checkpoint"
+        )
+    model.load_state_dict(state_dict, strict=True)
+
+
+def nonfinite_weights(model: nn.Module) -> list[str]:
+    """One sentence per module whose parameters or buffers hold NaN or Inf, naming the tensors."""
+    found: dict[str, list[str]] = {}
+    tensors = list(model.named_parameters()) + list(model.named_buffers())
+    for name, tensor in tensors:
+        if tensor is None or not tensor.is_floating_point() or bool(torch.isfinite(tensor).all()):
+            continue
+        module, _, leaf = name.rpartition(".")
+        nan, inf = int(torch.isnan(tensor).sum()), int(torch.isinf(tensor).sum())
+        found.setdefault(module or "<root>", []).append(f"{leaf} ({nan} NaN, {inf} Inf)")
+    return [f"non-finite weights in {module}: {', '.join(items)}" for module, items in found.items()]
+
+
+def first_line(error: BaseException) -> str:
+    """The first non-empty line of an exception message, without terminal escape codes."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip()
+    return text.splitlines()[0] if text else type(error).__name__

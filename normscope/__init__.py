@@ -1,3 +1,8 @@
 """normscope: diagnostics for the normalization layers of PyTorch models."""
 
+from normscope.capture import capture, find_sites, find_unrecognized
+from normscope.registry import register_norm
+
 __version__ = "0.1.0"
+
+__all__ = ["capture", "find_sites", "find_unrecognized", "register_norm"]

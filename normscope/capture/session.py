@@ -1,0 +1,271 @@
+"""``normscope.capture``: record every normalization site of a model during forward/backward."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+from torch.nn.utils.parametrizations import _WeightNorm
+from torch.overrides import TorchFunctionMode
+
+from normscope.capture.functional import FUNCTIONAL_NORMS, RELU_FUNCTIONS, bind_call
+from normscope.capture.record import Site, SiteRecord, reduce_record
+from normscope.capture.sites import find_unrecognized, matches, module_sites
+from normscope.errors import UnknownNameError
+from normscope.guard import restore, snapshot
+from normscope.registry import Layout
+
+STORAGES = ("device", "cpu", "reductions")
+
+
+class _FunctionalCalls(TorchFunctionMode):
+    """Routes ``F.batch_norm``/``F.layer_norm``/... calls made outside site modules to the capture."""
+
+    def __init__(self, capture: "Capture") -> None:
+        super().__init__()
+        self.capture = capture
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in FUNCTIONAL_NORMS and not self.capture._inside_site_module():
+            return self.capture._functional_call(func, args, kwargs)
+        if func in RELU_FUNCTIONS and args:
+            self.capture._note_consumer(args[0], "relu", "relu")
+        return func(*args, **kwargs)
+
+
+class Capture:
+    """Context manager that records input, output and gradients at every normalization site.
+
+    Use :func:`capture`; see its docstring. After the block: ``records`` (one
+    :class:`SiteRecord` per call of a site, in forward order), ``sites`` (the sites that ran, in
+    order of first call), ``unrecognized`` (norm-like classes that were not captured).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        sites: str | Iterable[str] | None = None,
+        kinds: str | Iterable[str] | None = None,
+        storage: str = "device",
+        functional: bool = True,
+        preserve: bool = True,
+    ) -> None:
+        if storage not in STORAGES:
+            raise UnknownNameError("storage", storage, STORAGES)
+        self.model, self.selection, self.kinds = model, sites, kinds
+        self.storage, self.functional, self.preserve = storage, functional, preserve
+        self.records: list[SiteRecord] = []
+        self.sites: list[Site] = []
+        self.unrecognized = find_unrecognized(model)
+        self._handles: list[Any] = []
+        self._mode: _FunctionalCalls | None = None
+        self._state = None
+        self._stack: list[tuple[str, nn.Module]] = []
+        self._site_modules: set[int] = set()
+        self._producers: dict[int, str] = {}
+        self._pending: list[tuple[torch.Tensor, SiteRecord]] = []
+        self._call_counts: dict[str, int] = {}
+        self._record_counts: dict[str, int] = {}
+        self._open: dict[int, SiteRecord] = {}
+
+    # -- context ---------------------------------------------------------------------------
+    def __enter__(self) -> "Capture":
+        self._state = snapshot(self.model) if self.preserve else None
+        try:
+            self._install()
+        except BaseException:
+            self._remove()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self._remove()
+            if self.storage == "reductions":
+                for record in self.records:
+                    if record.x is not None:
+                        reduce_record(record)
+        finally:
+            if self._state is not None:
+                restore(self.model, self._state)
+
+    def _install(self) -> None:
+        for name, module, recognized in module_sites(self.model):
+            if matches(name, recognized.kind.name, self.selection, self.kinds):
+                self._site_modules.add(id(module))
+                self._handles.append(module.register_forward_pre_hook(self._pre_hook(name, module, recognized)))
+                self._handles.append(module.register_forward_hook(self._post_hook(name)))
+        for path, module in self.model.named_modules():
+            self._handles.append(module.register_forward_pre_hook(self._push(path, module)))
+            self._handles.append(module.register_forward_hook(self._pop(path)))
+        if self.functional:
+            self._mode = _FunctionalCalls(self)
+            self._mode.__enter__()
+
+    def _remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        if self._mode is not None:
+            self._mode.__exit__(None, None, None)
+            self._mode = None
+        self._pending.clear()
+        self._producers.clear()
+
+    # -- module stack, producers and consumers ---------------------------------------------
+    def _push(self, path: str, module: nn.Module):
+        def hook(mod, args):
+            if not self._stack:
+                self._call_counts.clear()
+                self._producers.clear()
+            if args and isinstance(args[0], torch.Tensor) and not list(mod.children()):
+                self._note_consumer(args[0], path, type(mod).__name__)
+            self._stack.append((path, mod))
+        return hook
+
+    def _pop(self, path: str):
+        def hook(mod, args, output):
+            if self._stack and self._stack[-1][0] == path:
+                self._stack.pop()
+            if isinstance(output, torch.Tensor):
+                self._producers[id(output)] = path
+        return hook
+
+    def _note_consumer(self, tensor: torch.Tensor, path: str, type_name: str) -> None:
+        for y, record in self._pending:
+            if tensor is y:
+                record.consumer, record.consumer_type = path, type_name
+        self._pending = [(y, r) for y, r in self._pending if r.consumer is None]
+
+    def _inside_site_module(self) -> bool:
+        return bool(self._stack) and id(self._stack[-1][1]) in self._site_modules
+
+    # -- recording -------------------------------------------------------------------------
+    def _keep(self, t: torch.Tensor) -> torch.Tensor:
+        return t.detach().to("cpu", copy=True) if self.storage == "cpu" else t.detach().clone()
+
+    def _begin(self, site: Site, layout: Layout, x: torch.Tensor) -> tuple[SiteRecord, torch.Tensor]:
+        if site.name not in self._record_counts:
+            self.sites.append(site)
+        index = self._record_counts.get(site.name, 0)
+        self._record_counts[site.name] = index + 1
+        layout.weight = None if layout.weight is None else layout.weight.detach().clone()
+        layout.bias = None if layout.bias is None else layout.bias.detach().clone()
+        record = SiteRecord(site, index, layout, x.shape, x.dtype, torch.is_grad_enabled(),
+                            producer=self._producers.get(id(x)))
+        record.x = x.detach() if self.storage == "reductions" else self._keep(x)
+        self.records.append(record)
+        if record.grad_enabled and x.requires_grad:
+            x = x.view_as(x)
+            x.register_hook(self._dx_hook(record))
+        return record, x
+
+    def _end(self, record: SiteRecord, y: torch.Tensor) -> None:
+        if self.storage != "reductions":
+            record.y = self._keep(y)
+        self._pending.append((y, record))
+        if record.grad_enabled and y.requires_grad:
+            y.register_hook(self._dy_hook(record, expects_dx=record.x is not None and record._dx_expected))
+
+    def _dy_hook(self, record: SiteRecord, expects_dx: bool):
+        def hook(grad: torch.Tensor) -> None:
+            record.dy = grad.detach() if self.storage != "cpu" else grad.detach().cpu()
+            if self.storage == "reductions" and not expects_dx:
+                reduce_record(record)
+        return hook
+
+    def _dx_hook(self, record: SiteRecord):
+        record._dx_expected = True
+
+        def hook(grad: torch.Tensor) -> None:
+            record.dx = grad.detach() if self.storage != "cpu" else grad.detach().cpu()
+            if self.storage == "reductions" and record.dy is not None:
+                reduce_record(record)
+        return hook
+
+    def _pre_hook(self, name: str, module: nn.Module, recognized):
+        def hook(mod, args):
+            index = 1 if isinstance(mod, _WeightNorm) else 0
+            x = args[index]
+            layout = recognized.layout(mod, x)
+            if isinstance(mod, _WeightNorm):
+                layout.weight = args[0]
+            site = Site(name, recognized.kind.name, type(mod).__name__)
+            record, x = self._begin(site, layout, x)
+            self._open[id(mod)] = record
+            return (*args[:index], x, *args[index + 1 :])
+        return hook
+
+    def _post_hook(self, name: str):
+        def hook(mod, args, output):
+            record = self._open.pop(id(mod), None)
+            if record is not None and isinstance(output, torch.Tensor):
+                self._end(record, output)
+        return hook
+
+    def _functional_call(self, func, args: tuple, kwargs: dict):
+        bound = bind_call(func, args, kwargs)
+        owner = self._stack[-1][0] if self._stack else ""
+        fname = f"F.{func.__name__}"
+        count_key = f"{owner}:{fname}"
+        k = self._call_counts.get(count_key, 0)
+        self._call_counts[count_key] = k + 1
+        name = f"{owner or 'model'}:{fname}#{k}"
+        layout = FUNCTIONAL_NORMS[func](bound.arguments)
+        if not matches(name, layout.kind.name, self.selection, self.kinds):
+            return func(*args, **kwargs)
+        x = bound.arguments["input"]
+        record, bound.arguments["input"] = self._begin(Site(name, layout.kind.name, fname, functional=True), layout, x)
+        out = func(*bound.args, **bound.kwargs)
+        self._end(record, out)
+        return out
+
+    # -- reading ---------------------------------------------------------------------------
+    def records_for(self, site: str) -> list[SiteRecord]:
+        """All records of one site, in call order."""
+        return [r for r in self.records if r.site.name == site]
+
+    def __getitem__(self, site: str) -> SiteRecord:
+        """The last record of ``site``."""
+        found = self.records_for(site)
+        if not found:
+            raise KeyError(f"no record of site {site!r}; recorded: {', '.join(s.name for s in self.sites)}")
+        return found[-1]
+
+
+def capture(
+    model: nn.Module,
+    sites: str | Iterable[str] | None = None,
+    kinds: str | Iterable[str] | None = None,
+    storage: str = "device",
+    functional: bool = True,
+    preserve: bool = True,
+) -> Capture:
+    """Record every normalization site of ``model`` while the ``with`` block runs.
+
+    For each call of a site: input ``x``, output ``y`` and, after backward, ``dL/dy`` and
+    ``dL/dx`` (the gradient through this site only); ``z`` and ``dL/dz = gamma * dL/dy`` are
+    derived from them (``record.z_rows()``, ``record.g_rows()``, recomputed in float64).
+
+    Args:
+        model: any ``nn.Module``; sites are torch's norm modules, registered or structurally
+            recognised custom classes, weight-norm parametrizations and (``functional=True``)
+            ``F.batch_norm``/``layer_norm``/``group_norm``/``instance_norm``/``rms_norm`` calls.
+        sites: fnmatch pattern(s) on site names, e.g. ``"*bn*"``. Default: all.
+        kinds: kind name(s), e.g. ``"batchnorm"``. Default: all.
+        storage: ``"device"`` keeps tensors where they are, ``"cpu"`` copies them to host memory,
+            ``"reductions"`` keeps only per-partition sums (see :func:`reduce_record`).
+            Default: ``"device"``.
+        functional: also capture functional norm calls. Default: True.
+        preserve: restore the model's parameters, buffers, flags and ``.grad`` on exit, so the
+            block leaves the model bit-identical (BN running statistics included). Set False to
+            keep the effects of a training step taken inside the block. Default: True.
+
+    Example:
+        >>> with normscope.capture(model, sites="*bn*") as cap:
+        ...     loss_fn(model(x), y).backward()
+        >>> cap["layer1.0.bn1"].g_rows().shape
+    """
+    return Capture(model, sites, kinds, storage, functional, preserve)

@@ -1,0 +1,327 @@
+"""The one table of normalization kinds: how each splits a tensor into partitions.
+
+Every normalization computes, per partition P, ``z = (x - mu_P) / sqrt(var_P + eps)`` (or the
+uncentered ``x / sqrt(mean_P(x^2) + eps)``) and then ``y = gamma * z + beta`` (MATH.md §1).
+A :class:`NormKind` says whether the kind centers and which partition rule it uses; a
+:class:`Layout` is what one call of one site needs to recompute ``z``: the rule, eps, the
+affine parameters and, for BatchNorm in eval mode, the running statistics.
+
+Partition rules, for an input of shape ``(N, C, *)``:
+
+==================  ======================================================  ============
+rule                one partition per                                       used by
+==================  ======================================================  ============
+``channel``         channel, over (N, spatial)                              BatchNorm
+``sample_last``     leading index, over the last ``normalized_ndim`` dims   LayerNorm, RMSNorm
+``sample_channel``  (sample, position), over the channel dim 1              ConvNeXt LayerNorm
+``group``           (sample, group), over (C/G channels, spatial)           GroupNorm
+``instance``        (sample, channel), over spatial                         InstanceNorm
+``weight``          output unit of a weight ``v``, over the other dims      weight norm
+==================  ======================================================  ============
+
+Classes are looked up along their MRO, so subclasses of torch's norms are recognised. Custom
+classes are added with :func:`register_norm`; classes of third-party libraries are recognised
+by structure where that is unambiguous (:func:`recognize`), and norm-like classes that are not
+are reported by :func:`looks_like_norm`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import re
+from dataclasses import dataclass, replace
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.nn.utils.parametrizations import _WeightNorm
+
+from normscope.errors import NormscopeError, UnknownNameError
+
+RULES = ("channel", "sample_last", "sample_channel", "group", "instance", "weight")
+
+
+@dataclass(frozen=True)
+class NormKind:
+    """A family of normalization: its name, whether it centers, its default partition rule."""
+
+    name: str
+    centered: bool
+    rule: str
+
+
+KINDS: dict[str, NormKind] = {
+    k.name: k
+    for k in (
+        NormKind("batchnorm", True, "channel"),
+        NormKind("layernorm", True, "sample_last"),
+        NormKind("groupnorm", True, "group"),
+        NormKind("instancenorm", True, "instance"),
+        NormKind("rmsnorm", False, "sample_last"),
+        NormKind("weightnorm", False, "weight"),
+    )
+}
+
+
+@dataclass
+class Layout:
+    """What one call of a normalization needs to recompute ``z`` and ``g = dL/dz``.
+
+    ``weight_offset`` is 1 for norms that scale by ``1 + weight`` (Gemma-style RMSNorm).
+    ``batch_stats`` is False when running statistics normalize (BatchNorm in eval mode).
+    """
+
+    kind: NormKind
+    rule: str
+    eps: float
+    weight: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+    weight_offset: float = 0.0
+    normalized_ndim: int = 1
+    groups: int = 1
+    dim: int = 0
+    running_mean: torch.Tensor | None = None
+    running_var: torch.Tensor | None = None
+    batch_stats: bool = True
+
+
+def to_rows(t: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """Reshape ``t`` (an input-shaped tensor) to ``(partitions, items)`` by the layout's rule."""
+    rule = layout.rule
+    if rule == "channel":
+        return t.transpose(0, 1).reshape(t.shape[1], -1)
+    if rule == "sample_last":
+        return t.reshape(-1, math.prod(t.shape[t.dim() - layout.normalized_ndim :]))
+    if rule == "sample_channel":
+        return t.movedim(1, -1).reshape(-1, t.shape[1])
+    if rule == "group":
+        return t.reshape(t.shape[0] * layout.groups, -1)
+    if rule == "instance":
+        return t.reshape(t.shape[0] * t.shape[1], -1)
+    if rule == "weight":
+        return t.movedim(layout.dim, 0).reshape(t.shape[layout.dim], -1)
+    raise UnknownNameError("partition rule", rule, RULES)
+
+
+def from_rows(rows: torch.Tensor, shape: torch.Size, layout: Layout) -> torch.Tensor:
+    """Inverse of :func:`to_rows` for a tensor of the given input ``shape``."""
+    rule = layout.rule
+    if rule == "channel":
+        moved = (shape[1], shape[0], *shape[2:])
+        return rows.reshape(moved).transpose(0, 1)
+    if rule == "sample_channel":
+        moved = (shape[0], *shape[2:], shape[1])
+        return rows.reshape(moved).movedim(-1, 1)
+    if rule == "weight":
+        moved = (shape[layout.dim], *[s for i, s in enumerate(shape) if i != layout.dim])
+        return rows.reshape(moved).movedim(0, layout.dim)
+    return rows.reshape(shape)
+
+
+def affine_like(param: torch.Tensor | None, x: torch.Tensor, layout: Layout) -> torch.Tensor | None:
+    """Broadcast a per-channel or per-feature affine parameter against ``x``."""
+    if param is None:
+        return None
+    if layout.rule in ("channel", "group", "instance", "sample_channel"):
+        return param.reshape(1, -1, *([1] * (x.dim() - 2)))
+    return param
+
+
+def partition_moments(rows: torch.Tensor, layout: Layout) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-partition ``(shift, scale)``, each ``(P, 1)``, with ``z = (x - shift) / scale`` (MATH.md §1).
+
+    centered, batch statistics: ``(mean_P x, sqrt(var_P x + eps))`` (biased variance);
+    running statistics: ``(running_mean, sqrt(running_var + eps))``;
+    uncentered (RMSNorm): ``(0, sqrt(mean_P x^2 + eps))``; weight norm: ``(0, ||v||)``.
+    """
+    if layout.rule == "weight":
+        return torch.zeros_like(rows[:, :1]), rows.norm(dim=1, keepdim=True)
+    if not layout.batch_stats:
+        mean, var = layout.running_mean.to(rows), layout.running_var.to(rows)
+        repeat = rows.shape[0] // mean.shape[0]
+        return mean.repeat(repeat)[:, None], torch.sqrt(var.repeat(repeat)[:, None] + layout.eps)
+    if layout.kind.centered:
+        var, mean = torch.var_mean(rows, dim=1, correction=0, keepdim=True)
+        return mean, torch.sqrt(var + layout.eps)
+    return torch.zeros_like(rows[:, :1]), torch.sqrt(rows.pow(2).mean(dim=1, keepdim=True) + layout.eps)
+
+
+def normalize_rows(x: torch.Tensor, layout: Layout, dtype: torch.dtype | None = torch.float64) -> torch.Tensor:
+    """Recompute ``z`` as ``(partitions, items)`` rows from the input ``x``, in ``dtype``
+    (float64 by default; ``None`` keeps x's dtype), with :func:`partition_moments`."""
+    rows = to_rows(x.detach() if dtype is None else x.detach().to(dtype), layout)
+    shift, scale = partition_moments(rows, layout)
+    return (rows - shift) / scale
+
+
+def _eps(value: float | None, dtype: torch.dtype) -> float:
+    return float(torch.finfo(dtype).eps) if value is None else float(value)
+
+
+def _batchnorm_layout(m: nn.Module, x: torch.Tensor) -> Layout:
+    batch_stats = m.training or m.running_mean is None
+    return Layout(
+        KINDS["batchnorm"], "channel", m.eps, m.weight, m.bias,
+        running_mean=None if batch_stats else m.running_mean.detach().clone(),
+        running_var=None if batch_stats else m.running_var.detach().clone(),
+        batch_stats=batch_stats,
+    )
+
+
+def _instancenorm_layout(m: nn.Module, x: torch.Tensor) -> Layout:
+    batch_stats = m.training or not m.track_running_stats
+    return Layout(
+        KINDS["instancenorm"], "instance", m.eps, m.weight, m.bias,
+        running_mean=None if batch_stats else m.running_mean.detach().clone(),
+        running_var=None if batch_stats else m.running_var.detach().clone(),
+        batch_stats=batch_stats,
+    )
+
+
+def _layernorm_layout(m: nn.Module, x: torch.Tensor) -> Layout:
+    return Layout(KINDS["layernorm"], "sample_last", m.eps, m.weight, m.bias, normalized_ndim=len(m.normalized_shape))
+
+
+def _groupnorm_layout(m: nn.Module, x: torch.Tensor) -> Layout:
+    return Layout(KINDS["groupnorm"], "group", m.eps, m.weight, m.bias, groups=m.num_groups)
+
+
+def _rmsnorm_layout(m: nn.Module, x: torch.Tensor) -> Layout:
+    return Layout(KINDS["rmsnorm"], "sample_last", _eps(m.eps, x.dtype), m.weight, None, normalized_ndim=len(m.normalized_shape))
+
+
+def _weightnorm_layout(m: nn.Module, v: torch.Tensor) -> Layout:
+    return Layout(KINDS["weightnorm"], "weight", 0.0, None, None, dim=m.dim)
+
+
+LayoutFn = Callable[[nn.Module, torch.Tensor], Layout]
+
+
+@dataclass(frozen=True)
+class Recognized:
+    """How normscope reads a module: its kind and the function giving a call's layout."""
+
+    kind: NormKind
+    layout: LayoutFn
+
+
+_REGISTRY: dict[type, Recognized] = {
+    nn.modules.batchnorm._BatchNorm: Recognized(KINDS["batchnorm"], _batchnorm_layout),
+    nn.modules.instancenorm._InstanceNorm: Recognized(KINDS["instancenorm"], _instancenorm_layout),
+    nn.LayerNorm: Recognized(KINDS["layernorm"], _layernorm_layout),
+    nn.GroupNorm: Recognized(KINDS["groupnorm"], _groupnorm_layout),
+    nn.RMSNorm: Recognized(KINDS["rmsnorm"], _rmsnorm_layout),
+    _WeightNorm: Recognized(KINDS["weightnorm"], _weightnorm_layout),
+}
+
+
+def register_norm(
+    cls: type[nn.Module],
+    kind: str,
+    *,
+    eps: str = "eps",
+    weight: str | None = "weight",
+    bias: str | None = "bias",
+    normalized_ndim: int = 1,
+    groups: str | int = 1,
+    channels_first: bool = False,
+    weight_offset: float = 0.0,
+    overwrite: bool = False,
+) -> None:
+    """Teach normscope a custom normalization class in one call.
+
+    Args:
+        cls: the module class; its subclasses are recognised too.
+        kind: one of ``batchnorm``, ``layernorm``, ``groupnorm``, ``instancenorm``, ``rmsnorm``.
+        eps, weight, bias: attribute names of eps and the affine parameters (``None``: absent).
+        normalized_ndim: trailing dims normalized by layer/RMS norms. Default: 1.
+        groups: number of groups, or the attribute holding it (group norms). Default: 1.
+        channels_first: the layer norm normalizes over dim 1 (ConvNeXt). Default: False.
+        weight_offset: 1.0 for norms that scale by ``1 + weight``. Default: 0.
+        overwrite: replace an existing entry for ``cls`` instead of raising. Default: False.
+
+    Example:
+        >>> register_norm(MyRMSNorm, "rmsnorm", eps="variance_epsilon", bias=None)
+    """
+    if kind not in KINDS or kind == "weightnorm":
+        raise UnknownNameError("norm kind", kind, [k for k in KINDS if k != "weightnorm"])
+    if cls in _REGISTRY and not overwrite:
+        raise NormscopeError(f"{cls.__name__} is already registered; pass overwrite=True to replace it")
+    norm_kind = KINDS[kind]
+    rule = "sample_channel" if channels_first else norm_kind.rule
+
+    def layout(m: nn.Module, x: torch.Tensor) -> Layout:
+        base = Layout(
+            norm_kind, rule, _eps(getattr(m, eps, None), x.dtype),
+            getattr(m, weight) if weight else None, getattr(m, bias) if bias else None,
+            weight_offset=weight_offset, normalized_ndim=normalized_ndim,
+            groups=groups if isinstance(groups, int) else int(getattr(m, groups)),
+        )
+        if kind == "batchnorm" and not m.training and getattr(m, "running_mean", None) is not None:
+            return replace(base, batch_stats=False, running_mean=m.running_mean.detach().clone(),
+                           running_var=m.running_var.detach().clone())
+        return base
+
+    _REGISTRY[cls] = Recognized(norm_kind, layout)
+
+
+def unregister_norm(cls: type[nn.Module]) -> None:
+    """Remove a class added with :func:`register_norm` (built-in kinds cannot be removed)."""
+    _REGISTRY.pop(cls, None)
+
+
+def _scales_by_one_plus_weight(cls: type) -> bool:
+    try:
+        source = inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return False
+    return re.search(r"\(\s*1(\.0)?\s*\+\s*self\.weight", source) is not None
+
+
+def _norm_param(m: nn.Module, name: str) -> torch.Tensor | None:
+    p = getattr(m, name, None)
+    return p if isinstance(p, torch.Tensor) else None
+
+
+def recognize(module: nn.Module) -> Recognized | None:
+    """How to read ``module``: registry first (along the MRO), then structure.
+
+    Structural rules, each unambiguous: a module with ``variance_epsilon`` and a 1-D weight and no
+    bias is a Llama-style RMSNorm; a class named ``*RMSNorm`` with ``eps`` and a 1-D weight is an
+    RMSNorm, scaled by ``1 + weight`` when its ``forward`` says so; a module with ``data_format``
+    in (``channels_first``, ``channels_last``), ``normalized_shape`` and ``eps`` is a (ConvNeXt)
+    LayerNorm over dim 1 or the last dim.
+    """
+    for cls in type(module).__mro__:
+        if cls in _REGISTRY:
+            return _REGISTRY[cls]
+    weight = _norm_param(module, "weight")
+    one_d_weight = weight is not None and weight.dim() == 1
+    name = type(module).__name__
+    if hasattr(module, "variance_epsilon") and one_d_weight and _norm_param(module, "bias") is None:
+        offset = 1.0 if _scales_by_one_plus_weight(type(module)) else 0.0
+        return Recognized(KINDS["rmsnorm"], lambda m, x: Layout(
+            KINDS["rmsnorm"], "sample_last", float(m.variance_epsilon), m.weight, None, weight_offset=offset))
+    if name.lower().endswith("rmsnorm") and hasattr(module, "eps") and one_d_weight:
+        offset = 1.0 if _scales_by_one_plus_weight(type(module)) else 0.0
+        return Recognized(KINDS["rmsnorm"], lambda m, x: Layout(
+            KINDS["rmsnorm"], "sample_last", float(m.eps), m.weight, None, weight_offset=offset))
+    data_format = getattr(module, "data_format", None)
+    if data_format in ("channels_first", "channels_last") and hasattr(module, "normalized_shape") and hasattr(module, "eps"):
+        rule = "sample_channel" if data_format == "channels_first" else "sample_last"
+        return Recognized(KINDS["layernorm"], lambda m, x: Layout(
+            KINDS["layernorm"], rule, float(m.eps), _norm_param(m, "weight"), _norm_param(m, "bias")))
+    return None
+
+
+def looks_like_norm(module: nn.Module) -> bool:
+    """True for a class that is named like a normalization but is not recognised.
+
+    Containers whose children are recognised norms (e.g. a ``Sequential`` named ``norms``)
+    do not count; the check is on the class name, never silently on nothing.
+    """
+    name = type(module).__name__.lower()
+    if "norm" not in name or recognize(module) is not None:
+        return False
+    return not any(recognize(child) is not None for child in module.children())

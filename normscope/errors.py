@@ -48,4 +48,4 @@ class AnalyzerError(NormscopeError, RuntimeError):
 
 
 class OutputError(NormscopeError, OSError):
-    """An output folder cannot be written (it exists and is not empty, or is not writable)."""
+    """An output folder cannot be written (exists and is not empty, not writable) or read back."""

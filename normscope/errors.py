@@ -49,3 +49,7 @@ class AnalyzerError(NormscopeError, RuntimeError):
 
 class OutputError(NormscopeError, OSError):
     """An output folder cannot be written (exists and is not empty, not writable) or read back."""
+
+
+class InvalidArgumentError(NormscopeError, ValueError):
+    """An argument is outside its valid range (the message names the value and the range)."""

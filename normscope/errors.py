@@ -53,7 +53,3 @@ class OutputError(NormscopeError, OSError):
 
 class InvalidArgumentError(NormscopeError, ValueError):
     """An argument is outside its valid range (the message names the value and the range)."""
-
-
-class OptionError(NormscopeError, ValueError):
-    """An option's value is outside its valid range (the message names the value and the range)."""

@@ -1,10 +1,32 @@
-"""The result of an analysis: tables, findings, headline figures and metadata."""
+"""The result of an analysis: tables, findings, headline figures and metadata, and their files.
+
+An output folder holds ``tables/NAME.csv`` and ``tables/NAME.parquet`` for every table (see
+``docs/tables.md``), ``summary.json`` (headline figures, findings and metadata) and
+``report.html``. :meth:`AnalysisResult.save` writes it atomically; :meth:`AnalysisResult.load`
+reads it back (tables from Parquet, which keeps the dtypes).
+"""
 
 from __future__ import annotations
 
+import html
+import json
+import math
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pandas as pd
+
+from normscope.checkpoint import first_line
+from normscope.errors import OutputError
+
+SUMMARY_FILE = "summary.json"
+REPORT_FILE = "report.html"
+TABLES_DIR = "tables"
 
 
 @dataclass
@@ -22,3 +44,150 @@ class AnalysisResult:
     findings: dict[str, list[str]] = field(default_factory=dict)
     headline: dict[str, dict] = field(default_factory=dict)
     meta: dict = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        """``summary.json``'s content: headline, findings, meta and the table names, JSON-safe."""
+        return to_plain(
+            {"headline": self.headline, "findings": self.findings, "meta": self.meta, "tables": sorted(self.tables)}
+        )
+
+    def save(self, out: Path | str, overwrite: bool = False) -> Path:
+        """Write the output folder ``out`` atomically and return its path.
+
+        Everything is written to a temporary folder beside ``out`` and renamed into place at the
+        end, so ``out`` appears complete or not at all; on an error or an interrupt the temporary
+        folder is removed and the exception propagates.
+
+        Args:
+            out: the folder to create; it may exist only if empty (or if ``overwrite``).
+            overwrite: replace an existing non-empty ``out``. Default: False.
+
+        Raises:
+            OutputError: ``out`` exists and is not empty, or the folder cannot be written.
+        """
+        out = Path(out)
+        if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
+            raise OutputError(f"output folder {out} already exists and is not empty; choose another --out or pass --overwrite")
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+        except OSError as error:
+            raise OutputError(f"cannot create output folder {out} ({error.strerror or error}); choose another --out") from error
+        try:
+            write_tables(staging / TABLES_DIR, self.tables)
+            (staging / SUMMARY_FILE).write_text(json.dumps(self.summary(), indent=2, allow_nan=False) + "\n")
+            (staging / REPORT_FILE).write_text(render_page(self), encoding="utf-8")
+            move_into_place(staging, out)
+        except BaseException as error:
+            shutil.rmtree(staging, ignore_errors=True)
+            if isinstance(error, Exception) and not isinstance(error, OutputError):
+                raise OutputError(
+                    f"writing {out} failed ({type(error).__name__}: {first_line(error)}); nothing was written"
+                ) from error
+            raise
+        return out
+
+    @classmethod
+    def load(cls, folder: Path | str) -> "AnalysisResult":
+        """Read an output folder written by :meth:`save` (tables from Parquet, else CSV).
+
+        Raises:
+            OutputError: ``folder`` is missing or is not a normscope output folder.
+        """
+        folder = Path(folder)
+        summary_path = folder / SUMMARY_FILE
+        if not summary_path.is_file():
+            raise OutputError(f"{folder} is not a normscope output folder (no {SUMMARY_FILE}); pass a folder written by normscope analyze")
+        try:
+            summary = json.loads(summary_path.read_text())
+        except json.JSONDecodeError as error:
+            raise OutputError(f"{summary_path} is not valid JSON ({error}); re-run normscope analyze") from error
+        return cls(
+            tables=read_tables(folder / TABLES_DIR),
+            findings=summary.get("findings", {}),
+            headline=summary.get("headline", {}),
+            meta=summary.get("meta", {}),
+        )
+
+    def to_html(self, path: Path | str) -> Path:
+        """Write the self-contained HTML report to ``path`` (atomically) and return the path."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(path, render_page(self))
+        return path
+
+    def _repr_html_(self) -> str:
+        """The report in a notebook, isolated in an iframe so its styles do not leak."""
+        page = html.escape(render_page(self), quote=True)
+        return f'<iframe srcdoc="{page}" style="width:100%;height:640px;border:0"></iframe>'
+
+
+def render_page(result: AnalysisResult) -> str:
+    """The report page from :func:`normscope.reports.render.render_html`."""
+    from normscope.reports.render import render_html
+
+    return render_html(result)
+
+
+def write_tables(folder: Path, tables: dict[str, pd.DataFrame]) -> None:
+    """Write each table as ``NAME.csv`` and ``NAME.parquet`` (without the index) in ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, table in tables.items():
+        frame = table.reset_index(drop=True)
+        frame.to_csv(folder / f"{name}.csv", index=False)
+        frame.to_parquet(folder / f"{name}.parquet", index=False)
+
+
+def read_tables(folder: Path) -> dict[str, pd.DataFrame]:
+    """Tables by name from ``folder``: Parquet where present, CSV otherwise."""
+    if not folder.is_dir():
+        return {}
+    paths = {path.stem: path for path in sorted(folder.glob("*.csv"))}
+    paths.update({path.stem: path for path in sorted(folder.glob("*.parquet"))})
+    return {
+        name: pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+        for name, path in sorted(paths.items())
+    }
+
+
+def move_into_place(staging: Path, out: Path) -> None:
+    """Rename ``staging`` to ``out``; an existing ``out`` is replaced only after that succeeded."""
+    if not out.exists():
+        os.replace(staging, out)
+        return
+    if out.is_dir() and not any(out.iterdir()):
+        out.rmdir()
+        os.replace(staging, out)
+        return
+    retired = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+    os.replace(out, retired / out.name)
+    os.replace(staging, out)
+    shutil.rmtree(retired, ignore_errors=True)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path`` and rename it over ``path``."""
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+            stream.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def to_plain(value: Any) -> Any:
+    """``value`` as JSON-safe Python: numpy scalars unwrapped, NaN/Inf as None, other objects as str."""
+    if isinstance(value, dict):
+        return {str(key): to_plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple, set)):
+        return [to_plain(item) for item in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    return str(value)
+

@@ -1,0 +1,305 @@
+"""The notebook API: ``normscope.analyze(model)`` runs the analyzers and returns the result.
+
+The CLI's ``normscope analyze`` calls the same function, so both give the same numbers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import platform
+import time
+from datetime import datetime, timezone
+from typing import Callable, Iterable, Iterator, Sequence, TypeVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import normscope
+from normscope.analyzers import ANALYZERS, AnalysisContext, AnalyzerOutput, get_analyzer
+from normscope.capture import capture
+from normscope.checkpoint import first_line, nonfinite_weights
+from normscope.data import digits_loader, load_digits
+from normscope.errors import AnalyzerError, DataShapeError, NoNormSitesError, NormscopeError, UnknownNameError
+from normscope.guard import preserved
+from normscope.result import AnalysisResult
+
+T = TypeVar("T")
+Data = DataLoader | tuple[torch.Tensor, torch.Tensor] | None
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+def analyze(
+    model: nn.Module,
+    data: Data = None,
+    analyzers: str | Sequence[str] | None = None,
+    batch_size: int = 128,
+    batches: int = 4,
+    device: str | torch.device | None = None,
+    seed: int = 0,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    lr: float | None = None,
+    progress: bool = False,
+) -> AnalysisResult:
+    """Analyze the normalization sites of ``model`` on ``data`` and return tables and findings.
+
+    The model is never changed: every analyzer runs inside :func:`normscope.guard.preserved`
+    (and on a copy when ``device`` differs from the model's). One forward pass on the first
+    batch checks that the data fits the model and lists the sites that ran.
+
+    Args:
+        model: any ``nn.Module`` with normalization layers (modules or functional calls).
+        data: a DataLoader of ``(inputs, targets)``, an ``(inputs, targets)`` tuple of tensors,
+            or ``None`` for the digits' training split. Default: None.
+        analyzers: names (list or comma-separated) among ``stats, gls, bias, descent``;
+            ``None`` runs all, skipping those that do not apply. Default: None.
+        batch_size: minibatch size for ``None`` or tuple data. Default: 128.
+        batches: how many minibatches the per-step analyses use. Default: 4.
+        device: where to run; ``None`` keeps the model's device. Default: None.
+        seed: seed of the batch order and of every random choice. Default: 0.
+        loss_fn: ``loss_fn(outputs, targets) -> scalar``. Default: cross-entropy.
+        lr: the learning rate to check step sizes against (descent analyzer). Default: None.
+        progress: show Rich progress bars (on stderr). Default: False.
+
+    Raises:
+        DataShapeError: the data is not ``(inputs, targets)`` or does not fit the model or loss.
+        NoNormSitesError: no normalization site ran in the forward pass.
+        UnknownNameError: an analyzer name is not registered.
+        AnalyzerError: none of the requested analyzers could run.
+    """
+    names = analyzer_names(analyzers)
+    loss_fn = F.cross_entropy if loss_fn is None else loss_fn
+    target = model_device(model) if device is None else torch.device(device)
+    work = model if model_device(model) == target else copy.deepcopy(model).to(target)
+    started = time.perf_counter()
+    with progress_bars(progress) as track, torch.random.fork_rng(devices=[target.index or 0] if target.type == "cuda" else []):
+        torch.manual_seed(seed)
+        loader, dataset, data_source = make_loader(data, batch_size, seed)
+        chosen = take_batches(loader, batches, target, floating_dtype(work), track)
+        sites, unrecognized = check_fit(work, chosen[0], loss_fn)
+        ctx = AnalysisContext(
+            model=work,
+            batches=chosen,
+            dataset=None if dataset is None else to_device(dataset, target, floating_dtype(work)),
+            loader=loader,
+            loss_fn=loss_fn,
+            lr=lr,
+            seed=seed,
+            track=track,
+        )
+        outputs, errors, timings = run_analyzers(ctx, names, track, explicit=analyzers is not None)
+    result = AnalysisResult()
+    for name, output in outputs.items():
+        result.tables.update(output.tables)
+        result.findings[name] = list(output.findings)
+        result.headline[name] = dict(output.headline)
+    model_findings = nonfinite_weights(work) + [
+        f"{path} ({cls}) looks like a normalization layer but is not recognized; register it with normscope.register_norm"
+        for path, cls in unrecognized
+    ]
+    if model_findings:
+        result.findings["model"] = model_findings
+    result.meta = {
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "versions": {"normscope": normscope.__version__, "torch": torch.__version__, "python": platform.python_version()},
+        "model": {"class": type(model).__name__, "parameters": sum(p.numel() for p in model.parameters())},
+        "sites": [site_row(site) for site in sites],
+        "unrecognized": [{"name": path, "module_type": cls} for path, cls in unrecognized],
+        "data": {
+            "source": data_source,
+            "batch_size": int(chosen[0][0].shape[0]),
+            "batches": len(chosen),
+            "input_shape": list(chosen[0][0].shape[1:]),
+            "examples": None if dataset is None else int(dataset[0].shape[0]),
+        },
+        "device": str(target),
+        "seed": seed,
+        "lr": lr,
+        "loss_fn": getattr(loss_fn, "__name__", type(loss_fn).__name__),
+        "analyzers": list(outputs),
+        "analyzer_errors": errors,
+        "seconds": {**timings, "total": time.perf_counter() - started},
+    }
+    return result
+
+
+def analyzer_names(analyzers: str | Sequence[str] | None) -> list[str]:
+    """The analyzer names to run, validated: ``None`` is all registered analyzers."""
+    if analyzers is None:
+        return list(ANALYZERS)
+    names = [n.strip() for n in analyzers.split(",")] if isinstance(analyzers, str) else [str(n).strip() for n in analyzers]
+    names = [n for n in names if n]
+    if not names:
+        raise UnknownNameError("analyzer", "", list(ANALYZERS))
+    for name in names:
+        if name not in ANALYZERS:
+            raise UnknownNameError("analyzer", name, list(ANALYZERS))
+    return list(dict.fromkeys(names))
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter or buffer (CPU for a model without any)."""
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+def floating_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's first floating-point parameter (float32 without any)."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+def make_loader(data: Data, batch_size: int, seed: int) -> tuple[DataLoader, Batch | None, str]:
+    """``(loader, whole data set or None, description)`` for any accepted form of ``data``."""
+    if data is None:
+        return digits_loader(batch_size=batch_size, seed=seed, split="train"), load_digits(split="train"), "digits"
+    if isinstance(data, DataLoader):
+        tensors = getattr(data.dataset, "tensors", None)
+        dataset = tensors if isinstance(data.dataset, TensorDataset) and len(tensors) == 2 else None
+        return data, dataset, f"DataLoader({type(data.dataset).__name__})"
+    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
+        inputs, targets = data
+        if inputs.shape[0] != targets.shape[0]:
+            raise DataShapeError(
+                f"data has {inputs.shape[0]} inputs but {targets.shape[0]} targets; pass (inputs, targets) of equal length"
+            )
+        generator = torch.Generator().manual_seed(seed)
+        loader = DataLoader(TensorDataset(inputs, targets), batch_size=batch_size, shuffle=True, generator=generator)
+        return loader, (inputs, targets), f"tensors {tuple(inputs.shape)}"
+    raise DataShapeError(
+        f"data must be a DataLoader, an (inputs, targets) tuple of tensors or None for the digits (got {type(data).__name__})"
+    )
+
+
+def take_batches(loader: DataLoader, count: int, device: torch.device, dtype: torch.dtype, track: Callable) -> list[Batch]:
+    """The first ``count`` ``(inputs, targets)`` batches of ``loader`` on ``device``."""
+    if count < 1:
+        raise DataShapeError(f"batches must be at least 1 (got {count})")
+    chosen = []
+    for batch in track(loader, "loading batches", count):
+        if not (isinstance(batch, (tuple, list)) and len(batch) == 2 and all(isinstance(t, torch.Tensor) for t in batch)):
+            raise DataShapeError(
+                f"data must yield (inputs, targets) pairs of tensors (got {type(batch).__name__}); wrap it to return (x, y)"
+            )
+        chosen.append(to_device(batch, device, dtype))
+        if len(chosen) == count:
+            break
+    if not chosen:
+        raise DataShapeError("data is empty: the loader yielded no batch")
+    return chosen
+
+
+def to_device(batch: Sequence[torch.Tensor], device: torch.device, dtype: torch.dtype) -> Batch:
+    """``(inputs, targets)`` on ``device``, floating inputs cast to the model's dtype."""
+    inputs, targets = batch
+    inputs = inputs.to(device=device, dtype=dtype if inputs.is_floating_point() else inputs.dtype)
+    return inputs, targets.to(device)
+
+
+def check_fit(model: nn.Module, batch: Batch, loss_fn: Callable) -> tuple[list, list[tuple[str, str]]]:
+    """Run one eval-mode forward on ``batch`` under capture; return the sites that ran and the
+    unrecognized norm-like modules.
+
+    Raises:
+        DataShapeError: the model or the loss rejects the batch.
+        NoNormSitesError: no normalization site ran.
+    """
+    inputs, targets = batch
+    with preserved(model), torch.no_grad(), capture(model, storage="cpu") as cap:
+        model.eval()
+        try:
+            outputs = model(inputs)
+        except Exception as error:
+            raise DataShapeError(
+                f"inputs of shape {tuple(inputs.shape)} do not fit {type(model).__name__} "
+                f"({type(error).__name__}: {first_line(error)}); pass data the model accepts"
+            ) from error
+        try:
+            loss = loss_fn(outputs, targets)
+        except Exception as error:
+            shape = tuple(outputs.shape) if isinstance(outputs, torch.Tensor) else type(outputs).__name__
+            raise DataShapeError(
+                f"model outputs {shape} and targets {tuple(targets.shape)} do not fit the loss "
+                f"({type(error).__name__}: {first_line(error)}); pass matching targets or a loss_fn"
+            ) from error
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        raise DataShapeError("loss_fn must return a scalar tensor; reduce it with a mean")
+    if not cap.sites:
+        unknown = ", ".join(f"{path} ({cls})" for path, cls in cap.unrecognized)
+        hint = f"; norm-like modules not recognized: {unknown} (register them with normscope.register_norm)" if unknown else ""
+        raise NoNormSitesError(f"{type(model).__name__} has no normalization layer that normscope can analyze{hint}")
+    return list(cap.sites), list(cap.unrecognized)
+
+
+def site_row(site) -> dict:
+    """A site as a JSON-safe dict."""
+    kind = getattr(site.kind, "name", site.kind)
+    return {"name": site.name, "kind": kind, "module_type": site.module_type, "functional": bool(site.functional)}
+
+
+def run_analyzers(
+    ctx: AnalysisContext, names: list[str], track: Callable, explicit: bool
+) -> tuple[dict[str, AnalyzerOutput], dict[str, str], dict[str, float]]:
+    """Run each analyzer on ``ctx`` with the model preserved; a missing or failing analyzer is
+    recorded in the errors (by name) and the others still run.
+
+    Raises:
+        AnalyzerError: no analyzer produced output.
+    """
+    outputs: dict[str, AnalyzerOutput] = {}
+    errors: dict[str, str] = {}
+    timings: dict[str, float] = {}
+    for name in track(names, "analyzers", len(names)):
+        started = time.perf_counter()
+        try:
+            function = get_analyzer(name)
+        except ImportError as error:
+            errors[name] = f"analyzer {name} is not available ({first_line(error)})"
+            continue
+        try:
+            with preserved(ctx.model):
+                outputs[name] = function(ctx)
+        except NormscopeError as error:
+            verb = "failed" if explicit else "skipped"
+            errors[name] = f"analyzer {name} {verb}: {first_line(error)}"
+            continue
+        timings[name] = time.perf_counter() - started
+    if not outputs:
+        raise AnalyzerError("no analyzer could run: " + "; ".join(errors.values()))
+    return outputs, errors, timings
+
+
+@contextlib.contextmanager
+def progress_bars(enabled: bool) -> Iterator[Callable[..., Iterator]]:
+    """A ``track(iterable, description, total)`` function: Rich bars on stderr, or a pass-through."""
+    if not enabled:
+        yield passthrough
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bars = Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=Console(stderr=True), transient=True,
+    )
+
+    def track(iterable: Iterable[T], description: str = "", total: int | None = None) -> Iterator[T]:
+        if total is None and hasattr(iterable, "__len__"):
+            total = len(iterable)
+        task = bars.add_task(description, total=total)
+        try:
+            for item in iterable:
+                yield item
+                bars.advance(task)
+        finally:
+            bars.remove_task(task)
+
+    with bars:
+        yield track
+
+
+def passthrough(iterable: Iterable[T], description: str = "", total: int | None = None) -> Iterator[T]:
+    """``track`` without display."""
+    yield from iterable

@@ -16,9 +16,9 @@ from normscope.capture.record import Site
 
 def site_name(path: str, module: nn.Module) -> str:
     """``fc.parametrizations.weight.0`` (a weight-norm parametrization) reads as ``fc.weight``."""
-    if isinstance(module, _WeightNorm) and ".parametrizations." in path:
-        owner, rest = path.split(".parametrizations.", 1)
-        return f"{owner}.{rest.rsplit('.', 1)[0]}"
+    if isinstance(module, _WeightNorm) and "parametrizations." in path:
+        owner, rest = f".{path}".split(".parametrizations.", 1)
+        return f"{owner}.{rest.rsplit('.', 1)[0]}".lstrip(".")
     return path
 
 

@@ -1,0 +1,57 @@
+"""Normalization ops from the seeds, swappable into any model in place of its BatchNorms.
+
+This module is the one list of normscope's ops. Population normalization, two-stage backprop and
+inference folding (seed 004) are imported on first access, so that importing the ops stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from normscope.ops.chain import BatchLayerNorm, batch_layer_norm
+from normscope.ops.factory import NORMS, BatchNorm, create_norm, get_norm, norm_names
+from normscope.ops.ls_bn import LSBatchNorm, regularized_moments
+from normscope.ops.median import MedianBatchNorm, batch_median, median_batch_norm, pseudo_huber_median
+from normscope.ops.renorm import BatchRenorm, LinearWarmup, batch_renorm
+from normscope.ops.swap import batchnorm_sites, convert_batchnorm, swap_norms
+
+_LAZY = {
+    "PopulationNorm": "normscope.ops.population",
+    "population_norm": "normscope.ops.population",
+    "scale_grad": "normscope.ops.population",
+    "rotation_matrix": "normscope.ops.population",
+    "two_stage": "normscope.ops.two_stage",
+    "folding": "normscope.ops.folding",
+}
+
+__all__ = [
+    "NORMS",
+    "BatchLayerNorm",
+    "BatchNorm",
+    "BatchRenorm",
+    "LSBatchNorm",
+    "LinearWarmup",
+    "MedianBatchNorm",
+    "batch_layer_norm",
+    "batch_median",
+    "batch_renorm",
+    "batchnorm_sites",
+    "convert_batchnorm",
+    "create_norm",
+    "get_norm",
+    "median_batch_norm",
+    "norm_names",
+    "pseudo_huber_median",
+    "regularized_moments",
+    "swap_norms",
+    *_LAZY,
+]
+
+
+def __getattr__(name: str) -> Any:
+    """Import the seed-004 ops (``PopulationNorm``, ``two_stage``, ``folding``, ...) on first access."""
+    if name not in _LAZY:
+        raise AttributeError(f"module 'normscope.ops' has no attribute {name!r}")
+    module = importlib.import_module(_LAZY[name])
+    return module if module.__name__.endswith(f".{name}") else getattr(module, name)

@@ -1,0 +1,203 @@
+"""Capture: functional calls, storage options, in-place ops, no_grad, repeated forwards, and the
+guarantee that the model comes out bit-identical with every hook removed."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from normscope.capture import capture, find_sites
+from normscope.errors import UnknownNameError
+from normscope.guard import assert_unchanged, snapshot
+from normscope.models import MODELS, build_model
+
+
+def _hook_counts(model: nn.Module) -> list[int]:
+    return [len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in model.modules()]
+
+
+def _identity_error(record) -> float:
+    z, g, s = record.z_rows(), record.g_rows(), record.moments_rows()[1]
+    fit = (g * z).mean(1, keepdim=True) * z
+    if record.layout.kind.centered:
+        fit = fit + g.mean(1, keepdim=True)
+    return float((s * record.dx_rows() - (g - fit)).abs().max())
+
+
+class FunctionalNet(nn.Module):
+    """Calls every functional norm inside its own forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.gamma = nn.Parameter(torch.rand(4) + 0.5)
+        self.register_buffer("rm", torch.zeros(4))
+        self.register_buffer("rv", torch.ones(4))
+        self.head = nn.Linear(4 * 8 * 8, 10)
+
+    def forward(self, x):
+        h = self.conv(x)
+        h = F.batch_norm(h, self.rm, self.rv, self.gamma, None, training=self.training, eps=1e-3)
+        h = F.group_norm(torch.relu(h), 2, eps=1e-4)
+        h = F.instance_norm(h)
+        h = F.layer_norm(h, h.shape[-2:])
+        h = F.rms_norm(h, h.shape[-1:], eps=1e-5)
+        h = F.layer_norm(h, h.shape[-1:])
+        return self.head(h.flatten(1))
+
+
+def test_functional_calls_are_sites_named_after_their_module(digits64):
+    x, y = digits64
+    model = FunctionalNet().double()
+    with capture(model) as cap:
+        F.cross_entropy(model(x), y).backward()
+    names = [s.name for s in cap.sites]
+    assert names == ["model:F.batch_norm#0", "model:F.group_norm#0", "model:F.instance_norm#0",
+                     "model:F.layer_norm#0", "model:F.rms_norm#0", "model:F.layer_norm#1"]
+    assert [s.kind for s in cap.sites] == ["batchnorm", "groupnorm", "instancenorm", "layernorm", "rmsnorm", "layernorm"]
+    assert cap.records[0].consumer_type == "relu"
+    assert cap.records[0].layout.eps == 1e-3 and cap.records[4].layout.eps == 1e-5
+    for record in cap.records:
+        assert _identity_error(record) < 1e-12, record.site.name
+
+
+def test_module_norms_are_not_captured_twice(digits64):
+    model = build_model("resnet_bn").double()
+    with capture(model) as cap:
+        model(digits64[0])
+    assert len(cap.records) == len(find_sites(model)) == 10
+    assert not any(s.functional for s in cap.sites)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_capture_every_reference_model(name, digits64):
+    x, y = digits64
+    model = build_model(name).double()
+    with capture(model) as cap:
+        F.cross_entropy(model(x), y).backward()
+    assert sorted(s.name for s in cap.sites) == sorted(s.name for s in find_sites(model))
+    for record in cap.records:
+        assert record.has_grad and record.dx is not None
+        assert _identity_error(record) < 1e-12, record.site.name
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("storage", ["device", "reductions"])
+def test_model_unchanged_and_hooks_removed(name, storage, digits32):
+    x, y = digits32
+    model = build_model(name)
+    F.cross_entropy(model(x), y).backward()  # an existing .grad that must survive
+    model.layer1[0].bn1.eval() if name == "resnet_bn" else None
+    state, hooks = snapshot(model), _hook_counts(model)
+    with capture(model, storage=storage) as cap:
+        F.cross_entropy(model(x), y).backward()
+        F.cross_entropy(model(x[:16]), y[:16]).backward()
+    assert len(cap.records) == 2 * len(find_sites(model))
+    assert_unchanged(model, state)
+    assert _hook_counts(model) == hooks
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_model_unchanged_when_user_code_raises(name, digits32):
+    x, y = digits32
+    model = build_model(name)
+    state, hooks = snapshot(model), _hook_counts(model)
+    with pytest.raises(RuntimeError, match="user error"):
+        with capture(model):
+            F.cross_entropy(model(x), y).backward()
+            raise RuntimeError("user error")
+    assert_unchanged(model, state)
+    assert _hook_counts(model) == hooks
+    assert not torch.overrides._get_current_function_mode_stack()
+
+
+def test_preserve_false_keeps_training_effects(digits32):
+    x, y = digits32
+    model = build_model("mlp_bn")
+    before = model.net[2].running_mean.clone()
+    with capture(model, preserve=False):
+        model(x)
+    assert not torch.equal(before, model.net[2].running_mean)
+
+
+def test_inplace_relu_after_norm_gets_pre_inplace_gradient(digits64):
+    x, y = digits64
+    model = build_model("resnet_bn").double()
+    with capture(model) as cap:
+        F.cross_entropy(model(x), y).backward()
+    # autograd's gradient w.r.t. the norm output, by a recomputation without the in-place ReLU
+    y_bn = model.bn1(model.conv1(x)).detach().requires_grad_(True)
+    rest = torch.relu(y_bn)
+    out = model.fc(torch.flatten(model.pool(model.layer2(model.layer1(rest))), 1))
+    (dy,) = torch.autograd.grad(F.cross_entropy(out, y), y_bn)
+    record = cap["bn1"]
+    assert record.consumer_type == "ReLU"
+    torch.testing.assert_close(record.dy, dy, rtol=1e-9, atol=1e-12)
+    assert (record.y < 0).any(), "y must be kept before the in-place ReLU"
+
+
+def test_no_grad_forward_is_marked(digits32):
+    model = build_model("mlp_bn")
+    with capture(model) as cap, torch.no_grad():
+        model(digits32[0])
+    assert all(not r.grad_enabled and not r.has_grad for r in cap.records)
+    with pytest.raises(ValueError, match="no gradient"):
+        cap.records[0].g_rows()
+
+
+def test_repeated_forwards_give_several_records(digits32):
+    x, y = digits32
+    model = build_model("mlp_bn")
+    with capture(model) as cap:
+        (model(x[:32]).sum() + model(x[32:]).sum()).backward()
+    first = cap.records_for("net.2")
+    assert [r.index for r in first] == [0, 1] and all(r.has_grad for r in first)
+    assert first[0].x.shape[0] == 32
+
+
+def test_selection_by_pattern_and_kind(digits32):
+    model = build_model("resnet_bn")
+    with capture(model, sites="layer1.*") as cap:
+        model(digits32[0])
+    assert {s.name for s in cap.sites} == {"layer1.0.bn1", "layer1.0.bn2", "layer1.1.bn1", "layer1.1.bn2"}
+    with capture(build_model("transformer_ln"), kinds="rmsnorm") as cap:
+        cap.model(digits32[0])
+    assert cap.records == []
+    with pytest.raises(UnknownNameError, match="valid names"):
+        capture(model, kinds="foonorm").__enter__()
+
+
+def test_storage_options_agree(digits64):
+    x, y = digits64
+    model = build_model("cnn_gn").double()
+    results = {}
+    for storage in ("device", "cpu", "reductions"):
+        with capture(model, storage=storage) as cap:
+            F.cross_entropy(model(x), y).backward()
+        results[storage] = cap.records
+    full, cpu, reduced = results["device"], results["cpu"], results["reductions"]
+    for a, b, r in zip(full, cpu, reduced):
+        assert b.x.device.type == "cpu"
+        torch.testing.assert_close(a.dy, b.dy)
+        assert a.x is not None and r.x is None and r.dy is None
+        z, g = a.z_rows(), a.g_rows()
+        torch.testing.assert_close(r.reductions["sum_gz"], (g * z).sum(1))
+        torch.testing.assert_close(r.reductions["sum_g2"], g.pow(2).sum(1))
+        torch.testing.assert_close(r.reductions["sum_x"], a.rows(a.x).sum(1))
+        torch.testing.assert_close(r.reductions["n"], torch.full_like(r.reductions["n"], z.shape[1]))
+
+
+def test_reductions_without_backward(digits32):
+    model = build_model("mlp_bn")
+    with capture(model, storage="reductions") as cap, torch.no_grad():
+        model(digits32[0])
+    assert set(cap.records[0].reductions) == {"n", "sum_x", "sum_x2", "sum_z", "sum_z2"}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_capture_on_cuda(digits32):
+    x, y = (t.cuda() for t in digits32)
+    model = build_model("resnet_bn").cuda()
+    with capture(model, storage="cpu") as cap:
+        F.cross_entropy(model(x), y).backward()
+    assert cap.records[0].x.device.type == "cpu" and cap.records[0].has_grad

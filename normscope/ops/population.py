@@ -1,0 +1,308 @@
+"""Population normalization with per-example or microbatch gradients (seed 004 §3.1, MATH.md §4).
+
+The forward pass normalizes with the EMA moments (mu-bar, nu-bar), so training and inference see
+the same values; the backward pass sends the gradient to the example's (microbatch size 1) or the
+microbatch's own moments through :func:`scale_grad`, with shrinkage ``r_m``, ``r_v``, the cap
+``min(nu-bar / nu_b, f_max)`` on the second-moment gradient and the ``u_max`` clip of the
+normalized activations. Microbatch size 1 needs no interaction between examples; size k > 1 is
+the seed's improved batch renormalization (§5). An optional fixed rotation sits between the
+normalization and the nonlinearity (seed 004 §2.2).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from scipy.linalg import hadamard
+from scipy.stats import ortho_group
+from torch import Tensor
+from torch.nn.modules.batchnorm import _NormBase
+
+from normscope.errors import DataShapeError, InvalidArgumentError, UnknownNameError
+
+ROTATIONS = ("hadamard", "random", "auto")
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def scale_grad(value: Tensor, source: Tensor, r: Tensor | float) -> Tensor:
+    """ScaleGrad(S, Q, r) of seed 004 §3.1: value ``S``, gradient ``r * dL/dS`` sent to ``Q``.
+
+    .. math:: \\mathrm{ScaleGrad}(S, Q, r) = \\mathrm{sg}(r)\\,Q + \\mathrm{sg}(S - rQ)
+
+    ``sg`` is stop-gradient. Written with ``detach`` only, so it composes with ``torch.func``.
+    """
+    r = r.detach() if isinstance(r, Tensor) else r
+    return r * source + (value - r * source).detach()
+
+
+def rotation_matrix(width: int, kind: str = "auto", seed: int = 0, dtype: torch.dtype = torch.float32) -> Tensor:
+    """A fixed orthogonal ``(width, width)`` matrix R (seed 004 §2.2).
+
+    ``"hadamard"``: the Sylvester Hadamard matrix / sqrt(width) (width a power of 2);
+    ``"random"``: a Haar-random orthogonal matrix drawn with ``seed``;
+    ``"auto"``: Hadamard where the width is a power of 2, else random.
+    """
+    if kind not in ROTATIONS:
+        raise UnknownNameError("rotation", kind, ROTATIONS)
+    power_of_two = width >= 1 and width & (width - 1) == 0
+    if kind == "hadamard" and not power_of_two:
+        raise InvalidArgumentError(f"a Hadamard rotation needs a width that is a power of 2 (got {width}); use 'random' or 'auto'")
+    if kind == "hadamard" or (kind == "auto" and power_of_two):
+        matrix = hadamard(width) / math.sqrt(width)
+    elif width == 1:
+        matrix = np.ones((1, 1))
+    else:
+        matrix = ortho_group.rvs(width, random_state=seed)
+    return torch.as_tensor(matrix, dtype=dtype)
+
+
+def _channel(t: Tensor, ndim: int) -> Tensor:
+    return t.view(1, -1, *([1] * (ndim - 2)))
+
+
+def example_moments(x: Tensor, mean: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-example moments ``mu_b = E_i x_{b,i}`` and ``nu_b = E_i (x_{b,i} - mu-bar)^2``, shape (N, C).
+
+    ``E_i`` runs over the spatial positions of one example and channel (seed 004 §3.1).
+    """
+    flat = x.reshape(x.shape[0], x.shape[1], -1)
+    return flat.mean(dim=2), (flat - mean.view(1, -1, 1)).pow(2).mean(dim=2)
+
+
+def clip_factor(nu_b: Tensor, var: Tensor, eps: float, u_max: float) -> Tensor:
+    """The ``u_max`` clip ``sg(min(1, u_max * sqrt((nu-bar + eps) / (nu_b + eps))))`` (seed 004 Alg. 1)."""
+    ratio = ((var + eps) / (nu_b + eps)).detach()
+    return (u_max * ratio.sqrt()).clamp(max=1.0)
+
+
+def normalize_shared(x: Tensor, mean: Tensor, var: Tensor, eps: float, u_max: float = math.inf) -> Tensor:
+    """``q = (x - mean) / sqrt(var + eps) * clip_b`` with shared moments ``mean``, ``var`` (C,).
+
+    The moments may carry gradients (the second tower of seed 004 §3.4 uses mu-double-dagger and
+    nu-double-dagger here); ``clip_b`` is the per-example ``u_max`` clip, a constant.
+    """
+    scale = torch.rsqrt(var + eps)
+    q = (x - _channel(mean, x.dim())) * _channel(scale, x.dim())
+    if math.isfinite(u_max):
+        _, nu_b = example_moments(x.detach(), mean.detach())
+        clip = clip_factor(nu_b, var, eps, u_max)
+        q = q * clip.view(*clip.shape, *([1] * (x.dim() - 2)))
+    return q
+
+
+def _group_norm(
+    xg: Tensor, mean: Tensor, var: Tensor, eps: float, r_m: float, r_v: float, f_max: float, u_max: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Normalize ``xg`` of shape (G, k, C, S): G groups of k examples, S positions."""
+    mu_g = xg.mean(dim=(1, 3))
+    mu_d = scale_grad(mean.expand_as(mu_g), mu_g, r_m)
+    p = xg - mu_d[:, None, :, None]
+    nu_g = (xg - mean.detach()[None, None, :, None]).pow(2).mean(dim=(1, 3))
+    ratio = ((var + eps) / (nu_g + eps)).detach()
+    nu_d = scale_grad(var.expand_as(nu_g), nu_g, r_v * ratio.clamp(max=f_max))
+    factor = torch.rsqrt(nu_d + eps) * (u_max * ratio.sqrt()).clamp(max=1.0)
+    return p * factor[:, None, :, None], mu_g, nu_g
+
+
+def normalize_groups(
+    x: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    *,
+    microbatch: int = 1,
+    eps: float = 1e-5,
+    r_m: float = 1.0,
+    r_v: float = 1.0,
+    f_max: float = 2.0,
+    u_max: float = 5.0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Population normalization with gradients to the group moments (seed 004 §3.1).
+
+    Examples are split in order into groups of ``microbatch`` (the last group takes the rest).
+    Per group g and channel: ``mu_g = E x``, ``mu† = ScaleGrad(mu-bar, mu_g, r_m)``,
+    ``p = x - mu†``, ``nu_g = E (x - mu-bar)^2`` (the value of ``E p^2``),
+    ``nu† = ScaleGrad(nu-bar, nu_g, r_v min((nu-bar + eps) / (nu_g + eps), f_max))``,
+
+    .. math:: q = \\frac{p}{\\sqrt{\\nu^\\dagger + \\epsilon}}\\,
+              \\mathrm{sg}\\Big(\\min\\big(1, u_{max}\\sqrt{\\tfrac{\\bar\\nu + \\epsilon}{\\nu_g + \\epsilon}}\\big)\\Big)
+
+    The value of q is ``(x - mu-bar) / sqrt(nu-bar + eps)`` (times the clip). ``nu_g`` is taken
+    about the constant mu-bar: at the population its Jacobian to the mean, ``-2 E(x - mu)``, is
+    zero, and the seed gets the same by computing the mean before the linear layer (§3.3); so
+    the gradient of this layer's weights through nu is the seed's, and the two-stage estimate
+    with one normalization layer is exact (MATH.md §4). Returns
+    ``(q, mu_g, nu_g)`` with q shaped like ``x`` (N, C, *) and the moments (groups, C).
+    """
+    n, c = x.shape[0], x.shape[1]
+    flat = x.reshape(n, c, -1)
+    k = min(microbatch, n)
+    head = (n // k) * k
+    pieces = [(flat[:head], k)] + ([(flat[head:], n - head)] if head < n else [])
+    outputs = [
+        _group_norm(part.reshape(-1, size, c, part.shape[-1]), mean, var, eps, r_m, r_v, f_max, u_max)
+        for part, size in pieces
+    ]
+    q = torch.cat([out[0].reshape(-1, c, flat.shape[-1]) for out in outputs]).reshape(x.shape)
+    return q, torch.cat([out[1] for out in outputs]), torch.cat([out[2] for out in outputs])
+
+
+def affine_rotate(q: Tensor, weight: Tensor | None, bias: Tensor | None, rotation: Tensor | None) -> Tensor:
+    """``y = R (gamma * q) + beta`` over the channel dim 1 (seed 004 Alg. 1: Rotate(q ⊙ γ) + β)."""
+    y = q if weight is None else q * _channel(weight, q.dim())
+    if rotation is not None:
+        y = torch.movedim(torch.movedim(y, 1, -1) @ rotation.T, -1, 1)
+    return y if bias is None else y + _channel(bias, q.dim())
+
+
+def population_norm(
+    x: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float | None = 0.1,
+    eps: float = 1e-5,
+    microbatch: int = 1,
+    r_m: float = 1.0,
+    r_v: float = 1.0,
+    f_max: float = 2.0,
+    u_max: float = 5.0,
+    rotation: Tensor | None = None,
+) -> Tensor:
+    """Functional :class:`PopulationNorm`: ``y = R (gamma * q) + beta`` (seed 004 §3.1, Alg. 1).
+
+    Training: q from :func:`normalize_groups`, then the EMAs move in place towards the batch
+    moments, ``mu-bar <- (1 - m) mu-bar + m E_b mu_b`` and ``nu-bar <- (1 - m) nu-bar + m E_b nu_b``
+    with ``nu_b`` the second moment about the old mu-bar (no Bessel correction: the seed's
+    definition); ``momentum`` 0 or None leaves them as they are (None: the caller averages).
+    Eval: ``q = (x - mu-bar) / sqrt(nu-bar + eps)`` with no clip.
+    """
+    compute = torch.float32 if x.dtype in _LOW_PRECISION else x.dtype
+    xc = x.to(compute)
+    mean, var = running_mean.to(compute), running_var.to(compute)
+    if training:
+        q, _, nu_g = normalize_groups(
+            xc, mean, var, microbatch=microbatch, eps=eps, r_m=r_m, r_v=r_v, f_max=f_max, u_max=u_max
+        )
+        if momentum:
+            with torch.no_grad():
+                mu_b, nu_b = example_moments(xc.detach(), mean)
+                running_mean.lerp_(mu_b.mean(0).to(running_mean.dtype), momentum)
+                running_var.lerp_(nu_b.mean(0).to(running_var.dtype), momentum)
+    else:
+        q = normalize_shared(xc, mean, var, eps)
+    rot = None if rotation is None else rotation.to(compute)
+    w = None if weight is None else weight.to(compute)
+    b = None if bias is None else bias.to(compute)
+    return affine_rotate(q, w, b, rot).to(x.dtype)
+
+
+class PopulationNorm(_NormBase):
+    """Population normalization with per-example / microbatch gradients (seed 004 §3.1).
+
+    .. math:: y = R\\Big(\\gamma \\odot \\frac{x - \\mu^\\dagger}{\\sqrt{\\nu^\\dagger + \\epsilon}}\\Big) + \\beta,
+              \\quad \\mu^\\dagger = \\mathrm{ScaleGrad}(\\bar\\mu, \\mu_g, r_m),\\;
+              \\nu^\\dagger = \\mathrm{ScaleGrad}(\\bar\\nu, \\nu_g, r_v\\min(\\bar\\nu/\\nu_g, f_{max}))
+
+    The forward value always uses the EMAs ``running_mean`` (mu-bar) and ``running_var`` (nu-bar,
+    the second moment about mu-bar), so training and inference agree; in training the gradient
+    goes to the moments of each group of ``microbatch`` examples (1: per example, no interaction
+    between examples; k: the seed's improved batch renormalization). Statistics are per channel
+    (dim 1) over the group's examples and all positions, for inputs ``(N, C)`` or ``(N, C, *)``.
+    With ``running_mean``/``running_var`` equal to the batch mean and biased variance, r_m = r_v = 1
+    and ``microbatch >= N``, the output and its gradient equal ``torch.nn.BatchNorm`` in training.
+
+    Args:
+        num_features: channels C.
+        eps: added to nu before the square root. Default: 1e-5.
+        momentum: EMA rate; 0 or None freezes the EMAs (no in-place update, so the layer runs
+            under ``torch.func`` transforms). Default: 0.1.
+        affine: learn gamma and beta. Default: True.
+        microbatch: examples per normalization group. Default: 1.
+        r_m: shrinkage of the gradient through the mean. Default: 1.0.
+        r_v: shrinkage of the gradient through the second moment. Default: 1.0.
+        f_max: cap of the rescaling ``nu-bar / nu_g`` of that gradient. Default: 2.0 (seed §5).
+        u_max: clip of the RMS of normalized activations per group, in training. Default: 5.0 (seed §5).
+        rotation: None, ``"hadamard"``, ``"random"`` or ``"auto"`` (Hadamard if C is a power of 2).
+            Default: None.
+        rotation_seed: seed of the random rotation. Default: 0.
+
+    Shape:
+        Input ``(N, C)`` or ``(N, C, *)``; output the same.
+
+    Example::
+
+        >>> norm = PopulationNorm(16, microbatch=2, rotation="hadamard")
+        >>> y = norm(torch.randn(8, 16, 4, 4))
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        microbatch: int = 1,
+        *,
+        r_m: float = 1.0,
+        r_v: float = 1.0,
+        f_max: float = 2.0,
+        u_max: float = 5.0,
+        rotation: str | None = None,
+        rotation_seed: int = 0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(num_features, eps, momentum, affine, True, device=device, dtype=dtype)
+        if not isinstance(microbatch, int) or microbatch < 1:
+            raise InvalidArgumentError(f"microbatch must be an integer >= 1 (got {microbatch!r})")
+        for name, value in (("r_m", r_m), ("r_v", r_v)):
+            if not 0.0 <= value <= 1.0:
+                raise InvalidArgumentError(f"{name} must be in [0, 1] (got {value!r})")
+        for name, value in (("f_max", f_max), ("u_max", u_max)):
+            if not value > 0:
+                raise InvalidArgumentError(f"{name} must be > 0 (got {value!r})")
+        self.microbatch, self.r_m, self.r_v, self.f_max, self.u_max = microbatch, r_m, r_v, f_max, u_max
+        self.rotation_kind, self.rotation_seed = rotation, rotation_seed
+        matrix = None if rotation is None else rotation_matrix(num_features, rotation, rotation_seed)
+        self.register_buffer("rotation", None if matrix is None else matrix.to(device=device, dtype=dtype or torch.float32), persistent=False)
+
+    def _check_input_dim(self, x: Tensor) -> None:
+        if x.dim() < 2 or x.shape[1] != self.num_features:
+            raise DataShapeError(
+                f"PopulationNorm expected input (N, {self.num_features}, *) (got shape {tuple(x.shape)})"
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input_dim(x)
+        momentum = self.momentum
+        if self.training and momentum != 0:
+            self.num_batches_tracked.add_(1)
+            if momentum is None:
+                momentum = 1.0 / float(self.num_batches_tracked)
+        return population_norm(
+            x,
+            self.running_mean,
+            self.running_var,
+            self.weight,
+            self.bias,
+            training=self.training,
+            momentum=momentum,
+            eps=self.eps,
+            microbatch=self.microbatch,
+            r_m=self.r_m,
+            r_v=self.r_v,
+            f_max=self.f_max,
+            u_max=self.u_max,
+            rotation=self.rotation,
+        )
+
+    def extra_repr(self) -> str:
+        text = (
+            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
+            f"microbatch={self.microbatch}, r_m={self.r_m}, r_v={self.r_v}, f_max={self.f_max}, u_max={self.u_max}"
+        )
+        return text if self.rotation_kind is None else f"{text}, rotation={self.rotation_kind!r}"

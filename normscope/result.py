@@ -109,11 +109,12 @@ class AnalysisResult:
             meta=summary.get("meta", {}),
         )
 
-    def to_html(self, path: Path | str) -> Path:
-        """Write the self-contained HTML report to ``path`` (atomically) and return the path."""
+    def to_html(self, path: Path | str, compare: dict[str, pd.DataFrame] | None = None) -> Path:
+        """Write the self-contained HTML report to ``path`` (atomically) and return the path;
+        ``compare`` adds the ``compare_*`` tables of ``normscope compare``."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(path, render_page(self))
+        write_text_atomic(path, render_page(self, compare))
         return path
 
     def _repr_html_(self) -> str:
@@ -122,11 +123,11 @@ class AnalysisResult:
         return f'<iframe srcdoc="{page}" style="width:100%;height:640px;border:0"></iframe>'
 
 
-def render_page(result: AnalysisResult) -> str:
+def render_page(result: AnalysisResult, compare: dict[str, pd.DataFrame] | None = None) -> str:
     """The report page from :func:`normscope.reports.render.render_html`."""
     from normscope.reports.render import render_html
 
-    return render_html(result)
+    return render_html(result, compare=compare) if compare else render_html(result)
 
 
 def write_tables(folder: Path, tables: dict[str, pd.DataFrame]) -> None:

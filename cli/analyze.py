@@ -1,0 +1,134 @@
+"""``normscope analyze [CHECKPOINT]``: run the analyzers and write tables, summary and report."""
+
+from __future__ import annotations
+
+import inspect
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Annotated, Optional
+
+import torch
+import typer
+from rich.console import Console
+from torch.utils.data import DataLoader
+
+import normscope
+from normscope.api import Data, analyzer_names
+from normscope.checkpoint import import_attribute, load_model
+from normscope.cli.boundary import boundary
+from normscope.cli.summary import print_summary
+from normscope.errors import DataShapeError, OutputError, UnknownNameError
+from normscope.models import DEFAULT_MODEL, MODELS
+from normscope.train import train_reference
+
+DEFAULT_OUT_ROOT = Path("normscope-out")
+TRAIN_LR = inspect.signature(train_reference).parameters["lr"].default
+
+
+def analyze(
+    checkpoint: Annotated[
+        Optional[Path],
+        typer.Argument(help="A .pt/.pth/.safetensors file; omit it to analyze the built-in default trained on digits.", show_default=False),
+    ] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder.  [default: normscope-out/<UTC time>]", show_default=False)] = None,
+    model: Annotated[
+        Optional[str],
+        typer.Option("--model", "-m", help=f"Built-in model ({', '.join(MODELS)}) or package.module:factory.", show_default=False),
+    ] = None,
+    trust: Annotated[bool, typer.Option("--trust", help="Allow loading a whole pickled model (runs code from the file).")] = False,
+    analyzers: Annotated[
+        Optional[str], typer.Option("--analyzers", "-a", help="Comma-separated: stats,gls,bias,descent.  [default: all]", show_default=False)
+    ] = None,
+    data: Annotated[str, typer.Option("--data", help="'digits' or package.module:loader (a DataLoader or a function returning one).")] = "digits",
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Minibatch size.")] = 128,
+    batches: Annotated[int, typer.Option("--batches", min=1, help="Minibatches for the per-step analyses.")] = 4,
+    device: Annotated[str, typer.Option("--device", help="'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:N'.")] = "auto",
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the batch order and of every random choice.")] = 0,
+    lr: Annotated[
+        Optional[float], typer.Option("--lr", help="Learning rate to check step sizes against.  [default: the built-in's training lr]", show_default=False)
+    ] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing non-empty output folder.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
+) -> None:
+    """Analyze every normalization site of a model and write tables, summary.json and report.html."""
+    console = Console(stderr=True)
+    with boundary(debug):
+        names = None if analyzers is None else analyzer_names(analyzers)
+        target = resolve_device(device)
+        out = default_out() if out is None else out
+        if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
+            raise OutputError(f"output folder {out} already exists and is not empty; choose another --out or pass --overwrite")
+        builtin = checkpoint is None and (model is None or ":" not in model)
+        with console.status("training the built-in default on digits" if builtin else "loading the model"):
+            net = load_model(checkpoint, model, trust=trust)
+        loaded = load_data(data, batch_size)
+        result = normscope.analyze(
+            net,
+            data=loaded,
+            analyzers=names,
+            batch_size=batch_size,
+            batches=batches,
+            device=target,
+            seed=seed,
+            lr=TRAIN_LR if lr is None and builtin else lr,
+            progress=True,
+        )
+        result.meta["model"].update(
+            name=model_name(checkpoint, model),
+            checkpoint=None if checkpoint is None else str(checkpoint),
+            spec=model or (DEFAULT_MODEL if checkpoint is None else None),
+        )
+        result.meta["data"]["spec"] = data
+        with console.status("writing tables and report"):
+            result.save(out, overwrite=overwrite)
+    print_summary(result, out, Console())
+    for message in result.meta["analyzer_errors"].values():
+        typer.echo(f"normscope: warning: {message}", err=True)
+    typer.echo(str(out))
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` is CUDA when present, else CPU; other names must parse and be available."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    valid = ["auto", "cpu"] + (["cuda"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else [])
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise UnknownNameError("device", device, valid) from None
+    if parsed.type == "cuda" and (not torch.cuda.is_available() or (parsed.index or 0) >= torch.cuda.device_count()):
+        raise UnknownNameError("device (no such CUDA device here)", device, valid)
+    return parsed
+
+
+def default_out() -> Path:
+    """``normscope-out/<UTC time>``, with a suffix if that folder exists already."""
+    stem = DEFAULT_OUT_ROOT / datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    candidate, number = stem, 1
+    while candidate.exists():
+        candidate, number = stem.with_name(f"{stem.name}-{number}"), number + 1
+    return candidate
+
+
+def load_data(spec: str, batch_size: int) -> Data:
+    """``digits`` is ``None`` (the API's default); ``package.module:loader`` names a DataLoader, an
+    ``(inputs, targets)`` tuple, or a function returning one (given ``batch_size`` if it takes it)."""
+    if spec.strip().lower() == "digits":
+        return None
+    module_name, _, attribute = spec.partition(":")
+    if not module_name or not attribute:
+        raise UnknownNameError("--data", spec, ["digits", "package.module:loader"])
+    found = import_attribute(module_name, attribute, spec, "--data")
+    if callable(found) and not isinstance(found, DataLoader):
+        takes_batch_size = "batch_size" in inspect.signature(found).parameters
+        found = found(batch_size=batch_size) if takes_batch_size else found()
+    if isinstance(found, DataLoader) or (isinstance(found, (tuple, list)) and len(found) == 2):
+        return found
+    raise DataShapeError(f"--data {spec} gave a {type(found).__name__}; it must give a DataLoader or an (inputs, targets) tuple")
+
+
+def model_name(checkpoint: Path | None, model: str | None) -> str:
+    """How the report and the summary name the model."""
+    if checkpoint is None:
+        return f"{model or DEFAULT_MODEL} (trained on digits)" if model is None or ":" not in model else model
+    return f"{checkpoint.name} ({model})" if model else checkpoint.name

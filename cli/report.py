@@ -1,0 +1,37 @@
+"""``normscope report DIR``: rebuild ``DIR/report.html`` from the saved tables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from normscope.cli.boundary import boundary
+from normscope.errors import OutputError
+from normscope.result import REPORT_FILE, TABLES_DIR, AnalysisResult, read_tables
+
+COMPARE_PREFIX = "compare_"
+
+
+def report(
+    folder: Annotated[Path, typer.Argument(help="An output folder of normscope analyze.", show_default=False)],
+    compare: Annotated[
+        Optional[Path], typer.Option("--compare", help="An output folder of normscope compare to include.", show_default=False)
+    ] = None,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
+) -> None:
+    """Rebuild report.html in FOLDER from its tables and summary.json (and --compare results)."""
+    with boundary(debug):
+        result = AnalysisResult.load(folder)
+        extra = None if compare is None else compare_tables(compare)
+        path = result.to_html(folder / REPORT_FILE, compare=extra)
+    typer.echo(str(path))
+
+
+def compare_tables(folder: Path) -> dict:
+    """The ``compare_*`` tables written by ``normscope compare`` in ``folder/tables``."""
+    tables = {name: t for name, t in read_tables(folder / TABLES_DIR).items() if name.startswith(COMPARE_PREFIX)}
+    if not tables:
+        raise OutputError(f"{folder} has no {COMPARE_PREFIX}* tables in {TABLES_DIR}/; pass a folder written by normscope compare")
+    return tables

@@ -1,0 +1,44 @@
+"""The one-screen Rich summary printed at the end of ``normscope analyze``."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+from rich.console import Console, Group
+from rich.panel import Panel
+from rich.table import Table
+
+from normscope.result import AnalysisResult
+
+MAX_FINDINGS = 3
+MAX_FIGURES = 6
+
+
+def print_summary(result: AnalysisResult, out: Path, console: Console) -> None:
+    """Model, sites, data and timing; then per analyzer its headline figures and top findings."""
+    meta = result.meta
+    kinds = Counter(site["kind"] for site in meta.get("sites", []))
+    data = meta.get("data", {})
+    overview = Table.grid(padding=(0, 2))
+    overview.add_row("model", f"{meta['model'].get('name') or meta['model']['class']} ({meta['model']['parameters']:,} parameters)")
+    overview.add_row("sites", ", ".join(f"{count} {kind}" for kind, count in kinds.items()))
+    overview.add_row("data", f"{data.get('source')}: {data.get('batches')} batches of {data.get('batch_size')} on {meta.get('device')}")
+    overview.add_row("time", f"{meta['seconds']['total']:.1f} s")
+    overview.add_row("output", str(out))
+    parts = [overview]
+    for name in list(result.headline) + [n for n in result.findings if n not in result.headline]:
+        figures = Table(title=name, title_justify="left", show_header=False, box=None, padding=(0, 2))
+        for key, value in list(result.headline.get(name, {}).items())[:MAX_FIGURES]:
+            figures.add_row(key, format_value(value))
+        for sentence in result.findings.get(name, [])[:MAX_FINDINGS]:
+            figures.add_row("•", sentence)
+        parts.append(figures)
+    console.print(Panel(Group(*parts), title="normscope analyze", expand=False))
+
+
+def format_value(value: object) -> str:
+    """Numbers to 4 significant digits, everything else as text."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    return f"{value:.4g}"

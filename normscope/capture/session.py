@@ -116,12 +116,15 @@ class Capture:
 
     # -- module stack, producers and consumers ---------------------------------------------
     def _push(self, path: str, module: nn.Module):
+        is_leaf = next(module.children(), None) is None
+        type_name = type(module).__name__
+
         def hook(mod, args):
             if not self._stack:
                 self._call_counts.clear()
                 self._producers.clear()
-            if args and isinstance(args[0], torch.Tensor) and not list(mod.children()):
-                self._note_consumer(args[0], path, type(mod).__name__)
+            if is_leaf and self._pending and args and isinstance(args[0], torch.Tensor):
+                self._note_consumer(args[0], path, type_name)
             self._stack.append((path, mod))
         return hook
 

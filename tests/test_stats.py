@@ -41,7 +41,7 @@ def test_batchnorm_channel_statistics(digits64):
     bn_out = (h - mean) / torch.sqrt(var + 0.3) * bn.weight + bn.bias
     np.testing.assert_allclose(table["relu_zero_fraction"], (bn_out <= 0).double().mean(0).detach().numpy())
     sites = out.tables["stats_sites"].set_index("site")
-    assert sites.loc["net.2", "feeding_weight_norm"] == pytest.approx(float(model.net[1].weight.norm()))
+    assert sites.loc["net.2", "feeding_weight_norm"] == pytest.approx(float(model.net[1].weight.detach().norm()))
     assert sites.loc["net.2", "producer"] == "net.1" and sites.loc["net.2", "consumer"] == "ReLU"
     assert any("eps is up to" in f for f in out.findings)
 

@@ -1,0 +1,374 @@
+"""The HTML report: rendered from real analyzer tables, checked as text and in headless Chromium."""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+import shutil
+import struct
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+from scipy.sparse.linalg import LinearOperator, eigsh
+from torch import nn
+
+from normscope.api import analyze
+from normscope.data import load_digits
+from normscope.models import build_model
+from normscope.reports.figures import FIGURES, missing_data, render_figures
+from normscope.reports.render import SECTIONS, render_html
+from normscope.result import AnalysisResult
+
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+# Tables of analyzers that are not committed yet, from small real computations on the same
+# model and data (never hard-coded numbers). Each is used only when its analyzer is missing.
+
+
+def _bn_sites(model: nn.Module) -> list[tuple[str, nn.BatchNorm1d]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.BatchNorm1d)]
+
+
+def _gls_by_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, dict[str, np.ndarray]]:
+    """Per BN site: z, g = gamma * dL/dy, the fit alpha + beta z, R^2 and naive gap (MATH.md §2)."""
+    inputs, grads = {}, {}
+    hooks = []
+    for name, bn in _bn_sites(model):
+        hooks.append(bn.register_forward_hook(lambda m, a, out, name=name: inputs.__setitem__(name, a[0].detach())))
+        hooks.append(bn.register_full_backward_hook(lambda m, gi, go, name=name: grads.__setitem__(name, go[0].detach())))
+    model.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    for h in hooks:
+        h.remove()
+    out = {}
+    for name, bn in _bn_sites(model):
+        xin = inputs[name]
+        var, mean = torch.var_mean(xin, dim=0, correction=0)
+        s = torch.sqrt(var + bn.eps)
+        z = (xin - mean) / s
+        g = bn.weight.detach() * grads[name]
+        fit = g.mean(0) + (g * z).mean(0) * z
+        r2 = 1 - ((g - fit) ** 2).sum(0) / (g**2).sum(0)
+        naive = g / s
+        true = (g - fit) / s
+        gap = torch.linalg.norm(naive - true) / torch.linalg.norm(true)
+        out[name] = {"z": z.numpy(), "g": g.numpy(), "fit": fit.numpy(), "r2": r2.numpy(), "naive_gap": float(gap)}
+    return out
+
+
+def _gls_tables(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, pd.DataFrame]:
+    per_site = _gls_by_batch(model, x, y)
+    sites = pd.DataFrame(
+        [
+            {"site": n, "kind": "batchnorm", "depth": d, "r2_mean": v["r2"].mean(), "r2_median": np.median(v["r2"]),
+             "r2_q10": np.quantile(v["r2"], 0.1), "r2_q90": np.quantile(v["r2"], 0.9), "naive_gap": v["naive_gap"]}
+            for d, (n, v) in enumerate(per_site.items())
+        ]
+    )
+    scatter = pd.concat(
+        [pd.DataFrame({"site": n, "partition": 0, "z": v["z"][:, 0], "g": v["g"][:, 0], "fit": v["fit"][:, 0]}) for n, v in per_site.items()]
+    )
+    sweep = pd.DataFrame(
+        [
+            {"site": n, "kind": "batchnorm", "depth": d, "batch_size": b, "r2_mean": v["r2"].mean()}
+            for b in (4, 16, 64)
+            for d, (n, v) in enumerate(_gls_by_batch(model, x[:b], y[:b]).items())
+        ]
+    )
+    return {"gls_sites": sites, "gls_scatter": scatter, "gls_batch_sweep": sweep}
+
+
+def _flat_grad(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    loss = F.cross_entropy(model(x), y)
+    return torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(model.parameters()))])
+
+
+def _bias_tables(model: nn.Module, x: torch.Tensor, y: torch.Tensor, repeats: int = 6) -> dict[str, pd.DataFrame]:
+    """Relative bias of the minibatch-BN gradient against the full-batch gradient g* (MATH.md §4)."""
+    g_star = _flat_grad(model, x, y)
+    generator = torch.Generator().manual_seed(0)
+    rows = []
+    for b in (8, 16, 32):
+        est = torch.stack([_flat_grad(model, x[idx], y[idx]) for idx in (torch.randperm(len(x), generator=generator)[:b] for _ in range(repeats))])
+        variance = est.var(0, correction=1).sum()
+        raw = (est.mean(0) - g_star).pow(2).sum()
+        corrected = (raw - variance / repeats).clamp(min=0)
+        norm = g_star.norm()
+        spread = 2 * variance.sqrt() / np.sqrt(repeats) / norm
+        rel = float(corrected.sqrt() / norm)
+        rows.append({"estimator": "batchnorm", "batch_size": b, "group": "total", "rel_bias": rel,
+                     "rel_bias_lo": max(rel - float(spread), 0.0), "rel_bias_hi": rel + float(spread),
+                     "rel_bias_uncorrected": float(raw.sqrt() / norm), "variance": float(variance),
+                     "cosine": float(F.cosine_similarity(est.mean(0), g_star, dim=0)), "repeats": repeats})
+    table = pd.DataFrame(rows)
+    slope, intercept = np.polyfit(np.log(table["batch_size"]), np.log(table["rel_bias"].clip(lower=1e-300)), 1)
+    return {"bias_estimators": table, "bias_slopes": pd.DataFrame([{"estimator": "batchnorm", "group": "total", "slope": slope, "intercept": intercept}])}
+
+
+def _descent_tables(model: nn.Module, x: torch.Tensor, y: torch.Tensor, lr: float = 0.1) -> dict[str, pd.DataFrame]:
+    """a_crit = 2||d||^2 / d^T H d, top eigenvalues (eigsh on HVPs) and the quadratic model (MATH.md §5)."""
+    params = list(model.parameters())
+    directions, spectrum, quadratic = [], [], []
+    for mode in ("train", "eval"):
+        model.train(mode == "train")
+        loss = F.cross_entropy(model(x), y)
+        grads = torch.autograd.grad(loss, params, create_graph=True)
+        flat = torch.cat([g.reshape(-1) for g in grads])
+
+        def hvp(v: np.ndarray) -> np.ndarray:
+            out = torch.autograd.grad(flat, params, torch.as_tensor(np.ravel(v)), retain_graph=True)
+            return torch.cat([o.reshape(-1) for o in out]).numpy()
+
+        d = -flat.detach()
+        hd = torch.as_tensor(hvp(d.numpy()))
+        sq, curv = float(d @ d), float(d @ hd)
+        directions.append({"mode": mode, "direction": "gradient", "group": "total", "sq_norm": sq, "curvature": curv,
+                           "a_crit": 2 * sq / curv, "lr": lr, "lr_below_a_crit": lr < 2 * sq / curv})
+        operator = LinearOperator((len(d), len(d)), matvec=hvp, dtype=np.float64)
+        eigenvalues = np.sort(eigsh(operator, k=3, which="LA", return_eigenvectors=False, tol=1e-6))[::-1]
+        spectrum += [{"mode": mode, "group": "total", "rank": r, "eigenvalue": e, "stability_limit": 2 / e} for r, e in enumerate(eigenvalues)]
+        with torch.no_grad():
+            base = [p.clone() for p in params]
+            for a in np.linspace(0, 4 * lr, 9):
+                offset = 0
+                for p, p0 in zip(params, base):
+                    p.copy_(p0 + a * d[offset : offset + p.numel()].reshape(p.shape))
+                    offset += p.numel()
+                real = float(F.cross_entropy(model(x), y))
+                quad = float(loss) - a * sq + a**2 / 2 * curv
+                quadratic.append({"mode": mode, "step": a, "loss": real, "quadratic": quad, "rel_error": abs(real - quad) / abs(real)})
+            for p, p0 in zip(params, base):
+                p.copy_(p0)
+    return {"descent_directions": pd.DataFrame(directions), "descent_spectrum": pd.DataFrame(spectrum), "descent_quadratic": pd.DataFrame(quadratic)}
+
+
+def _compare_tables(x: torch.Tensor, y: torch.Tensor, xt: torch.Tensor, yt: torch.Tensor) -> dict[str, pd.DataFrame]:
+    """Short seeded SGD runs of two reference models (BatchNorm MLP, GroupNorm CNN) at two batch sizes."""
+    curves, summary = [], []
+    for op, name in (("batchnorm", "mlp_bn"), ("groupnorm", "cnn_gn")):
+        for b in (8, 32):
+            model = build_model(name, seed=0).double()
+            opt = torch.optim.SGD(model.parameters(), lr=0.1)
+            generator = torch.Generator().manual_seed(0)
+            for step in range(12):
+                idx = torch.randint(len(x), (b,), generator=generator)
+                loss = F.cross_entropy(model(x[idx]), y[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                curves.append({"op": op, "batch_size": b, "step": step, "epoch": 0, "split": "train", "loss": float(loss), "accuracy": np.nan})
+            model.eval()
+            with torch.no_grad():
+                logits = model(xt)
+            test_loss, acc = float(F.cross_entropy(logits, yt)), float((logits.argmax(1) == yt).double().mean())
+            curves.append({"op": op, "batch_size": b, "step": 11, "epoch": 0, "split": "test", "loss": test_loss, "accuracy": acc})
+            summary.append({"op": op, "batch_size": b, "final_train_loss": curves[-2]["loss"], "final_test_loss": test_loss, "final_test_accuracy": acc, "seconds": np.nan})
+    return {"compare_curves": pd.DataFrame(curves), "compare_summary": pd.DataFrame(summary)}
+
+
+FALLBACKS = {"gls": _gls_tables, "bias": _bias_tables, "descent": _descent_tables}
+
+
+@pytest.fixture(scope="module")
+def data():
+    images, labels = load_digits(torch.float64)
+    return images[:128], labels[:128], images[1400:1528], labels[1400:1528]
+
+
+@pytest.fixture(scope="module")
+def result(data) -> AnalysisResult:
+    """The analyzers that exist, run on mlp_bn and digits; the others from the computations above."""
+    x, y, _, _ = data
+    model = build_model("mlp_bn").double()
+    result = analyze(model, data=(x, y), batch_size=64, batches=2, lr=0.1)
+    errors = result.meta.get("analyzer_errors", {})
+    for name, compute in FALLBACKS.items():
+        if name in result.meta["analyzers"]:
+            continue
+        with torch.random.fork_rng():
+            tables = compute(build_model("mlp_bn").double(), x, y)
+        result.tables.update(tables)
+        result.findings[name] = [f"computed by tests/test_report.py in place of the {name} analyzer ({errors.pop(name, '')})"]
+        result.meta["analyzers"].append(name)
+    return result
+
+
+@pytest.fixture(scope="module")
+def compare(data) -> dict[str, pd.DataFrame]:
+    return _compare_tables(*data)
+
+
+@pytest.fixture(scope="module")
+def page(result, compare) -> str:
+    return render_html(result, compare)
+
+
+def _figures(page: str) -> list[tuple[str, bytes, int, int]]:
+    found = re.findall(r'<figure class="figure" data-figure="(\w+)">\s*<h3>.*?</h3>\s*<img src="data:image/png;base64,([A-Za-z0-9+/=]+)" width="(\d+)" height="(\d+)"', page)
+    return [(key, base64.b64decode(data), int(w), int(h)) for key, data, w, h in found]
+
+
+def test_page_is_self_contained(page):
+    assert page.startswith("<!DOCTYPE html>")
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page)
+    assert "url(" not in page and "@import" not in page
+    assert "<style>" in page and "<script>" in page
+
+
+def test_every_registered_figure_is_drawn_as_png(page, result, compare):
+    figures = _figures(page)
+    assert sorted(key for key, *_ in figures) == sorted(spec.key for spec in FIGURES)
+    for key, png, width, height in figures:
+        assert png.startswith(PNG_SIGNATURE), key
+        png_width, png_height = struct.unpack(">II", png[16:24])
+        assert (png_width, png_height) == (width, height), key
+        assert width > 100 and height > 100
+
+
+def test_sections_findings_and_headline(page, result):
+    for spec in SECTIONS:
+        assert f'id="{spec.key}"' in page
+        assert "not-run-line" not in page.split(f'id="{spec.key}"')[1].split("</section>")[0]
+    for name, findings in result.findings.items():
+        for finding in findings:
+            assert finding.replace("'", "&#39;").replace('"', "&#34;") in page
+    for label in result.headline["stats"]:
+        assert label.replace("_", " ") in page
+
+
+def test_tables_have_every_row_and_column(page, result):
+    for name in ("stats_sites", "gls_sites", "bias_slopes", "descent_directions", "compare_summary"):
+        body = page.split(f'data-table="{name}"')[1].split("</table>")[0]
+        table = result.tables.get(name)
+        if table is None:
+            continue
+        assert body.count("<tr>") == len(table) + 1
+        assert re.findall(r"<th [^>]*>([^<]+)</th>", body) == list(table.columns)
+
+
+def test_sites_from_meta(page, result):
+    body = page.split('data-table="sites"')[1].split("</table>")[0]
+    for site in result.meta["sites"]:
+        assert f">{site['name']}<" in body and f">{site['kind']}<" in body
+
+
+def test_analyzer_not_run_is_one_line():
+    x, y = load_digits(torch.float64)
+    result = analyze(build_model("mlp_bn").double(), data=(x[:64], y[:64]), analyzers="stats", batch_size=32, batches=1)
+    page = render_html(result)
+    for key in ("gls", "bias", "descent", "compare"):
+        section = page.split(f'id="{key}"')[1].split("</section>")[0]
+        assert len(re.findall(r'class="not-run-line"', section)) == 1
+        assert "<figure" not in section and "<table" not in section
+    assert len(_figures(page)) == sum(spec.section == "stats" for spec in FIGURES)
+
+
+def test_figure_skips_itself_naming_what_is_missing(result):
+    tables = dict(result.tables)
+    tables["gls_sites"] = tables["gls_sites"].drop(columns=["naive_gap"])
+    tables.pop("gls_scatter")
+    figures = {f.key: f for f in render_figures("gls", tables)}
+    assert figures["gls_naive_gap"].skipped == "needs gls_sites.naive_gap"
+    assert figures["gls_scatter"].skipped == "needs gls_scatter (no table)"
+    assert figures["gls_r2_depth"].png_base64 and not figures["gls_r2_depth"].skipped
+    assert missing_data({"gls_sites": tables["gls_sites"].iloc[:0]}, {"gls_sites": ("site",)}) == ["gls_sites (empty)"]
+    page = render_html(AnalysisResult(tables=tables, meta=result.meta))
+    assert "Figure skipped: needs gls_sites.naive_gap." in page
+
+
+def test_cells_escape_and_sort_keys():
+    table = pd.DataFrame({"site": ["<b>x</b>", "y"], "value": [np.nan, np.inf], "n": [3, 4], "ok": [True, False]})
+    result = AnalysisResult(tables={"stats_sites": table}, findings={"stats": ["a <script>alert(1)</script> finding"]})
+    page = render_html(result)
+    assert "<script>alert(1)" not in page and "&lt;script&gt;alert(1)" in page
+    assert '<td data-sort="&lt;b&gt;x&lt;/b&gt;">&lt;b&gt;x&lt;/b&gt;</td>' in page
+    assert '<td data-sort="">–</td>' in page and '<td data-sort="Infinity">∞</td>' in page
+    assert '<td data-sort="1">yes</td>' in page and '<td data-sort="4">4</td>' in page
+
+
+def test_renders_a_saved_and_loaded_result(result, tmp_path):
+    folder = result.save(tmp_path / "out")
+    loaded = AnalysisResult.load(folder)
+    page = render_html(loaded)
+    assert sorted(key for key, *_ in _figures(page)) == sorted(spec.key for spec in FIGURES if spec.section != "compare")
+    assert (folder / "report.html").read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
+
+
+def _chromium_or_skip() -> None:
+    if CHROMIUM.exists() and CHROMEDRIVER.exists():
+        return
+    reason = f"headless Chromium needs {CHROMIUM} and {CHROMEDRIVER} (Debian: apt-get install chromium chromium-driver)"
+    if os.environ.get("CI"):
+        pytest.fail(reason + "; CI is set, so the browser test must run")
+    pytest.skip(reason)
+
+
+@pytest.fixture()
+def browser():
+    _chromium_or_skip()
+    webdriver = pytest.importorskip("selenium.webdriver", reason="the browser test needs selenium (pip install selenium)")
+    from selenium.webdriver.chrome.service import Service
+
+    profile = tempfile.mkdtemp(prefix="normscope-chromium-")
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                "--disable-dev-shm-usage", "--window-size=1280,1000", f"--user-data-dir={profile}"):
+        options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+@pytest.mark.browser
+def test_report_in_headless_chromium(page, result, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    path = tmp_path / "report.html"
+    path.write_text(page, encoding="utf-8")
+    browser.get(path.as_uri())
+    assert browser.execute_script("return document.readyState") == "complete"
+    errors = [entry for entry in browser.get_log("browser") if entry["level"] in ("SEVERE", "WARNING")]
+    assert errors == []
+    sections = browser.execute_script("return Array.from(document.querySelectorAll('section[data-section]'), s => s.id)")
+    assert sections == ["model"] + [spec.key for spec in SECTIONS]
+    sizes = browser.execute_script(
+        "return Array.from(document.images, i => [i.alt, i.complete, i.naturalWidth, i.naturalHeight, i.getBoundingClientRect().width])"
+    )
+    assert len(sizes) == len(FIGURES)
+    for alt, complete, natural_width, natural_height, shown_width in sizes:
+        assert complete and natural_width > 0 and natural_height > 0 and shown_width > 0, alt
+
+    table, column = "bias_estimators", "rel_bias"
+    header = browser.find_element(By.XPATH, f'//table[@data-table="{table}"]//th[normalize-space()="{column}"]')
+    index = list(result.tables[table].columns).index(column)
+    read = f"return Array.from(document.querySelectorAll('table[data-table=\"{table}\"] tbody tr'), r => r.cells[{index}].dataset.sort)"
+    browser.execute_script("arguments[0].scrollIntoView({block: 'center', behavior: 'instant'})", header)
+    for direction in ("ascending", "descending"):
+        header.click()
+        keys = browser.execute_script(read)
+        values = [float(k) for k in keys if k != ""]
+        assert keys[: len(values)] == [k for k in keys if k != ""], "missing values sort last"
+        assert values == sorted(values, reverse=direction == "descending") and len(set(values)) > 1
+        assert header.get_attribute("aria-sort") == direction
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    height = browser.execute_script("return document.documentElement.scrollHeight")
+    browser.set_window_size(1280, height)
+    browser.execute_script("window.scrollTo(0, 0)")
+    assert browser.save_screenshot(str(ARTIFACTS / "report.png"))

@@ -1,0 +1,258 @@
+"""The population gradient g* (seed 004 §2, MATH.md §4): BatchNorm with moments over the whole data.
+
+Every BatchNorm-style site normalizes with the mean and biased variance of its input over all N
+examples (and positions) and the gradient flows through those moments. When the data fits in
+one batch, that is the full-batch training-mode gradient (:func:`population_gradient`).
+:func:`streamed_population_gradient` computes the same from a DataLoader holding one chunk of
+activations at a time, by reverse-mode differentiation over the seed's S-graph of moments.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from normscope.guard import preserved
+from normscope.ops.norm_sites import (
+    channel_moments,
+    forward_until,
+    grads_or_zeros,
+    override,
+    parameters,
+    site_output,
+)
+from normscope.ops.population import normalize_shared
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+@dataclass
+class PopulationGradient:
+    """g* and how it was computed.
+
+    Attributes:
+        grads: dL/dW by parameter name.
+        loss: the population loss ``E_n L_n``.
+        mean, var: population mean and biased variance per site (C,).
+        levels: normalization sites in series (longest chain of sites whose moments depend on
+            each other's moments), L.
+        passes: passes over the data (1 for full batch; 2L + 1 streamed).
+        method: ``"full-batch"`` or ``"streamed"``.
+    """
+
+    grads: dict[str, Tensor]
+    loss: float
+    mean: dict[str, Tensor]
+    var: dict[str, Tensor]
+    levels: int
+    passes: int
+    method: str
+
+
+def _shared(module: nn.Module, x: Tensor, mean: Tensor, var: Tensor) -> Tensor:
+    return site_output(module, normalize_shared(x, mean, var, module.eps))
+
+
+def population_gradient(
+    model: nn.Module, inputs: Tensor, targets: Tensor, loss_fn: LossFn = F.cross_entropy
+) -> PopulationGradient:
+    """g* for data that fits in memory: one forward-backward of all N examples (seed 004 §2).
+
+    .. math:: g^* = \\nabla_W \\, \\mathbb{E}_n L\\big(f(D_n; W, \\mu(W), \\nu(W))\\big),\\quad
+              \\mu = \\mathbb{E}_{n,i} x,\\; \\nu = \\mathbb{E}_{n,i} (x - \\mu)^2
+
+    Non-norm modules run in eval mode (no dropout); ``model`` is left bit-identical.
+    """
+    moments: dict[str, tuple[Tensor, Tensor]] = {}
+
+    def batch(name: str, module: nn.Module, x: Tensor) -> Tensor:
+        mean, var = channel_moments(x)
+        moments[name] = (mean.detach(), var.detach())
+        return _shared(module, x, mean, var)
+
+    with preserved(model):
+        model.eval()
+        params = parameters(model)
+        with override(model, batch):
+            loss = loss_fn(model(inputs), targets)
+        grads = grads_or_zeros(torch.autograd.grad(loss, list(params.values()), allow_unused=True), list(params.values()))
+    return PopulationGradient(
+        dict(zip(params, grads)),
+        loss.item(),
+        {k: v[0] for k, v in moments.items()},
+        {k: v[1] for k, v in moments.items()},
+        levels=_count_levels(model, inputs[:1]),
+        passes=1,
+        method="full-batch",
+    )
+
+
+def _to_model(batch: tuple[Tensor, Tensor], reference: Tensor) -> tuple[Tensor, Tensor]:
+    inputs, targets = batch[0], batch[1]
+    dtype = reference.dtype if inputs.is_floating_point() else inputs.dtype
+    return inputs.to(device=reference.device, dtype=dtype), targets.to(reference.device)
+
+
+def site_levels(model: nn.Module, inputs: Tensor) -> tuple[list[str], dict[str, int]]:
+    """Sites in call order and their level: 1 + the highest level of the sites whose moments
+    their own moments depend on (found with autograd on one forward of ``inputs``)."""
+    leaves: dict[str, tuple[Tensor, Tensor]] = {}
+    level: dict[str, int] = {}
+    order: list[str] = []
+
+    def probe(name: str, module: nn.Module, x: Tensor) -> Tensor:
+        mean, var = channel_moments(x)
+        earlier = [(n, t) for n in order for t in leaves[n]]
+        deps: Iterable[Tensor | None] = []
+        if earlier and mean.requires_grad:
+            target = mean.sum() + var.sum()
+            deps = torch.autograd.grad(target, [t for _, t in earlier], allow_unused=True, retain_graph=True)
+        level[name] = 1 + max((level[n] for (n, _), g in zip(earlier, deps) if g is not None), default=0)
+        order.append(name)
+        leaves[name] = (mean.detach().requires_grad_(), var.detach().requires_grad_())
+        return _shared(module, x, *leaves[name])
+
+    with torch.enable_grad(), override(model, probe):
+        model(inputs)
+    return order, level
+
+
+def _count_levels(model: nn.Module, inputs: Tensor) -> int:
+    with preserved(model):
+        model.eval()
+        return max(site_levels(model, inputs)[1].values())
+
+
+class _Moments:
+    """Per-channel count, mean and sum of squared deviations, merged chunk by chunk (Chan et al.)."""
+
+    def __init__(self) -> None:
+        self.count, self.mean, self.m2 = 0, None, None
+
+    def add(self, x: Tensor) -> None:
+        flat = x.detach().transpose(0, 1).reshape(x.shape[1], -1)
+        n, mean = flat.shape[1], flat.mean(dim=1)
+        m2 = (flat - mean[:, None]).pow(2).sum(dim=1)
+        if self.mean is None:
+            self.count, self.mean, self.m2 = n, mean, m2
+            return
+        total = self.count + n
+        delta = mean - self.mean
+        self.mean = self.mean + delta * (n / total)
+        self.m2 = self.m2 + m2 + delta.pow(2) * (self.count * n / total)
+        self.count = total
+
+
+def streamed_population_gradient(
+    model: nn.Module, loader: Iterable, loss_fn: LossFn = F.cross_entropy
+) -> PopulationGradient:
+    """g* from a DataLoader of ``(inputs, targets)`` chunks, one chunk of activations in memory.
+
+    Reverse mode over the S-graph of seed 004 §2.1. Sites are grouped into levels (L = sites in
+    series; parallel sites such as a ResNet shortcut share a level). Passes over the data:
+
+    1. L forward passes, one per level in order: the population moments of that level's sites,
+       with the earlier levels normalized by their now-known moments (a site's moments depend on
+       the moments before it, so they cannot all come from one pass);
+    2. one forward-backward pass with every moment a leaf: the direct ``dL/dW`` and
+       ``a_k = dL/dS_k`` (``loss_fn`` must average over a chunk; chunks are weighted by size);
+    3. L forward-backward passes, levels in reverse: backpropagate
+       ``sum_k <a_k, S_k>``, ``S_k = (E x, E (x - mu_k)^2)`` over the chunks to W and to the
+       earlier levels' adjoints (the mean inside the variance is a constant: its Jacobian,
+       ``-2 E(x - mu)``, is zero at the population).
+
+    2L + 1 passes in all (plus a one-example probe to find the levels), each stopped after the
+    last site it needs. The loader must give the same examples on every pass (no augmentation);
+    order does not matter. ``model`` is left bit-identical.
+    """
+    with preserved(model):
+        model.eval()
+        params = parameters(model)
+        tensors = list(params.values())
+        reference = tensors[0]
+        first = _to_model(next(iter(loader)), reference)
+        order, level = site_levels(model, first[0][:1])
+        levels = max(level.values())
+        mean: dict[str, Tensor] = {}
+        var: dict[str, Tensor] = {}
+        counts: dict[str, int] = {}
+        n_examples = 0
+        for current in range(1, levels + 1):
+            stats = {name: _Moments() for name in order if level[name] == current}
+            last = [name for name in order if level[name] == current][-1]
+
+            def moment_pass(name: str, module: nn.Module, x: Tensor) -> Tensor:
+                if name in stats:
+                    stats[name].add(x)
+                if name in mean:
+                    return _shared(module, x, mean[name], var[name])
+                return _shared(module, x, *channel_moments(x))
+
+            with torch.no_grad(), override(model, moment_pass, stop_after=last):
+                for batch in loader:
+                    inputs, _ = _to_model(batch, reference)
+                    n_examples += inputs.shape[0] if current == 1 else 0
+                    forward_until(model, inputs)
+            for name, s in stats.items():
+                mean[name], var[name], counts[name] = s.mean, s.m2 / s.count, s.count
+
+        leaves = {name: (mean[name].clone().requires_grad_(), var[name].clone().requires_grad_()) for name in order}
+        leaf_list = [t for pair in leaves.values() for t in pair]
+        g_w = [torch.zeros_like(t) for t in tensors]
+        adjoint = {name: [torch.zeros_like(mean[name]), torch.zeros_like(var[name])] for name in order}
+        loss_total = 0.0
+        with override(model, lambda name, module, x: _shared(module, x, *leaves[name])):
+            for batch in loader:
+                inputs, targets = _to_model(batch, reference)
+                loss = loss_fn(model(inputs), targets) * (inputs.shape[0] / n_examples)
+                grads = grads_or_zeros(torch.autograd.grad(loss, tensors + leaf_list, allow_unused=True), tensors + leaf_list)
+                g_w = [a + b for a, b in zip(g_w, grads[: len(tensors)])]
+                for i, name in enumerate(leaves):
+                    adjoint[name][0] += grads[len(tensors) + 2 * i]
+                    adjoint[name][1] += grads[len(tensors) + 2 * i + 1]
+                loss_total += loss.item()
+
+        for current in range(levels, 0, -1):
+            below = [name for name in order if level[name] < current]
+            below_list = [t for name in below for t in leaves[name]]
+            last = [name for name in order if level[name] == current][-1]
+            terms: list[Tensor] = []
+
+            def adjoint_pass(name: str, module: nn.Module, x: Tensor) -> Tensor:
+                if level[name] == current:
+                    flat = x.transpose(0, 1).reshape(x.shape[1], -1)
+                    centered = (flat - mean[name][:, None]).pow(2)
+                    terms.append(
+                        (adjoint[name][0] * flat.sum(dim=1)).sum() / counts[name]
+                        + (adjoint[name][1] * centered.sum(dim=1)).sum() / counts[name]
+                    )
+                return _shared(module, x, *leaves[name]) if level[name] < current else _shared(module, x, mean[name], var[name])
+
+            with override(model, adjoint_pass, stop_after=last):
+                for batch in loader:
+                    terms.clear()
+                    inputs, _ = _to_model(batch, reference)
+                    forward_until(model, inputs)
+                    objective = torch.stack(terms).sum()
+                    if not objective.requires_grad:
+                        continue
+                    grads = grads_or_zeros(
+                        torch.autograd.grad(objective, tensors + below_list, allow_unused=True), tensors + below_list
+                    )
+                    g_w = [a + b for a, b in zip(g_w, grads[: len(tensors)])]
+                    for i, name in enumerate(below):
+                        adjoint[name][0] += grads[len(tensors) + 2 * i]
+                        adjoint[name][1] += grads[len(tensors) + 2 * i + 1]
+    return PopulationGradient(
+        {name: g.detach() for name, g in zip(params, g_w)},
+        loss_total,
+        mean,
+        var,
+        levels=levels,
+        passes=2 * levels + 1,
+        method="streamed",
+    )

@@ -1,0 +1,627 @@
+"""Gradient least squares (seed 002): what each normalization's backward pass removes.
+
+For every partition P of a site, with ``z`` the normalized activations, ``s = s_P`` the
+partition's scale and ``g = dL/dz = gamma * dL/dy`` (MATH.md §2, seed 002 Theorem 1, §2)::
+
+    s * dL/dx = g - alpha - beta * z,      alpha = mean_P(g),  beta = mean_P(g z)
+
+so the backward pass keeps the residual of a least-squares fit of ``g`` on ``z`` and divides it
+by ``s``. RMSNorm fits without intercept (``alpha = 0``); weight normalization (seed 002 §3.2,
+Lemma 2) has ``z = v / ||v||``, ``alpha = 0`` and ``beta = sum_P(g z)``. BatchNorm in eval mode
+(running statistics) has no regression: ``s * dL/dx = g``, so ``alpha = beta = 0`` there.
+
+Tables (``docs/tables.md``): ``gls_partitions``, ``gls_sites``, ``gls_kinds``, ``gls_scatter``,
+``gls_two_step``, ``gls_whatif`` from one captured step (:func:`gls_tables`, :func:`gls_step`);
+``gls_batch_sweep`` and ``gls_regularization`` from :func:`batch_size_sweep`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor, nn
+
+from normscope.analyzers import AnalysisContext, AnalyzerOutput, _no_progress
+from normscope.capture import Capture, capture
+from normscope.capture.record import SiteRecord
+from normscope.errors import AnalyzerError, DataShapeError, UnknownNameError
+from normscope.guard import preserved
+from normscope.registry import from_rows, partition_moments, to_rows
+
+COLUMNS = {
+    "gls_partitions": ["site", "kind", "depth", "record", "partition", "alpha", "beta", "ols_slope", "slope_ratio",
+                       "r2", "residual_norm", "identity_error", "identity_rel", "batch_stats"],
+    "gls_sites": ["site", "kind", "depth", "n_records", "n_partitions", "r2_mean", "r2_median", "r2_q10", "r2_q25",
+                  "r2_q75", "r2_q90", "r2_pooled", "beta_mean", "beta_abs_mean", "slope_ratio_mean", "naive_gap",
+                  "naive_gap_identity", "identity_error_max", "identity_rel_max", "dtype", "batch_stats"],
+    "gls_kinds": ["kind", "n_sites", "r2_mean", "r2_median", "naive_gap_mean"],
+    "gls_scatter": ["site", "record", "partition", "z", "g", "fit"],
+    "gls_two_step": ["first_site", "second_site", "order", "r2_first", "r2_second_on_residual",
+                     "r2_second_unscaled", "r2_combined"],
+    "gls_whatif": ["site", "kind", "record", "extra_partitioning", "r2_extra"],
+    "gls_batch_sweep": ["site", "kind", "depth", "batch_size", "r2_mean", "r2_median", "beta_mean", "beta_abs_mean",
+                        "naive_gap"],
+    "gls_regularization": ["site", "batch_size", "dist_plain", "dist_regularized", "dist_plain_residual",
+                           "dist_regularized_residual", "momentum", "weight"],
+}
+EXTRA_PARTITIONINGS = ("per_sample", "per_channel")
+SCATTER_POINTS = 2000
+
+
+def _empty(name: str) -> pd.DataFrame:
+    return pd.DataFrame({c: pd.Series(dtype=object if c in ("site", "kind", "order", "dtype") else float)
+                         for c in COLUMNS[name]})
+
+
+# -- the regression of one partition ---------------------------------------------------------
+def backward_fit(z: Tensor, g: Tensor, centered: bool = True, unit_norm: bool = False) -> tuple[Tensor, Tensor]:
+    """``(alpha, beta)``, each ``(P, 1)``, of the fit the backward pass removes (seed 002 Thm. 1).
+
+    ``alpha = mean_P(g)`` (0 when not ``centered``), ``beta = mean_P(g z)`` or, for weight norm
+    (``unit_norm``, seed 002 Lemma 2), ``beta = sum_P(g z)``. ``z`` and ``g`` are ``(P, n)`` rows.
+    """
+    alpha = g.mean(1, keepdim=True) if centered else torch.zeros_like(g[:, :1])
+    gz = (g * z).sum(1, keepdim=True)
+    return alpha, gz if unit_norm else gz / z.shape[1]
+
+
+def regularized_fit(z: Tensor, g: Tensor, alpha_star: Tensor, beta_star: Tensor, weight: float) -> tuple[Tensor, Tensor]:
+    """``(alpha_w, beta_w)`` of the BatchNorm regression with two virtual items (seed 002 App. C).
+
+    Items at ``z = +1`` and ``z = -1``, each of weight ``w``, receive the virtual gradients
+    ``alpha* + beta*`` and ``alpha* - beta*``; the weighted means over the ``n`` real and the
+    virtual items are::
+
+        alpha_w = (sum_P g + 2 w alpha*) / (n + 2 w),   beta_w = (sum_P g z + 2 w beta*) / (n + 2 w)
+
+    and the regularized backward pass is ``s * dL/dx = g - alpha_w - beta_w z`` for the real items.
+    ``alpha_star``, ``beta_star`` are ``(P,)`` or ``(P, 1)``.
+    """
+    total = z.shape[1] + 2.0 * weight
+    alpha_w = (g.sum(1) + 2.0 * weight * alpha_star.reshape(-1)) / total
+    beta_w = ((g * z).sum(1) + 2.0 * weight * beta_star.reshape(-1)) / total
+    return alpha_w[:, None], beta_w[:, None]
+
+
+def fit_from_sums(sums: dict[str, Tensor], centered: bool, unit_norm: bool, batch_stats: bool = True) -> dict[str, Tensor]:
+    """Per-partition regression figures from the sums ``n, sum_z, sum_z2, sum_g, sum_g2, sum_gz``.
+
+    ``alpha``, ``beta`` as in :func:`backward_fit` (0 when ``batch_stats`` is False: running
+    statistics, no regression); ``ols_slope = Cov(z, g) / Var(z)`` (``sum(g z) / sum(z^2)``
+    without intercept) and ``slope_ratio = beta / ols_slope`` (``Var(z) = var / (var + eps)`` for
+    centered kinds, MATH.md §2); ``explained_sq = ||alpha + beta z||^2``;
+    ``residual_sq = ||g - alpha - beta z||^2``; ``r2 = 1 - residual_sq / ||g||^2``.
+    """
+    n, sz, sz2 = sums["n"], sums["sum_z"], sums["sum_z2"]
+    sg, sg2, sgz = sums["sum_g"], sums["sum_g2"], sums["sum_gz"]
+    zero = torch.zeros_like(sg)
+    if batch_stats:
+        alpha = sg / n if centered else zero
+        beta = sgz if unit_norm else sgz / n
+    else:
+        alpha, beta = zero, zero
+    if centered:
+        mz, mg = sz / n, sg / n
+        ols = (sgz / n - mz * mg) / (sz2 / n - mz * mz)
+    else:
+        ols = sgz / sz2
+    explained_sq = n * alpha**2 + 2 * alpha * beta * sz + beta**2 * sz2
+    residual_sq = (sg2 - 2 * alpha * sg - 2 * beta * sgz + explained_sq).clamp_min(0)
+    return {"alpha": alpha, "beta": beta, "ols_slope": ols, "slope_ratio": beta / ols,
+            "explained_sq": explained_sq, "residual_sq": residual_sq, "g_sq": sg2, "r2": 1 - residual_sq / sg2}
+
+
+def _scale_from_sums(sums: dict[str, Tensor], record: SiteRecord) -> Tensor:
+    layout, n = record.layout, sums["n"]
+    if layout.rule == "weight":
+        return sums["sum_x2"].sqrt()
+    if not layout.batch_stats:
+        var = layout.running_var.detach().to("cpu", torch.float64)
+        return (var.repeat(n.shape[0] // var.shape[0]) + layout.eps).sqrt()
+    if layout.kind.centered:
+        mean = sums["sum_x"] / n
+        return (sums["sum_x2"] / n - mean**2 + layout.eps).sqrt()
+    return (sums["sum_x2"] / n + layout.eps).sqrt()
+
+
+# -- one record -------------------------------------------------------------------------------
+@dataclass
+class RecordFit:
+    """The regression of one recorded call of a site, per partition (all tensors float64).
+
+    ``figures`` holds the ``(P,)`` tensors of :func:`fit_from_sums` plus ``scale`` (s),
+    ``identity_error = max_P |s dL/dx - (g - alpha - beta z)|`` and ``identity_rel`` (that over
+    ``max_P |g|``), NaN where dL/dx was not captured. ``naive_sq`` and ``true_sq`` are
+    ``||gamma/s dL/dy - dL/dx||^2`` and ``||dL/dx||^2`` summed over the site (measured on dL/dx
+    when captured, else from the identity). ``z``, ``g``, ``residual`` are ``(P, n)`` rows, kept
+    only for tensor storage.
+    """
+
+    record: SiteRecord
+    depth: int
+    figures: dict[str, Tensor]
+    naive_sq: float
+    true_sq: float
+    z: Tensor | None = None
+    g: Tensor | None = None
+    residual: Tensor | None = None
+
+    @property
+    def centered(self) -> bool:
+        return self.record.layout.kind.centered
+
+
+def fit_record(record: SiteRecord, depth: int = 0, keep: bool = True) -> RecordFit:
+    """Regress ``g`` on ``z`` per partition of one record (seed 002 Theorem 1, Lemma 2; MATH.md §2).
+
+    Works on full tensors (identity error measured against the captured dL/dx) and on
+    ``storage="reductions"`` records (the identity error is then NaN). ``keep`` keeps the rows.
+    """
+    if not record.has_grad:
+        raise AnalyzerError(f"site {record.site.name} (record {record.index}) has no gradient: "
+                            "run loss.backward() inside the capture, not under torch.no_grad")
+    layout = record.layout
+    centered, unit = layout.kind.centered, layout.rule == "weight"
+    if record.x is None:
+        sums = {k: v.to(torch.float64) for k, v in record.reductions.items()}
+        fig = fit_from_sums(sums, centered, unit, layout.batch_stats)
+        scale = _scale_from_sums(sums, record)
+        fig.update(scale=scale, identity_error=torch.full_like(scale, math.nan), identity_rel=torch.full_like(scale, math.nan))
+        naive = float((fig["explained_sq"] / scale**2).sum())
+        true = float((fig["residual_sq"] / scale**2).sum())
+        return RecordFit(record, depth, fig, naive, true)
+    rows = record.rows(record.x)
+    shift, scale = partition_moments(rows, layout)
+    z = (rows - shift) / scale
+    g = record.g_rows()
+    sums = {"n": torch.full_like(scale[:, 0], z.shape[1]), "sum_z": z.sum(1), "sum_z2": (z * z).sum(1),
+            "sum_g": g.sum(1), "sum_g2": (g * g).sum(1), "sum_gz": (g * z).sum(1)}
+    fig = fit_from_sums(sums, centered, unit, layout.batch_stats)
+    residual = g - fig["alpha"][:, None] - fig["beta"][:, None] * z
+    fig["residual_sq"] = (residual * residual).sum(1)
+    fig["r2"] = 1 - fig["residual_sq"] / fig["g_sq"]
+    fig["scale"] = scale[:, 0]
+    dx = record.dx_rows()
+    if dx is None:
+        fig["identity_error"] = fig["identity_rel"] = torch.full_like(scale[:, 0], math.nan)
+        naive = float((fig["explained_sq"] / scale[:, 0] ** 2).sum())
+        true = float((fig["residual_sq"] / scale[:, 0] ** 2).sum())
+    else:
+        err = (scale * dx - residual).abs().amax(1)
+        fig["identity_error"] = err
+        fig["identity_rel"] = err / g.abs().amax(1).clamp_min(torch.finfo(torch.float64).tiny)
+        naive = float((g / scale - dx).pow(2).sum())
+        true = float(dx.pow(2).sum())
+    if keep:
+        return RecordFit(record, depth, fig, naive, true, z, g, residual)
+    return RecordFit(record, depth, fig, naive, true)
+
+
+def _records(source: Capture | Sequence[SiteRecord]) -> list[SiteRecord]:
+    return list(source.records if isinstance(source, Capture) else source)
+
+
+def fit_records(source: Capture | Sequence[SiteRecord], keep: bool = True) -> list[RecordFit]:
+    """:func:`fit_record` for every record with a gradient; ``depth`` is the site's forward order."""
+    depths: dict[str, int] = {}
+    fits = []
+    for record in _records(source):
+        depth = depths.setdefault(record.site.name, len(depths))
+        if record.has_grad:
+            fits.append(fit_record(record, depth, keep))
+    return fits
+
+
+# -- tables -----------------------------------------------------------------------------------
+def _np(t: Tensor) -> np.ndarray:
+    return t.detach().to("cpu", torch.float64).numpy()
+
+
+def partitions_table(fits: Sequence[RecordFit]) -> pd.DataFrame:
+    """``gls_partitions``: one row per partition of every record (see :func:`fit_from_sums`)."""
+    frames = []
+    for fit in fits:
+        fig, record = fit.figures, fit.record
+        frames.append(pd.DataFrame({
+            "site": record.site.name, "kind": record.site.kind, "depth": fit.depth, "record": record.index,
+            "partition": np.arange(fig["alpha"].shape[0]),
+            **{k: _np(fig[k]) for k in ("alpha", "beta", "ols_slope", "slope_ratio", "r2")},
+            "residual_norm": _np(fig["residual_sq"].sqrt()),
+            "identity_error": _np(fig["identity_error"]), "identity_rel": _np(fig["identity_rel"]),
+            "batch_stats": record.layout.batch_stats,
+        }))
+    return pd.concat(frames, ignore_index=True) if frames else _empty("gls_partitions")
+
+
+def _nanmax(values: np.ndarray) -> float:
+    return float(np.nanmax(values)) if np.isfinite(values).any() else math.nan
+
+
+def sites_table(fits: Sequence[RecordFit]) -> pd.DataFrame:
+    """``gls_sites``: per site, R^2 over its partitions (mean, median, quantiles; ``r2_pooled =
+    1 - sum ||residual||^2 / sum ||g||^2``), the naive gradient gap
+    ``||gamma/s dL/dy - dL/dx|| / ||dL/dx||`` (seed 003's expression against the true gradient,
+    over the whole site), and ``naive_gap_identity = ||(alpha + beta z)/s|| / ||(g - alpha - beta z)/s||``
+    (the same by MATH.md §2), and the largest identity error."""
+    rows = []
+    by_site: dict[str, list[RecordFit]] = {}
+    for fit in fits:
+        by_site.setdefault(fit.record.site.name, []).append(fit)
+    for name, group in by_site.items():
+        cat = {k: np.concatenate([_np(f.figures[k]) for f in group])
+               for k in ("r2", "beta", "slope_ratio", "residual_sq", "g_sq", "identity_error", "identity_rel",
+                         "explained_sq", "scale")}
+        naive_sq, true_sq = sum(f.naive_sq for f in group), sum(f.true_sq for f in group)
+        expl = float(np.sum(cat["explained_sq"] / cat["scale"] ** 2))
+        resid = float(np.sum(cat["residual_sq"] / cat["scale"] ** 2))
+        r2 = cat["r2"]
+        first = group[0]
+        rows.append({
+            "site": name, "kind": first.record.site.kind, "depth": first.depth, "n_records": len(group),
+            "n_partitions": r2.size, "r2_mean": float(np.nanmean(r2)), "r2_median": float(np.nanmedian(r2)),
+            **{f"r2_q{q}": float(np.nanquantile(r2, q / 100)) for q in (10, 25, 75, 90)},
+            "r2_pooled": 1 - float(cat["residual_sq"].sum() / cat["g_sq"].sum()),
+            "beta_mean": float(np.nanmean(cat["beta"])), "beta_abs_mean": float(np.nanmean(np.abs(cat["beta"]))),
+            "slope_ratio_mean": float(np.nanmean(cat["slope_ratio"])),
+            "naive_gap": math.sqrt(naive_sq / true_sq) if true_sq > 0 else math.nan,
+            "naive_gap_identity": math.sqrt(expl / resid) if resid > 0 else math.nan,
+            "identity_error_max": _nanmax(cat["identity_error"]), "identity_rel_max": _nanmax(cat["identity_rel"]),
+            "dtype": str(first.record.dtype).replace("torch.", ""),
+            "batch_stats": first.record.layout.batch_stats,
+        })
+    return pd.DataFrame(rows, columns=COLUMNS["gls_sites"]) if rows else _empty("gls_sites")
+
+
+def kinds_table(sites: pd.DataFrame) -> pd.DataFrame:
+    """``gls_kinds``: per kind, the number of sites and the mean/median over sites of ``r2_mean``
+    and the mean naive gap."""
+    if sites.empty:
+        return _empty("gls_kinds")
+    grouped = sites.groupby("kind", sort=True)
+    return pd.DataFrame({
+        "n_sites": grouped.size(), "r2_mean": grouped["r2_mean"].mean(), "r2_median": grouped["r2_mean"].median(),
+        "naive_gap_mean": grouped["naive_gap"].mean(),
+    }).reset_index()[COLUMNS["gls_kinds"]]
+
+
+def scatter_table(fit: RecordFit, partition: int | None = None, max_points: int = SCATTER_POINTS, seed: int = 0) -> pd.DataFrame:
+    """``gls_scatter``: the ``(z, g)`` pairs of one partition and the fit ``alpha + beta z`` the
+    backward pass removes (seed 002 Figure 1). Default partition: the one with the median R^2.
+    At most ``max_points`` items, drawn at random with ``seed``."""
+    if fit.z is None:
+        raise AnalyzerError(f"site {fit.record.site.name}: the scatter needs captured tensors, not storage='reductions'")
+    n_part = fit.z.shape[0]
+    if partition is None:
+        r2 = fit.figures["r2"].nan_to_num(nan=-math.inf)
+        partition = int(r2.argsort()[n_part // 2])
+    if not 0 <= partition < n_part:
+        raise DataShapeError(f"partition {partition} out of range for site {fit.record.site.name} (0..{n_part - 1})")
+    z, g = fit.z[partition], fit.g[partition]
+    if z.numel() > max_points:
+        pick = torch.randperm(z.numel(), generator=torch.Generator().manual_seed(seed))[:max_points].to(z.device)
+        z, g = z[pick], g[pick]
+    fitted = fit.figures["alpha"][partition] + fit.figures["beta"][partition] * z
+    return pd.DataFrame({"site": fit.record.site.name, "record": fit.record.index, "partition": partition,
+                         "z": _np(z), "g": _np(g), "fit": _np(fitted)})
+
+
+# -- other partitionings: two-step regression and what-if --------------------------------------
+def _channel_dim(fit: RecordFit) -> int:
+    return -1 if fit.record.layout.rule == "sample_last" else 1
+
+
+def partition_rows(t: Tensor, partitioning: str, channel_dim: int = 1) -> Tensor:
+    """``t`` as ``(partitions, items)`` rows: ``per_sample`` one row per index of dim 0 (LN-style),
+    ``per_channel`` one row per index of ``channel_dim`` over all other dims (BN-style)."""
+    if partitioning == "per_sample":
+        return t.reshape(t.shape[0], -1)
+    if partitioning == "per_channel":
+        return t.movedim(channel_dim, 0).reshape(t.shape[channel_dim], -1)
+    raise UnknownNameError("extra partitioning", partitioning, EXTRA_PARTITIONINGS)
+
+
+def extra_regression_r2(residual: Tensor, z: Tensor) -> float:
+    """R^2 of one more centered normalization regression (eps = 0) of ``residual`` rows on ``z`` rows
+    renormalized within each row: ``z' = (z - mean z)/std z``, ``1 - ||r - mean r - mean(r z') z'||^2 / ||r||^2``
+    summed over rows (seed 002 §4.1)."""
+    var, mean = torch.var_mean(z, dim=1, correction=0, keepdim=True)
+    zn = (z - mean) / var.sqrt().clamp_min(torch.finfo(z.dtype).tiny)
+    alpha, beta = backward_fit(zn, residual)
+    left = residual - alpha - beta * zn
+    return 1 - float(left.pow(2).sum() / residual.pow(2).sum())
+
+
+def _input_shaped(rows: Tensor, fit: RecordFit) -> Tensor:
+    return from_rows(rows, fit.record.shape, fit.record.layout)
+
+
+def whatif_table(fits: Sequence[RecordFit]) -> pd.DataFrame:
+    """``gls_whatif``: for each activation site, how much of its residual ``g - alpha - beta z`` one
+    more regression on another partitioning would explain (:func:`extra_regression_r2` with the
+    site's own ``z`` renormalized per sample or per channel: an extra LN or BN right after it,
+    seed 002 §4.1), from the captured data; the model is not changed."""
+    rows = []
+    for fit in fits:
+        if fit.z is None or fit.record.layout.rule == "weight" or fit.record.x is None or fit.record.x.dim() < 2:
+            continue
+        residual, z = _input_shaped(fit.residual, fit), _input_shaped(fit.z, fit)
+        for part in EXTRA_PARTITIONINGS:
+            dim = _channel_dim(fit)
+            rows.append({"site": fit.record.site.name, "kind": fit.record.site.kind, "record": fit.record.index,
+                         "extra_partitioning": part,
+                         "r2_extra": extra_regression_r2(partition_rows(residual, part, dim), partition_rows(z, part, dim))})
+    return pd.DataFrame(rows, columns=COLUMNS["gls_whatif"]) if rows else _empty("gls_whatif")
+
+
+def _in_series(first: RecordFit, second: RecordFit) -> bool:
+    a, b = first.record, second.record
+    if a.layout.rule == "weight" or b.layout.rule == "weight" or a.shape != b.shape:
+        return False
+    if b.producer is not None and b.producer == a.site.name:
+        return True
+    return a.y is not None and b.x is not None and a.y.device == b.x.device and torch.equal(a.y, b.x)
+
+
+def _pooled_r2(fit: RecordFit) -> float:
+    return 1 - float(fit.figures["residual_sq"].sum() / fit.figures["g_sq"].sum())
+
+
+def two_step_table(fits: Sequence[RecordFit]) -> pd.DataFrame:
+    """``gls_two_step``: pairs of sites in series on the same tensor (the second's input is the
+    first's output), e.g. BN then LN (seed 002 §4.1). The backward pass regresses twice: first at
+    the later site (``r2_first``, its pooled R^2 on the incoming gradient), then at the earlier
+    site on what the first stage left (``r2_second_on_residual``: its pooled R^2 on its actual
+    incoming gradient ``gamma * residual / s``). ``r2_second_unscaled`` fits the first stage's
+    residual itself on the earlier site's partitions, and ``r2_combined = 1 - (1 - r2_first)(1 -
+    r2_second_unscaled)`` is the share of the incoming gradient the two regressions explain."""
+    rows = []
+    for i, second in enumerate(fits):
+        for first in fits[:i]:
+            if not _in_series(first, second):
+                continue
+            unscaled = math.nan
+            if second.residual is not None and first.z is not None:
+                residual = to_rows(_input_shaped(second.residual, second), first.record.layout)
+                alpha, beta = backward_fit(first.z, residual, first.centered, first.record.layout.rule == "weight")
+                left = residual - alpha - beta * first.z
+                unscaled = 1 - float(left.pow(2).sum() / residual.pow(2).sum())
+            r2_first = _pooled_r2(second)
+            rows.append({"first_site": first.record.site.name, "second_site": second.record.site.name,
+                         "order": f"{first.record.site.kind}->{second.record.site.kind}", "r2_first": r2_first,
+                         "r2_second_on_residual": _pooled_r2(first), "r2_second_unscaled": unscaled,
+                         "r2_combined": 1 - (1 - r2_first) * (1 - unscaled)})
+    return pd.DataFrame(rows, columns=COLUMNS["gls_two_step"]) if rows else _empty("gls_two_step")
+
+
+def gls_tables(source: Capture | Sequence[SiteRecord], scatter_partition: int | None = None, seed: int = 0) -> dict[str, pd.DataFrame]:
+    """All one-step tables of the gradient-least-squares analysis of a capture (seed 002 §2-4).
+
+    ``gls_partitions`` (:func:`fit_from_sums`), ``gls_sites`` (:func:`sites_table`),
+    ``gls_kinds``, ``gls_scatter`` (each site's median-R^2 partition, or ``scatter_partition``),
+    ``gls_two_step`` and ``gls_whatif``. Records without a gradient are left out; with
+    ``storage="reductions"`` the tables that need tensors are empty.
+    """
+    fits = fit_records(source)
+    sites = sites_table(fits)
+    scatter = [scatter_table(f, scatter_partition, seed=seed) for f in fits if f.z is not None and f.record.index == 0]
+    return {
+        "gls_partitions": partitions_table(fits), "gls_sites": sites, "gls_kinds": kinds_table(sites),
+        "gls_scatter": pd.concat(scatter, ignore_index=True) if scatter else _empty("gls_scatter"),
+        "gls_two_step": two_step_table(fits), "gls_whatif": whatif_table(fits),
+    }
+
+
+def _step(model: nn.Module, inputs: Tensor, targets: Tensor, loss_fn: Callable, sites, kinds) -> Capture:
+    with capture(model, sites=sites, kinds=kinds, storage="device", preserve=False) as cap:
+        loss_fn(model(inputs), targets).backward()
+    return cap
+
+
+def gls_step(
+    model: nn.Module,
+    batch: tuple[Tensor, Tensor],
+    loss_fn: Callable[[Tensor, Tensor], Tensor] = torch.nn.functional.cross_entropy,
+    sites: str | Iterable[str] | None = None,
+    kinds: str | Iterable[str] | None = None,
+    train: bool = True,
+) -> dict[str, pd.DataFrame]:
+    """Capture one forward/backward of ``model`` on ``batch`` and return :func:`gls_tables`.
+
+    ``train=True`` runs in training mode (batch statistics: the regime of seed 002); the model's
+    parameters, buffers, flags and ``.grad`` are restored afterwards (bit-identical).
+    """
+    with preserved(model):
+        model.train(train)
+        cap = _step(model, batch[0], batch[1], loss_fn, sites, kinds)
+    return gls_tables(cap)
+
+
+# -- batch size: sweep and small-batch regularization ------------------------------------------
+def _chunk_dx(fit: RecordFit, alpha: Tensor, beta: Tensor, size: int) -> tuple[Tensor, Tensor]:
+    """``B (g - alpha - beta z) / s`` and ``B (g - alpha - beta z)`` in the input's shape."""
+    residual = size * (fit.g - alpha - beta * fit.z)
+    return _input_shaped(residual / fit.figures["scale"][:, None], fit), _input_shaped(residual, fit)
+
+
+def _relative_distance(estimate: list[tuple[Tensor, Tensor]], reference: tuple[Tensor, Tensor], which: int) -> float:
+    ref = reference[which]
+    return float((torch.cat([e[which] for e in estimate]) - ref).norm() / ref.norm())
+
+
+def batch_size_sweep(
+    model: nn.Module,
+    inputs: Tensor,
+    targets: Tensor,
+    loss_fn: Callable[[Tensor, Tensor], Tensor] = torch.nn.functional.cross_entropy,
+    batch_sizes: Sequence[int] | None = None,
+    sites: str | Iterable[str] | None = None,
+    kinds: str | Iterable[str] | None = None,
+    momentum: float = 0.5,
+    weight: float = 2.0,
+    track: Callable = _no_progress,
+) -> dict[str, pd.DataFrame]:
+    """The site table as a function of batch size, and seed 002 Appendix C's regularization.
+
+    The ``L`` items of ``inputs`` are split, in order, into batches of each size ``B`` (which must
+    divide ``L``); every batch runs forward/backward in training mode under capture.
+
+    ``gls_batch_sweep``: :func:`sites_table` pooled over the batches of size B (R^2, beta, naive gap).
+
+    ``gls_regularization`` (BatchNorm-style sites: per-channel partitions, batch statistics): the
+    plain gradient ``(g - alpha - beta z)/s`` and the regularized one ``(g - alpha_w - beta_w z)/s``
+    (:func:`regularized_fit`) with running ``alpha* <- m alpha* + (1 - m) alpha_b`` (and beta*)
+    over the previous batches (initialized with the first batch), against the same site's gradient
+    for the same items in one batch of all L items: ``dist = ||B dL/dx_B - L dL/dx_L|| / ||L dL/dx_L||``
+    (per-item gradients of a mean-reduced loss, rescaled to a common scale); ``dist_*_residual``
+    the same for ``B (g - alpha - beta z)``, the regression residual before the division by s.
+    The model is restored afterwards (bit-identical).
+    """
+    total = inputs.shape[0]
+    sizes = sorted(set(batch_sizes or _powers_of_two(total)))
+    bad = [b for b in sizes if b < 2 or total % b]
+    if bad:
+        raise DataShapeError(f"batch sizes {bad} do not divide the {total} items into batches of at least 2")
+    if not 0 <= momentum < 1 or weight < 0:
+        raise DataShapeError(f"momentum must be in [0, 1) and weight >= 0 (got momentum={momentum}, weight={weight})")
+    sweep_rows, dx_plain, dx_reg = [], {}, {}
+    with preserved(model):
+        model.train()
+        for size in track(sizes[::-1], "gls batch-size sweep", len(sizes)):
+            fits_b: list[RecordFit] = []
+            running: dict[tuple[str, int], tuple[Tensor, Tensor]] = {}
+            for start in range(0, total, size):
+                cap = _step(model, inputs[start:start + size], targets[start:start + size], loss_fn, sites, kinds)
+                for fit in fit_records(cap):
+                    key = (fit.record.site.name, fit.record.index)
+                    if fit.record.layout.rule == "channel" and fit.record.layout.batch_stats:
+                        alpha, beta = fit.figures["alpha"][:, None], fit.figures["beta"][:, None]
+                        a_star, b_star = running.get(key, (alpha[:, 0], beta[:, 0]))
+                        reg = regularized_fit(fit.z, fit.g, a_star, b_star, weight)
+                        dx_plain.setdefault((key, size), []).append(_chunk_dx(fit, alpha, beta, size))
+                        dx_reg.setdefault((key, size), []).append(_chunk_dx(fit, *reg, size))
+                        running[key] = (momentum * a_star + (1 - momentum) * alpha[:, 0],
+                                        momentum * b_star + (1 - momentum) * beta[:, 0])
+                    fit.z = fit.g = fit.residual = None
+                    fits_b.append(fit)
+            table = sites_table(fits_b)
+            table["batch_size"] = size
+            sweep_rows.append(table)
+    sweep = pd.concat(sweep_rows, ignore_index=True)
+    sweep = sweep.sort_values(["depth", "batch_size"], ignore_index=True)[COLUMNS["gls_batch_sweep"]]
+    reg_rows = []
+    for (key, size), plain in dx_plain.items():
+        reference = dx_plain[(key, total)][0]
+        reg_rows.append({"site": key[0] if key[1] == 0 else f"{key[0]}#{key[1]}", "batch_size": size,
+                         "dist_plain": _relative_distance(plain, reference, 0),
+                         "dist_regularized": _relative_distance(dx_reg[(key, size)], reference, 0),
+                         "dist_plain_residual": _relative_distance(plain, reference, 1),
+                         "dist_regularized_residual": _relative_distance(dx_reg[(key, size)], reference, 1),
+                         "momentum": momentum, "weight": weight})
+    regularization = (pd.DataFrame(reg_rows, columns=COLUMNS["gls_regularization"])
+                      .sort_values(["site", "batch_size"], ignore_index=True) if reg_rows else _empty("gls_regularization"))
+    return {"gls_batch_sweep": sweep, "gls_regularization": regularization}
+
+
+def _powers_of_two(total: int) -> list[int]:
+    return [2**k for k in range(1, int(math.log2(total)) + 1) if total % 2**k == 0]
+
+
+# -- the analyzer ------------------------------------------------------------------------------
+def _sweep_data(ctx: AnalysisContext, limit: int) -> tuple[Tensor, Tensor] | None:
+    xs, ys = zip(*ctx.batches)
+    inputs, targets = torch.cat(xs), torch.cat(ys)
+    if inputs.shape[0] < limit and ctx.dataset is not None:
+        inputs, targets = ctx.dataset
+    size = 2 ** int(math.log2(min(limit, inputs.shape[0]))) if inputs.shape[0] >= 4 else 0
+    return None if size < 4 else (inputs[:size], targets[:size])
+
+
+def _pct(value: float) -> str:
+    return f"{100 * value:.0f}%"
+
+
+def findings(tables: dict[str, pd.DataFrame]) -> list[str]:
+    """Plain sentences from the gls tables, most important first."""
+    sites = tables["gls_sites"]
+    out: list[str] = []
+    if sites.empty:
+        return ["No normalization site received a gradient, so there is no gradient regression to show."]
+    active = sites[sites["batch_stats"]]
+    if not active.empty:
+        top, low = active.loc[active["r2_mean"].idxmax()], active.loc[active["r2_mean"].idxmin()]
+        out.append(f"{top['site']} explains {_pct(top['r2_mean'])} of its incoming gradient (mean R^2 over "
+                   f"{top['n_partitions']} partitions); its backward pass keeps only the residual.")
+        if low["site"] != top["site"]:
+            out.append(f"{low['site']} explains the least: {_pct(low['r2_mean'])} (mean R^2).")
+        gap = active.loc[active["naive_gap"].idxmax()]
+        out.append(f"At {gap['site']} the naive gradient gamma/s * dL/dy is off from the true dL/dx by "
+                   f"{_pct(gap['naive_gap'])} of its norm (the explained part divided by s).")
+    frozen = sites[~sites["batch_stats"]]
+    if not frozen.empty:
+        out.append(f"{len(frozen)} site(s) normalize with running statistics ({', '.join(frozen['site'][:3])}): "
+                   "their backward pass removes nothing.")
+    ident = sites["identity_rel_max"].dropna()
+    if not ident.empty:
+        out.append(f"Capture health: s*dL/dx = g - alpha - beta z holds to {ident.max():.1e} relative "
+                   f"(measured in {', '.join(sorted(set(sites['dtype'])))}).")
+    two = tables.get("gls_two_step", pd.DataFrame())
+    for _, row in two.iterrows():
+        out.append(f"{row['first_site']} then {row['second_site']} ({row['order']}): the second regression explains "
+                   f"{_pct(row['r2_second_on_residual'])} of what the first left.")
+    whatif = tables.get("gls_whatif", pd.DataFrame())
+    if not whatif.empty:
+        best = whatif.loc[whatif["r2_extra"].idxmax()]
+        out.append(f"An extra {best['extra_partitioning'].replace('_', '-')} regression after {best['site']} would "
+                   f"explain a further {_pct(best['r2_extra'])} of its residual.")
+    sweep = tables.get("gls_batch_sweep", pd.DataFrame())
+    if not sweep.empty and sweep["batch_size"].nunique() > 1:
+        lo, hi = sweep["batch_size"].min(), sweep["batch_size"].max()
+        mean = sweep.groupby("batch_size")["r2_mean"].mean()
+        out.append(f"Mean R^2 over sites is {_pct(mean[hi])} at batch {hi} and {_pct(mean[lo])} at batch {lo}.")
+    reg = tables.get("gls_regularization", pd.DataFrame())
+    if not reg.empty:
+        small = reg[reg["batch_size"] == reg["batch_size"].min()]
+        out.append(f"At batch {int(small['batch_size'].iloc[0])}, the BatchNorm input gradients are "
+                   f"{_pct(small['dist_plain'].mean())} (plain) and {_pct(small['dist_regularized'].mean())} "
+                   "(with seed 002's virtual-item regularization) away from the large-batch gradient on average; "
+                   f"before the division by s, {_pct(small['dist_plain_residual'].mean())} and "
+                   f"{_pct(small['dist_regularized_residual'].mean())}.")
+    return out
+
+
+def headline(tables: dict[str, pd.DataFrame]) -> dict[str, float | int | str]:
+    """Scalar figures for ``summary.json``."""
+    sites = tables["gls_sites"]
+    figures: dict[str, float | int | str] = {"gls_n_sites": int(len(sites))}
+    if not sites.empty:
+        figures.update(gls_r2_mean=float(sites["r2_mean"].mean()), gls_naive_gap_max=float(sites["naive_gap"].max()),
+                       gls_identity_rel_max=float(sites["identity_rel_max"].max()))
+    reg = tables.get("gls_regularization", pd.DataFrame())
+    if not reg.empty:
+        small = reg[reg["batch_size"] == reg["batch_size"].min()]
+        figures.update(gls_small_batch=int(small["batch_size"].iloc[0]),
+                       gls_dist_plain_small=float(small["dist_plain"].mean()),
+                       gls_dist_regularized_small=float(small["dist_regularized"].mean()))
+    return figures
+
+
+def analyze(ctx: AnalysisContext) -> AnalyzerOutput:
+    """The gradient-least-squares analyzer (seed 002): one captured training step on the first
+    batch (:func:`gls_step`), then :func:`batch_size_sweep` over up to 64 items (``quick``) or
+    512 items of the data. Options (``ctx.options``): ``gls_momentum`` (0.5), ``gls_weight`` (2.0),
+    ``gls_sweep`` (True)."""
+    inputs, targets = ctx.batches[0]
+    tables = gls_step(ctx.model, (inputs, targets), ctx.loss_fn)
+    data = _sweep_data(ctx, 64 if ctx.quick else 512)
+    if ctx.options.get("gls_sweep", True) and data is not None:
+        tables.update(batch_size_sweep(ctx.model, *data, loss_fn=ctx.loss_fn, track=ctx.track,
+                                       momentum=ctx.options.get("gls_momentum", 0.5),
+                                       weight=ctx.options.get("gls_weight", 2.0)))
+    else:
+        tables.update(gls_batch_sweep=_empty("gls_batch_sweep"), gls_regularization=_empty("gls_regularization"))
+    return AnalyzerOutput(tables, findings(tables), headline(tables))

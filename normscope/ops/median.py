@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from normscope.errors import UnknownNameError
+from normscope.errors import InvalidArgumentError, UnknownNameError
 from normscope.ops.base import ChannelNorm, channel_view, reduce_dims, stats_dtype
 
 BACKWARD_MODES = ("exact", "smoothed", "seed")
@@ -59,7 +59,7 @@ def pseudo_huber_median(rows: Tensor, delta: float, max_iter: int = 100) -> Tens
     Safeguarded Newton from the median: the objective is strictly convex, the root of its
     derivative ``-sum_i u_i`` (``u_i = (x_i - y) / sqrt((x_i - y)^2 + delta^2)``) lies between the
     row's min and max, and a Newton step that leaves the current bracket is replaced by bisection.
-    Stops when every step is below 16 ulp of the row's scale.
+    Stops after the first Newton step below 16 ulp of the row's scale (or ``max_iter`` steps).
     """
     y = rows.median(dim=1).values
     lo, hi = rows.min(dim=1).values, rows.max(dim=1).values
@@ -69,15 +69,13 @@ def pseudo_huber_median(rows: Tensor, delta: float, max_iter: int = 100) -> Tens
         r = rows - y[:, None]
         root = (r.square() + d2).sqrt()
         slope = (r / root).sum(dim=1)
-        curvature = (d2 / root.pow(3)).sum(dim=1)
+        step = slope / (d2 / root.pow(3)).sum(dim=1)
+        if bool((step.abs() <= tol).all()):
+            return y + step
         lo = torch.where(slope > 0, y, lo)
         hi = torch.where(slope < 0, y, hi)
-        new = y + slope / curvature
-        new = torch.where((new <= lo) | (new >= hi), (lo + hi) / 2, new)
-        step = (new - y).abs()
-        y = torch.where(slope == 0, y, new)
-        if bool((step <= tol).all()):
-            break
+        new = y + step
+        y = torch.where((new < lo) | (new > hi), (lo + hi) / 2, new)
     return y
 
 
@@ -236,6 +234,8 @@ class MedianBatchNorm(ChannelNorm):
     ) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
         self.backward = check_mode(backward)
+        if not delta > 0:
+            raise InvalidArgumentError(f"median batch norm delta must be > 0 (got {delta})")
         self.delta = float(delta)
         if backward == "seed":
             warnings.warn(SEED_WARNING, UserWarning, stacklevel=2)

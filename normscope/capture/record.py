@@ -91,7 +91,8 @@ def reduce_record(record: SiteRecord) -> None:
     """Replace the record's tensors by per-partition sums over items, computed in float64:
     ``n``, sums of ``x``, ``x^2``, ``z``, ``z^2`` and, after backward, of ``g``, ``g^2``, ``g z``."""
     x64 = record.rows(record.x)
-    z = normalize_rows(record.x, record.layout, torch.float64)
+    shift, scale = partition_moments(x64, record.layout)
+    z = (x64 - shift) / scale
     red = {"n": torch.full((z.shape[0],), z.shape[1], dtype=torch.float64), "sum_x": x64.sum(1),
            "sum_x2": x64.pow(2).sum(1), "sum_z": z.sum(1), "sum_z2": z.pow(2).sum(1)}
     if record.dy is not None:

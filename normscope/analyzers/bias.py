@@ -1,0 +1,454 @@
+"""Estimator bias: how far minibatch and per-example gradients are from the population gradient.
+
+Seed 004 (§2, §2.2) casts BatchNorm as an approximation of normalizing with moments over the
+whole data set; minibatch estimates of that population gradient g* are biased because a product
+of per-example Jacobian estimates is not the product of the Jacobians. This analyzer computes g*
+(:mod:`normscope.analyzers.population_gradient`), draws R random minibatches of each size B
+(the same minibatches for every estimator) and measures each estimator against g*
+(MATH.md §4):
+
+* ``batchnorm``: forward and backward through the minibatch moments;
+* ``per_example``: :class:`~normscope.ops.population.PopulationNorm` with microbatch 1 and its
+  EMAs at the population moments (seed 004 §3.1), per-example gradients averaged;
+* ``microbatch``: the same with microbatches of k (the seed's improved batch renormalization);
+* ``two_stage``: :func:`~normscope.ops.two_stage.two_stage_gradient` (seed 004 §3.2);
+* ``batch_renorm``: :class:`~normscope.ops.renorm.BatchRenorm` (Ioffe 2017) with running
+  statistics at the population moments;
+* ``control``: per-example gradients of the eval-mode model (no interaction between examples),
+  measured against its own full-data gradient, for which they are unbiased.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from scipy import stats
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+from torch.utils.data import DataLoader, TensorDataset
+
+from normscope.analyzers import AnalysisContext, AnalyzerOutput
+from normscope.analyzers.population_gradient import (
+    PopulationGradient,
+    population_gradient,
+    streamed_population_gradient,
+)
+from normscope.errors import InvalidArgumentError, UnknownNameError
+from normscope.guard import preserved
+from normscope.ops.norm_sites import norm_sites, parameters
+from normscope.ops.two_stage import two_stage_gradient
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+ESTIMATORS = ("batchnorm", "per_example", "microbatch", "two_stage", "batch_renorm", "control")
+LABELS = {
+    "batchnorm": "BatchNorm",
+    "per_example": "Per-example normalization",
+    "microbatch": "Microbatch renormalization",
+    "two_stage": "Two-stage backprop",
+    "batch_renorm": "Batch renormalization",
+    "control": "The control (per-example gradients of eval-mode BN)",
+}
+QUICK = {"batch_sizes": (4, 16, 64), "repeats": 8, "examples": 256}
+FULL = {"batch_sizes": (2, 4, 8, 16, 32, 64, 128), "repeats": 32, "examples": None}
+FULL_BATCH_MAX = 4096
+PER_EXAMPLE_MEMORY = 256 * 2**20
+
+
+# ---------------------------------------------------------------- per-example gradients
+
+
+def per_example_grads(
+    model: nn.Module, inputs: Tensor, targets: Tensor, loss_fn: LossFn = F.cross_entropy, chunk_size: int = 64
+) -> dict[str, Tensor]:
+    """Per-example gradients ``dL_n/dW`` (shape ``(N, *W.shape)``) with ``torch.func``:
+    ``vmap(grad(L))`` over examples of ``functional_call(model, ...)`` on ``x[None]``, ``chunk_size``
+    examples at a time. The model must have no cross-example interaction in this mode (eval-mode
+    BatchNorm, or PopulationNorm with microbatch 1 and momentum 0).
+    """
+    params = {name: p.detach() for name, p in parameters(model).items()}
+    buffers = dict(model.named_buffers())
+
+    def loss_one(p: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+        return loss_fn(functional_call(model, (p, buffers), (x.unsqueeze(0),)), y.unsqueeze(0))
+
+    per_example = vmap(grad(loss_one), in_dims=(None, 0, 0))
+    chunks = [per_example(params, inputs[i : i + chunk_size], targets[i : i + chunk_size]) for i in range(0, len(inputs), chunk_size)]
+    return {name: torch.cat([c[name] for c in chunks]) for name in params}
+
+
+# ---------------------------------------------------------------- statistics
+
+
+@dataclass
+class BiasStatistics:
+    """Bias figures of R estimates ``g_r`` of a target ``g*`` (MATH.md §4), all relative to ||g*||.
+
+    ``rel_bias = sqrt(max(U, 0)) / ||g*||`` with the unbiased estimate of ``||E g - g*||^2``
+
+    .. math:: U = \\|\\bar g - g^*\\|^2 - \\mathrm{tr}\\,\\widehat{\\mathrm{Cov}}(g)/R
+              = \\frac{1}{R(R-1)}\\sum_{r \\ne s} \\langle g_r - g^*, g_s - g^* \\rangle
+
+    and a confidence interval from the jackknife standard error of U (t quantile, R-1 dof),
+    mapped through the same square root (its lower end is 0 when the interval for U covers 0).
+    ``rel_bias_uncorrected = ||mean g - g*|| / ||g*||`` (with its own jackknife interval);
+    ``variance = tr Cov(g) / ||g*||^2`` of one estimate; ``cosine`` of mean g to g*;
+    ``mse = rel_bias^2 + variance``.
+    """
+
+    rel_bias: float
+    rel_bias_lo: float
+    rel_bias_hi: float
+    rel_bias_uncorrected: float
+    rel_bias_uncorrected_lo: float
+    rel_bias_uncorrected_hi: float
+    variance: float
+    cosine: float
+    mse: float
+    repeats: int
+    target_norm: float
+
+
+def bias_statistics(samples: Tensor, target: Tensor, level: float = 0.95) -> BiasStatistics:
+    """:class:`BiasStatistics` of ``samples`` (R, P) against ``target`` (P,); R >= 3."""
+    repeats = samples.shape[0]
+    if repeats < 3:
+        raise InvalidArgumentError(f"bias statistics need at least 3 repeats (got {repeats})")
+    diff = (samples - target).double()
+    gram = diff @ diff.T
+    total, trace = gram.sum(), gram.trace()
+    rows, diag = gram.sum(dim=1), gram.diagonal()
+    u = (total - trace) / (repeats * (repeats - 1))
+    v = total / repeats**2
+    loo_total = total - 2 * rows + diag
+    loo_u = (loo_total - (trace - diag)) / ((repeats - 1) * (repeats - 2))
+    loo_v = loo_total / (repeats - 1) ** 2
+    t = stats.t.ppf(0.5 + level / 2, repeats - 1)
+
+    def jackknife(values: Tensor) -> float:
+        return math.sqrt((repeats - 1) / repeats * float((values - values.mean()).pow(2).sum()))
+
+    norm = float(target.double().norm())
+    scale = 1.0 / norm if norm > 0 else math.nan
+    root = lambda value: math.sqrt(max(value, 0.0)) * scale  # noqa: E731
+    se_u, se_v = jackknife(loo_u), jackknife(loo_v)
+    tr_cov = float(trace - repeats * v) / (repeats - 1)
+    mean = samples.double().mean(dim=0)
+    denominator = float(mean.norm()) * norm
+    rel_bias = root(float(u))
+    variance = tr_cov * scale**2
+    return BiasStatistics(
+        rel_bias=rel_bias,
+        rel_bias_lo=root(float(u) - t * se_u),
+        rel_bias_hi=root(float(u) + t * se_u),
+        rel_bias_uncorrected=root(float(v)),
+        rel_bias_uncorrected_lo=root(float(v) - t * se_v),
+        rel_bias_uncorrected_hi=root(float(v) + t * se_v),
+        variance=variance,
+        cosine=float(mean @ target.double()) / denominator if denominator > 0 else math.nan,
+        mse=rel_bias**2 + variance,
+        repeats=repeats,
+        target_norm=norm,
+    )
+
+
+def log_log_slope(batch_sizes: np.ndarray, rel_bias: np.ndarray) -> tuple[float, float]:
+    """Least-squares fit ``log rel_bias = slope * log B + intercept`` over the positive biases
+    (seed 004 expects a slope near -1 for BatchNorm); NaN with fewer than two points."""
+    keep = np.isfinite(rel_bias) & (rel_bias > 0)
+    if keep.sum() < 2:
+        return math.nan, math.nan
+    fit = stats.linregress(np.log(batch_sizes[keep]), np.log(rel_bias[keep]))
+    return float(fit.slope), float(fit.intercept)
+
+
+# ---------------------------------------------------------------- estimators
+
+
+def _flat(grads: dict[str, Tensor], names: list[str]) -> Tensor:
+    return torch.cat([grads[name].reshape(-1) for name in names])
+
+
+def _batch_grad(model: nn.Module, inputs: Tensor, targets: Tensor, loss_fn: LossFn) -> dict[str, Tensor]:
+    params = parameters(model)
+    loss = loss_fn(model(inputs), targets)
+    return dict(zip(params, torch.autograd.grad(loss, list(params.values()), allow_unused=False)))
+
+
+def _set_moments(model: nn.Module, moments: PopulationGradient) -> None:
+    with torch.no_grad():
+        for name, module in norm_sites(model).items():
+            module.running_mean.copy_(moments.mean[name])
+            module.running_var.copy_(moments.var[name])
+
+
+def _swap(model: nn.Module, op: str, **kwargs: object) -> nn.Module:
+    from normscope.ops.swap import swap_norms
+
+    swapped = swap_norms(model, op, momentum=0.0, **kwargs)
+    for module in swapped.modules():
+        if module is not swapped and type(module).__name__ in ("PopulationNorm", "BatchRenorm"):
+            module.train()
+    return swapped
+
+
+class _Estimators:
+    """The estimators of this module on float64 copies of one model, EMAs at the population moments."""
+
+    def __init__(self, model: nn.Module, moments: PopulationGradient, loss_fn: LossFn, options: dict) -> None:
+        self.loss_fn = loss_fn
+        self.base = model
+        _set_moments(self.base, moments)
+        self.names = list(parameters(self.base))
+        self.train_bn = copy.deepcopy(self.base)
+        for module in norm_sites(self.train_bn).values():
+            module.train()
+        population = {k: options[k] for k in ("r_m", "r_v", "f_max", "u_max") if k in options}
+        self.per_example = _swap(self.base, "population", microbatch=1, **population)
+        self.microbatch_size = int(options.get("microbatch", 2))
+        self.microbatch = {}
+        self.population_options = population
+        self.renorm = _swap(self.base, "renorm")
+        self.chunk_size = int(options.get("chunk_size", 64))
+        self.cache: dict[str, Tensor] = {}
+
+    def _per_example_flat(self, key: str, model: nn.Module, inputs: Tensor, targets: Tensor, idx: Tensor) -> Tensor:
+        """Mean per-example gradient over ``idx``; all N cached when they fit in memory."""
+        size = len(inputs) * sum(p.numel() for p in parameters(model).values()) * inputs.element_size()
+        if size <= PER_EXAMPLE_MEMORY:
+            if key not in self.cache:
+                grads = per_example_grads(model, inputs, targets, self.loss_fn, self.chunk_size)
+                self.cache[key] = torch.cat([grads[n].reshape(len(inputs), -1) for n in self.names], dim=1)
+            return self.cache[key][idx].mean(dim=0)
+        grads = per_example_grads(model, inputs[idx], targets[idx], self.loss_fn, self.chunk_size)
+        return torch.cat([grads[n].reshape(len(idx), -1) for n in self.names], dim=1).mean(dim=0)
+
+    def estimate(self, name: str, inputs: Tensor, targets: Tensor, idx: Tensor) -> Tensor:
+        x, y = inputs[idx], targets[idx]
+        if name == "batchnorm":
+            return _flat(_batch_grad(self.train_bn, x, y, self.loss_fn), self.names)
+        if name == "per_example":
+            return self._per_example_flat(name, self.per_example, inputs, targets, idx)
+        if name == "control":
+            return self._per_example_flat(name, self.base, inputs, targets, idx)
+        if name == "microbatch":
+            k = min(self.microbatch_size, len(idx))
+            if k not in self.microbatch:
+                self.microbatch[k] = _swap(self.base, "population", microbatch=k, **self.population_options)
+            return _flat(_batch_grad(self.microbatch[k], x, y, self.loss_fn), self.names)
+        if name == "two_stage":
+            return _flat(two_stage_gradient(self.base, x, y, self.loss_fn, self.chunk_size).grads, self.names)
+        if name == "batch_renorm":
+            return _flat(_batch_grad(self.renorm, x, y, self.loss_fn), self.names)
+        raise UnknownNameError("estimator", name, ESTIMATORS)
+
+
+# ---------------------------------------------------------------- the analysis
+
+
+def _groups(model: nn.Module) -> dict[str, slice]:
+    groups, start = {}, 0
+    for name, p in parameters(model).items():
+        groups[name] = slice(start, start + p.numel())
+        start += p.numel()
+    return {"total": slice(0, start), **groups}
+
+
+def estimator_bias(
+    model: nn.Module,
+    inputs: Tensor,
+    targets: Tensor,
+    loss_fn: LossFn = F.cross_entropy,
+    batch_sizes: tuple[int, ...] = QUICK["batch_sizes"],
+    repeats: int = QUICK["repeats"],
+    estimators: tuple[str, ...] = ESTIMATORS,
+    seed: int = 0,
+    options: dict | None = None,
+    track: Callable = lambda iterable, description="", total=None: iterable,
+    target: PopulationGradient | None = None,
+) -> tuple[pd.DataFrame, PopulationGradient]:
+    """The ``bias_estimators`` table: :class:`BiasStatistics` per estimator, batch size B and
+    parameter group (``total`` and each parameter), over ``repeats`` minibatches of B examples
+    drawn without replacement (seeded; the same minibatches for every estimator). Runs on a
+    copy of ``model`` in the dtype of ``inputs``; ``model`` is left bit-identical.
+    """
+    for name in estimators:
+        if name not in ESTIMATORS:
+            raise UnknownNameError("estimator", name, ESTIMATORS)
+    n = len(inputs)
+    sizes = [b for b in batch_sizes if 2 <= b <= n]
+    if not sizes:
+        raise InvalidArgumentError(f"batch sizes {list(batch_sizes)} leave none in [2, {n}] (N = {n} examples)")
+    with preserved(model):
+        work = copy.deepcopy(model).to(inputs.dtype).eval()
+    g_star = target or population_gradient(work, inputs, targets, loss_fn)
+    est = _Estimators(work, g_star, loss_fn, options or {})
+    names = est.names
+    star = _flat(g_star.grads, names)
+    control_target = _flat(_batch_grad(est.base, inputs, targets, loss_fn), names)
+    groups = _groups(work)
+    generator = torch.Generator().manual_seed(seed)
+    draws = {b: [torch.randperm(n, generator=generator)[:b] for _ in range(repeats)] for b in sizes}
+    rows = []
+    jobs = [(e, b) for e in estimators for b in sizes]
+    for estimator, b in track(jobs, description="estimator bias", total=len(jobs)):
+        samples = torch.stack([est.estimate(estimator, inputs, targets, idx.to(inputs.device)) for idx in draws[b]])
+        reference = control_target if estimator == "control" else star
+        for group, part in groups.items():
+            figures = bias_statistics(samples[:, part], reference[part])
+            rows.append({"estimator": estimator, "batch_size": b, "group": group, **figures.__dict__})
+    return pd.DataFrame(rows), g_star
+
+
+def jacobian_product_bias(
+    model: nn.Module, inputs: Tensor, targets: Tensor, loss_fn: LossFn = F.cross_entropy, chunk_size: int | None = 64
+) -> pd.DataFrame:
+    """The ``bias_jacobian`` table (seed 004 §2.2, MATH.md §4): the two-stage estimate at B = N
+    with the EMAs at the population moments and r = 1 against g*,
+    ``jacobian_product_gap = ||g_two-stage - g*||``, ``relative_gap = gap / ||g*||``. The gap is
+    the mean of per-example Jacobian products minus the product of mean Jacobians: zero (to
+    float64 rounding) with one normalization level, nonzero with two or more in series.
+    """
+    with preserved(model):
+        work = copy.deepcopy(model).to(inputs.dtype).eval()
+    g_star = population_gradient(work, inputs, targets, loss_fn)
+    _set_moments(work, g_star)
+    names = list(g_star.grads)
+    estimate = _flat(two_stage_gradient(work, inputs, targets, loss_fn, chunk_size).grads, names)
+    star = _flat(g_star.grads, names)
+    gap = float((estimate - star).norm())
+    return pd.DataFrame(
+        [{"n_norm_layers": g_star.levels, "n_sites": len(g_star.mean), "jacobian_product_gap": gap, "relative_gap": gap / float(star.norm())}]
+    )
+
+
+def slopes(table: pd.DataFrame) -> pd.DataFrame:
+    """The ``bias_slopes`` table: :func:`log_log_slope` per estimator and group."""
+    rows = []
+    for (estimator, group), part in table.groupby(["estimator", "group"], sort=False):
+        slope, intercept = log_log_slope(part["batch_size"].to_numpy(float), part["rel_bias"].to_numpy(float))
+        rows.append({"estimator": estimator, "group": group, "slope": slope, "intercept": intercept})
+    return pd.DataFrame(rows, columns=["estimator", "group", "slope", "intercept"])
+
+
+def _data(ctx: AnalysisContext, limit: int | None) -> tuple[Tensor, Tensor]:
+    if ctx.dataset is not None:
+        inputs, targets = ctx.dataset
+    elif ctx.loader is not None:
+        parts = [(x, y) for x, y in ctx.loader]
+        inputs, targets = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    else:
+        inputs, targets = torch.cat([b[0] for b in ctx.batches]), torch.cat([b[1] for b in ctx.batches])
+    if limit is not None and len(inputs) > limit:
+        idx = torch.randperm(len(inputs), generator=torch.Generator().manual_seed(ctx.seed))[:limit].to(inputs.device)
+        inputs, targets = inputs[idx], targets[idx]
+    return inputs, targets
+
+
+def _findings(table: pd.DataFrame, slope_table: pd.DataFrame, jacobian: pd.DataFrame, g_star: PopulationGradient, n: int) -> list[str]:
+    total = table[table["group"] == "total"]
+    out = []
+    smallest = total["batch_size"].min()
+    for estimator in total["estimator"].unique():
+        rows = total[total["estimator"] == estimator].sort_values("batch_size")
+        first, last = rows.iloc[0], rows.iloc[-1]
+        label = LABELS[estimator]
+        target = "its own full-data gradient" if estimator == "control" else "the population gradient g*"
+        covers = (
+            f"; the interval covers 0, so at {int(first['repeats'])} repeats this is not told apart from Monte-Carlo noise"
+            if first["rel_bias_lo"] == 0
+            else ""
+        )
+        text = (
+            f"{label} at batch {int(first['batch_size'])} is {first['rel_bias']:.0%} biased "
+            f"(95% CI {first['rel_bias_lo']:.0%} to {first['rel_bias_hi']:.0%}{covers}) relative to {target}"
+        )
+        if len(rows) > 1:
+            text += f"; at batch {int(last['batch_size'])} {last['rel_bias']:.0%}"
+        slope = slope_table[(slope_table["estimator"] == estimator) & (slope_table["group"] == "total")]["slope"]
+        if len(slope) and np.isfinite(slope.iloc[0]) and estimator != "control":
+            text += f", falling like B^{slope.iloc[0]:.2f}"
+        out.append(text + ".")
+    if smallest is not None and len(out) > 1:
+        best = total[(total["batch_size"] == smallest) & (total["estimator"] != "control")].sort_values("mse")
+        if len(best):
+            out.append(
+                f"At batch {int(smallest)} the estimator with the smallest error (bias^2 + variance) is "
+                f"{LABELS[best.iloc[0]['estimator']].lower()}."
+            )
+    row = jacobian.iloc[0]
+    out.append(
+        f"Two-stage backprop on all {n} examples misses g* by {row['relative_gap']:.2%}: the Jacobian-product bias of "
+        f"{int(row['n_norm_layers'])} normalization level(s) in series (exactly 0 with one level)."
+    )
+    out.append(
+        f"g* was computed {g_star.method} over {n} examples in {g_star.passes} pass(es)"
+        + (f" (2L + 1 with L = {g_star.levels} normalization levels in series: moments level by level, then the "
+           "gradient back through them)." if g_star.method == "streamed" else ".")
+    )
+    return out
+
+
+def analyze(ctx: AnalysisContext) -> AnalyzerOutput:
+    """Estimator bias against the population gradient (seed 004 §2–3, MATH.md §4).
+
+    Options (``ctx.options``, prefix ``bias_``): ``batch_sizes``, ``repeats``, ``examples``,
+    ``estimators``, ``dtype`` (float64), ``microbatch`` (2), ``r_m``, ``r_v``, ``f_max``,
+    ``u_max``, ``chunk_size`` (64). ``ctx.quick``: B in {4, 16, 64}, 8 repeats, 256 examples.
+    Data sets over 4096 examples get g* streamed (2L + 1 passes, L normalization levels).
+    """
+    if not norm_sites(ctx.model):
+        return AnalyzerOutput(
+            findings=["Estimator bias needs BatchNorm-style layers (BatchNorm1d/2d/3d, PopulationNorm); this model has none, so there is no minibatch bias to measure."]
+        )
+    defaults = QUICK if ctx.quick else FULL
+    opts = {k[len("bias_"):]: v for k, v in ctx.options.items() if k.startswith("bias_")}
+    dtype = getattr(torch, str(opts.get("dtype", "float64")).replace("torch.", ""))
+    inputs, targets = _data(ctx, opts.get("examples", defaults["examples"]))
+    inputs = inputs.to(device=ctx.device, dtype=dtype)
+    targets = targets.to(ctx.device)
+    n = len(inputs)
+    target = None
+    with preserved(ctx.model):
+        work = copy.deepcopy(ctx.model).to(dtype).eval()
+    if n > FULL_BATCH_MAX:
+        chunks = DataLoader(TensorDataset(inputs, targets), batch_size=int(opts.get("chunk_size", 64)) * 8)
+        target = streamed_population_gradient(work, chunks, ctx.loss_fn)
+    table, g_star = estimator_bias(
+        work,
+        inputs,
+        targets,
+        ctx.loss_fn,
+        batch_sizes=tuple(opts.get("batch_sizes", defaults["batch_sizes"])),
+        repeats=int(opts.get("repeats", defaults["repeats"])),
+        estimators=tuple(opts.get("estimators", ESTIMATORS)),
+        seed=ctx.seed,
+        options=opts,
+        track=ctx.track,
+        target=target,
+    )
+    slope_table = slopes(table)
+    jacobian = jacobian_product_bias(work, inputs, targets, ctx.loss_fn, int(opts.get("chunk_size", 64)))
+    total = table[table["group"] == "total"]
+    headline: dict[str, float | int | str] = {
+        "bias_examples": n,
+        "bias_population_gradient": f"{g_star.method}, {g_star.passes} pass(es)",
+        "bias_jacobian_relative_gap": float(jacobian["relative_gap"].iloc[0]),
+    }
+    bn = total[total["estimator"] == "batchnorm"].sort_values("batch_size")
+    if len(bn):
+        headline[f"bias_batchnorm_b{int(bn.iloc[0]['batch_size'])}"] = float(bn.iloc[0]["rel_bias"])
+        slope = slope_table[(slope_table["estimator"] == "batchnorm") & (slope_table["group"] == "total")]["slope"]
+        headline["bias_batchnorm_slope"] = float(slope.iloc[0])
+    return AnalyzerOutput(
+        tables={"bias_estimators": table, "bias_slopes": slope_table, "bias_jacobian": jacobian},
+        findings=_findings(table, slope_table, jacobian, g_star, n),
+        headline=headline,
+    )

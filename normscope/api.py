@@ -280,9 +280,10 @@ def progress_bars(enabled: bool) -> Iterator[Callable[..., Iterator]]:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    console = Console(stderr=True)
     bars = Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=Console(stderr=True), transient=True,
+        console=console, transient=True, disable=not console.is_terminal,
     )
 
     def track(iterable: Iterable[T], description: str = "", total: int | None = None) -> Iterator[T]:

@@ -1,0 +1,184 @@
+"""Estimator-bias analyzer (seed 004, MATH.md §4) in float64."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from normscope.analyzers import AnalysisContext, get_analyzer
+from normscope.analyzers.bias import (
+    bias_statistics,
+    estimator_bias,
+    jacobian_product_bias,
+    log_log_slope,
+    per_example_grads,
+)
+from normscope.analyzers.population_gradient import population_gradient, streamed_population_gradient
+from normscope.data import load_digits
+from normscope.guard import assert_unchanged, snapshot
+from normscope.models import build_model
+
+DT = torch.float64
+
+
+@pytest.fixture(scope="module")
+def digits() -> tuple[torch.Tensor, torch.Tensor]:
+    x, y = load_digits(DT)
+    idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:256]
+    return x[idx], y[idx]
+
+
+def _autograd_bn_grad(model: nn.Module, x, y) -> dict[str, torch.Tensor]:
+    train = copy.deepcopy(model).to(DT).train()
+    grads = torch.autograd.grad(F.cross_entropy(train(x), y), list(train.parameters()))
+    return dict(zip([n for n, _ in train.named_parameters()], grads))
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    return max(float((a[k] - b[k]).abs().max()) for k in b)
+
+
+@pytest.mark.parametrize("name,n,levels", [("mlp_bn", 150, 2), ("resnet_bn", 48, 9)])
+def test_streamed_population_gradient_equals_full_batch(digits, name: str, n: int, levels: int) -> None:
+    x, y = digits[0][:n], digits[1][:n]
+    model = build_model(name).to(DT)
+    state = snapshot(model)
+    full = population_gradient(model, x, y)
+    assert _max_diff(full.grads, _autograd_bn_grad(model, x, y)) < 1e-12
+    loader = DataLoader(TensorDataset(x, y), batch_size=n // 5 + 1, shuffle=True, generator=torch.Generator().manual_seed(1))
+    streamed = streamed_population_gradient(model, loader)
+    assert _max_diff(streamed.grads, full.grads) < 1e-12
+    assert streamed.loss == pytest.approx(full.loss, abs=1e-12)
+    for site in full.mean:
+        torch.testing.assert_close(streamed.mean[site], full.mean[site], rtol=0, atol=1e-12)
+        torch.testing.assert_close(streamed.var[site], full.var[site], rtol=0, atol=1e-12)
+    assert (streamed.levels, streamed.passes) == (levels, 2 * levels + 1)
+    assert_unchanged(model, state)
+
+
+def test_per_example_grads_match_one_backward_per_example(digits) -> None:
+    model = build_model("mlp_bn").to(DT).eval()
+    x, y = digits[0][:7], digits[1][:7]
+    grads = per_example_grads(model, x, y, chunk_size=3)
+    for i in range(7):
+        reference = torch.autograd.grad(F.cross_entropy(model(x[i : i + 1]), y[i : i + 1]), list(model.parameters()))
+        for (name, _), g in zip(model.named_parameters(), reference):
+            torch.testing.assert_close(grads[name][i], g, rtol=0, atol=1e-13)
+
+
+def test_bias_statistics_against_closed_forms() -> None:
+    g = torch.Generator().manual_seed(0)
+    target = torch.randn(300, generator=g, dtype=DT)
+    bias = 0.3 * torch.randn(300, generator=g, dtype=DT)
+    samples = target + bias + torch.randn(12, 300, generator=g, dtype=DT)
+    figures = bias_statistics(samples, target)
+    mean = samples.mean(0)
+    trace_cov = torch.cov(samples.T).trace()
+    expected = (mean - target).pow(2).sum() - trace_cov / 12
+    assert figures.rel_bias == pytest.approx(float(expected.sqrt() / target.norm()), rel=1e-12)
+    assert figures.rel_bias_uncorrected == pytest.approx(float((mean - target).norm() / target.norm()), rel=1e-12)
+    assert figures.variance == pytest.approx(float(trace_cov / target.pow(2).sum()), rel=1e-12)
+    assert figures.cosine == pytest.approx(float(F.cosine_similarity(mean, target, dim=0)), rel=1e-12)
+    assert figures.mse == pytest.approx(figures.rel_bias**2 + figures.variance, rel=1e-12)
+    assert figures.rel_bias_lo < float(bias.norm() / target.norm()) < figures.rel_bias_hi
+
+
+def test_confidence_interval_of_an_unbiased_estimator_covers_zero_in_most_draws() -> None:
+    g = torch.Generator().manual_seed(1)
+    target = torch.randn(200, generator=g, dtype=DT)
+    covered = uncorrected_covered = 0
+    for _ in range(200):
+        figures = bias_statistics(target + torch.randn(16, 200, generator=g, dtype=DT), target)
+        covered += figures.rel_bias_lo == 0
+        uncorrected_covered += figures.rel_bias_uncorrected_lo == 0
+    assert covered >= 180
+    assert uncorrected_covered == 0
+
+
+def test_control_is_unbiased_and_batchnorm_bias_falls_with_batch_size(digits) -> None:
+    model = build_model("mlp_bn")
+    state = snapshot(model)
+    table, _ = estimator_bias(model, *digits, batch_sizes=(4, 64), repeats=48, estimators=("batchnorm", "control"))
+    assert_unchanged(model, state)
+    total = table[table["group"] == "total"].set_index(["estimator", "batch_size"])
+    for b in (4, 64):
+        control = total.loc[("control", b)]
+        assert control["rel_bias_lo"] == 0
+        assert control["rel_bias_uncorrected_lo"] > 0
+    small, large = total.loc[("batchnorm", 4)], total.loc[("batchnorm", 64)]
+    assert small["rel_bias"] > large["rel_bias"]
+    assert small["rel_bias_lo"] > large["rel_bias_hi"]
+    assert large["rel_bias_lo"] > 0
+
+
+def _two_layer_mlp(layers: int) -> nn.Module:
+    torch.manual_seed(3)
+    mods: list[nn.Module] = [nn.Flatten()]
+    fan = 64
+    for _ in range(layers):
+        mods += [nn.Linear(fan, 16), nn.BatchNorm1d(16), nn.ReLU()]
+        fan = 16
+    return nn.Sequential(*mods, nn.Linear(fan, 10))
+
+
+def test_jacobian_product_bias_zero_with_one_level_nonzero_with_two(digits) -> None:
+    x, y = digits[0][:64], digits[1][:64]
+    one = jacobian_product_bias(_two_layer_mlp(1), x, y, chunk_size=16).iloc[0]
+    two = jacobian_product_bias(_two_layer_mlp(2), x, y, chunk_size=16).iloc[0]
+    assert one["n_norm_layers"] == 1 and one["relative_gap"] < 1e-12
+    assert two["n_norm_layers"] == 2 and two["relative_gap"] > 1e-3
+    conv = jacobian_product_bias(build_model("resnet_bn"), x[:16], y[:16]).iloc[0]
+    assert conv["n_norm_layers"] == 9 and conv["relative_gap"] > 1e-3
+
+
+def test_log_log_slope_of_a_power_law() -> None:
+    b = np.array([2.0, 4.0, 8.0, 16.0])
+    slope, intercept = log_log_slope(b, 3.0 * b**-1.0)
+    assert slope == pytest.approx(-1.0) and intercept == pytest.approx(np.log(3.0))
+    assert np.isnan(log_log_slope(b, np.array([0.0, 0.0, 0.0, 1.0]))[0])
+
+
+def test_analyze_quick_on_the_default_model(digits) -> None:
+    model = build_model("mlp_bn")
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    state = snapshot(model)
+    seen = []
+
+    def track(iterable, description="", total=None):
+        seen.append((description, total))
+        yield from iterable
+
+    x, y = digits[0].float(), digits[1]
+    ctx = AnalysisContext(model=model, batches=[(x[:32], y[:32])], dataset=(x, y), track=track, seed=3)
+    out = get_analyzer("bias")(ctx)
+    assert_unchanged(model, state)
+    columns = {
+        "bias_estimators": ["estimator", "batch_size", "group", "rel_bias", "rel_bias_lo", "rel_bias_hi",
+                            "rel_bias_uncorrected", "variance", "cosine", "mse", "repeats"],
+        "bias_slopes": ["estimator", "group", "slope", "intercept"],
+        "bias_jacobian": ["n_norm_layers", "jacobian_product_gap", "relative_gap"],
+    }
+    for name, cols in columns.items():
+        assert set(cols) <= set(out.tables[name].columns)
+    estimators = out.tables["bias_estimators"]
+    assert set(estimators["estimator"]) == {"batchnorm", "per_example", "microbatch", "two_stage", "batch_renorm", "control"}
+    assert set(estimators["batch_size"]) == {4, 16, 64}
+    assert set(estimators["group"]) == {"total", *[n for n, _ in model.named_parameters()]}
+    assert seen == [("estimator bias", 18)]
+    assert any(f.startswith("BatchNorm at batch 4 is") for f in out.findings)
+    assert out.headline["bias_examples"] == 256
+    again = get_analyzer("bias")(ctx)
+    assert again.tables["bias_estimators"].equals(estimators)
+
+
+def test_analyze_without_batchnorm_explains_why() -> None:
+    x, y = load_digits()
+    out = get_analyzer("bias")(AnalysisContext(model=build_model("cnn_gn"), batches=[(x[:8], y[:8])]))
+    assert out.tables == {} and "BatchNorm" in out.findings[0]

@@ -70,7 +70,8 @@ def per_example_grads(
 ) -> dict[str, Tensor]:
     """Per-example gradients ``dL_n/dW`` (shape ``(N, *W.shape)``) with ``torch.func``:
     ``vmap(grad(L))`` over examples of ``functional_call(model, ...)`` on ``x[None]``, ``chunk_size``
-    examples at a time. The model must have no cross-example interaction in this mode (eval-mode
+    examples at a time into preallocated outputs (memory: the N gradients plus one chunk's work).
+    The model must have no cross-example interaction in this mode (eval-mode
     BatchNorm, or PopulationNorm with microbatch 1 and momentum 0).
     """
     params = {name: p.detach() for name, p in parameters(model).items()}
@@ -80,8 +81,14 @@ def per_example_grads(
         return loss_fn(functional_call(model, (p, buffers), (x.unsqueeze(0),)), y.unsqueeze(0))
 
     per_example = vmap(grad(loss_one), in_dims=(None, 0, 0))
-    chunks = [per_example(params, inputs[i : i + chunk_size], targets[i : i + chunk_size]) for i in range(0, len(inputs), chunk_size)]
-    return {name: torch.cat([c[name] for c in chunks]) for name in params}
+    if len(inputs) <= chunk_size:
+        return per_example(params, inputs, targets)
+    out = {name: p.new_empty((len(inputs), *p.shape)) for name, p in params.items()}
+    for start in range(0, len(inputs), chunk_size):
+        chunk = per_example(params, inputs[start : start + chunk_size], targets[start : start + chunk_size])
+        for name, g in chunk.items():
+            out[name][start : start + len(g)] = g
+    return out
 
 
 # ---------------------------------------------------------------- statistics

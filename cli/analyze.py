@@ -12,8 +12,8 @@ import typer
 from rich.console import Console
 from torch.utils.data import DataLoader
 
-import normscope
 from normscope.api import Data, analyzer_names
+from normscope.api import analyze as run_analysis
 from normscope.checkpoint import import_attribute, load_model
 from normscope.cli.boundary import boundary
 from normscope.cli.summary import print_summary
@@ -62,7 +62,7 @@ def analyze(
         with console.status("training the built-in default on digits" if builtin else "loading the model"):
             net = load_model(checkpoint, model, trust=trust)
         loaded = load_data(data, batch_size)
-        result = normscope.analyze(
+        result = run_analysis(
             net,
             data=loaded,
             analyzers=names,

@@ -160,3 +160,14 @@ def test_nonfinite_weights_are_reported_per_site_not_a_crash(files, tmp_path):
     saved = AnalysisResult.load(out)
     assert saved.findings["model"][0].startswith("non-finite weights in net.1")
     assert saved.tables["stats_sites"].set_index("site").loc["net.2", "nonfinite"] > 0
+
+
+@pytest.mark.parametrize("name, extra", [("whole.pt", ["--trust"]), ("weights.safetensors", ["--model", "mlp_bn"])])
+def test_cli_analyzes_a_trusted_pickle_and_a_safetensors_file(files, tmp_path, name, extra):
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["analyze", str(files[name]), *extra, "--analyzers", "stats", "--batches", "1", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip().splitlines()[-1] == str(out)
+    from normscope.result import AnalysisResult
+
+    assert [site["name"] for site in AnalysisResult.load(out).meta["sites"]] == ["net.2", "net.5"]

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
+from matplotlib.ticker import FixedLocator, MaxNLocator, NullLocator
 
 Tables = dict[str, pd.DataFrame]
 DrawFn = Callable[[Tables, Figure], None]
@@ -129,6 +130,15 @@ def _total(table: pd.DataFrame) -> pd.DataFrame:
     return total if not total.empty else table
 
 
+def _batch_axis(ax, sizes) -> None:
+    """A log2 x axis with one labelled tick per batch size."""
+    sizes = sorted({int(v) for v in sizes})
+    ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_locator(FixedLocator(sizes))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xticklabels([str(v) for v in sizes])
+
+
 def _site_ticks(ax, sites: list[str]) -> None:
     ax.set_xticks(range(len(sites)), sites, rotation=30 if len(sites) > 4 else 0, ha="right" if len(sites) > 4 else "center")
 
@@ -193,7 +203,8 @@ def gls_r2_depth(tables: Tables, fig: Figure) -> None:
         err = np.vstack([rows["r2_median"] - rows["r2_q10"], rows["r2_q90"] - rows["r2_median"]]).clip(min=0)
         ax.errorbar(rows.index, rows["r2_median"], yerr=err, fmt="o", capsize=3, color=colors[kind], label=kind)
     ax.set(xlabel="site (forward order)", ylabel="R^2 of g on z", ylim=(min(0.0, table["r2_q10"].min()), 1.02))
-    ax.legend(title="kind", frameon=False, loc="upper right")
+    ax.set_xlim(-0.5, len(table) - 0.5)
+    ax.legend(title="kind", frameon=False, loc="center left", bbox_to_anchor=(1.0, 0.5))
     _site_ticks(ax, table["site"].tolist())
 
 
@@ -209,11 +220,12 @@ def gls_scatter(tables: Tables, fig: Figure) -> None:
     table = _finite(tables["gls_scatter"], ["z", "g", "fit"])
     if table.empty:
         raise _NoData("gls_scatter has no finite (z, g) pairs")
-    keys = table[["site", "partition"]].drop_duplicates()
+    columns = [c for c in ("site", "record", "partition") if c in table.columns]
+    keys = table[columns].drop_duplicates()
     picks = keys.iloc[np.unique(np.linspace(0, len(keys) - 1, min(3, len(keys))).round().astype(int))]
-    axes = np.atleast_1d(fig.subplots(1, len(picks), squeeze=False)[0])
+    axes = fig.subplots(1, len(picks), squeeze=False)[0]
     for ax, (_, key) in zip(axes, picks.iterrows()):
-        rows = table[(table["site"] == key["site"]) & (table["partition"] == key["partition"])].sort_values("z")
+        rows = table[np.logical_and.reduce([table[c] == key[c] for c in columns])].sort_values("z")
         ax.vlines(rows["z"], rows["fit"], rows["g"], color="0.75", lw=0.6)
         ax.scatter(rows["z"], rows["g"], s=9, color="#4c72b0", zorder=3, label="(z, g)")
         ax.plot(rows["z"], rows["fit"], color="#c44e52", lw=1.5, label="alpha + beta z")
@@ -254,9 +266,35 @@ def gls_batch_sweep(tables: Tables, fig: Figure) -> None:
         raise _NoData("gls_batch_sweep has no finite rows")
     ax = fig.subplots()
     sns.lineplot(data=table, x="batch_size", y="r2_mean", hue="site", hue_order=_by_depth(table), marker="o", ax=ax, palette=PALETTE)
-    ax.set_xscale("log", base=2)
+    _batch_axis(ax, table["batch_size"])
     ax.set(xlabel="batch size", ylabel="mean R^2")
     ax.legend(title="site", frameon=False, fontsize="small", loc="center left", bbox_to_anchor=(1.0, 0.5))
+
+
+@figure(
+    "gls",
+    "Small-batch regularization",
+    "Relative distance of each site's gradient at batch size B to its gradient at the largest batch, for the "
+    "plain backward pass (solid) and seed 002's regularized one (dashed: two virtual items at z = +1 and -1 "
+    "with running alpha*, beta*; seed 002 Appendix C, MATH.md §2).",
+    {"gls_regularization": ("site", "batch_size", "dist_plain", "dist_regularized")},
+    size=(7.0, 3.0),
+)
+def gls_regularization(tables: Tables, fig: Figure) -> None:
+    table = tables["gls_regularization"].melt(
+        id_vars=["site", "batch_size"], value_vars=["dist_plain", "dist_regularized"], var_name="gradient", value_name="distance"
+    )
+    table = _finite(table, ["batch_size", "distance"], positive=True)
+    if table.empty:
+        raise _NoData("gls_regularization has no positive finite distances")
+    ax = fig.subplots()
+    sns.lineplot(
+        data=table.replace({"gradient": {"dist_plain": "plain", "dist_regularized": "regularized"}}), x="batch_size", y="distance",
+        hue="site", style="gradient", style_order=["plain", "regularized"], marker="o", ax=ax, palette=PALETTE,
+    )
+    _batch_axis(ax, table["batch_size"])
+    ax.set(yscale="log", xlabel="batch size", ylabel="distance to large-batch gradient")
+    ax.legend(frameon=False, fontsize="small", loc="center left", bbox_to_anchor=(1.0, 0.5))
 
 
 @figure(
@@ -272,12 +310,17 @@ def bias_loglog(tables: Tables, fig: Figure) -> None:
     if table.empty:
         raise _NoData("bias_estimators has no positive finite rel_bias")
     ax = fig.subplots()
-    floor = table["rel_bias"].min() / 10
-    for color, (name, rows) in zip(sns.color_palette(PALETTE), table.groupby("estimator", sort=True)):
-        rows = rows.groupby("batch_size", as_index=False)[["rel_bias", "rel_bias_lo", "rel_bias_hi"]].mean()
-        ax.plot(rows["batch_size"], rows["rel_bias"], "o-", color=color, label=name)
-        ax.fill_between(rows["batch_size"], rows["rel_bias_lo"].clip(lower=floor), rows["rel_bias_hi"].clip(lower=floor), color=color, alpha=0.15, lw=0)
-    ax.set(xscale="log", yscale="log", xlabel="batch size B", ylabel="relative bias")
+    names = sorted(table["estimator"].unique())
+    offsets = np.exp(np.linspace(-0.06, 0.06, len(names))) if len(names) > 1 else [1.0]
+    for color, offset, name in zip(sns.color_palette(PALETTE, len(names)), offsets, names):
+        rows = table[table["estimator"] == name].groupby("batch_size", as_index=False)[["rel_bias", "rel_bias_lo", "rel_bias_hi"]].mean()
+        low = (rows["rel_bias"] - rows["rel_bias_lo"]).clip(lower=0).fillna(0)
+        high = (rows["rel_bias_hi"] - rows["rel_bias"]).clip(lower=0).fillna(0)
+        ax.plot(rows["batch_size"], rows["rel_bias"], "o-", color=color, label=name, ms=4.5)
+        ax.errorbar(rows["batch_size"] * offset, rows["rel_bias"], yerr=[low, high], fmt="none", ecolor=color, alpha=0.55, capsize=2, lw=0.9)
+    ax.set(yscale="log", xlabel="batch size B", ylabel="relative bias")
+    ax.set_ylim(bottom=table["rel_bias"].min() / 3)
+    _batch_axis(ax, table["batch_size"])
     ax.legend(title="estimator", frameon=False, loc="center left", bbox_to_anchor=(1.0, 0.5))
 
 
@@ -293,12 +336,15 @@ def bias_variance(tables: Tables, fig: Figure) -> None:
     if table.empty:
         raise _NoData("bias_estimators has no finite variance / cosine")
     left, right = fig.subplots(1, 2)
-    common = dict(data=table, x="batch_size", hue="estimator", marker="o", palette=PALETTE, errorbar=None)
-    sns.lineplot(y="variance", ax=left, **common)
-    sns.lineplot(y="cosine", ax=right, legend=False, **common)
-    left.set(xscale="log", yscale="log" if (table["variance"] > 0).all() else "linear", xlabel="batch size B", ylabel="tr(Cov g_hat)")
-    right.set(xscale="log", xlabel="batch size B", ylabel="cosine to g*")
-    left.legend(title="estimator", frameon=False, fontsize="small")
+    names = sorted(table["estimator"].unique())
+    common = dict(data=table, x="batch_size", hue="estimator", hue_order=names, marker="o", palette=PALETTE, errorbar=None)
+    sns.lineplot(y="variance", ax=left, legend=False, **common)
+    sns.lineplot(y="cosine", ax=right, **common)
+    left.set(yscale="log" if (table["variance"] > 0).all() else "linear", xlabel="batch size B", ylabel="tr(Cov g_hat)")
+    right.set(xlabel="batch size B", ylabel="cosine to g*")
+    for ax in (left, right):
+        _batch_axis(ax, table["batch_size"])
+    right.legend(title="estimator", frameon=False, fontsize="small", loc="center left", bbox_to_anchor=(1.0, 0.5))
 
 
 @figure(
@@ -311,15 +357,21 @@ def bias_variance(tables: Tables, fig: Figure) -> None:
     size=(7.0, 3.6),
 )
 def descent_acrit(tables: Tables, fig: Figure) -> None:
-    table = _finite(tables["descent_directions"], ["a_crit"], positive=True)
+    every = tables["descent_directions"]
+    table = _finite(every, ["a_crit"], positive=True)
     if table.empty:
         raise _NoData("descent_directions has no positive finite a_crit (d^T H d <= 0 everywhere)")
+    fig.set_size_inches(fig.get_figwidth(), min(6.0, 1.4 + 0.32 * table["group"].nunique()))
     ax = fig.subplots()
     style = "direction" if "direction" in table.columns and table["direction"].nunique() > 1 else None
     sns.scatterplot(data=table, x="a_crit", y="group", hue="mode", style=style, ax=ax, s=45, palette=PALETTE)
     for lr in pd.to_numeric(table["lr"], errors="coerce").dropna().unique():
         ax.axvline(lr, color="0.3", ls="--", lw=1)
     ax.set(xscale="log", xlabel="a_crit (log)", ylabel="")
+    dropped = every.drop(index=table.index)
+    if not dropped.empty:
+        names = ", ".join(sorted({f"{m} · {g}" for m, g in zip(dropped["mode"], dropped["group"])})[:4])
+        ax.set_title(f"not shown (d^T H d <= 0, no critical step): {names}", fontsize="small", loc="left", color="0.35")
     ax.legend(frameon=False, loc="center left", bbox_to_anchor=(1.0, 0.5))
 
 
@@ -344,6 +396,7 @@ def descent_spectrum(tables: Tables, fig: Figure) -> None:
         for lr in pd.to_numeric(directions["lr"], errors="coerce").dropna().unique():
             if lr > 0:
                 ax.axhline(2 / lr, color="0.3", ls="--", lw=1, label="2 / lr")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set(xlabel="rank", ylabel="eigenvalue")
     ax.legend(frameon=False, fontsize="small", loc="center left", bbox_to_anchor=(1.0, 0.5))
 
@@ -384,11 +437,16 @@ def compare_curves(tables: Tables, fig: Figure) -> None:
     sizes = sorted(table["batch_size"].unique())[:4]
     axes = fig.subplots(1, len(sizes), squeeze=False, sharey=True)[0]
     ops = sorted(table["op"].unique())
-    for i, (ax, size) in enumerate(zip(axes, sizes)):
+    colors = dict(zip(ops, sns.color_palette(PALETTE)))
+    for ax, size in zip(axes, sizes):
         rows = table[table["batch_size"] == size]
-        sns.lineplot(data=rows, x="step", y="loss", hue="op", hue_order=ops, style="split", ax=ax, palette=PALETTE, errorbar=None, legend=i == len(sizes) - 1)
-        ax.set(title=f"batch size {size}", yscale="log")
-    axes[-1].legend(frameon=False, fontsize="small", loc="center left", bbox_to_anchor=(1.0, 0.5))
+        for op, run in rows.groupby("op", sort=True):
+            train, test = run[run["split"] == "train"], run[run["split"] != "train"]
+            ax.plot(train["step"], train["loss"], "-", color=colors[op], lw=1.2, label=f"{op} (train)")
+            ax.plot(test["step"], test["loss"], "o--", color=colors[op], ms=5, lw=1, label=f"{op} (test)")
+        ax.set(title=f"batch size {size}", yscale="log", xlabel="step", ylabel="loss")
+    handles, labels = axes[-1].get_legend_handles_labels()
+    axes[-1].legend(handles, labels, frameon=False, fontsize="small", loc="center left", bbox_to_anchor=(1.0, 0.5))
 
 
 @figure(

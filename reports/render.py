@@ -16,6 +16,7 @@ import jinja2
 import pandas as pd
 
 from normscope.reports.figures import RenderedFigure, render_figures
+from normscope.reports.findings import derived_findings
 from normscope.result import AnalysisResult
 
 MAX_ROWS = 200
@@ -30,6 +31,7 @@ class SectionSpec:
     intro: str
     tables: tuple[str, ...]
     how_to_run: str
+    views: dict[str, str] = field(default_factory=dict)
 
 
 SECTIONS: tuple[SectionSpec, ...] = (
@@ -46,7 +48,7 @@ SECTIONS: tuple[SectionSpec, ...] = (
         "Gradient least squares",
         "Backpropagation through a normalization keeps the residual of a least-squares fit of "
         "g = dL/dz on z per partition (seed 002): how much of the incoming gradient each site explains away.",
-        ("gls_sites", "gls_two_step", "gls_whatif", "gls_regularization"),
+        ("gls_sites", "gls_kinds", "gls_two_step", "gls_whatif"),
         "not run: select it with `normscope analyze --analyzers gls`.",
     ),
     SectionSpec(
@@ -56,6 +58,7 @@ SECTIONS: tuple[SectionSpec, ...] = (
         "the gradient with moments over the whole data set (seed 004).",
         ("bias_slopes", "bias_jacobian", "bias_estimators"),
         "not run: select it with `normscope analyze --analyzers bias`.",
+        {"bias_slopes": "group == 'total'", "bias_estimators": "group == 'total'"},
     ),
     SectionSpec(
         "descent",
@@ -83,6 +86,7 @@ class HtmlTable:
     columns: list[str]
     rows: list[list[tuple[str, str]]]
     total_rows: int
+    view: str = ""
 
 
 @dataclass
@@ -137,18 +141,27 @@ def _section(spec: SectionSpec, result: AnalysisResult, tables: dict[str, pd.Dat
     section = Section(spec.key, spec.title, spec.intro, ran, str(error) if error else spec.how_to_run)
     if not ran:
         return section
-    section.findings = [str(s) for s in result.findings.get(spec.key, [])]
+    section.findings = [str(s) for s in result.findings.get(spec.key, [])] or derived_findings(spec.key, tables)
     section.headline = [(str(k), _text(v)) for k, v in result.headline.get(spec.key, {}).items()]
     section.figures = render_figures(spec.key, tables)
-    section.tables = [_html_table(name, own[name]) for name in spec.tables if name in own and not own[name].empty]
+    section.tables = [_html_table(name, own[name], spec.views.get(name, "")) for name in spec.tables if name in own and not own[name].empty]
     section.other_tables = [(name, len(t)) for name, t in sorted(own.items()) if name not in spec.tables or t.empty]
     return section
 
 
-def _html_table(name: str, table: pd.DataFrame) -> HtmlTable:
-    shown = table.head(MAX_ROWS)
-    rows = [[_cell(v) for v in record] for record in shown.itertuples(index=False, name=None)]
-    return HtmlTable(name, [str(c) for c in table.columns], rows, len(table))
+def _html_table(name: str, table: pd.DataFrame, view: str = "") -> HtmlTable:
+    """The first ``MAX_ROWS`` rows of ``table``, of those that match the pandas query ``view``
+    (when the table has rows that match)."""
+    shown = table
+    if view:
+        try:
+            shown = table.query(view)
+        except (KeyError, ValueError, SyntaxError, pd.errors.UndefinedVariableError):
+            shown = table.iloc[:0]
+        if shown.empty:
+            shown, view = table, ""
+    rows = [[_cell(v) for v in record] for record in shown.head(MAX_ROWS).itertuples(index=False, name=None)]
+    return HtmlTable(name, [str(c) for c in table.columns], rows, len(table), view)
 
 
 def _cell(value: object) -> tuple[str, str]:

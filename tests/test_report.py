@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import os
 import re
 import shutil
@@ -22,8 +23,8 @@ from normscope.api import analyze
 from normscope.data import load_digits
 from normscope.models import build_model
 from normscope.reports.figures import FIGURES, missing_data, render_figures
-from normscope.reports.render import SECTIONS, render_html
-from normscope.result import AnalysisResult
+from normscope.reports.render import MAX_ROWS, SECTIONS, render_html
+from normscope.result import AnalysisResult, read_tables, write_tables
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 CHROMIUM = Path("/usr/bin/chromium")
@@ -93,28 +94,6 @@ def _flat_grad(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tens
     return torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(model.parameters()))])
 
 
-def _bias_tables(model: nn.Module, x: torch.Tensor, y: torch.Tensor, repeats: int = 6) -> dict[str, pd.DataFrame]:
-    """Relative bias of the minibatch-BN gradient against the full-batch gradient g* (MATH.md §4)."""
-    g_star = _flat_grad(model, x, y)
-    generator = torch.Generator().manual_seed(0)
-    rows = []
-    for b in (8, 16, 32):
-        est = torch.stack([_flat_grad(model, x[idx], y[idx]) for idx in (torch.randperm(len(x), generator=generator)[:b] for _ in range(repeats))])
-        variance = est.var(0, correction=1).sum()
-        raw = (est.mean(0) - g_star).pow(2).sum()
-        corrected = (raw - variance / repeats).clamp(min=0)
-        norm = g_star.norm()
-        spread = 2 * variance.sqrt() / np.sqrt(repeats) / norm
-        rel = float(corrected.sqrt() / norm)
-        rows.append({"estimator": "batchnorm", "batch_size": b, "group": "total", "rel_bias": rel,
-                     "rel_bias_lo": max(rel - float(spread), 0.0), "rel_bias_hi": rel + float(spread),
-                     "rel_bias_uncorrected": float(raw.sqrt() / norm), "variance": float(variance),
-                     "cosine": float(F.cosine_similarity(est.mean(0), g_star, dim=0)), "repeats": repeats})
-    table = pd.DataFrame(rows)
-    slope, intercept = np.polyfit(np.log(table["batch_size"]), np.log(table["rel_bias"].clip(lower=1e-300)), 1)
-    return {"bias_estimators": table, "bias_slopes": pd.DataFrame([{"estimator": "batchnorm", "group": "total", "slope": slope, "intercept": intercept}])}
-
-
 def _descent_tables(model: nn.Module, x: torch.Tensor, y: torch.Tensor, lr: float = 0.1) -> dict[str, pd.DataFrame]:
     """a_crit = 2||d||^2 / d^T H d, top eigenvalues (eigsh on HVPs) and the quadratic model (MATH.md §5)."""
     params = list(model.parameters())
@@ -176,7 +155,7 @@ def _compare_tables(x: torch.Tensor, y: torch.Tensor, xt: torch.Tensor, yt: torc
     return {"compare_curves": pd.DataFrame(curves), "compare_summary": pd.DataFrame(summary)}
 
 
-FALLBACKS = {"gls": _gls_tables, "bias": _bias_tables, "descent": _descent_tables}
+FALLBACKS = {"gls": _gls_tables, "descent": _descent_tables}
 
 
 @pytest.fixture(scope="module")
@@ -246,13 +225,17 @@ def test_sections_findings_and_headline(page, result):
         assert label.replace("_", " ") in page
 
 
-def test_tables_have_every_row_and_column(page, result):
-    for name in ("stats_sites", "gls_sites", "bias_slopes", "descent_directions", "compare_summary"):
-        body = page.split(f'data-table="{name}"')[1].split("</table>")[0]
-        table = result.tables.get(name)
-        if table is None:
-            continue
-        assert body.count("<tr>") == len(table) + 1
+def test_tables_have_every_row_and_column(page, result, compare):
+    views = {name: view for spec in SECTIONS for name, view in spec.views.items()}
+    tables = {**result.tables, **compare}
+    for spec in SECTIONS:
+        for name in spec.tables:
+            if name not in tables or tables[name].empty:
+                assert f'data-table="{name}"' not in page
+                continue
+            body = page.split(f'data-table="{name}"')[1].split("</table>")[0]
+            table = tables[name].query(views[name]) if name in views else tables[name]
+            assert body.count("<tr>") == min(len(table), MAX_ROWS) + 1
         assert re.findall(r"<th [^>]*>([^<]+)</th>", body) == list(table.columns)
 
 
@@ -282,8 +265,9 @@ def test_figure_skips_itself_naming_what_is_missing(result):
     assert figures["gls_scatter"].skipped == "needs gls_scatter (no table)"
     assert figures["gls_r2_depth"].png_base64 and not figures["gls_r2_depth"].skipped
     assert missing_data({"gls_sites": tables["gls_sites"].iloc[:0]}, {"gls_sites": ("site",)}) == ["gls_sites (empty)"]
-    page = render_html(AnalysisResult(tables=tables, meta=result.meta))
+    page = render_html(AnalysisResult(tables={"gls_sites": tables["gls_sites"]}))
     assert "Figure skipped: needs gls_sites.naive_gap." in page
+    assert "Figure skipped: needs gls_scatter (no table)." in page
 
 
 def test_cells_escape_and_sort_keys():
@@ -296,12 +280,14 @@ def test_cells_escape_and_sort_keys():
     assert '<td data-sort="1">yes</td>' in page and '<td data-sort="4">4</td>' in page
 
 
-def test_renders_a_saved_and_loaded_result(result, tmp_path):
-    folder = result.save(tmp_path / "out")
-    loaded = AnalysisResult.load(folder)
+def test_renders_tables_and_summary_read_back_from_disk(result, tmp_path):
+    write_tables(tmp_path, result.tables)
+    summary = json.loads(json.dumps(result.summary(), allow_nan=False))
+    loaded = AnalysisResult(read_tables(tmp_path), summary["findings"], summary["headline"], summary["meta"])
     page = render_html(loaded)
     assert sorted(key for key, *_ in _figures(page)) == sorted(spec.key for spec in FIGURES if spec.section != "compare")
-    assert (folder / "report.html").read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
+    for site in result.meta["sites"]:
+        assert f">{site['name']}<" in page
 
 
 def _chromium_or_skip() -> None:

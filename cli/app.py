@@ -12,6 +12,7 @@ import typer
 
 from normscope.cli.analyze import analyze
 from normscope.cli.boundary import fail
+from normscope.cli.compare import compare
 from normscope.cli.report import report
 from normscope.cli.sites import sites
 from normscope.errors import NormscopeError
@@ -26,14 +27,7 @@ app = typer.Typer(
 app.command("analyze")(analyze)
 app.command("sites")(sites)
 app.command("report")(report)
-
-try:
-    from normscope.cli.compare import compare
-except ModuleNotFoundError as missing:
-    if missing.name != "normscope.cli.compare":
-        raise
-else:
-    app.command("compare")(compare)
+app.command("compare")(compare)
 
 
 def main() -> None:

@@ -14,7 +14,7 @@ import torch
 from typer.testing import CliRunner
 
 from normscope.cli.app import app
-from normscope.result import AnalysisResult, write_tables
+from normscope.result import AnalysisResult
 from tests.cli_helpers import small_bn_net
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,12 +56,12 @@ def test_report_rebuilds_the_page_from_saved_tables(default_run, tmp_path):
     assert result.exit_code == 0, result.output
     assert result.stdout.strip() == str(page) and page.stat().st_size > 0
     compare = tmp_path / "compare"
-    curves = pd.DataFrame({"op": ["bn", "median_op_x"], "batch_size": [2, 2], "final_train_loss": [0.5, 0.7],
-                           "final_test_loss": [0.6, 0.8], "final_test_accuracy": [0.9, 0.8], "seconds": [1.0, 2.0]})
-    write_tables(compare / "tables", {"compare_summary": curves})
+    trained = runner.invoke(app, ["compare", "--ops", "bn,renorm", "--batch-size", "4", "--steps", "2", "--out", str(compare)])
+    assert trained.exit_code == 0, trained.output
+    assert "renorm" not in page.read_text()
     result = runner.invoke(app, ["report", str(out), "--compare", str(compare)])
     assert result.exit_code == 0, result.output
-    assert "median_op_x" in page.read_text()
+    assert "renorm" in page.read_text() and "compare_summary" in page.read_text()
     missing = runner.invoke(app, ["report", str(out), "--compare", str(tmp_path)])
     assert missing.exit_code == 1 and missing.stderr.count("\n") == 1 and "no compare_* tables" in missing.stderr
 

@@ -81,3 +81,11 @@ class InterruptAfter(Dataset):
 def interrupting_loader(batch_size: int = 32) -> DataLoader:
     """Yields one batch, then is interrupted while reading the second."""
     return DataLoader(InterruptAfter(batch_size), batch_size=batch_size)
+
+
+def nan_pixel_loader(batch_size: int = 32) -> DataLoader:
+    """The digits with one NaN pixel in the first image: NaN activations from the first layer on."""
+    images, labels = load_digits(split="test")
+    images = images[:64].clone()
+    images[0, 0, 3, 3] = float("nan")
+    return DataLoader(TensorDataset(images, labels[:64]), batch_size=batch_size)

@@ -171,3 +171,14 @@ def test_cli_analyzes_a_trusted_pickle_and_a_safetensors_file(files, tmp_path, n
     from normscope.result import AnalysisResult
 
     assert [site["name"] for site in AnalysisResult.load(out).meta["sites"]] == ["net.2", "net.5"]
+
+
+def test_nonfinite_activations_are_reported_per_site_not_a_crash(files, tmp_path):
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["analyze", str(files["state.pt"]), "--model", "mlp_bn", "--data", "tests.cli_helpers:nan_pixel_loader",
+                                 "--analyzers", "stats", "--batches", "1", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    from normscope.result import AnalysisResult
+
+    sites = AnalysisResult.load(out).tables["stats_sites"].set_index("site")
+    assert (sites["nonfinite"] > 0).all()

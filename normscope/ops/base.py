@@ -32,6 +32,15 @@ def stats_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float32 if x.dtype in LOW_PRECISION else x.dtype
 
 
+def mean_var(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and biased variance of ``x`` ``(N, C, *)``, two-pass:
+    ``mean(x)`` then ``mean((x - mean)^2)`` (on CPU several times faster than ``torch.var_mean``
+    over strided dims)."""
+    dims = reduce_dims(x)
+    mean = x.mean(dims)
+    return mean, (x - channel_view(mean, x)).square().mean(dims)
+
+
 class ChannelNorm(_NormBase):
     """Base class: BatchNorm's parameters, buffers and momentum rule; subclasses write ``forward``."""
 

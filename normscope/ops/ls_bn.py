@@ -24,7 +24,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from normscope.errors import InvalidArgumentError
-from normscope.ops.base import ChannelNorm, channel_view, reduce_dims, stats_dtype
+from normscope.ops.base import ChannelNorm, channel_view, mean_var, reduce_dims, stats_dtype
 
 
 def regularized_moments(
@@ -45,9 +45,8 @@ class _RegularizedNormalize(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, eps: float, state: Tensor, count: Tensor, weight: float, grad_momentum: float):
-        dims = reduce_dims(x)
         acc = x.to(stats_dtype(x))
-        var, mean = torch.var_mean(acc, dims, correction=0)
+        mean, var = mean_var(acc)
         inv_std = torch.rsqrt(var + eps)
         z = ((acc - channel_view(mean, x)) * channel_view(inv_std, x)).to(x.dtype)
         ctx.save_for_backward(z, inv_std)

@@ -151,7 +151,7 @@ def median_batch_norm(
     """Median batch normalization of ``x`` ``(N, C, *)``, per channel (seed 000 §2; MATH.md §3).
 
     ``y = weight * (x - M) / sqrt(var_M + eps) + bias`` with ``M`` the batch median and
-    ``var_M = mean((x - M)^2) = var(x) + (mean(x) - M)^2``. In training (or without running
+    ``var_M = mean((x - M)^2)``. In training (or without running
     statistics) ``M`` and ``var_M`` come from the batch and the running buffers move toward
     ``M`` and the unbiased ``var_M * m / (m - 1)`` with weight ``momentum`` (torch's BatchNorm rule,
     ``m`` values per channel); otherwise the running buffers normalize, exactly as ``F.batch_norm``.
@@ -175,23 +175,21 @@ def _normalize(
 ) -> Tensor:
     if not training:
         return F.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, eps)
-    dims = reduce_dims(x)
     acc = x.to(stats_dtype(x))
     median = _BatchMedian.apply(acc, backward, delta)
-    var, mean = torch.var_mean(acc, dims, correction=0)
-    var_m = var + (mean - median).square()
+    centered = acc - channel_view(median, x)
+    var_m = centered.square().mean(reduce_dims(x))
     scale = torch.rsqrt(var_m + eps)
     if weight is not None:
         scale = scale * weight
-    shift = -median * scale
-    if bias is not None:
-        shift = shift + bias
     if running_mean is not None and running_var is not None:
         count = x.numel() // x.shape[1]
         with torch.no_grad():
             running_mean.lerp_(median.detach().to(running_mean.dtype), momentum)
             running_var.lerp_((var_m.detach() * count / (count - 1)).to(running_var.dtype), momentum)
-    return torch.addcmul(channel_view(shift, x).to(x.dtype), x, channel_view(scale, x).to(x.dtype))
+    if bias is None:
+        return (centered * channel_view(scale, x)).to(x.dtype)
+    return torch.addcmul(channel_view(bias, x), centered, channel_view(scale, x)).to(x.dtype)
 
 
 class MedianBatchNorm(ChannelNorm):

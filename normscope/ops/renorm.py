@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from normscope.errors import InvalidArgumentError
-from normscope.ops.base import ChannelNorm, reduce_dims, stats_dtype
+from normscope.ops.base import ChannelNorm, mean_var, stats_dtype
 
 Limit = Union[float, Callable[[int], float]]
 
@@ -70,7 +70,7 @@ def batch_renorm(
     if not training:
         return F.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, eps)
     with torch.no_grad():
-        var_b, mean_b = torch.var_mean(x.to(stats_dtype(x)), reduce_dims(x), correction=0)
+        mean_b, var_b = mean_var(x.to(stats_dtype(x)))
         sigma = (running_var + eps).sqrt()
         r = ((var_b + eps).sqrt() / sigma).clamp(1.0 / rmax, rmax)
         d = ((mean_b - running_mean) / sigma).clamp(-dmax, dmax)

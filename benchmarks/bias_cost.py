@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import ctypes
-import statistics
 import time
 from pathlib import Path
 
@@ -59,7 +58,7 @@ def _time(fn, device: torch.device, repeats: int = REPEATS) -> float:
         fn()
         _sync(device)
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return min(times)
 
 
 def _rss_kib(field: str) -> int:

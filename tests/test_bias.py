@@ -172,7 +172,7 @@ def test_analyze_quick_on_the_default_model(digits) -> None:
     assert set(estimators["batch_size"]) == {4, 16, 64}
     assert set(estimators["group"]) == {"total", *[n for n, _ in model.named_parameters()]}
     assert seen == [("estimator bias", 18)]
-    assert any(f.startswith("BatchNorm at batch 4 is") for f in out.findings)
+    assert any(f.startswith("BatchNorm at batch 4 ") for f in out.findings)
     assert out.headline["bias_examples"] == 256
     again = get_analyzer("bias")(ctx)
     assert again.tables["bias_estimators"].equals(estimators)

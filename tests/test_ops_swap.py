@@ -113,3 +113,12 @@ def test_swap_keeps_dtype_and_device():
     swapped = swap_norms(model, "renorm")
     assert swapped.net[2].weight.dtype == torch.float64 and swapped.net[2].running_var.dtype == torch.float64
     assert swapped(torch.rand(4, 1, 8, 8, dtype=torch.float64)).dtype == torch.float64
+
+
+def test_ops_package_lists_every_public_name():
+    import normscope.ops as ops
+
+    missing = [name for name in ops.__all__ if not hasattr(ops, name)]
+    assert not missing
+    with pytest.raises(AttributeError, match="no attribute"):
+        ops.not_an_op  # noqa: B018

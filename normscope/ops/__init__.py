@@ -21,8 +21,12 @@ _LAZY = {
     "population_norm": "normscope.ops.population",
     "scale_grad": "normscope.ops.population",
     "rotation_matrix": "normscope.ops.population",
-    "two_stage": "normscope.ops.two_stage",
-    "folding": "normscope.ops.folding",
+    "TwoStageResult": "normscope.ops.two_stage",
+    "two_stage_gradient": "normscope.ops.two_stage",
+    "two_tower_gradient": "normscope.ops.two_stage",
+    "two_stage_step": "normscope.ops.two_stage",
+    "fold": "normscope.ops.folding",
+    "fold_model": "normscope.ops.folding",
 }
 
 __all__ = [
@@ -50,8 +54,7 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    """Import the seed-004 ops (``PopulationNorm``, ``two_stage``, ``folding``, ...) on first access."""
+    """Import the seed-004 names (``PopulationNorm``, ``two_stage_gradient``, ``fold``, ...) on first access."""
     if name not in _LAZY:
         raise AttributeError(f"module 'normscope.ops' has no attribute {name!r}")
-    module = importlib.import_module(_LAZY[name])
-    return module if module.__name__.endswith(f".{name}") else getattr(module, name)
+    return getattr(importlib.import_module(_LAZY[name]), name)

@@ -156,7 +156,9 @@ def test_analyze_quick_on_the_default_model(digits) -> None:
         yield from iterable
 
     x, y = digits[0].float(), digits[1]
-    ctx = AnalysisContext(model=model, batches=[(x[:32], y[:32])], dataset=(x, y), track=track, seed=3)
+    ctx = AnalysisContext(
+        model=model, batches=[(x[:32], y[:32])], dataset=(x, y), track=track, seed=3, options={"bias_repeats": 3}
+    )
     out = get_analyzer("bias")(ctx)
     assert_unchanged(model, state)
     columns = {

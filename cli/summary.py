@@ -11,8 +11,8 @@ from rich.table import Table
 
 from normscope.result import AnalysisResult
 
-MAX_FINDINGS = 3
-MAX_FIGURES = 6
+MAX_FINDINGS = 1
+MAX_FIGURES = 4
 
 
 def print_summary(result: AnalysisResult, out: Path, console: Console) -> None:
@@ -25,7 +25,7 @@ def print_summary(result: AnalysisResult, out: Path, console: Console) -> None:
     overview.add_row("sites", ", ".join(f"{count} {kind}" for kind, count in kinds.items()))
     overview.add_row("data", f"{data.get('source')}: {data.get('batches')} batches of {data.get('batch_size')} on {meta.get('device')}")
     overview.add_row("time", f"{meta['seconds']['total']:.1f} s")
-    overview.add_row("output", str(out))
+    overview.add_row("output", f"{out} (open {out / 'report.html'} for everything)")
     parts = [overview]
     for name in list(result.headline) + [n for n in result.findings if n not in result.headline]:
         figures = Table(title=name, title_justify="left", show_header=False, box=None, padding=(0, 2))

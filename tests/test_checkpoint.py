@@ -79,7 +79,7 @@ def test_whole_pickled_module_loads_only_with_trust(files, mlp):
         load_model(files["whole.pt"], None)
     model = load_model(files["whole.pt"], None, trust=True)
     assert type(model) is type(mlp)
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), mlp.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), mlp.state_dict().values(), strict=True))
 
 
 def test_user_factory_spec_builds_the_users_model(tmp_path):
@@ -87,7 +87,7 @@ def test_user_factory_spec_builds_the_users_model(tmp_path):
     torch.save(user.state_dict(), tmp_path / "user.pt")
     loaded = load_model(tmp_path / "user.pt", "tests.cli_helpers:small_bn_net")
     assert isinstance(loaded, torch.nn.Sequential)
-    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), user.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), user.state_dict().values(), strict=True))
 
 
 def test_nonfinite_weights_are_named_per_module(files):

@@ -301,7 +301,7 @@ def gls_regularization(tables: Tables, fig: Figure) -> None:
     "bias",
     "Estimator bias against batch size",
     "Relative bias ||E g_hat - g*|| / ||g*|| of each estimator (all parameters), Monte-Carlo noise "
-    "tr(Cov g_hat)/R removed, band = confidence interval; log-log axes (seed 004 §2.2, MATH.md §4). "
+    "tr(Cov g_hat)/R removed, error bars = its confidence interval; log-log axes (seed 004 §2.2, MATH.md §4). "
     "Seed 004 expects roughly 1/B for BatchNorm.",
     {"bias_estimators": ("estimator", "batch_size", "group", "rel_bias", "rel_bias_lo", "rel_bias_hi")},
 )

@@ -1,43 +1,32 @@
-"""Findings in plain words for report sections whose tables come without any (``compare_*``).
+"""Findings in plain words for report sections whose tables arrive without any.
 
-Analyzers write their own findings (``AnalysisResult.findings``); the comparison of ops arrives
-as tables only, so its findings are derived here from ``compare_summary``.
+Analyzers write their own findings (``AnalysisResult.findings``); the tables of
+``normscope compare`` reach :func:`normscope.reports.render.render_html` as tables only, so their
+findings are recomputed here with :func:`normscope.compare.findings`, the sentences
+``normscope compare`` itself prints.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 
-COMPARE_COLUMNS = {"op", "batch_size", "final_test_accuracy"}
+from normscope.compare import findings as compare_summary_findings
+
+COMPARE_COLUMNS = ("op", "batch_size", "final_test_accuracy")
 
 
 def compare_findings(tables: dict[str, pd.DataFrame]) -> list[str]:
-    """Per batch size the ops with the highest and lowest final test accuracy, then how much each
-    op's accuracy changes from the largest to the smallest batch size (``compare_summary``)."""
+    """Per batch size the op with the best final test accuracy against BatchNorm, and the runs
+    that diverged (non-finite final training loss), from ``compare_summary``."""
     summary = tables.get("compare_summary")
-    if summary is None or not COMPARE_COLUMNS <= set(summary.columns):
+    if summary is None or summary.empty or any(c not in summary.columns for c in COMPARE_COLUMNS):
         return []
     summary = summary.dropna(subset=["final_test_accuracy"])
-    findings = []
-    for size, rows in summary.groupby("batch_size", sort=True):
-        rows = rows.sort_values("final_test_accuracy", ascending=False)
-        best, worst = rows.iloc[0], rows.iloc[-1]
-        if len(rows) == 1:
-            findings.append(f"At batch size {size}, {best['op']} reaches {best['final_test_accuracy']:.1%} test accuracy.")
-        else:
-            findings.append(
-                f"At batch size {size}, {best['op']} reaches the best test accuracy ({best['final_test_accuracy']:.1%}) "
-                f"and {worst['op']} the lowest ({worst['final_test_accuracy']:.1%})."
-            )
-    sizes = sorted(summary["batch_size"].unique())
-    if len(sizes) > 1:
-        small, large = sizes[0], sizes[-1]
-        by_op = summary.pivot_table(index="op", columns="batch_size", values="final_test_accuracy")
-        change = (by_op[small] - by_op[large]).dropna().sort_values()
-        if not change.empty:
-            parts = ", ".join(f"{op} {delta * 100:+.1f}" for op, delta in change.items())
-            findings.append(f"Test accuracy from batch size {large} down to {small}, in points: {parts}.")
-    return findings
+    if "diverged" not in summary.columns:
+        loss = pd.to_numeric(summary.get("final_train_loss", pd.Series(0.0, index=summary.index)), errors="coerce")
+        summary = summary.assign(diverged=~np.isfinite(loss))
+    return compare_summary_findings(summary)
 
 
 DERIVED = {"compare": compare_findings}

@@ -14,14 +14,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from markupsafe import escape
 import torch
 import torch.nn.functional as F
 from scipy.sparse.linalg import LinearOperator, eigsh
 from torch import nn
 
+from normscope.analyzers import ANALYZERS, AnalysisContext, AnalyzerOutput, get_analyzer
 from normscope.api import analyze
+from normscope.compare import compare as run_compare
 from normscope.data import load_digits
 from normscope.models import build_model
+from normscope.reports.findings import compare_findings
 from normscope.reports.figures import FIGURES, missing_data, render_figures
 from normscope.reports.render import MAX_ROWS, SECTIONS, render_html
 from normscope.result import AnalysisResult, read_tables, write_tables
@@ -34,64 +38,6 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 # Tables of analyzers that are not committed yet, from small real computations on the same
 # model and data (never hard-coded numbers). Each is used only when its analyzer is missing.
-
-
-def _bn_sites(model: nn.Module) -> list[tuple[str, nn.BatchNorm1d]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.BatchNorm1d)]
-
-
-def _gls_by_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, dict[str, np.ndarray]]:
-    """Per BN site: z, g = gamma * dL/dy, the fit alpha + beta z, R^2 and naive gap (MATH.md §2)."""
-    inputs, grads = {}, {}
-    hooks = []
-    for name, bn in _bn_sites(model):
-        hooks.append(bn.register_forward_hook(lambda m, a, out, name=name: inputs.__setitem__(name, a[0].detach())))
-        hooks.append(bn.register_full_backward_hook(lambda m, gi, go, name=name: grads.__setitem__(name, go[0].detach())))
-    model.zero_grad()
-    F.cross_entropy(model(x), y).backward()
-    for h in hooks:
-        h.remove()
-    out = {}
-    for name, bn in _bn_sites(model):
-        xin = inputs[name]
-        var, mean = torch.var_mean(xin, dim=0, correction=0)
-        s = torch.sqrt(var + bn.eps)
-        z = (xin - mean) / s
-        g = bn.weight.detach() * grads[name]
-        fit = g.mean(0) + (g * z).mean(0) * z
-        r2 = 1 - ((g - fit) ** 2).sum(0) / (g**2).sum(0)
-        naive = g / s
-        true = (g - fit) / s
-        gap = torch.linalg.norm(naive - true) / torch.linalg.norm(true)
-        out[name] = {"z": z.numpy(), "g": g.numpy(), "fit": fit.numpy(), "r2": r2.numpy(), "naive_gap": float(gap)}
-    return out
-
-
-def _gls_tables(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, pd.DataFrame]:
-    per_site = _gls_by_batch(model, x, y)
-    sites = pd.DataFrame(
-        [
-            {"site": n, "kind": "batchnorm", "depth": d, "r2_mean": v["r2"].mean(), "r2_median": np.median(v["r2"]),
-             "r2_q10": np.quantile(v["r2"], 0.1), "r2_q90": np.quantile(v["r2"], 0.9), "naive_gap": v["naive_gap"]}
-            for d, (n, v) in enumerate(per_site.items())
-        ]
-    )
-    scatter = pd.concat(
-        [pd.DataFrame({"site": n, "partition": 0, "z": v["z"][:, 0], "g": v["g"][:, 0], "fit": v["fit"][:, 0]}) for n, v in per_site.items()]
-    )
-    sweep = pd.DataFrame(
-        [
-            {"site": n, "kind": "batchnorm", "depth": d, "batch_size": b, "r2_mean": v["r2"].mean()}
-            for b in (4, 16, 64)
-            for d, (n, v) in enumerate(_gls_by_batch(model, x[:b], y[:b]).items())
-        ]
-    )
-    return {"gls_sites": sites, "gls_scatter": scatter, "gls_batch_sweep": sweep}
-
-
-def _flat_grad(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    loss = F.cross_entropy(model(x), y)
-    return torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(model.parameters()))])
 
 
 def _descent_tables(model: nn.Module, x: torch.Tensor, y: torch.Tensor, lr: float = 0.1) -> dict[str, pd.DataFrame]:
@@ -131,31 +77,8 @@ def _descent_tables(model: nn.Module, x: torch.Tensor, y: torch.Tensor, lr: floa
     return {"descent_directions": pd.DataFrame(directions), "descent_spectrum": pd.DataFrame(spectrum), "descent_quadratic": pd.DataFrame(quadratic)}
 
 
-def _compare_tables(x: torch.Tensor, y: torch.Tensor, xt: torch.Tensor, yt: torch.Tensor) -> dict[str, pd.DataFrame]:
-    """Short seeded SGD runs of two reference models (BatchNorm MLP, GroupNorm CNN) at two batch sizes."""
-    curves, summary = [], []
-    for op, name in (("batchnorm", "mlp_bn"), ("groupnorm", "cnn_gn")):
-        for b in (8, 32):
-            model = build_model(name, seed=0).double()
-            opt = torch.optim.SGD(model.parameters(), lr=0.1)
-            generator = torch.Generator().manual_seed(0)
-            for step in range(12):
-                idx = torch.randint(len(x), (b,), generator=generator)
-                loss = F.cross_entropy(model(x[idx]), y[idx])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                curves.append({"op": op, "batch_size": b, "step": step, "epoch": 0, "split": "train", "loss": float(loss), "accuracy": np.nan})
-            model.eval()
-            with torch.no_grad():
-                logits = model(xt)
-            test_loss, acc = float(F.cross_entropy(logits, yt)), float((logits.argmax(1) == yt).double().mean())
-            curves.append({"op": op, "batch_size": b, "step": 11, "epoch": 0, "split": "test", "loss": test_loss, "accuracy": acc})
-            summary.append({"op": op, "batch_size": b, "final_train_loss": curves[-2]["loss"], "final_test_loss": test_loss, "final_test_accuracy": acc, "seconds": np.nan})
-    return {"compare_curves": pd.DataFrame(curves), "compare_summary": pd.DataFrame(summary)}
-
-
-FALLBACKS = {"gls": _gls_tables, "descent": _descent_tables}
+FALLBACKS = {"descent": _descent_tables}
+QUICKER = {"bias_repeats": 6}
 
 
 @pytest.fixture(scope="module")
@@ -164,27 +87,42 @@ def data():
     return images[:128], labels[:128], images[1400:1528], labels[1400:1528]
 
 
+def _add(result: AnalysisResult, name: str, output: AnalyzerOutput) -> None:
+    result.tables.update(output.tables)
+    result.findings[name] = list(output.findings)
+    result.headline[name] = dict(output.headline)
+    result.meta["analyzers"].append(name)
+    result.meta["analyzer_errors"].pop(name, None)
+
+
 @pytest.fixture(scope="module")
 def result(data) -> AnalysisResult:
-    """The analyzers that exist, run on mlp_bn and digits; the others from the computations above."""
+    """Every registered analyzer on mlp_bn and 128 digits (bias with fewer repeats, to keep the
+    test fast); an analyzer not committed yet from the computations above."""
     x, y, _, _ = data
     model = build_model("mlp_bn").double()
-    result = analyze(model, data=(x, y), batch_size=64, batches=2, lr=0.1)
-    errors = result.meta.get("analyzer_errors", {})
+    result = analyze(model, data=(x, y), analyzers=[n for n in ANALYZERS if n != "bias"], batch_size=64, batches=2, lr=0.1)
+    ctx = AnalysisContext(model=model, batches=[(x[:64], y[:64])], dataset=(x, y), lr=0.1, options=QUICKER)
+    _add(result, "bias", get_analyzer("bias")(ctx))
     for name, compute in FALLBACKS.items():
-        if name in result.meta["analyzers"]:
-            continue
-        with torch.random.fork_rng():
-            tables = compute(build_model("mlp_bn").double(), x, y)
-        result.tables.update(tables)
-        result.findings[name] = [f"computed by tests/test_report.py in place of the {name} analyzer ({errors.pop(name, '')})"]
-        result.meta["analyzers"].append(name)
+        if name not in result.meta["analyzers"]:
+            reason = result.meta["analyzer_errors"].get(name, "")
+            with torch.random.fork_rng():
+                tables = compute(build_model("mlp_bn").double(), x, y)
+            _add(result, name, AnalyzerOutput(tables, [f"computed by tests/test_report.py in place of the {name} analyzer ({reason})"]))
     return result
 
 
 @pytest.fixture(scope="module")
-def compare(data) -> dict[str, pd.DataFrame]:
-    return _compare_tables(*data)
+def compare_output(data):
+    """``normscope compare`` on short seeded runs of three ops at two batch sizes."""
+    x, y, xt, yt = (t.float() if t.is_floating_point() else t for t in data)
+    return run_compare("mlp_bn", ("bn", "renorm", "median"), batch_sizes=(4, 32), steps=8, points=4, data=(x, y, xt, yt))
+
+
+@pytest.fixture(scope="module")
+def compare(compare_output) -> dict[str, pd.DataFrame]:
+    return compare_output.tables
 
 
 @pytest.fixture(scope="module")
@@ -214,13 +152,21 @@ def test_every_registered_figure_is_drawn_as_png(page, result, compare):
         assert width > 100 and height > 100
 
 
+def test_compare_findings_match_normscope_compare(page, compare_output):
+    expected = compare_output.findings
+    tables = {"compare_summary": compare_output.tables["compare_summary"].drop(columns=["diverged"])}
+    assert compare_findings(tables) == expected and len(expected) == 2
+    for finding in expected:
+        assert str(escape(finding)) in page
+
+
 def test_sections_findings_and_headline(page, result):
     for spec in SECTIONS:
         assert f'id="{spec.key}"' in page
         assert "not-run-line" not in page.split(f'id="{spec.key}"')[1].split("</section>")[0]
     for name, findings in result.findings.items():
         for finding in findings:
-            assert finding.replace("'", "&#39;").replace('"', "&#34;") in page
+            assert str(escape(finding)) in page
     for label in result.headline["stats"]:
         assert label.replace("_", " ") in page
 

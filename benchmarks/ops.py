@@ -4,7 +4,7 @@ Shapes (N, C, H, W) = (32, 64, 32, 32) and (2, 64, 32, 32), float32, training mo
 CUDA when present. Targets (issue 5): batch renorm and population normalization at most 1.5x,
 median BN at most 3x on CUDA; CPU is reported as measured.
 
-Run: python benchmarks/ops.py [--min-run-time SECONDS]
+Run: python benchmarks/ops.py [--min-run-time SECONDS] [--threads N]
 """
 
 from __future__ import annotations
@@ -49,7 +49,10 @@ def step_time(module: nn.Module, x: torch.Tensor, grad: torch.Tensor, min_run_ti
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--min-run-time", type=float, default=0.5)
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads" + (f", {torch.cuda.get_device_name()}" if "cuda" in devices else ""))
     print(f"{'device':6} {'shape':18} {'op':26} {'ms':>9} {'ratio':>7}  target")

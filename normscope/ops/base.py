@@ -38,7 +38,8 @@ def mean_var(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     over strided dims)."""
     dims = reduce_dims(x)
     mean = x.mean(dims)
-    return mean, (x - channel_view(mean, x)).square().mean(dims)
+    centered = x - channel_view(mean, x)
+    return mean, (centered * centered).mean(dims)
 
 
 class ChannelNorm(_NormBase):

@@ -121,6 +121,37 @@ class _BatchMedian(torch.autograd.Function):
         return grad_x.view(ctx.shape), None, None
 
 
+class _CenteredNormalize(torch.autograd.Function):
+    """``z = (x - c) / sqrt(var + eps)``, ``var = mean((x - c)^2)`` per channel; returns ``z``,
+    ``inv = 1 / sqrt(var + eps)`` and ``var`` (not differentiable).
+
+    Backward (``g = dL/dz``, ``h = dL/dinv``, m values per channel):
+    ``dL/dx = (g - z mean(g z)) inv - h inv^2 z / m`` and ``dL/dc = -sum dL/dx``; it is written
+    with differentiable ops on the saved outputs, so double backward works.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, center: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+        z = x - channel_view(center, x)
+        var = (z * z).mean(reduce_dims(x))
+        inv = torch.rsqrt(var + eps)
+        z.mul_(channel_view(inv, x))
+        ctx.save_for_backward(z, inv)
+        ctx.mark_non_differentiable(var)
+        return z, inv, var
+
+    @staticmethod
+    def backward(ctx, g: Tensor | None, h: Tensor | None, _var: Tensor | None) -> tuple[Tensor, Tensor, None]:
+        z, inv = ctx.saved_tensors
+        dims = reduce_dims(z)
+        grad_x = torch.zeros_like(z)
+        if g is not None:
+            grad_x = torch.addcmul(g, z, channel_view(-(g * z).mean(dims), z)) * channel_view(inv, z)
+        if h is not None:
+            grad_x = grad_x - z * channel_view(h * inv.square() / (z.numel() // z.shape[1]), z)
+        return grad_x, -grad_x.sum(dims), None
+
+
 def check_mode(mode: str) -> str:
     """Return ``mode`` if it is one of :data:`BACKWARD_MODES`, else raise :class:`UnknownNameError`."""
     if mode not in BACKWARD_MODES:
@@ -177,19 +208,15 @@ def _normalize(
         return F.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, eps)
     acc = x.to(stats_dtype(x))
     median = _BatchMedian.apply(acc, backward, delta)
-    centered = acc - channel_view(median, x)
-    var_m = centered.square().mean(reduce_dims(x))
-    scale = torch.rsqrt(var_m + eps)
-    if weight is not None:
-        scale = scale * weight
+    z, _, var_m = _CenteredNormalize.apply(acc, median, eps)
     if running_mean is not None and running_var is not None:
         count = x.numel() // x.shape[1]
         with torch.no_grad():
             running_mean.lerp_(median.detach().to(running_mean.dtype), momentum)
-            running_var.lerp_((var_m.detach() * count / (count - 1)).to(running_var.dtype), momentum)
-    if bias is None:
-        return (centered * channel_view(scale, x)).to(x.dtype)
-    return torch.addcmul(channel_view(bias, x), centered, channel_view(scale, x)).to(x.dtype)
+            running_var.lerp_((var_m * count / (count - 1)).to(running_var.dtype), momentum)
+    if weight is None:
+        return z.to(x.dtype)
+    return torch.addcmul(channel_view(bias, x), z, channel_view(weight, x)).to(x.dtype)
 
 
 class MedianBatchNorm(ChannelNorm):

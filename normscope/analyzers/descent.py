@@ -1,0 +1,325 @@
+"""Second-order descent check (seed 003, MATH.md §5) and BN as reparameterization (seed 001, §6).
+
+Along a direction ``d`` (the negative gradient, or an optimizer's actual update per unit of its
+learning rate) the quadratic model of the minibatch loss is::
+
+    L(theta + a d) ~ L + a g^T d + a^2/2 d^T H d      (g^T d = -||d||^2 for d = -g)
+
+and the gradient step is a descent step under it iff ``a < a_crit = 2 ||d||^2 / d^T H d``
+(any ``a`` when ``d^T H d <= 0``). This module measures that per layer (the block ``H_gg`` of
+the layer's own parameters) and in total, in training mode (batch statistics) and eval mode
+(running statistics); compares the quadratic model with the real loss along ``d``; checks the
+scale invariance of weights that feed a BatchNorm; and, with :mod:`~normscope.analyzers.spectrum`
+and :mod:`~normscope.analyzers.reparam`, reports the curvature spectrum and seed 001's
+reparameterization. Tables: ``descent_*`` in ``docs/tables.md``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from normscope.analyzers import AnalysisContext, AnalyzerOutput
+from normscope.analyzers.hvp import MODES, BatchLoss, HessianOperator
+from normscope.analyzers.reparam import reparam_check
+from normscope.analyzers.spectrum import hutchinson_trace, top_eigenvalues
+from normscope.errors import InvalidArgumentError
+
+COLUMNS = {
+    "descent_directions": ["mode", "direction", "group", "sq_norm", "curvature", "a_crit", "lr", "lr_below_a_crit"],
+    "descent_quadratic": ["mode", "step", "loss", "quadratic", "rel_error"],
+    "descent_spectrum": ["mode", "group", "rank", "eigenvalue", "stability_limit"],
+    "descent_trace": ["mode", "group", "trace", "trace_stderr", "n_samples"],
+    "descent_scale_invariance": ["layer", "c", "loss_ratio", "a_crit_ratio", "max_abs_inner", "effective_lr"],
+    "descent_reparam": ["layer", "max_abs_error", "cond_s", "cond_reparam"],
+}
+DEFAULT_LR = 0.1
+PARTING_THRESHOLD = 0.1
+SCALES = (1.0, 0.5, 2.0)
+QUICK = {"k": 3, "trace_samples": 16, "steps": 12, "tol": 1e-4}
+FULL = {"k": 5, "trace_samples": 64, "steps": 25, "tol": 1e-6}
+
+
+def critical_step(sq_norm: float, curvature: float) -> float:
+    """``a_crit = 2 ||d||^2 / d^T H d``, or ``inf`` when ``d^T H d <= 0`` (seed 003, MATH.md §5)."""
+    return 2.0 * sq_norm / curvature if curvature > 0 else math.inf
+
+
+def negative_gradient(loss: BatchLoss) -> dict[str, Tensor]:
+    """``d = -dL/dtheta`` for every parameter of the loss's model copy."""
+    return {n: -g for n, g in loss.gradient().items()}
+
+
+def optimizer_direction(model: nn.Module, optimizer: torch.optim.Optimizer, loss: BatchLoss) -> tuple[dict[str, Tensor], float]:
+    """The update the optimizer would make from this batch's gradient, per unit of learning rate.
+
+    A fresh optimizer of the same class, hyper-parameters and (deep-copied) state steps on
+    copies of the parameters whose ``.grad`` is ``dL/dtheta`` of ``loss``; returns
+    ``d = (theta_after - theta_before) / lr`` (zero for parameters the optimizer does not hold)
+    and ``lr`` (the first group's). ``model`` and ``optimizer`` are not touched.
+    """
+    names = {id(p): n for n, p in model.named_parameters()}
+    lr = float(optimizer.param_groups[0]["lr"])
+    if lr <= 0:
+        raise InvalidArgumentError(f"the optimizer's learning rate must be positive (got {lr})")
+    grads = loss.gradient()
+    leaves: dict[str, Tensor] = {}
+    groups = []
+    for group in optimizer.param_groups:
+        held = [names[id(p)] for p in group["params"] if id(p) in names]
+        for n in held:
+            leaves[n] = loss.params[n].detach().clone().requires_grad_(True)
+            leaves[n].grad = grads[n].detach().clone()
+        groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": [leaves[n] for n in held]})
+    twin = type(optimizer)(groups)
+    twin.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+    with torch.no_grad():
+        twin.step()
+    return {n: (leaves[n].detach() - p) / lr if n in leaves else torch.zeros_like(p) for n, p in loss.params.items()}, lr
+
+
+def descent_rows(
+    loss: BatchLoss, d: dict[str, Tensor], lr: float, direction: str, backend: str, groups: dict[str, list[str]] | None = None
+) -> list[dict]:
+    """One ``descent_directions`` row for the total and for each layer: ``||d_g||^2``,
+    ``d_g^T H_gg d_g`` (one Hessian-vector product each), ``a_crit`` and ``lr < a_crit``."""
+    groups = {"total": list(loss.params), **(loss.layers() if groups is None else groups)}
+    rows = []
+    for group, names in groups.items():
+        op = HessianOperator(loss, names, backend)
+        flat = op.flatten(d)
+        sq_norm = float(flat.double().pow(2).sum())
+        curvature = op.quadratic_form(flat)
+        a_crit = critical_step(sq_norm, curvature)
+        rows.append({"mode": loss.mode, "direction": direction, "group": group, "sq_norm": sq_norm,
+                     "curvature": curvature, "a_crit": a_crit, "lr": lr, "lr_below_a_crit": bool(lr < a_crit)})
+    return rows
+
+
+def quadratic_model(loss: BatchLoss, d: dict[str, Tensor], steps: Sequence[float], backend: str) -> pd.DataFrame:
+    """``descent_quadratic``: the real ``L(theta + a d)`` against ``Q(a) = L + a g^T d + a^2/2 d^T H d``
+    for each step ``a``, with ``rel_error = |L - Q| / max(|L(a) - L(0)|, |Q(a) - L(0)|)`` (the error
+    relative to the actual or the predicted change; seed 003's expansion, MATH.md §5)."""
+    op = HessianOperator(loss, backend=backend)
+    flat = op.flatten(d)
+    slope = float(torch.dot(op.gradient().double(), flat.double()))
+    curvature = op.quadratic_form(flat)
+    with torch.no_grad():
+        base = float(loss())
+        rows = []
+        for a in steps:
+            value = float(loss({n: loss.params[n] + a * d[n] for n in loss.params}))
+            predicted = base + a * slope + 0.5 * a * a * curvature
+            scale = max(abs(value - base), abs(predicted - base))
+            rows.append({"mode": loss.mode, "step": float(a), "loss": value, "quadratic": predicted,
+                         "rel_error": abs(value - predicted) / scale if scale > 0 else 0.0})
+    return pd.DataFrame(rows, columns=COLUMNS["descent_quadratic"])
+
+
+def parting_step(table: pd.DataFrame, threshold: float = PARTING_THRESHOLD) -> float:
+    """The smallest step of ``descent_quadratic`` whose ``rel_error`` exceeds ``threshold`` (NaN if none)."""
+    parted = table.loc[table["rel_error"] > threshold, "step"]
+    return float(parted.min()) if len(parted) else math.nan
+
+
+def step_grid(lr: float, a_crit: float, n: int) -> np.ndarray:
+    """``n`` geometric steps from ``min(lr, a_crit) / 100`` to ``4 max(lr, a_crit)``."""
+    low, high = (lr, lr) if not math.isfinite(a_crit) else (min(lr, a_crit), max(lr, a_crit))
+    return np.geomspace(low / 100, 4 * high, n)
+
+
+def feeding_layers(model: nn.Module, inputs: Tensor) -> dict[str, str]:
+    """``{linear_or_conv_name: batchnorm_name}`` for every Linear/Conv whose output tensor is the
+    very input of a BatchNorm, found by hooks in one forward of ``model`` (a private copy)."""
+    produced: dict[int, tuple[str, Tensor]] = {}
+    pairs: dict[str, str] = {}
+    names = {m: n for n, m in model.named_modules()}
+
+    def on_output(module: nn.Module, args: tuple, output: Tensor) -> None:
+        produced[id(output)] = (names[module], output)
+
+    def on_input(module: nn.Module, args: tuple) -> None:
+        source = produced.get(id(args[0])) if args else None
+        if source is not None and source[1] is args[0]:
+            pairs[source[0]] = names[module]
+
+    handles = []
+    for m in model.modules():
+        if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)):
+            handles.append(m.register_forward_hook(on_output))
+        elif isinstance(m, _BatchNorm):
+            handles.append(m.register_forward_pre_hook(on_input))
+    try:
+        with torch.no_grad():
+            model(inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return pairs
+
+
+def scale_invariance(loss: BatchLoss, layer: str, lr: float, scales: Iterable[float] = SCALES, backend: str = "auto") -> list[dict]:
+    """``descent_scale_invariance`` rows for the weight ``W`` of ``layer`` (which feeds a BatchNorm):
+    ``L(cW) / L(W)`` (1 when eps = 0), ``a_crit(cW) / a_crit(W)`` of the block ``H_WW`` along
+    ``-dL/dW`` (``c^2`` when eps = 0), ``max_j |<cW_j, dL/d(cW)_j>|`` over output channels (0 when
+    eps = 0) and the effective learning rate ``lr / ||cW||^2`` (seed 003, MATH.md §5)."""
+    name = f"{layer}.weight"
+    weight = loss.params[name]
+
+    def measure(c: float) -> tuple[float, float, float]:
+        scaled = loss.with_params({name: c * weight})
+        op = HessianOperator(scaled, [name], backend)
+        g = op.gradient()
+        a_crit = critical_step(float(g.double().pow(2).sum()), op.quadratic_form(-g))
+        inner = (c * weight * op.split(g)[name]).double().flatten(1).sum(dim=1)
+        with torch.no_grad():
+            value = float(scaled())
+        return value, a_crit, float(inner.abs().max())
+
+    base_loss, base_a_crit, _ = measure(1.0)
+    rows = []
+    for c in scales:
+        value, a_crit, inner = measure(c)
+        rows.append({"layer": layer, "c": float(c), "loss_ratio": value / base_loss, "a_crit_ratio": a_crit / base_a_crit,
+                     "max_abs_inner": inner, "effective_lr": lr / float((c * weight).double().pow(2).sum())})
+    return rows
+
+
+def spectrum_rows(op: HessianOperator, mode: str, group: str, k: int, tol: float, seed: int) -> list[dict]:
+    """``descent_spectrum`` rows: the top ``k`` eigenvalues and ``2 / eigenvalue`` (NaN if <= 0)."""
+    values = top_eigenvalues(op, k, tol, seed)
+    return [{"mode": mode, "group": group, "rank": i + 1, "eigenvalue": float(v),
+             "stability_limit": 2.0 / float(v) if v > 0 else math.nan} for i, v in enumerate(values)]
+
+
+def _frame(name: str, rows: list[dict]) -> pd.DataFrame:
+    return pd.DataFrame(rows, columns=COLUMNS[name])
+
+
+def descent_tables(
+    model: nn.Module,
+    inputs: Tensor,
+    targets: Tensor,
+    loss_fn=torch.nn.functional.cross_entropy,
+    lr: float = DEFAULT_LR,
+    optimizer: torch.optim.Optimizer | None = None,
+    modes: Sequence[str] = MODES,
+    quick: bool = True,
+    seed: int = 0,
+    dtype: torch.dtype | None = torch.float64,
+    backend: str = "auto",
+    track=None,
+) -> tuple[dict[str, pd.DataFrame], dict[str, str]]:
+    """Every ``descent_*`` table for ``model`` on one batch, and the HVP backend chosen per mode.
+
+    All work happens on private copies (:class:`BatchLoss`), in ``dtype`` (float64 by default).
+    Directions: ``gradient`` (``-dL/dtheta``, checked against ``lr``) and, given ``optimizer``,
+    ``optimizer:<class>`` (:func:`optimizer_direction`, checked against the optimizer's lr). The
+    quadratic table follows the optimizer's direction when given, the gradient otherwise.
+    """
+    settings = QUICK if quick else FULL
+    tables: dict[str, list[dict]] = {name: [] for name in COLUMNS}
+    backends: dict[str, str] = {}
+    track = track or (lambda it, *a, **k: it)
+    for mode in track(list(modes), "descent", total=len(modes)):
+        loss = BatchLoss(model, inputs, targets, loss_fn, mode, dtype)
+        total = HessianOperator(loss, backend=backend)
+        backends[mode] = total.backend
+        d = negative_gradient(loss)
+        rows = descent_rows(loss, d, lr, "gradient", total.backend)
+        step_lr = lr
+        if optimizer is not None:
+            d, step_lr = optimizer_direction(model, optimizer, loss)
+            rows += descent_rows(loss, d, step_lr, f"optimizer:{type(optimizer).__name__}", total.backend)
+        tables["descent_directions"] += rows
+        a_crit = rows[-len(loss.layers()) - 1]["a_crit"]
+        tables["descent_quadratic"] += quadratic_model(loss, d, step_grid(step_lr, a_crit, settings["steps"]),
+                                                       total.backend).to_dict("records")
+        for i, (group, names) in enumerate({"total": list(loss.params), **loss.layers()}.items()):
+            op = HessianOperator(loss, names, total.backend)
+            tables["descent_spectrum"] += spectrum_rows(op, mode, group, settings["k"], settings["tol"], seed + i)
+            trace, stderr = hutchinson_trace(op, settings["trace_samples"], seed + i)
+            tables["descent_trace"].append({"mode": mode, "group": group, "trace": trace, "trace_stderr": stderr,
+                                            "n_samples": settings["trace_samples"]})
+        if mode == "train":
+            pairs = feeding_layers(loss.model, loss.inputs)
+            for layer, norm in pairs.items():
+                tables["descent_scale_invariance"] += scale_invariance(loss, layer, lr, SCALES, total.backend)
+                if isinstance(loss.model.get_submodule(layer), nn.Linear):
+                    tables["descent_reparam"].append({"layer": layer, **reparam_check(loss.model, loss.inputs, layer, norm)})
+    return {name: _frame(name, rows) for name, rows in tables.items()}, backends
+
+
+def findings(tables: dict[str, pd.DataFrame], lr_given: bool, lr: float) -> list[str]:
+    """Plain sentences, most important first."""
+    out: list[str] = []
+    directions = tables["descent_directions"]
+    for row in directions[directions["group"] == "total"].itertuples():
+        verdict = "is a descent step" if row.lr_below_a_crit else "is NOT a descent step"
+        out.append(f"{row.mode} mode, {row.direction} direction: the step with lr {row.lr:.3g} {verdict} under the "
+                   f"quadratic model (a_crit = {row.a_crit:.3g}, lr / a_crit = {row.lr / row.a_crit:.3g}).")
+    layers = directions[(directions["group"] != "total") & (directions["direction"] == "gradient")]
+    if len(layers):
+        worst = layers.loc[layers["a_crit"].idxmin()]
+        out.append(f"The smallest per-layer critical step is {worst['a_crit']:.3g} for {worst['group']} "
+                   f"({worst['mode']} mode).")
+    spectrum = tables["descent_spectrum"]
+    for row in spectrum[(spectrum["group"] == "total") & (spectrum["rank"] == 1)].itertuples():
+        out.append(f"{row.mode} mode: lambda_max = {row.eigenvalue:.4g}, so plain gradient descent is stable for "
+                   f"lr < 2/lambda_max = {row.stability_limit:.3g} (lr {lr:.3g}).")
+    quadratic = tables["descent_quadratic"]
+    for mode, part in quadratic.groupby("mode", sort=False):
+        step = parting_step(part)
+        if math.isnan(step):
+            out.append(f"{mode} mode: the quadratic model stays within {PARTING_THRESHOLD:.0%} of the real loss on the whole grid.")
+        else:
+            out.append(f"{mode} mode: the quadratic model parts from the real loss (relative error above "
+                       f"{PARTING_THRESHOLD:.0%}) from step {step:.3g} on.")
+    scale = tables["descent_scale_invariance"]
+    for layer, part in scale.groupby("layer", sort=False):
+        two = part[part["c"] == 2.0]
+        if len(two):
+            r = two.iloc[0]
+            one = part[part["c"] == 1.0].iloc[0]
+            out.append(f"{layer} feeds a BatchNorm: L(2W)/L(W) = {r['loss_ratio']:.6g}, a_crit ratio = "
+                       f"{r['a_crit_ratio']:.4g} (c^2 = 4 when eps = 0), effective lr = lr/||W||^2 = {one['effective_lr']:.3g}.")
+    for row in tables["descent_reparam"].itertuples():
+        out.append(f"{row.layer}: BN(x W^T) = x_c W_hat^T to {row.max_abs_error:.1e}; cond(S) = {row.cond_s:.3g} "
+                   f"against {row.cond_reparam:.3g} for the reparameterized problem (seed 001).")
+    if not lr_given:
+        out.append(f"No learning rate was given; the checks use the default lr = {DEFAULT_LR}.")
+    return out
+
+
+def analyze(ctx: AnalysisContext) -> AnalyzerOutput:
+    """The descent analyzer on ``ctx.batches[0]``: every ``descent_*`` table (:func:`descent_tables`),
+    in train and eval mode, float64, quick settings when ``ctx.quick``. Options (``ctx.options``):
+    ``descent_optimizer`` (a ``torch.optim`` optimizer of ``ctx.model`` whose update to check),
+    ``descent_backend`` (``auto``). ``ctx.lr`` defaults to 0.1 (said in the findings)."""
+    inputs, targets = ctx.batches[0]
+    lr = DEFAULT_LR if ctx.lr is None else float(ctx.lr)
+    if not lr > 0:
+        raise InvalidArgumentError(f"lr must be positive (got {ctx.lr})")
+    tables, backends = descent_tables(
+        ctx.model, inputs, targets, ctx.loss_fn, lr, ctx.options.get("descent_optimizer"), quick=ctx.quick,
+        seed=ctx.seed, backend=ctx.options.get("descent_backend", "auto"), track=ctx.track)
+    directions, spectrum = tables["descent_directions"], tables["descent_spectrum"]
+    headline: dict[str, float | int | str] = {"lr": lr, "hvp_backend": backends.get("train", "")}
+    for mode in MODES:
+        total = directions[(directions["mode"] == mode) & (directions["group"] == "total") & (directions["direction"] == "gradient")]
+        top = spectrum[(spectrum["mode"] == mode) & (spectrum["group"] == "total") & (spectrum["rank"] == 1)]
+        if len(total):
+            headline[f"a_crit_{mode}"] = float(total["a_crit"].iloc[0])
+        if len(top):
+            headline[f"lambda_max_{mode}"] = float(top["eigenvalue"].iloc[0])
+        part = tables["descent_quadratic"][tables["descent_quadratic"]["mode"] == mode]
+        if len(part):
+            headline[f"parting_step_{mode}"] = parting_step(part)
+    return AnalyzerOutput(tables, findings(tables, ctx.lr is not None, lr), headline)

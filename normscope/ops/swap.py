@@ -28,9 +28,10 @@ def batchnorm_sites(model: nn.Module, sites: str | Iterable[str] | None = None) 
     else:
         patterns = [sites] if isinstance(sites, str) else list(sites)
         selected = [name for name in found if any(fnmatchcase(name, p) for p in patterns)]
+    if not found:
+        raise NoNormSitesError("the model has no BatchNorm (torch.nn.BatchNorm1d/2d/3d or SyncBatchNorm) to replace")
     if not selected:
-        wanted = "" if sites is None else f" matching {sites!r}"
-        raise NoNormSitesError(f"no BatchNorm{wanted} in the model; its BatchNorm sites: {', '.join(found) or 'none'}")
+        raise NoNormSitesError(f"no BatchNorm matching {sites!r} in the model; its BatchNorm sites: {', '.join(found)}")
     return selected
 
 

@@ -22,6 +22,9 @@ backward pass needs ``dM/dx``. Three choices of that derivative (the ``backward`
     any derivative of a median sums to +1 (``M(x + c) = M(x) + c``). The error comes from
     differentiating ``|x - y|`` as if it were ``1/|x - y|``. It is infinite at the median element
     itself; distances are floored at ``delta`` so that it can be evaluated. It warns, and fails gradcheck.
+
+Double backward (Hessian-vector products) treats ``dM/dx`` as locally constant: exact for ``exact``
+(the median is piecewise linear), an approximation for ``smoothed``.
 """
 
 from __future__ import annotations

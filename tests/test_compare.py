@@ -21,20 +21,20 @@ SUMMARY_COLUMNS = ["op", "batch_size", "final_train_loss", "final_test_loss", "f
 
 
 def test_short_run_gives_finite_curves_and_the_summary_table():
-    ops = ["bn", "median", "renorm", "lsbn", "bn_ln"] + (["population"] if HAS_POPULATION else [])
+    ops = ["bn", "median", "renorm", "lsbn"] + (["population"] if HAS_POPULATION else [])
     model = build_model("mlp_bn", seed=1)
     state = snapshot(model)
-    result = compare(model, ops, batch_sizes=(2, 8), steps=6, points=3, seed=0)
+    result = compare(model, ops, batch_sizes=(2, 8), steps=4, points=2, seed=0)
     assert_unchanged(model, state)
     curves, summary = result.tables["compare_curves"], result.tables["compare_summary"]
     assert list(curves.columns[: len(CURVE_COLUMNS)]) == CURVE_COLUMNS
     assert list(summary.columns[: len(SUMMARY_COLUMNS)]) == SUMMARY_COLUMNS
     assert len(summary) == len(ops) * 2 and set(summary["op"]) == set(ops)
-    assert set(curves["split"]) == {"train", "test"} and set(curves["step"]) == {2, 4, 6}
+    assert set(curves["split"]) == {"train", "test"} and set(curves["step"]) == {2, 4}
     numbers = curves[["loss", "accuracy", "epoch"]].to_numpy()
     assert pd.notna(numbers).all() and (abs(numbers) < float("inf")).all()
     assert curves["accuracy"].between(0, 1).all()
-    assert (summary["steps"] == 6).all() and not summary["diverged"].any()
+    assert (summary["steps"] == 4).all() and not summary["diverged"].any()
     assert summary.loc[summary["batch_size"] == 8, "lr"].eq(0.05 * 8 / 32).all()
     assert len(result.findings) == 2 and result.headline
 

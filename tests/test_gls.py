@@ -423,3 +423,15 @@ def test_analyze_quick_leaves_the_model_unchanged(digits32):
     assert out.findings[0].startswith("net.") and "% of its incoming gradient" in out.findings[0]
     assert out.headline["gls_n_sites"] == 2 and out.headline["gls_identity_rel_max"] < 1e-5
     assert math.isfinite(out.headline["gls_r2_mean"])
+
+
+def test_captured_dtype_arithmetic_agrees_with_float64(digits32):
+    """dtype=None works in the capture's float32 and gives the float64 figures to float32 accuracy."""
+    x, y = digits32
+    model = build_model("resnet_bn").train()
+    with capture(model) as cap:
+        F.cross_entropy(model(x[:32]), y[:32]).backward()
+    exact, fast = gls_tables(cap)["gls_partitions"], gls_tables(cap, dtype=None)["gls_partitions"]
+    for col in ("alpha", "beta", "r2", "slope_ratio"):
+        torch.testing.assert_close(torch.tensor(fast[col].values), torch.tensor(exact[col].values), rtol=1e-3, atol=1e-6)
+    assert exact["identity_rel"].max() < 1e-5 and fast["identity_rel"].max() < 1e-5

@@ -156,47 +156,65 @@ class RecordFit:
         return self.record.layout.kind.centered
 
 
-def fit_record(record: SiteRecord, depth: int = 0, keep: bool = True) -> RecordFit:
+def compute_dtype(record: SiteRecord, dtype: torch.dtype | None) -> torch.dtype:
+    """``dtype``, or with ``None`` the captured dtype promoted to at least float32."""
+    if dtype is not None:
+        return dtype
+    return torch.promote_types(record.dtype, torch.float32)
+
+
+def fit_record(record: SiteRecord, depth: int = 0, keep: bool = True, dtype: torch.dtype | None = torch.float64) -> RecordFit:
     """Regress ``g`` on ``z`` per partition of one record (seed 002 Theorem 1, Lemma 2; MATH.md §2).
 
     Works on full tensors (identity error measured against the captured dL/dx) and on
     ``storage="reductions"`` records (the identity error is then NaN). ``keep`` keeps the rows.
+    ``dtype``: arithmetic on the rows (float64 by default; ``None``: the captured dtype, at
+    least float32, about twice as fast); per-partition sums and figures are float64 either way.
     """
     if not record.has_grad:
         raise AnalyzerError(f"site {record.site.name} (record {record.index}) has no gradient: "
                             "run loss.backward() inside the capture, not under torch.no_grad")
     layout = record.layout
     centered, unit = layout.kind.centered, layout.rule == "weight"
+    f64 = torch.float64
     if record.x is None:
-        sums = {k: v.to(torch.float64) for k, v in record.reductions.items()}
+        sums = {k: v.to(f64) for k, v in record.reductions.items()}
         fig = fit_from_sums(sums, centered, unit, layout.batch_stats)
         scale = _scale_from_sums(sums, record)
         fig.update(scale=scale, identity_error=torch.full_like(scale, math.nan), identity_rel=torch.full_like(scale, math.nan))
         naive = float((fig["explained_sq"] / scale**2).sum())
         true = float((fig["residual_sq"] / scale**2).sum())
         return RecordFit(record, depth, fig, naive, true)
-    rows = record.rows(record.x)
+    work = compute_dtype(record, dtype)
+    rows = record.rows(record.x, work)
     shift, scale = partition_moments(rows, layout)
     z = (rows - shift) / scale
-    g = record.g_rows()
-    sums = {"n": torch.full_like(scale[:, 0], z.shape[1]), "sum_z": z.sum(1), "sum_z2": (z * z).sum(1),
-            "sum_g": g.sum(1), "sum_g2": (g * g).sum(1), "sum_gz": (g * z).sum(1)}
+    g = record.g_rows(work)
+
+    def dot(a: Tensor, b: Tensor) -> Tensor:
+        return torch.linalg.vecdot(a, b).to(f64)
+
+    scale64 = scale[:, 0].to(f64)
+    sums = {"n": torch.full_like(scale64, z.shape[1]), "sum_z": z.sum(1, dtype=f64), "sum_z2": dot(z, z),
+            "sum_g": g.sum(1, dtype=f64), "sum_g2": dot(g, g), "sum_gz": dot(g, z)}
     fig = fit_from_sums(sums, centered, unit, layout.batch_stats)
-    residual = g - fig["alpha"][:, None] - fig["beta"][:, None] * z
-    fig["residual_sq"] = (residual * residual).sum(1)
+    fitted = torch.addcmul(fig["alpha"].to(work)[:, None], fig["beta"].to(work)[:, None], z)
+    residual = g - fitted
+    fig["residual_sq"] = dot(residual, residual)
     fig["r2"] = 1 - fig["residual_sq"] / fig["g_sq"]
-    fig["scale"] = scale[:, 0]
-    dx = record.dx_rows()
+    fig["scale"] = scale64
+    dx = record.dx_rows(work)
     if dx is None:
-        fig["identity_error"] = fig["identity_rel"] = torch.full_like(scale[:, 0], math.nan)
-        naive = float((fig["explained_sq"] / scale[:, 0] ** 2).sum())
-        true = float((fig["residual_sq"] / scale[:, 0] ** 2).sum())
+        fig["identity_error"] = fig["identity_rel"] = torch.full_like(scale64, math.nan)
+        naive = float((fig["explained_sq"] / scale64**2).sum())
+        true = float((fig["residual_sq"] / scale64**2).sum())
     else:
-        err = (scale * dx - residual).abs().amax(1)
+        gap = torch.addcmul(g, scale, dx, value=-1)  # s (naive - true) = g - s dL/dx
+        err = torch.linalg.vector_norm(gap - fitted, math.inf, dim=1).to(f64)
         fig["identity_error"] = err
-        fig["identity_rel"] = err / g.abs().amax(1).clamp_min(torch.finfo(torch.float64).tiny)
-        naive = float((g / scale - dx).pow(2).sum())
-        true = float(dx.pow(2).sum())
+        fig["identity_rel"] = err / torch.linalg.vector_norm(g, math.inf, dim=1).to(f64).clamp_min(torch.finfo(f64).tiny)
+        naive = float((dot(gap, gap) / scale64**2).sum())
+        true = float(dot(dx, dx).sum())
     if keep:
         return RecordFit(record, depth, fig, naive, true, z, g, residual)
     return RecordFit(record, depth, fig, naive, true)
@@ -206,14 +224,15 @@ def _records(source: Capture | Sequence[SiteRecord]) -> list[SiteRecord]:
     return list(source.records if isinstance(source, Capture) else source)
 
 
-def fit_records(source: Capture | Sequence[SiteRecord], keep: bool = True) -> list[RecordFit]:
+def fit_records(source: Capture | Sequence[SiteRecord], keep: bool = True,
+                dtype: torch.dtype | None = torch.float64) -> list[RecordFit]:
     """:func:`fit_record` for every record with a gradient; ``depth`` is the site's forward order."""
     depths: dict[str, int] = {}
     fits = []
     for record in _records(source):
         depth = depths.setdefault(record.site.name, len(depths))
         if record.has_grad:
-            fits.append(fit_record(record, depth, keep))
+            fits.append(fit_record(record, depth, keep, dtype))
     return fits
 
 
@@ -224,18 +243,25 @@ def _np(t: Tensor) -> np.ndarray:
 
 def partitions_table(fits: Sequence[RecordFit]) -> pd.DataFrame:
     """``gls_partitions``: one row per partition of every record (see :func:`fit_from_sums`)."""
-    frames = []
-    for fit in fits:
-        fig, record = fit.figures, fit.record
-        frames.append(pd.DataFrame({
-            "site": record.site.name, "kind": record.site.kind, "depth": fit.depth, "record": record.index,
-            "partition": np.arange(fig["alpha"].shape[0]),
-            **{k: _np(fig[k]) for k in ("alpha", "beta", "ols_slope", "slope_ratio", "r2")},
-            "residual_norm": _np(fig["residual_sq"].sqrt()),
-            "identity_error": _np(fig["identity_error"]), "identity_rel": _np(fig["identity_rel"]),
-            "batch_stats": record.layout.batch_stats,
-        }))
-    return pd.concat(frames, ignore_index=True) if frames else _empty("gls_partitions")
+    if not fits:
+        return _empty("gls_partitions")
+    sizes = [f.figures["alpha"].shape[0] for f in fits]
+
+    def per_fit(values: Callable[[RecordFit], object]) -> np.ndarray:
+        return np.repeat(np.array([values(f) for f in fits]), sizes)
+
+    def cat(key: str) -> np.ndarray:
+        return np.concatenate([_np(f.figures[key]) for f in fits])
+
+    return pd.DataFrame({
+        "site": per_fit(lambda f: f.record.site.name), "kind": per_fit(lambda f: f.record.site.kind),
+        "depth": per_fit(lambda f: f.depth), "record": per_fit(lambda f: f.record.index),
+        "partition": np.concatenate([np.arange(n) for n in sizes]),
+        **{k: cat(k) for k in ("alpha", "beta", "ols_slope", "slope_ratio", "r2")},
+        "residual_norm": np.sqrt(cat("residual_sq")),
+        "identity_error": cat("identity_error"), "identity_rel": cat("identity_rel"),
+        "batch_stats": per_fit(lambda f: f.record.layout.batch_stats),
+    })
 
 
 def _nanmax(values: np.ndarray) -> float:
@@ -315,25 +341,35 @@ def _channel_dim(fit: RecordFit) -> int:
     return -1 if fit.record.layout.rule == "sample_last" else 1
 
 
-def partition_rows(t: Tensor, partitioning: str, channel_dim: int = 1) -> Tensor:
-    """``t`` as ``(partitions, items)`` rows: ``per_sample`` one row per index of dim 0 (LN-style),
-    ``per_channel`` one row per index of ``channel_dim`` over all other dims (BN-style)."""
+def extra_regression_r2(residual: Tensor, z: Tensor, dims: Sequence[int] = (1,)) -> float:
+    """R^2 of one more centered normalization regression (eps = 0) of ``residual`` on ``z``
+    renormalized within each partition (reduced over ``dims``; seed 002 §4.1)::
+
+        z' = (z - mean z) / std z,   1 - sum ||r - mean r - mean(r z') z'||^2 / sum ||r||^2
+
+    As 1 and z' are orthogonal with ``||1||^2 = ||z'||^2 = n``, the left-over norm is
+    ``||r||^2 - n (mean r)^2 - n mean(r z')^2``, with ``mean(r z') = Cov(r, z) / std z``; partitions
+    where ``z`` is constant contribute only their mean.
+    """
+    dims = list(dims)
+    n = math.prod(z.shape[d] for d in dims)
+    mean_z, mean_r = z.mean(dim=dims), residual.mean(dim=dims)
+    var = ((z * z).mean(dim=dims) - mean_z**2).clamp_min(0)
+    cov = (residual * z).mean(dim=dims) - mean_r * mean_z
+    slope_sq = torch.where(var > 0, cov**2 / var.clamp_min(torch.finfo(z.dtype).tiny), torch.zeros_like(var))
+    flat = residual.reshape(-1)
+    total = float(torch.linalg.vecdot(flat, flat))
+    return float(n * (mean_r**2 + slope_sq).sum()) / total
+
+
+def _extra_dims(t: Tensor, partitioning: str, channel_dim: int) -> list[int]:
+    """Dims reduced by an extra ``per_sample`` (all but 0) or ``per_channel`` (all but ``channel_dim``) partitioning."""
     if partitioning == "per_sample":
-        return t.reshape(t.shape[0], -1)
+        return list(range(1, t.dim()))
     if partitioning == "per_channel":
-        return t.movedim(channel_dim, 0).reshape(t.shape[channel_dim], -1)
+        keep = channel_dim % t.dim()
+        return [d for d in range(t.dim()) if d != keep]
     raise UnknownNameError("extra partitioning", partitioning, EXTRA_PARTITIONINGS)
-
-
-def extra_regression_r2(residual: Tensor, z: Tensor) -> float:
-    """R^2 of one more centered normalization regression (eps = 0) of ``residual`` rows on ``z`` rows
-    renormalized within each row: ``z' = (z - mean z)/std z``, ``1 - ||r - mean r - mean(r z') z'||^2 / ||r||^2``
-    summed over rows (seed 002 §4.1)."""
-    var, mean = torch.var_mean(z, dim=1, correction=0, keepdim=True)
-    zn = (z - mean) / var.sqrt().clamp_min(torch.finfo(z.dtype).tiny)
-    alpha, beta = backward_fit(zn, residual)
-    left = residual - alpha - beta * zn
-    return 1 - float(left.pow(2).sum() / residual.pow(2).sum())
 
 
 def _input_shaped(rows: Tensor, fit: RecordFit) -> Tensor:
@@ -351,10 +387,9 @@ def whatif_table(fits: Sequence[RecordFit]) -> pd.DataFrame:
             continue
         residual, z = _input_shaped(fit.residual, fit), _input_shaped(fit.z, fit)
         for part in EXTRA_PARTITIONINGS:
-            dim = _channel_dim(fit)
+            dims = _extra_dims(z, part, _channel_dim(fit))
             rows.append({"site": fit.record.site.name, "kind": fit.record.site.kind, "record": fit.record.index,
-                         "extra_partitioning": part,
-                         "r2_extra": extra_regression_r2(partition_rows(residual, part, dim), partition_rows(z, part, dim))})
+                         "extra_partitioning": part, "r2_extra": extra_regression_r2(residual, z, dims)})
     return pd.DataFrame(rows, columns=COLUMNS["gls_whatif"]) if rows else _empty("gls_whatif")
 
 
@@ -364,7 +399,10 @@ def _in_series(first: RecordFit, second: RecordFit) -> bool:
         return False
     if b.producer is not None and b.producer == a.site.name:
         return True
-    return a.y is not None and b.x is not None and a.y.device == b.x.device and torch.equal(a.y, b.x)
+    if a.y is None or b.x is None or a.y.device != b.x.device:
+        return False
+    head = slice(0, 64)
+    return torch.equal(a.y.reshape(-1)[head], b.x.reshape(-1)[head]) and torch.equal(a.y, b.x)
 
 
 def _pooled_r2(fit: RecordFit) -> float:
@@ -398,15 +436,20 @@ def two_step_table(fits: Sequence[RecordFit]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=COLUMNS["gls_two_step"]) if rows else _empty("gls_two_step")
 
 
-def gls_tables(source: Capture | Sequence[SiteRecord], scatter_partition: int | None = None, seed: int = 0) -> dict[str, pd.DataFrame]:
+def gls_tables(
+    source: Capture | Sequence[SiteRecord],
+    scatter_partition: int | None = None,
+    seed: int = 0,
+    dtype: torch.dtype | None = torch.float64,
+) -> dict[str, pd.DataFrame]:
     """All one-step tables of the gradient-least-squares analysis of a capture (seed 002 §2-4).
 
     ``gls_partitions`` (:func:`fit_from_sums`), ``gls_sites`` (:func:`sites_table`),
     ``gls_kinds``, ``gls_scatter`` (each site's median-R^2 partition, or ``scatter_partition``),
     ``gls_two_step`` and ``gls_whatif``. Records without a gradient are left out; with
-    ``storage="reductions"`` the tables that need tensors are empty.
+    ``storage="reductions"`` the tables that need tensors are empty. ``dtype``: see :func:`fit_record`.
     """
-    fits = fit_records(source)
+    fits = fit_records(source, dtype=dtype)
     sites = sites_table(fits)
     scatter = [scatter_table(f, scatter_partition, seed=seed) for f in fits if f.z is not None and f.record.index == 0]
     return {

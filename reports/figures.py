@@ -157,7 +157,11 @@ def stats_drift(tables: Tables, fig: Figure) -> None:
     if table.empty:
         raise _NoData("stats_channels has no finite mean_drift / var_ratio")
     sites = _by_depth(table)
-    left, right = fig.subplots(1, 2)
+    if len(sites) > 4:
+        fig.set_size_inches(fig.get_figwidth(), 5.6)
+        left, right = fig.subplots(2, 1, sharex=True)
+    else:
+        left, right = fig.subplots(1, 2)
     common = dict(x="site", order=sites, color="#4c72b0", fliersize=1.5, linewidth=0.8)
     sns.boxplot(data=table, y="mean_drift", ax=left, **common)
     sns.boxplot(data=table, y="var_ratio", ax=right, log_scale=True, **common)
@@ -202,7 +206,8 @@ def gls_r2_depth(tables: Tables, fig: Figure) -> None:
     for kind, rows in table.groupby("kind", sort=True):
         err = np.vstack([rows["r2_median"] - rows["r2_q10"], rows["r2_q90"] - rows["r2_median"]]).clip(min=0)
         ax.errorbar(rows.index, rows["r2_median"], yerr=err, fmt="o", capsize=3, color=colors[kind], label=kind)
-    ax.set(xlabel="site (forward order)", ylabel="R^2 of g on z", ylim=(min(0.0, table["r2_q10"].min()), 1.02))
+    top = float(np.nanmax(table[["r2_median", "r2_q90"]].to_numpy()))
+    ax.set(xlabel="site (forward order)", ylabel="R^2 of g on z", ylim=(min(0.0, table["r2_q10"].min()), min(1.02, max(0.05, 1.15 * top))))
     ax.set_xlim(-0.5, len(table) - 0.5)
     ax.legend(title="kind", frameon=False, loc="center left", bbox_to_anchor=(1.0, 0.5))
     _site_ticks(ax, table["site"].tolist())
@@ -214,7 +219,7 @@ def gls_r2_depth(tables: Tables, fig: Figure) -> None:
     "Each point is one element i of a partition: (z_i, g_i = dL/dz_i); the line is the fit alpha + beta z "
     "whose residual, divided by s, is dL/dx (seed 002 Figure 1 and Theorem 1; MATH.md §2).",
     {"gls_scatter": ("site", "partition", "z", "g", "fit")},
-    size=(7.0, 3.0),
+    size=(7.0, 3.3),
 )
 def gls_scatter(tables: Tables, fig: Figure) -> None:
     table = _finite(tables["gls_scatter"], ["z", "g", "fit"])
@@ -226,11 +231,15 @@ def gls_scatter(tables: Tables, fig: Figure) -> None:
     axes = fig.subplots(1, len(picks), squeeze=False)[0]
     for ax, (_, key) in zip(axes, picks.iterrows()):
         rows = table[np.logical_and.reduce([table[c] == key[c] for c in columns])].sort_values("z")
-        ax.vlines(rows["z"], rows["fit"], rows["g"], color="0.75", lw=0.6)
-        ax.scatter(rows["z"], rows["g"], s=9, color="#4c72b0", zorder=3, label="(z, g)")
-        ax.plot(rows["z"], rows["fit"], color="#c44e52", lw=1.5, label="alpha + beta z")
-        ax.set(title=f"{key['site']} · partition {key['partition']}", xlabel="z", ylabel="g = dL/dz")
-    axes[0].legend(frameon=False, loc="upper right")
+        if len(rows) <= 200:
+            ax.vlines(rows["z"], rows["fit"], rows["g"], color="0.75", lw=0.6, label="residual")
+        ax.scatter(rows["z"], rows["g"], s=9 if len(rows) <= 200 else 3, alpha=1.0 if len(rows) <= 200 else 0.35,
+                   color="#4c72b0", zorder=3, lw=0, label="(z, g)")
+        ax.plot(rows["z"], rows["fit"], color="#c44e52", lw=1.6, zorder=4, label="alpha + beta z")
+        ax.set_title(f"{key['site']}, partition {key['partition']}", fontsize="small")
+        ax.set(xlabel="z", ylabel="g = dL/dz" if ax is axes[0] else "")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=len(labels), frameon=False, fontsize="small")
 
 
 @figure(
@@ -265,7 +274,7 @@ def gls_batch_sweep(tables: Tables, fig: Figure) -> None:
     if table.empty:
         raise _NoData("gls_batch_sweep has no finite rows")
     ax = fig.subplots()
-    sns.lineplot(data=table, x="batch_size", y="r2_mean", hue="site", hue_order=_by_depth(table), marker="o", ax=ax, palette=PALETTE)
+    sns.lineplot(data=table, x="batch_size", y="r2_mean", hue="site", hue_order=_by_depth(table), marker="o", ax=ax, palette=PALETTE, errorbar=None)
     _batch_axis(ax, table["batch_size"])
     ax.set(xlabel="batch size", ylabel="mean R^2")
     ax.legend(title="site", frameon=False, fontsize="small", loc="center left", bbox_to_anchor=(1.0, 0.5))
@@ -274,24 +283,23 @@ def gls_batch_sweep(tables: Tables, fig: Figure) -> None:
 @figure(
     "gls",
     "Small-batch regularization",
-    "Relative distance of each site's gradient at batch size B to its gradient at the largest batch, for the "
-    "plain backward pass (solid) and seed 002's regularized one (dashed: two virtual items at z = +1 and -1 "
-    "with running alpha*, beta*; seed 002 Appendix C, MATH.md §2).",
+    "Relative distance of each site's gradient at batch size B to its gradient at the largest batch (thin: one "
+    "line per site; bold: mean over sites), for the plain backward pass and seed 002's regularized one (two "
+    "virtual items at z = +1 and -1 with running alpha*, beta*; seed 002 Appendix C, MATH.md §2).",
     {"gls_regularization": ("site", "batch_size", "dist_plain", "dist_regularized")},
     size=(7.0, 3.0),
 )
 def gls_regularization(tables: Tables, fig: Figure) -> None:
-    table = tables["gls_regularization"].melt(
-        id_vars=["site", "batch_size"], value_vars=["dist_plain", "dist_regularized"], var_name="gradient", value_name="distance"
-    )
-    table = _finite(table, ["batch_size", "distance"], positive=True)
+    table = _finite(tables["gls_regularization"], ["batch_size", "dist_plain", "dist_regularized"])
     if table.empty:
-        raise _NoData("gls_regularization has no positive finite distances")
+        raise _NoData("gls_regularization has no finite distances")
     ax = fig.subplots()
-    sns.lineplot(
-        data=table.replace({"gradient": {"dist_plain": "plain", "dist_regularized": "regularized"}}), x="batch_size", y="distance",
-        hue="site", style="gradient", style_order=["plain", "regularized"], marker="o", ax=ax, palette=PALETTE,
-    )
+    for column, label, color in (("dist_plain", "plain", "#4c72b0"), ("dist_regularized", "regularized", "#dd8452")):
+        rows = table[table[column] > 0]
+        for _, site in rows.groupby("site"):
+            ax.plot(site["batch_size"], site[column], "-", color=color, alpha=0.25, lw=0.8)
+        mean = rows.groupby("batch_size")[column].mean()
+        ax.plot(mean.index, mean.to_numpy(), "o-", color=color, lw=2, label=f"{label} (mean over sites)")
     _batch_axis(ax, table["batch_size"])
     ax.set(yscale="log", xlabel="batch size", ylabel="distance to large-batch gradient")
     ax.legend(frameon=False, fontsize="small", loc="center left", bbox_to_anchor=(1.0, 0.5))
@@ -390,7 +398,7 @@ def descent_spectrum(tables: Tables, fig: Figure) -> None:
         raise _NoData("descent_spectrum has no finite eigenvalues")
     ax = fig.subplots()
     hue = table["mode"] + (" · " + table["group"].astype(str) if table["group"].nunique() > 1 else "")
-    sns.lineplot(data=table.assign(series=hue), x="rank", y="eigenvalue", hue="series", marker="o", ax=ax, palette=PALETTE)
+    sns.lineplot(data=table.assign(series=hue), x="rank", y="eigenvalue", hue="series", marker="o", ax=ax, palette=PALETTE, errorbar=None)
     directions = tables.get("descent_directions")
     if directions is not None and "lr" in directions.columns:
         for lr in pd.to_numeric(directions["lr"], errors="coerce").dropna().unique():
@@ -404,8 +412,9 @@ def descent_spectrum(tables: Tables, fig: Figure) -> None:
 @figure(
     "descent",
     "Quadratic model against the real loss",
-    "L(theta + a d) on a grid of step sizes a (solid) against L - a ||d||^2 + a^2/2 d^T H d (dashed); "
-    "where they part, the second-order model of seed 003 stops describing the step (MATH.md §5).",
+    "L(theta + a d) on a grid of step sizes a (solid) against L - a ||d||^2 + a^2/2 d^T H d (dashed), one panel "
+    "per mode; dotted: the step from which they part (relative error above the descent analyzer's threshold), "
+    "where the second-order model of seed 003 stops describing the step (MATH.md §5).",
     {"descent_quadratic": ("mode", "step", "loss", "quadratic")},
     size=(7.0, 3.0),
 )
@@ -413,13 +422,26 @@ def descent_quadratic(tables: Tables, fig: Figure) -> None:
     table = _finite(tables["descent_quadratic"], ["step", "loss", "quadratic"])
     if table.empty:
         raise _NoData("descent_quadratic has no finite rows")
-    ax = fig.subplots()
-    for color, (mode, rows) in zip(sns.color_palette(PALETTE), table.groupby("mode", sort=True)):
-        rows = rows.sort_values("step")
-        ax.plot(rows["step"], rows["loss"], "-", color=color, label=f"{mode}: loss")
-        ax.plot(rows["step"], rows["quadratic"], "--", color=color, label=f"{mode}: quadratic")
-    ax.set(xlabel="step size a", ylabel="loss")
-    ax.legend(frameon=False, fontsize="small", loc="center left", bbox_to_anchor=(1.0, 0.5))
+    modes = sorted(table["mode"].unique(), reverse=True)
+    axes = fig.subplots(1, len(modes), squeeze=False)[0]
+    for ax, mode in zip(axes, modes):
+        rows = table[table["mode"] == mode].sort_values("step")
+        ax.plot(rows["step"], rows["loss"], "-", color="#4c72b0", label="loss")
+        ax.plot(rows["step"], rows["quadratic"], "--", color="#dd8452", label="quadratic")
+        step = _parting_step(rows)
+        if np.isfinite(step):
+            ax.axvline(step, color="0.35", ls=":", lw=1.2, label=f"parting at {step:.3g}")
+        ax.set(title=f"{mode} mode", xlabel="step size a", ylabel="loss")
+        ax.legend(frameon=False, fontsize="small", loc="upper left")
+
+
+def _parting_step(rows: pd.DataFrame) -> float:
+    """The descent analyzer's parting step of one mode (NaN without a ``rel_error`` column)."""
+    if "rel_error" not in rows.columns:
+        return float("nan")
+    from normscope.analyzers.descent import parting_step
+
+    return float(parting_step(rows))
 
 
 @figure(

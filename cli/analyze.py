@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated, Optional
@@ -59,8 +60,10 @@ def analyze(
         if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
             raise OutputError(f"output folder {out} already exists and is not empty; choose another --out or pass --overwrite")
         builtin = checkpoint is None and (model is None or ":" not in model)
+        started = time.perf_counter()
         with console.status("training the built-in default on digits" if builtin else "loading the model"):
             net = load_model(checkpoint, model, trust=trust)
+        loading = time.perf_counter() - started
         loaded = load_data(data, batch_size)
         result = run_analysis(
             net,
@@ -79,6 +82,7 @@ def analyze(
             spec=model or (DEFAULT_MODEL if checkpoint is None else None),
         )
         result.meta["data"]["spec"] = data
+        result.meta["seconds"]["load_model"] = loading
         with console.status("writing tables and report"):
             result.save(out, overwrite=overwrite)
     print_summary(result, out, Console())

@@ -9,11 +9,12 @@ Prints, per device (CPU, and CUDA when present):
 * BackPACK's ``BatchGrad`` on the same eval-mode model, batch and process (where it installs),
   its time / the plain step, and the largest difference from ours.
 
-Run: ``python benchmarks/bias_cost.py``.
+Run: ``python benchmarks/bias_cost.py [--threads N]``.
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
 import ctypes
 import time
@@ -176,6 +177,11 @@ def bench(device: torch.device) -> None:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    threads = parser.parse_args().threads
+    if threads:
+        torch.set_num_threads(threads)
     bench(torch.device("cpu"))
     if torch.cuda.is_available():
         bench(torch.device("cuda"))

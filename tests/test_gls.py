@@ -435,3 +435,15 @@ def test_captured_dtype_arithmetic_agrees_with_float64(digits32):
     for col in ("alpha", "beta", "r2", "slope_ratio"):
         torch.testing.assert_close(torch.tensor(fast[col].values), torch.tensor(exact[col].values), rtol=1e-3, atol=1e-6)
     assert exact["identity_rel"].max() < 1e-5 and fast["identity_rel"].max() < 1e-5
+
+
+def test_two_step_found_between_modules_only_when_in_series():
+    """BatchNorm1d then LayerNorm modules (with BN's affine between) form one pair; a ReLU between
+    the next two breaks the chain."""
+    torch.manual_seed(13)
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.LayerNorm(6), nn.ReLU(), nn.BatchNorm1d(6),
+                          nn.Linear(6, 3)).double()
+    x = torch.randn(10, 4, dtype=D)
+    table = gls_step(model, (x, torch.zeros(10, dtype=torch.long)), lambda out, _: _loss(out))["gls_two_step"]
+    assert list(zip(table["first_site"], table["second_site"])) == [("1", "2")]
+    assert 0 <= table["r2_second_on_residual"].iloc[0] <= 1

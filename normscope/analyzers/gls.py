@@ -405,12 +405,10 @@ def _in_series(first: RecordFit, second: RecordFit) -> bool:
     a, b = first.record, second.record
     if a.layout.rule == "weight" or b.layout.rule == "weight" or a.shape != b.shape:
         return False
-    if b.producer is not None and b.producer == a.site.name:
-        return True
-    if a.y is None or b.x is None or a.y.device != b.x.device:
-        return False
+    if a.y is None or b.x is None:
+        return b.producer is not None and b.producer == a.site.name
     head = slice(0, 64)
-    return torch.equal(a.y.reshape(-1)[head], b.x.reshape(-1)[head]) and torch.equal(a.y, b.x)
+    return a.y.device == b.x.device and torch.equal(a.y.reshape(-1)[head], b.x.reshape(-1)[head]) and torch.equal(a.y, b.x)
 
 
 def _pooled_r2(fit: RecordFit) -> float:
@@ -419,7 +417,8 @@ def _pooled_r2(fit: RecordFit) -> float:
 
 def two_step_table(fits: Sequence[RecordFit]) -> pd.DataFrame:
     """``gls_two_step``: pairs of sites in series on the same tensor (the second's input is the
-    first's output), e.g. BN then LN (seed 002 §4.1). The backward pass regresses twice: first at
+    first's output: equal captured tensors, or the capture's producer link under
+    ``storage="reductions"``), e.g. BN then LN (seed 002 §4.1). The backward pass regresses twice: first at
     the later site (``r2_first``, its pooled R^2 on the incoming gradient), then at the earlier
     site on what the first stage left (``r2_second_on_residual``: its pooled R^2 on its actual
     incoming gradient ``gamma * residual / s``). ``r2_second_unscaled`` fits the first stage's

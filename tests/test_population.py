@@ -212,3 +212,21 @@ def test_frozen_per_example_layer_runs_under_vmap() -> None:
     batch = torch.autograd.grad(nn.functional.cross_entropy(model(x), y), list(model.parameters()))
     for (name, _), g in zip(model.named_parameters(), batch):
         torch.testing.assert_close(per_example[name].mean(0), g, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("k,shape", [(1, (5, 4, 3)), (2, (7, 4, 2, 2)), (3, (8, 4))])
+def test_fused_backward_equals_autograd_through_scalegrad(k: int, shape: tuple[int, ...]) -> None:
+    from normscope.ops.population import fused_normalize_groups, normalize_groups
+
+    g = torch.Generator().manual_seed(k)
+    x = (torch.randn(*shape, generator=g, dtype=DT) * 2 + 0.5).requires_grad_()
+    w = (torch.rand(shape[1], generator=g, dtype=DT) + 0.5).requires_grad_()
+    mean, var = torch.randn(shape[1], generator=g, dtype=DT), torch.rand(shape[1], generator=g, dtype=DT) + 0.3
+    opts = dict(microbatch=k, eps=1e-3, r_m=0.7, r_v=0.4, f_max=1.4, u_max=1.1)
+    fused, _ = fused_normalize_groups(x, mean, var, w, **opts)
+    q, _, _ = normalize_groups(x, mean, var, **opts)
+    reference = q * w.view(1, -1, *([1] * (x.dim() - 2)))
+    torch.testing.assert_close(fused, reference, rtol=0, atol=1e-13)
+    upstream = torch.randn(*shape, generator=g, dtype=DT)
+    for a, b in zip(torch.autograd.grad(fused, [x, w], upstream), torch.autograd.grad(reference, [x, w], upstream)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)

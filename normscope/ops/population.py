@@ -148,6 +148,87 @@ def normalize_groups(
     return q, torch.cat([out[1] for out in outputs]), torch.cat([out[2] for out in outputs])
 
 
+class _FusedGroupNorm(torch.autograd.Function):
+    """``gamma * q`` of :func:`normalize_groups` with its ScaleGrad backward written out, for
+    ``x`` (N, C, S) in groups of k (N divisible by k). Per group and channel, with
+    ``s^2 = nu-bar + eps``, ``a = clip / s``, ``c = r_v min((nu-bar + eps) / (nu_g + eps), f_max)``,
+    ``G = gamma * dL/d(gamma q)`` and means over the group's examples and positions:
+
+    .. math:: \\frac{\\partial L}{\\partial x} = a\\Big(G - r_m \\overline{G}
+              - c\\,\\frac{x - \\bar\\mu}{s^2}\\,\\overline{G\\,(x - \\bar\\mu)}\\Big)
+
+    Two reductions and one pass, like BatchNorm's backward, instead of autograd through the
+    ScaleGrad graph; :func:`normalize_groups` is its reference (tests compare the two).
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, mean, var, weight, k, eps, r_m, r_v, f_max, u_max):  # type: ignore[override]
+        n, c, positions = x.shape
+        centered = x.reshape(n // k, k, c, positions) - mean[None, None, :, None]
+        nu_g = centered.pow(2).mean(dim=(1, 3))
+        ratio = (var + eps) / (nu_g + eps)
+        a = (u_max * ratio.sqrt()).clamp(max=1.0) * torch.rsqrt(var + eps)
+        q = centered * a[:, None, :, None]
+        return (q * weight[None, None, :, None]).reshape(n, c, positions), q, nu_g, r_v * ratio.clamp(max=f_max), a
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # type: ignore[override]
+        _, _, var, weight, k, eps, r_m, _, _, _ = inputs
+        _, q, nu_g, coef, a = output
+        ctx.save_for_backward(var, weight, q, coef, a)
+        ctx.eps, ctx.r_m = eps, r_m
+        ctx.mark_non_differentiable(q, nu_g, coef, a)
+
+    @staticmethod
+    def backward(ctx, grad_y, _q, _nu, _coef, _a):  # type: ignore[override]
+        var, weight, q, coef, a = ctx.saved_tensors
+        groups, k, c, positions = q.shape
+        gy = grad_y.reshape(groups, k, c, positions)
+        gyq = (gy * q).mean(dim=(1, 3))
+        gy_mean = gy.mean(dim=(1, 3))
+        w = weight[None, :]
+        # (x - mu-bar) = q / a, so mean(G (x - mu-bar)) = w * gyq / a and its term is q * slope
+        slope = coef * w * gyq / (a * a * (var + ctx.eps))
+        grad_x = torch.addcmul(
+            (-ctx.r_m * a * w * gy_mean)[:, None, :, None] - q * (a * slope)[:, None, :, None],
+            gy,
+            (a * w)[:, None, :, None],
+        )
+        grad_weight = (gyq * (k * positions)).sum(dim=0)
+        return grad_x.reshape(groups * k, c, positions), None, None, grad_weight, None, None, None, None, None, None
+
+
+def fused_normalize_groups(
+    x: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    weight: Tensor | None,
+    *,
+    microbatch: int = 1,
+    eps: float = 1e-5,
+    r_m: float = 1.0,
+    r_v: float = 1.0,
+    f_max: float = 2.0,
+    u_max: float = 5.0,
+) -> tuple[Tensor, Tensor]:
+    """``(gamma * q, nu)``: q and its gradient those of :func:`normalize_groups` (seed 004 §3.1),
+    computed by :class:`_FusedGroupNorm`, and each example's group second moment ``nu_g`` (N, C),
+    a constant. The EMA moments get no gradient (ScaleGrad stops it)."""
+    n, c = x.shape[0], x.shape[1]
+    flat = x.reshape(n, c, -1)
+    w = torch.ones(c, dtype=x.dtype, device=x.device) if weight is None else weight
+    k = min(microbatch, n)
+    head = (n // k) * k
+    parts = [(flat[:head], k)] + ([(flat[head:], n - head)] if head < n else [])
+    mean, var = mean.detach().clone(), var.detach().clone()
+    outs = [_FusedGroupNorm.apply(part, mean, var, w, size, eps, r_m, r_v, f_max, u_max) for part, size in parts]
+    y = outs[0][0] if len(outs) == 1 else torch.cat([out[0] for out in outs])
+    nu_b = torch.cat([out[2].repeat_interleave(size, dim=0) for out, (_, size) in zip(outs, parts)])
+    return y.reshape(x.shape), nu_b
+
+
 def affine_rotate(q: Tensor, weight: Tensor | None, bias: Tensor | None, rotation: Tensor | None) -> Tensor:
     """``y = R (gamma * q) + beta`` over the channel dim 1 (seed 004 Alg. 1: Rotate(q ⊙ γ) + β)."""
     y = q if weight is None else q * _channel(weight, q.dim())
@@ -174,7 +255,8 @@ def population_norm(
 ) -> Tensor:
     """Functional :class:`PopulationNorm`: ``y = R (gamma * q) + beta`` (seed 004 §3.1, Alg. 1).
 
-    Training: q from :func:`normalize_groups`, then the EMAs move in place towards the batch
+    Training: q from :func:`fused_normalize_groups` (the values and gradient of
+    :func:`normalize_groups`, backward written out), then the EMAs move in place towards the batch
     moments, ``mu-bar <- (1 - m) mu-bar + m E_b mu_b`` and ``nu-bar <- (1 - m) nu-bar + m E_b nu_b``
     with ``nu_b`` the second moment about the old mu-bar (no Bessel correction: the seed's
     definition); ``momentum`` 0 or None leaves them as they are (None: the caller averages).
@@ -183,21 +265,22 @@ def population_norm(
     compute = torch.float32 if x.dtype in _LOW_PRECISION else x.dtype
     xc = x.to(compute)
     mean, var = running_mean.to(compute), running_var.to(compute)
+    w = None if weight is None else weight.to(compute)
     if training:
-        q, _, nu_g = normalize_groups(
-            xc, mean, var, microbatch=microbatch, eps=eps, r_m=r_m, r_v=r_v, f_max=f_max, u_max=u_max
+        qw, nu_b = fused_normalize_groups(
+            xc, mean, var, w, microbatch=microbatch, eps=eps, r_m=r_m, r_v=r_v, f_max=f_max, u_max=u_max
         )
         if momentum:
             with torch.no_grad():
-                mu_b, nu_b = example_moments(xc.detach(), mean)
-                running_mean.lerp_(mu_b.mean(0).to(running_mean.dtype), momentum)
+                batch_mean = xc.detach().mean(dim=[0, *range(2, x.dim())])
+                running_mean.lerp_(batch_mean.to(running_mean.dtype), momentum)
                 running_var.lerp_(nu_b.mean(0).to(running_var.dtype), momentum)
     else:
-        q = normalize_shared(xc, mean, var, eps)
+        qw = normalize_shared(xc, mean, var, eps)
+        qw = qw if w is None else qw * _channel(w, x.dim())
     rot = None if rotation is None else rotation.to(compute)
-    w = None if weight is None else weight.to(compute)
     b = None if bias is None else bias.to(compute)
-    return affine_rotate(q, w, b, rot).to(x.dtype)
+    return affine_rotate(qw, None, b, rot).to(x.dtype)
 
 
 class PopulationNorm(_NormBase):

@@ -43,6 +43,9 @@ from normscope.analyzers.population_gradient import (
 from normscope.errors import InvalidArgumentError, UnknownNameError
 from normscope.guard import preserved
 from normscope.ops.norm_sites import norm_sites, parameters
+from normscope.ops.population import PopulationNorm
+from normscope.ops.renorm import BatchRenorm
+from normscope.ops.swap import swap_norms
 from normscope.ops.two_stage import two_stage_gradient
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -192,16 +195,16 @@ def _batch_grad(model: nn.Module, inputs: Tensor, targets: Tensor, loss_fn: Loss
 def _set_moments(model: nn.Module, moments: PopulationGradient) -> None:
     with torch.no_grad():
         for name, module in norm_sites(model).items():
-            module.running_mean.copy_(moments.mean[name])
-            module.running_var.copy_(moments.var[name])
+            if module.running_mean is not None and module.running_var is not None:
+                module.running_mean.copy_(moments.mean[name])
+                module.running_var.copy_(moments.var[name])
 
 
 def _swap(model: nn.Module, op: str, **kwargs: object) -> nn.Module:
-    from normscope.ops.swap import swap_norms
-
+    """``swap_norms`` with frozen running statistics (momentum 0), the swapped layers in training mode."""
     swapped = swap_norms(model, op, momentum=0.0, **kwargs)
     for module in swapped.modules():
-        if module is not swapped and type(module).__name__ in ("PopulationNorm", "BatchRenorm"):
+        if isinstance(module, (PopulationNorm, BatchRenorm)):
             module.train()
     return swapped
 
@@ -225,6 +228,17 @@ class _Estimators:
         self.renorm = _swap(self.base, "renorm")
         self.chunk_size = int(options.get("chunk_size", 64))
         self.cache: dict[str, Tensor] = {}
+        norm = next(m for m in self.per_example.modules() if isinstance(m, PopulationNorm))
+        renorm = next(m for m in self.renorm.modules() if isinstance(m, BatchRenorm))
+        shared = f"r_m={norm.r_m}, r_v={norm.r_v}, f_max={norm.f_max}, u_max={norm.u_max}"
+        self.settings = {
+            "batchnorm": "minibatch moments",
+            "per_example": f"microbatch 1, {shared}",
+            "microbatch": f"microbatch {self.microbatch_size}, {shared}",
+            "two_stage": f"r_m=1, r_v=1, no caps, chunks of {self.chunk_size}",
+            "batch_renorm": f"rmax={renorm.rmax}, dmax={renorm.dmax}",
+            "control": "eval-mode BN, per-example gradients",
+        }
 
     def _per_example_flat(self, key: str, model: nn.Module, inputs: Tensor, targets: Tensor, idx: Tensor) -> Tensor:
         """Mean per-example gradient over ``idx``; all N cached when they fit in memory."""
@@ -310,7 +324,9 @@ def estimator_bias(
         reference = control_target if estimator == "control" else star
         for group, part in groups.items():
             figures = bias_statistics(samples[:, part], reference[part])
-            rows.append({"estimator": estimator, "batch_size": b, "group": group, **figures.__dict__})
+            rows.append(
+                {"estimator": estimator, "batch_size": b, "group": group, **figures.__dict__, "settings": est.settings[estimator]}
+            )
     return pd.DataFrame(rows), g_star
 
 

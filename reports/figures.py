@@ -188,7 +188,7 @@ def stats_eps(tables: Tables, fig: Figure) -> None:
     sns.stripplot(data=table, x="site", y="eps_fraction", order=sites, ax=ax, size=3, alpha=0.6, jitter=0.25, log_scale=True)
     ax.axhline(0.5, color="#c44e52", lw=1, ls="--", label="eps = batch variance")
     ax.set(xlabel="", ylabel="eps / (batch var + eps)")
-    ax.legend(loc="upper right", frameon=False)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False, fontsize="small")
     _site_ticks(ax, sites)
 
 
@@ -466,7 +466,7 @@ def compare_curves(tables: Tables, fig: Figure) -> None:
             train, test = run[run["split"] == "train"], run[run["split"] != "train"]
             ax.plot(train["step"], train["loss"], "-", color=colors[op], lw=1.2, label=f"{op} (train)")
             ax.plot(test["step"], test["loss"], "o--", color=colors[op], ms=5, lw=1, label=f"{op} (test)")
-        ax.set(title=f"batch size {size}", yscale="log", xlabel="step", ylabel="loss")
+        ax.set(title=f"batch size {size}", xlabel="step", ylabel="loss")
     handles, labels = axes[-1].get_legend_handles_labels()
     axes[-1].legend(handles, labels, frameon=False, fontsize="small", loc="center left", bbox_to_anchor=(1.0, 0.5))
 

@@ -414,9 +414,11 @@ def _findings(table: pd.DataFrame, slope_table: pd.DataFrame, jacobian: pd.DataF
         f"Two-stage backprop on all {n} examples misses g* by {row['relative_gap']:.2%}: the Jacobian-product bias of "
         f"{int(row['n_norm_layers'])} normalization level(s) in series (exactly 0 with one level)."
     )
+    noisiest = total[total["batch_size"] == smallest].sort_values("variance").iloc[-1]
     out.append(
-        f"g* has norm {float(total['target_norm'].iloc[0]):.3g} at population loss {g_star.loss:.3g}; near a minimum "
-        "it is small against the noise of one minibatch gradient, and relative figures grow accordingly."
+        f"g* has norm {float(total['target_norm'].iloc[0]):.3g} at population loss {g_star.loss:.3g}; the noise "
+        f"tr Cov of one {LABELS[noisiest['estimator']].lower()} gradient at batch {int(smallest)} is "
+        f"{noisiest['variance']:.3g} times ||g*||^2, which sets how small a bias the repeats can resolve."
     )
     out.append(
         f"g* was computed {g_star.method} over {n} examples in {g_star.passes} pass(es)"

@@ -230,3 +230,18 @@ def test_fused_backward_equals_autograd_through_scalegrad(k: int, shape: tuple[i
     upstream = torch.randn(*shape, generator=g, dtype=DT)
     for a, b in zip(torch.autograd.grad(fused, [x, w], upstream), torch.autograd.grad(reference, [x, w], upstream)):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_agrees_with_cpu() -> None:
+    cpu = _randomize(PopulationNorm(8, momentum=0.1, microbatch=2, rotation="hadamard").to(DT)).train()
+    cuda = PopulationNorm(8, momentum=0.1, microbatch=2, rotation="hadamard").to(device="cuda", dtype=DT).train()
+    cuda.load_state_dict(cpu.state_dict())
+    x = torch.randn(6, 8, 4, 4, dtype=DT)
+    xc = x.cuda().requires_grad_()
+    xs = x.clone().requires_grad_()
+    y_cpu, y_cuda = cpu(xs), cuda(xc)
+    torch.testing.assert_close(y_cuda.cpu(), y_cpu, rtol=0, atol=1e-12)
+    g = torch.randn_like(y_cpu)
+    torch.testing.assert_close(torch.autograd.grad(y_cuda, xc, g.cuda())[0].cpu(), torch.autograd.grad(y_cpu, xs, g)[0], rtol=0, atol=1e-12)
+    torch.testing.assert_close(cuda.running_var.cpu(), cpu.running_var, rtol=0, atol=1e-12)

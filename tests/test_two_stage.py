@@ -164,3 +164,12 @@ def test_bad_inputs() -> None:
     untracked = _mlp(1, norm=lambda c: nn.BatchNorm1d(c, track_running_stats=False))
     with pytest.raises(InvalidArgumentError, match="running statistics"):
         two_stage_gradient(untracked, x, y)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_agrees_with_cpu() -> None:
+    model = _population_norm_model()
+    x, y = _data("mlp", 12)
+    cpu = two_stage_gradient(model, x, y, chunk_size=5).grads
+    cuda = two_stage_gradient(copy.deepcopy(model).cuda(), x.cuda(), y.cuda(), chunk_size=5).grads
+    assert max(float((cuda[k].cpu() - cpu[k]).abs().max()) for k in cpu) < 1e-12

@@ -59,7 +59,7 @@ LABELS = {
     "batch_renorm": "Batch renormalization",
     "control": "The control (per-example gradients of eval-mode BN)",
 }
-QUICK = {"batch_sizes": (4, 16, 64), "repeats": 24, "examples": 256}
+QUICK = {"batch_sizes": (4, 16, 64), "repeats": 16, "examples": 256}
 FULL = {"batch_sizes": (2, 4, 8, 16, 32, 64, 128), "repeats": 32, "examples": None}
 FULL_BATCH_MAX = 4096
 PER_EXAMPLE_MEMORY = 256 * 2**20
@@ -433,7 +433,7 @@ def analyze(ctx: AnalysisContext) -> AnalyzerOutput:
 
     Options (``ctx.options``, prefix ``bias_``): ``batch_sizes``, ``repeats``, ``examples``,
     ``estimators``, ``dtype`` (float64), ``microbatch`` (2), ``r_m``, ``r_v``, ``f_max``,
-    ``u_max``, ``chunk_size`` (64). ``ctx.quick``: B in {4, 16, 64}, 24 repeats, 256 examples.
+    ``u_max``, ``chunk_size`` (64). ``ctx.quick``: B in {4, 16, 64}, 16 repeats, 256 examples.
     Data sets over 4096 examples get g* streamed (2L + 1 passes, L normalization levels).
     """
     if not norm_sites(ctx.model):

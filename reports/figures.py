@@ -63,6 +63,7 @@ def figure(
 
     def register(draw: DrawFn) -> DrawFn:
         FIGURES.append(FigureSpec(draw.__name__, section, title, caption, requires, size, draw))
+        draw.__doc__ = f"Draw '{title}' on ``fig``: {caption}"
         return draw
 
     return register
@@ -155,7 +156,7 @@ def stats_drift(tables: Tables, fig: Figure) -> None:
     table = _finite(tables["stats_channels"], ["mean_drift", "var_ratio"], positive=False)
     table = table[table["var_ratio"] > 0]
     if table.empty:
-        raise _NoData("stats_channels has no finite mean_drift / var_ratio")
+        raise _NoData("no site keeps running statistics (only BatchNorm-style layers do), so there is no drift to show")
     sites = _by_depth(table)
     if len(sites) > 4:
         fig.set_size_inches(fig.get_figwidth(), 5.6)

@@ -45,7 +45,7 @@ def dense_hessian(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mode: str,
         return F.cross_entropy(functional_call(net, {**params, **parts}, (x,)), y)
 
     theta = torch.cat([params[n].detach().reshape(-1) for n in names])
-    return torch.autograd.functional.hessian(loss, theta, vectorize=True)
+    return torch.autograd.functional.hessian(loss, theta)
 
 
 @pytest.mark.parametrize("mode", ["train", "eval"])

@@ -55,8 +55,15 @@ def test_lanczos_matches_the_dense_hessian(tiny, mode):
     idx = np.arange(sub.numel)
     np.testing.assert_allclose(top_eigenvalues(sub, k=3, tol=1e-12), np.linalg.eigvalsh(H[np.ix_(idx, idx)])[::-1][:3],
                                rtol=1e-8, atol=1e-12)
-    trace, stderr = hutchinson_trace(op, n_samples=200, seed=5)
+    traces = hutchinson_trace(op, n_samples=200, seed=5, blocks=loss.layers())
+    trace, stderr = traces["total"]
     assert stderr > 0 and abs(trace - np.trace(H)) < 4 * stderr
+    start = 0
+    for group, names in loss.layers().items():
+        n = sum(loss.params[k].numel() for k in names)
+        block_trace, block_stderr = traces[group]
+        assert abs(block_trace - np.trace(H[start:start + n, start:start + n])) < 4 * block_stderr + 1e-12
+        start += n
 
 
 def test_small_block_is_solved_densely(tiny):

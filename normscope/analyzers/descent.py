@@ -43,8 +43,8 @@ COLUMNS = {
 DEFAULT_LR = 0.1
 PARTING_THRESHOLD = 0.1
 SCALES = (1.0, 0.5, 2.0)
-QUICK = {"k": 3, "trace_samples": 16, "steps": 12, "tol": 1e-4}
-FULL = {"k": 5, "trace_samples": 64, "steps": 25, "tol": 1e-6}
+QUICK = {"k": 3, "layer_k": 1, "layer_spectra": 8, "trace_samples": 16, "steps": 12, "tol": 1e-4}
+FULL = {"k": 5, "layer_k": 5, "layer_spectra": None, "trace_samples": 64, "steps": 25, "tol": 1e-6}
 
 
 def critical_step(sq_norm: float, curvature: float) -> float:
@@ -183,10 +183,14 @@ def scale_invariance(loss: BatchLoss, layer: str, lr: float, scales: Iterable[fl
             value = float(scaled())
         return value, a_crit, float(inner.abs().max())
 
-    base_loss, base_a_crit, _ = measure(1.0)
+    scales = [float(c) for c in scales]
+    if any(c <= 0 for c in scales):
+        raise InvalidArgumentError(f"scales must be positive (got {scales})")
+    measured = {c: measure(c) for c in dict.fromkeys([1.0, *scales])}
+    base_loss, base_a_crit, _ = measured[1.0]
     rows = []
     for c in scales:
-        value, a_crit, inner = measure(c)
+        value, a_crit, inner = measured[c]
         rows.append({"layer": layer, "c": float(c), "loss_ratio": value / base_loss, "a_crit_ratio": a_crit / base_a_crit,
                      "max_abs_inner": inner, "effective_lr": lr / float((c * weight).double().pow(2).sum())})
     return rows
@@ -197,6 +201,15 @@ def spectrum_rows(op: HessianOperator, mode: str, group: str, k: int, tol: float
     values = top_eigenvalues(op, k, tol, seed)
     return [{"mode": mode, "group": group, "rank": i + 1, "eigenvalue": float(v),
              "stability_limit": 2.0 / float(v) if v > 0 else math.nan} for i, v in enumerate(values)]
+
+
+def spectrum_layers(traces: dict[str, tuple[float, float]], layers: dict[str, list[str]], limit: int | None) -> list[str]:
+    """The layers whose spectra to compute: all (``limit=None``), or the ``limit`` layers with the
+    largest absolute Hutchinson trace ``|tr H_gg|``, in model order."""
+    if limit is None or len(layers) <= limit:
+        return list(layers)
+    chosen = set(sorted(layers, key=lambda g: -abs(traces[g][0]))[:limit])
+    return [g for g in layers if g in chosen]
 
 
 def _frame(name: str, rows: list[dict]) -> pd.DataFrame:
@@ -223,6 +236,9 @@ def descent_tables(
     Directions: ``gradient`` (``-dL/dtheta``, checked against ``lr``) and, given ``optimizer``,
     ``optimizer:<class>`` (:func:`optimizer_direction`, checked against the optimizer's lr). The
     quadratic table follows the optimizer's direction when given, the gradient otherwise.
+    Settings (:data:`QUICK` or :data:`FULL`): the top ``k`` eigenvalues of ``H``, the top
+    ``layer_k`` of each layer's block (quick: only the ``layer_spectra`` layers with the largest
+    block trace), ``trace_samples`` Hutchinson products shared by all blocks, ``steps`` grid steps.
     """
     settings = QUICK if quick else FULL
     tables: dict[str, list[dict]] = {name: [] for name in COLUMNS}
@@ -230,27 +246,27 @@ def descent_tables(
     track = track or (lambda it, *a, **k: it)
     for mode in track(list(modes), "descent", total=len(modes)):
         loss = BatchLoss(model, inputs, targets, loss_fn, mode, dtype)
+        layers = loss.layers()
         total = HessianOperator(loss, backend=backend)
         backends[mode] = total.backend
-        d = negative_gradient(loss)
-        rows = descent_rows(loss, d, lr, "gradient", total.backend)
-        step_lr = lr
+        rows = descent_rows(loss, negative_gradient(loss), lr, "gradient", total.backend)
+        d, step_lr = negative_gradient(loss), lr
         if optimizer is not None:
             d, step_lr = optimizer_direction(model, optimizer, loss)
             rows += descent_rows(loss, d, step_lr, f"optimizer:{type(optimizer).__name__}", total.backend)
         tables["descent_directions"] += rows
-        a_crit = rows[-len(loss.layers()) - 1]["a_crit"]
+        a_crit = next(r["a_crit"] for r in reversed(rows) if r["group"] == "total")
         tables["descent_quadratic"] += quadratic_model(loss, d, step_grid(step_lr, a_crit, settings["steps"]),
                                                        total.backend).to_dict("records")
-        for i, (group, names) in enumerate({"total": list(loss.params), **loss.layers()}.items()):
-            op = HessianOperator(loss, names, total.backend)
-            tables["descent_spectrum"] += spectrum_rows(op, mode, group, settings["k"], settings["tol"], seed + i)
-            trace, stderr = hutchinson_trace(op, settings["trace_samples"], seed + i)
-            tables["descent_trace"].append({"mode": mode, "group": group, "trace": trace, "trace_stderr": stderr,
-                                            "n_samples": settings["trace_samples"]})
+        traces = hutchinson_trace(total, settings["trace_samples"], seed, layers)
+        tables["descent_trace"] += [{"mode": mode, "group": group, "trace": t, "trace_stderr": se,
+                                     "n_samples": settings["trace_samples"]} for group, (t, se) in traces.items()]
+        tables["descent_spectrum"] += spectrum_rows(total, mode, "total", settings["k"], settings["tol"], seed)
+        for i, group in enumerate(spectrum_layers(traces, layers, settings["layer_spectra"]), start=1):
+            op = HessianOperator(loss, layers[group], total.backend)
+            tables["descent_spectrum"] += spectrum_rows(op, mode, group, settings["layer_k"], settings["tol"], seed + i)
         if mode == "train":
-            pairs = feeding_layers(loss.model, loss.inputs)
-            for layer, norm in pairs.items():
+            for layer, norm in feeding_layers(loss.model, loss.inputs).items():
                 tables["descent_scale_invariance"] += scale_invariance(loss, layer, lr, SCALES, total.backend)
                 if isinstance(loss.model.get_submodule(layer), nn.Linear):
                     tables["descent_reparam"].append({"layer": layer, **reparam_check(loss.model, loss.inputs, layer, norm)})
@@ -274,6 +290,11 @@ def findings(tables: dict[str, pd.DataFrame], lr_given: bool, lr: float) -> list
     for row in spectrum[(spectrum["group"] == "total") & (spectrum["rank"] == 1)].itertuples():
         out.append(f"{row.mode} mode: lambda_max = {row.eigenvalue:.4g}, so plain gradient descent is stable for "
                    f"lr < 2/lambda_max = {row.stability_limit:.3g} (lr {lr:.3g}).")
+    spectrum_groups = set(spectrum["group"]) - {"total"}
+    layer_groups = set(directions["group"]) - {"total"}
+    if len(spectrum_groups) < len(layer_groups):
+        out.append(f"Per-layer spectra for the {len(spectrum_groups)} of {len(layer_groups)} layers with the largest "
+                   "block trace (quick mode); the traces cover every layer.")
     quadratic = tables["descent_quadratic"]
     for mode, part in quadratic.groupby("mode", sort=False):
         step = parting_step(part)

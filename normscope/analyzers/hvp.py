@@ -13,7 +13,8 @@ parameters, or to one parameter group (then ``H`` is that group's diagonal block
 through training-mode BatchNorm is often much slower). Everything runs on a deep copy of the
 user's model, so its parameters, buffers and flags are never touched; in ``train`` mode the copy's
 BatchNorms stop tracking running statistics, so they normalize with batch statistics and update
-nothing, and in ``eval`` mode they use the running statistics.
+nothing, and in ``eval`` mode they use the running statistics. Attention runs with the math kernel
+of scaled dot-product attention, the one with a second derivative.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 from scipy.sparse.linalg import LinearOperator
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from normscope.errors import InvalidArgumentError, UnknownNameError
@@ -73,7 +75,8 @@ class BatchLoss:
     def __call__(self, params: dict[str, Tensor] | None = None) -> Tensor:
         """``L`` at ``self.params`` with the entries of ``params`` substituted."""
         merged = self.params if not params else {**self.params, **params}
-        return self.loss_fn(functional_call(self.model, merged, (self.inputs,)), self.targets)
+        with sdpa_kernel(SDPBackend.MATH):
+            return self.loss_fn(functional_call(self.model, merged, (self.inputs,)), self.targets)
 
     def with_params(self, params: dict[str, Tensor]) -> "BatchLoss":
         """A shallow twin of this loss evaluated at other parameter values (same copy and batch)."""
@@ -199,7 +202,7 @@ def select_backend(op: HessianOperator, repeats: int = 3) -> str:
         try:
             op(v)
             op.timings[backend] = min(_seconds(op, v) for _ in range(repeats))
-        except RuntimeError:
+        except (RuntimeError, NotImplementedError, ValueError):
             op.timings[backend] = float("inf")
     op.products = 0
     best = min(op.timings, key=op.timings.get)

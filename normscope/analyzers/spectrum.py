@@ -5,7 +5,8 @@
   of products; ``2 / lambda_max`` is the stability limit of plain gradient descent on the
   quadratic model (seed 003, MATH.md §5).
 * :func:`hutchinson_trace`: ``tr H = E[v^T H v]`` for Rademacher ``v`` (Hutchinson 1989), the
-  mean of ``n`` samples with its standard error ``std / sqrt(n)``.
+  mean of ``n`` samples with its standard error ``std / sqrt(n)``; the same products give every
+  layer's block trace, ``tr H_gg = E[v_g^T (H v)_g]``.
 """
 
 from __future__ import annotations
@@ -43,18 +44,29 @@ def top_eigenvalues(op: HessianOperator, k: int = 5, tol: float = 1e-6, seed: in
     return np.sort(values)[::-1].copy()
 
 
-def hutchinson_trace(op: HessianOperator, n_samples: int = 32, seed: int = 0) -> tuple[float, float]:
-    """Hutchinson's estimate of ``tr H``: mean of ``v^T H v`` over ``n_samples`` Rademacher
-    vectors ``v`` (seeded), and its standard error ``std(ddof=1) / sqrt(n_samples)``."""
+def hutchinson_trace(
+    op: HessianOperator, n_samples: int = 32, seed: int = 0, blocks: dict[str, list[str]] | None = None
+) -> dict[str, tuple[float, float]]:
+    """Hutchinson's estimate of ``tr H``: the mean of ``v^T H v`` over ``n_samples`` Rademacher
+    vectors ``v`` (seeded) and its standard error ``std(ddof=1) / sqrt(n_samples)``, under key
+    ``"total"``; and, for each block ``g`` of ``blocks`` (parameter names of ``op``), the trace of
+    the diagonal block ``H_gg`` from the same products, ``E[v_g^T (H v)_g] = tr H_gg``."""
     if n_samples < 2:
         raise InvalidArgumentError(f"n_samples must be at least 2 for a standard error (got {n_samples})")
+    offsets = dict(zip(op.names, np.cumsum([0] + op.sizes[:-1]).tolist()))
+    index = {"total": torch.arange(op.numel)}
+    for block, names in (blocks or {}).items():
+        index[block] = torch.cat([torch.arange(offsets[n], offsets[n] + size)
+                                  for n, size in zip(op.names, op.sizes) if n in names])
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    samples = []
+    samples: dict[str, list[float]] = {block: [] for block in index}
     for _ in range(n_samples):
         v = torch.randint(0, 2, (op.numel,), generator=generator).double().mul_(2).sub_(1)
-        samples.append(op.quadratic_form(v.to(device=op.device, dtype=op.dtype)))
-    values = np.asarray(samples)
-    return float(values.mean()), float(values.std(ddof=1) / math.sqrt(n_samples))
+        product = v * op(v.to(device=op.device, dtype=op.dtype)).double().cpu()
+        for block, idx in index.items():
+            samples[block].append(float(product[idx].sum()))
+    return {block: (float(np.mean(values)), float(np.std(values, ddof=1) / math.sqrt(n_samples)))
+            for block, values in samples.items()}
 
 
 def _symmetric(matrix: np.ndarray) -> np.ndarray:

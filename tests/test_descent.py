@@ -26,6 +26,7 @@ from normscope.analyzers.descent import (
 from normscope.analyzers.hvp import BatchLoss, HessianOperator
 from normscope.analyzers.reparam import condition_number, input_covariance, reparam_check, reparam_hessian
 from normscope.analyzers.spectrum import dense_hessian, hutchinson_trace, top_eigenvalues
+from normscope.errors import InvalidArgumentError
 from normscope.guard import assert_unchanged, snapshot
 from normscope.models import build_model
 from tests.test_hvp import tiny_batch, tiny_model
@@ -79,7 +80,9 @@ def test_descent_rows_against_the_dense_hessian(tiny):
     op = HessianOperator(loss, backend="double_backward")
     H = dense_hessian(op)
     d = negative_gradient(loss)
-    rows = {r["group"]: r for r in descent_rows(loss, d, 0.1, "gradient", "func")}
+    rows = {r["group"]: r for r in descent_rows(HessianOperator(loss, backend="func"), d, 0.1, "gradient")}
+    shared = {r["group"]: r for r in descent_rows(op, d, 0.1, "gradient")}
+    assert {g: r["curvature"] for g, r in shared.items()} == pytest.approx({g: r["curvature"] for g, r in rows.items()}, rel=1e-10)
     flat = op.flatten(d).numpy()
     assert rows["total"]["sq_norm"] == pytest.approx(flat @ flat, rel=1e-12)
     assert rows["total"]["curvature"] == pytest.approx(flat @ H @ flat, rel=1e-10)
@@ -236,3 +239,27 @@ def test_analyzer_tables_and_no_mutation(digits32):
     assert set(out.tables["descent_scale_invariance"]["layer"]) == {"net.1", "net.4"}
     assert any("default lr = 0.1" in f for f in out.findings)
     assert out.headline["lr"] == 0.1 and out.headline["lambda_max_train"] > 0
+
+
+def test_bad_arguments(tiny, digits32):
+    model, x, y = tiny
+    loss = BatchLoss(model, x, y)
+    op = HessianOperator(loss, backend="double_backward")
+    with pytest.raises(InvalidArgumentError, match="k must be"):
+        top_eigenvalues(op, k=0)
+    with pytest.raises(InvalidArgumentError, match="n_samples"):
+        hutchinson_trace(op, n_samples=1)
+    with pytest.raises(InvalidArgumentError, match="scales must be positive"):
+        scale_invariance(loss, "0", lr=0.1, scales=(0.0,))
+    with pytest.raises(InvalidArgumentError, match="lr must be positive"):
+        get_analyzer("descent")(AnalysisContext(model=build_model("mlp_bn"), batches=[digits32], lr=-1.0))
+
+
+def test_analyzer_without_batchnorm(digits32):
+    model = build_model("transformer_ln")
+    before = snapshot(model)
+    out = get_analyzer("descent")(AnalysisContext(model=model, batches=[(digits32[0][:16], digits32[1][:16])], lr=0.05))
+    assert_unchanged(model, before)
+    assert out.tables["descent_scale_invariance"].empty and out.tables["descent_reparam"].empty
+    assert list(out.tables["descent_scale_invariance"].columns) == COLUMNS["descent_scale_invariance"]
+    assert np.isfinite(out.tables["descent_trace"]["trace"]).all()

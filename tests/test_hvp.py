@@ -59,6 +59,8 @@ def test_hvp_matches_dense_hessian(mode, backend, group):
     H = dense_hessian(model, x, y, mode, names)
     v = torch.randn(op.numel, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     torch.testing.assert_close(op(v), H @ v, rtol=1e-10, atol=1e-12)
+    shared = HessianOperator(loss, backend=backend).block(names)
+    torch.testing.assert_close(shared(v), H @ v, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("mode", ["train", "eval"])

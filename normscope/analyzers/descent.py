@@ -86,14 +86,16 @@ def optimizer_direction(model: nn.Module, optimizer: torch.optim.Optimizer, loss
 
 
 def descent_rows(
-    loss: BatchLoss, d: dict[str, Tensor], lr: float, direction: str, backend: str, groups: dict[str, list[str]] | None = None
+    total: HessianOperator, d: dict[str, Tensor], lr: float, direction: str, groups: dict[str, list[str]] | None = None
 ) -> list[dict]:
-    """One ``descent_directions`` row for the total and for each layer: ``||d_g||^2``,
-    ``d_g^T H_gg d_g`` (one Hessian-vector product each), ``a_crit`` and ``lr < a_crit``."""
-    groups = {"total": list(loss.params), **(loss.layers() if groups is None else groups)}
+    """One ``descent_directions`` row for the total (``total``, the operator over all parameters)
+    and for each layer: ``||d_g||^2``, ``d_g^T H_gg d_g`` (one Hessian-vector product each),
+    ``a_crit = 2 ||d_g||^2 / d_g^T H_gg d_g`` and ``lr < a_crit`` (seed 003, MATH.md §5)."""
+    loss = total.loss
+    groups = {"total": None, **(loss.layers() if groups is None else groups)}
     rows = []
     for group, names in groups.items():
-        op = HessianOperator(loss, names, backend)
+        op = total if names is None else total.block(names)
         flat = op.flatten(d)
         sq_norm = float(flat.double().pow(2).sum())
         curvature = op.quadratic_form(flat)
@@ -249,11 +251,11 @@ def descent_tables(
         layers = loss.layers()
         total = HessianOperator(loss, backend=backend)
         backends[mode] = total.backend
-        rows = descent_rows(loss, negative_gradient(loss), lr, "gradient", total.backend)
+        rows = descent_rows(total, negative_gradient(loss), lr, "gradient")
         d, step_lr = negative_gradient(loss), lr
         if optimizer is not None:
             d, step_lr = optimizer_direction(model, optimizer, loss)
-            rows += descent_rows(loss, d, step_lr, f"optimizer:{type(optimizer).__name__}", total.backend)
+            rows += descent_rows(total, d, step_lr, f"optimizer:{type(optimizer).__name__}")
         tables["descent_directions"] += rows
         a_crit = next(r["a_crit"] for r in reversed(rows) if r["group"] == "total")
         tables["descent_quadratic"] += quadratic_model(loss, d, step_grid(step_lr, a_crit, settings["steps"]),
@@ -263,7 +265,7 @@ def descent_tables(
                                      "n_samples": settings["trace_samples"]} for group, (t, se) in traces.items()]
         tables["descent_spectrum"] += spectrum_rows(total, mode, "total", settings["k"], settings["tol"], seed)
         for i, group in enumerate(spectrum_layers(traces, layers, settings["layer_spectra"]), start=1):
-            op = HessianOperator(loss, layers[group], total.backend)
+            op = total.block(layers[group])
             tables["descent_spectrum"] += spectrum_rows(op, mode, group, settings["layer_k"], settings["tol"], seed + i)
         if mode == "train":
             for layer, norm in feeding_layers(loss.model, loss.inputs).items():

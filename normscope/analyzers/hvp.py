@@ -119,6 +119,7 @@ class HessianOperator:
         self.products = 0
         self.timings: dict[str, float] = {}
         self._graph: tuple[list[Tensor], list[Tensor]] | None = None
+        self._parent: HessianOperator | None = None
         self.backend = select_backend(self) if backend == "auto" else backend
 
     @property
@@ -149,7 +150,19 @@ class HessianOperator:
             return self._hvp_func(v)
         return self._hvp_double_backward(v)
 
+    def block(self, names: Sequence[str]) -> "HessianOperator":
+        """The operator of the diagonal block ``H_gg`` over ``names``; with double backward it
+        shares this operator's gradient graph: ``H_gg v_g = (H [v_g; 0])_g``."""
+        child = HessianOperator(self.loss, names, self.backend)
+        if self.backend == "double_backward":
+            child._parent = self
+        return child
+
     def _hvp_double_backward(self, v: Tensor) -> Tensor:
+        if self._parent is not None:
+            padded = {n: torch.zeros_like(p) for n, p in self._parent.loss.params.items() if n in self._parent.names}
+            padded.update(self.split(v))
+            return self.flatten(self._parent.split(self._parent._hvp_double_backward(self._parent.flatten(padded))))
         if self._graph is None:
             leaves = [self.loss.params[n].detach().requires_grad_(True) for n in self.names]
             grads = torch.autograd.grad(self.loss(dict(zip(self.names, leaves))), leaves, create_graph=True)

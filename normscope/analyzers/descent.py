@@ -53,7 +53,7 @@ def critical_step(sq_norm: float, curvature: float) -> float:
 
 
 def negative_gradient(loss: BatchLoss) -> dict[str, Tensor]:
-    """``d = -dL/dtheta`` for every parameter of the loss's model copy."""
+    """``d = -dL/dtheta`` for every parameter of the loss's model copy (seed 003, §2)."""
     return {n: -g for n, g in loss.gradient().items()}
 
 
@@ -139,7 +139,8 @@ def step_grid(lr: float, a_crit: float, n: int) -> np.ndarray:
 
 def feeding_layers(model: nn.Module, inputs: Tensor) -> dict[str, str]:
     """``{linear_or_conv_name: batchnorm_name}`` for every Linear/Conv whose output tensor is the
-    very input of a BatchNorm, found by hooks in one forward of ``model`` (a private copy)."""
+    very input of a BatchNorm (the scale-invariant weights of MATH.md §5), found by hooks in one
+    forward of ``model`` (a private copy), so it follows the real data flow, not definition order."""
     produced: dict[int, tuple[str, Tensor]] = {}
     pairs: dict[str, str] = {}
     names = {m: n for n, m in model.named_modules()}
@@ -265,7 +266,7 @@ def descent_tables(
                                      "n_samples": settings["trace_samples"]} for group, (t, se) in traces.items()]
         tables["descent_spectrum"] += spectrum_rows(total, mode, "total", settings["k"], settings["tol"], seed)
         for i, group in enumerate(spectrum_layers(traces, layers, settings["layer_spectra"]), start=1):
-            op = total.block(layers[group])
+            op = HessianOperator(loss, layers[group], total.backend)
             tables["descent_spectrum"] += spectrum_rows(op, mode, group, settings["layer_k"], settings["tol"], seed + i)
         if mode == "train":
             for layer, norm in feeding_layers(loss.model, loss.inputs).items():

@@ -40,7 +40,8 @@ BACKENDS = ("auto", "double_backward", "func")
 
 
 class BatchLoss:
-    """The loss of a private copy of ``model`` on one batch, as a function of its parameters.
+    """The loss of a private copy of ``model`` on one batch, as a function of its parameters
+    (the minibatch loss of seed 003's Taylor expansion, MATH.md §5).
 
     ``L(theta) = loss_fn(functional_call(copy, theta, x), y)``. In ``mode="train"`` the copy's
     BatchNorms normalize with batch statistics and update no running statistics; in
@@ -99,7 +100,8 @@ class BatchLoss:
 
 
 class HessianOperator:
-    """``v -> H v`` for the block of the Hessian of a :class:`BatchLoss` over ``names``.
+    """``v -> H v`` for the block of the Hessian ``H = d^2 L / dtheta^2`` of a :class:`BatchLoss`
+    over ``names`` (MATH.md §5).
 
     Vectors are flat, in the order of ``names``; :meth:`linear_operator` wraps the product as a
     float64 ``scipy.sparse.linalg.LinearOperator`` and counts products in :attr:`products`.

@@ -2,7 +2,8 @@
 
 Reference ResNet (``build_model("resnet_bn")``) at batch 128 on digits images, for each storage
 option, with and without functional-call capture, on CPU and on CUDA when present. One process;
-each figure is the median of repeated timed steps after warm-up.
+each figure is the median of repeated steps after warm-up, captured and plain steps timed
+alternately so that load from other jobs affects both alike.
 
 Run: ``python benchmarks/capture_overhead.py [--repeats 30]``
 """
@@ -26,20 +27,24 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def time_steps(step, device: torch.device, repeats: int) -> float:
+def time_pair(step, base, device: torch.device, repeats: int) -> tuple[float, float]:
+    """Median seconds of ``step`` and of ``base``, timed alternately so that a machine shared
+    with other jobs slows both alike."""
     for _ in range(3):
         step()
-    times = []
+        base()
+    times: dict[str, list[float]] = {"step": [], "base": []}
     for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        step()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, fn in (("step", step), ("base", base)):
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
+    return statistics.median(times["step"]), statistics.median(times["base"])
 
 
-def run(device: torch.device, repeats: int, batch: int = 128) -> list[tuple[str, float, float]]:
+def run(device: torch.device, repeats: int, batch: int = 128) -> list[tuple[str, float, float, float]]:
     images, labels = load_digits()
     x, y = images[:batch].to(device), labels[:batch].to(device)
     model = build_model("resnet_bn").to(device)
@@ -58,12 +63,11 @@ def run(device: torch.device, repeats: int, batch: int = 128) -> list[tuple[str,
             optimizer.step()
         return step
 
-    base = time_steps(plain, device, repeats)
-    rows = [("plain step", base, 1.0)]
+    rows = []
     for storage in ("reductions", "device", "cpu"):
         for functional in (False, True):
-            t = time_steps(captured(storage, functional), device, repeats)
-            rows.append((f"{storage}{' + functional' if functional else ''}", t, t / base))
+            t, base = time_pair(captured(storage, functional), plain, device, repeats)
+            rows.append((f"{storage}{' + functional' if functional else ''}", t, base, t / base))
     return rows
 
 
@@ -75,9 +79,9 @@ def main() -> None:
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
     for device in devices:
         print(f"\nresnet_bn, batch 128, {device.type}")
-        print(f"{'configuration':<28}{'ms/step':>10}{'ratio':>8}")
-        for name, seconds, ratio in run(device, args.repeats):
-            print(f"{name:<28}{seconds * 1e3:>10.2f}{ratio:>8.2f}")
+        print(f"{'configuration':<28}{'ms/step':>10}{'plain ms':>10}{'ratio':>8}")
+        for name, seconds, base, ratio in run(device, args.repeats):
+            print(f"{name:<28}{seconds * 1e3:>10.2f}{base * 1e3:>10.2f}{ratio:>8.2f}")
 
 
 if __name__ == "__main__":

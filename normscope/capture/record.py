@@ -87,16 +87,46 @@ def gradient_wrt_z(dy: torch.Tensor, layout: Layout, dtype: torch.dtype | None) 
     return dy * (gamma.to(dy.dtype) + layout.weight_offset)
 
 
+def _partition_sum(t: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """Per-partition sums of ``t``, accumulated in float64 without reshaping copies."""
+    if layout.rule == "channel":
+        return t.sum(dim=[0, *range(2, t.dim())], dtype=torch.float64)
+    return to_rows(t, layout).sum(dim=1, dtype=torch.float64)
+
+
+def _moments_from_sums(n: torch.Tensor, sum_x: torch.Tensor, sum_x2: torch.Tensor, layout: Layout):
+    """Per-partition ``(shift, scale)`` of :func:`partition_moments` from the sums of x and x^2."""
+    if layout.rule == "weight":
+        return torch.zeros_like(sum_x), sum_x2.sqrt()
+    if not layout.batch_stats:
+        mean, var = layout.running_mean.double(), layout.running_var.double()
+        repeat = n.shape[0] // mean.shape[0]
+        return mean.repeat(repeat), torch.sqrt(var.repeat(repeat) + layout.eps)
+    if layout.kind.centered:
+        mean = sum_x / n
+        return mean, torch.sqrt((sum_x2 / n - mean * mean).clamp_min(0) + layout.eps)
+    return torch.zeros_like(sum_x), torch.sqrt(sum_x2 / n + layout.eps)
+
+
 def reduce_record(record: SiteRecord) -> None:
-    """Replace the record's tensors by per-partition sums over items, computed in float64:
-    ``n``, sums of ``x``, ``x^2``, ``z``, ``z^2`` and, after backward, of ``g``, ``g^2``, ``g z``."""
-    x64 = record.rows(record.x)
-    shift, scale = partition_moments(x64, record.layout)
-    z = (x64 - shift) / scale
-    red = {"n": torch.full((z.shape[0],), z.shape[1], dtype=torch.float64), "sum_x": x64.sum(1),
-           "sum_x2": x64.pow(2).sum(1), "sum_z": z.sum(1), "sum_z2": z.pow(2).sum(1)}
+    """Replace the record's tensors by per-partition sums over items, accumulated in float64:
+    ``n``, sums of ``x``, ``x^2``, ``z``, ``z^2`` and, after backward, of ``g``, ``g^2``, ``g z``.
+
+    The sums of z follow from those of x without forming z (``z = (x - shift) / scale``):
+    ``sum z = (sum x - n shift) / scale``, ``sum z^2 = (sum x^2 - 2 shift sum x + n shift^2) / scale^2``,
+    ``sum g z = (sum g x - shift sum g) / scale``; the variance is ``sum x^2 / n - mean^2`` in
+    float64, exact for float64 inputs and to float64 rounding of the float32 values otherwise.
+    """
+    x, layout = record.x, record.layout
+    sum_x, sum_x2 = _partition_sum(x, layout), _partition_sum(x * x, layout)
+    n = torch.full_like(sum_x, x.numel() / sum_x.numel())
+    shift, scale = _moments_from_sums(n, sum_x, sum_x2, layout)
+    red = {"n": n, "sum_x": sum_x, "sum_x2": sum_x2, "sum_z": (sum_x - n * shift) / scale,
+           "sum_z2": (sum_x2 - 2 * shift * sum_x + n * shift * shift) / scale**2}
     if record.dy is not None:
-        g = record.g_rows()
-        red.update(sum_g=g.sum(1), sum_g2=g.pow(2).sum(1), sum_gz=(g * z).sum(1))
+        g = gradient_wrt_z(record.dy, layout, None)
+        sum_g = _partition_sum(g, layout)
+        red.update(sum_g=sum_g, sum_g2=_partition_sum(g * g, layout),
+                   sum_gz=(_partition_sum(g * x, layout) - shift * sum_g) / scale)
     record.reductions = {k: v.cpu() for k, v in red.items()}
     record.x = record.y = record.dy = record.dx = None

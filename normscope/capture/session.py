@@ -6,6 +6,7 @@ from typing import Any, Iterable
 
 import torch
 from torch import nn
+from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 from torch.nn.utils.parametrizations import _WeightNorm
 from torch.overrides import TorchFunctionMode
 
@@ -69,6 +70,7 @@ class Capture:
         self._call_counts: dict[str, int] = {}
         self._record_counts: dict[str, int] = {}
         self._open: dict[int, SiteRecord] = {}
+        self._modules: dict[int, tuple[str, nn.Module, bool, str]] = {}
 
     # -- context ---------------------------------------------------------------------------
     def __enter__(self) -> "Capture":
@@ -97,9 +99,12 @@ class Capture:
                 self._site_modules.add(id(module))
                 self._handles.append(module.register_forward_pre_hook(self._pre_hook(name, module, recognized)))
                 self._handles.append(module.register_forward_hook(self._post_hook(name)))
-        for path, module in self.model.named_modules():
-            self._handles.append(module.register_forward_pre_hook(self._push(path, module)))
-            self._handles.append(module.register_forward_hook(self._pop(path)))
+        self._modules = {
+            id(m): (path, m, next(m.children(), None) is None, type(m).__name__)
+            for path, m in self.model.named_modules()
+        }
+        self._handles.append(register_module_forward_pre_hook(self._push))
+        self._handles.append(register_module_forward_hook(self._pop))
         if self.functional:
             self._mode = _FunctionalCalls(self)
             self._mode.__enter__()
@@ -115,26 +120,28 @@ class Capture:
         self._producers.clear()
 
     # -- module stack, producers and consumers ---------------------------------------------
-    def _push(self, path: str, module: nn.Module):
-        is_leaf = next(module.children(), None) is None
-        type_name = type(module).__name__
+    def _push(self, module: nn.Module, args: tuple) -> None:
+        """Global pre-hook: track the stack of running modules of this model, and consumers."""
+        entry = self._modules.get(id(module))
+        if entry is None:
+            return
+        path, _, is_leaf, type_name = entry
+        if not self._stack:
+            self._call_counts.clear()
+            self._producers.clear()
+        if is_leaf and self._pending and args and isinstance(args[0], torch.Tensor):
+            self._note_consumer(args[0], path, type_name)
+        self._stack.append((path, module))
 
-        def hook(mod, args):
-            if not self._stack:
-                self._call_counts.clear()
-                self._producers.clear()
-            if is_leaf and self._pending and args and isinstance(args[0], torch.Tensor):
-                self._note_consumer(args[0], path, type_name)
-            self._stack.append((path, mod))
-        return hook
-
-    def _pop(self, path: str):
-        def hook(mod, args, output):
-            if self._stack and self._stack[-1][0] == path:
-                self._stack.pop()
-            if isinstance(output, torch.Tensor):
-                self._producers[id(output)] = path
-        return hook
+    def _pop(self, module: nn.Module, args: tuple, output: Any) -> None:
+        """Global hook: leave the module and remember which module produced ``output``."""
+        entry = self._modules.get(id(module))
+        if entry is None:
+            return
+        if self._stack and self._stack[-1][1] is module:
+            self._stack.pop()
+        if isinstance(output, torch.Tensor):
+            self._producers[id(output)] = entry[0]
 
     def _note_consumer(self, tensor: torch.Tensor, path: str, type_name: str) -> None:
         for y, record in self._pending:
@@ -158,7 +165,10 @@ class Capture:
         layout.bias = None if layout.bias is None else layout.bias.detach().clone()
         record = SiteRecord(site, index, layout, x.shape, x.dtype, torch.is_grad_enabled(),
                             producer=self._producers.get(id(x)))
-        record.x = x.detach() if self.storage == "reductions" else self._keep(x)
+        # autograd refuses in-place changes of an input the norm saved for backward, so a
+        # reference is safe there; otherwise keep a copy
+        protected = record.grad_enabled and x.requires_grad
+        record.x = x.detach() if self.storage == "reductions" or (protected and self.storage == "device") else self._keep(x)
         self.records.append(record)
         if record.grad_enabled and x.requires_grad:
             x = x.view_as(x)

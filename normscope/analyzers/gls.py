@@ -192,21 +192,17 @@ def fit_record(record: SiteRecord, depth: int = 0, keep: bool = True, dtype: tor
         true = float((fig["residual_sq"] / scale**2).sum())
         return RecordFit(record, depth, fig, naive, true)
     work = compute_dtype(record, dtype)
-    rows = record.rows(record.x, work)
+    rows = _own(record.rows(record.x, work), record.x)
     shift, scale = partition_moments(rows, layout)
-    z = (rows - shift) / scale
-    g = record.g_rows(work)
-
-    def dot(a: Tensor, b: Tensor) -> Tensor:
-        return (a * b).sum(1, dtype=f64)
-
+    z = rows.sub_(shift).div_(scale)
+    g = _g_rows(record, work)
     scale64 = scale[:, 0].to(f64)
-    sums = {"n": torch.full_like(scale64, z.shape[1]), "sum_z": z.sum(1, dtype=f64), "sum_z2": dot(z, z),
-            "sum_g": g.sum(1, dtype=f64), "sum_g2": dot(g, g), "sum_gz": dot(g, z)}
+    sums = {"n": torch.full_like(scale64, z.shape[1]), "sum_z": z.sum(1, dtype=f64), "sum_z2": _dot(z, z),
+            "sum_g": g.sum(1, dtype=f64), "sum_g2": _dot(g, g), "sum_gz": _dot(g, z)}
     fig = fit_from_sums(sums, centered, unit, layout.batch_stats)
-    fitted = torch.addcmul(fig["alpha"].to(work)[:, None], fig["beta"].to(work)[:, None], z)
-    residual = g - fitted
-    fig["residual_sq"] = dot(residual, residual)
+    alpha, beta = fig["alpha"].to(work)[:, None], fig["beta"].to(work)[:, None]
+    residual = torch.addcmul(g, beta, z, value=-1).sub_(alpha)
+    fig["residual_sq"] = _dot(residual, residual)
     fig["r2"] = 1 - fig["residual_sq"] / fig["g_sq"]
     fig["scale"] = scale64
     dx = record.dx_rows(work)
@@ -215,15 +211,40 @@ def fit_record(record: SiteRecord, depth: int = 0, keep: bool = True, dtype: tor
         naive = float((fig["explained_sq"] / scale64**2).sum())
         true = float((fig["residual_sq"] / scale64**2).sum())
     else:
-        gap = torch.addcmul(g, scale, dx, value=-1)  # s (naive - true) = g - s dL/dx
-        err = (gap - fitted).abs().amax(1).to(f64)
+        # d = (g - alpha - beta z) - s dL/dx; the naive gap is g - s dL/dx = alpha + beta z + d
+        d = torch.addcmul(residual, scale, dx, value=-1)
+        err = torch.maximum(d.amax(1), -d.amin(1)).to(f64)
+        g_max = torch.maximum(g.amax(1), -g.amin(1)).to(f64)
         fig["identity_error"] = err
-        fig["identity_rel"] = err / g.abs().amax(1).to(f64).clamp_min(torch.finfo(f64).tiny)
-        naive = float((dot(gap, gap) / scale64**2).sum())
-        true = float(dot(dx, dx).sum())
+        fig["identity_rel"] = err / g_max.clamp_min(torch.finfo(f64).tiny)
+        gap_sq = fig["explained_sq"] + 2 * (fig["alpha"] * d.sum(1, dtype=f64) + fig["beta"] * _dot(z, d)) + _dot(d, d)
+        naive = float((gap_sq / scale64**2).sum())
+        true = float(_dot(dx, dx).sum())
     if keep:
         return RecordFit(record, depth, fig, naive, true, z, g, residual)
     return RecordFit(record, depth, fig, naive, true)
+
+
+def _own(rows: Tensor, source: Tensor) -> Tensor:
+    """``rows``, copied only where it still shares memory with the captured ``source``."""
+    return rows.clone() if rows.untyped_storage().data_ptr() == source.untyped_storage().data_ptr() else rows
+
+
+def _g_rows(record: SiteRecord, dtype: torch.dtype) -> Tensor:
+    """``g = (gamma + offset) dL/dy`` as rows; for per-channel partitions one cast-and-transpose
+    copy scaled in place by the partition's gamma (the same products as ``record.g_rows``)."""
+    layout = record.layout
+    if layout.rule != "channel" or layout.weight is None:
+        return record.g_rows(dtype)
+    gamma = layout.weight.detach().to(dtype) + layout.weight_offset
+    return _own(record.rows(record.dy, dtype), record.dy).mul_(gamma[:, None])
+
+
+def _dot(a: Tensor, b: Tensor) -> Tensor:
+    """Row-wise ``sum(a * b)`` accumulated in float64 (one fused pass when the rows are float64)."""
+    if a.dtype == torch.float64:
+        return torch.linalg.vecdot(a, b)
+    return (a * b).sum(1, dtype=torch.float64)
 
 
 def _records(source: Capture | Sequence[SiteRecord]) -> list[SiteRecord]:

@@ -76,6 +76,15 @@ class ChannelNorm(_NormBase):
             return 1.0 / float(self.num_batches_tracked)
         return float(self.momentum)
 
+    def _begin_call(self, x: torch.Tensor) -> tuple[float, torch.Tensor | None, torch.Tensor | None]:
+        """Check the input, count the batch and return ``(factor, running_mean, running_var)``
+        as every op's ``forward`` needs them."""
+        self._check_input_dim(x)
+        self._check_batch(x)
+        factor = self._average_factor()
+        running_mean, running_var = self._running()
+        return factor, running_mean, running_var
+
     def _running(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """The running buffers to use or update in this call, as torch's BatchNorm chooses them."""
         if not self.training or self.track_running_stats:

@@ -99,10 +99,7 @@ class BatchLayerNorm(ChannelNorm):
         return f"{super().extra_repr()}, order={self.order!r}"
 
     def forward(self, x: Tensor) -> Tensor:
-        self._check_input_dim(x)
-        self._check_batch(x)
-        factor = self._average_factor()
-        running_mean, running_var = self._running()
+        factor, running_mean, running_var = self._begin_call(x)
         return batch_layer_norm(
             x, running_mean, running_var, self.weight, self.bias, self._use_batch_stats(), factor, self.eps, self.order
         )

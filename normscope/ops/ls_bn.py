@@ -137,10 +137,7 @@ class LSBatchNorm(ChannelNorm):
         return f"{super().extra_repr()}, virtual_weight={self.virtual_weight}, grad_momentum={self.grad_momentum}"
 
     def forward(self, x: Tensor) -> Tensor:
-        self._check_input_dim(x)
-        self._check_batch(x)
-        factor = self._average_factor()
-        running_mean, running_var = self._running()
+        factor, running_mean, running_var = self._begin_call(x)
         if not self.training:
             return F.batch_norm(x, running_mean, running_var, self.weight, self.bias, running_mean is None, 0.0, self.eps)
         z, mean, var = _RegularizedNormalize.apply(

@@ -272,10 +272,7 @@ class MedianBatchNorm(ChannelNorm):
         return f"{super().extra_repr()}, backward={self.backward!r}, delta={self.delta}"
 
     def forward(self, x: Tensor) -> Tensor:
-        self._check_input_dim(x)
-        self._check_batch(x)
-        factor = self._average_factor()
-        running_mean, running_var = self._running()
+        factor, running_mean, running_var = self._begin_call(x)
         return _normalize(
             x, running_mean, running_var, self.weight, self.bias,
             self._use_batch_stats(), factor, self.eps, self.backward, self.delta,

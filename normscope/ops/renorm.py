@@ -133,12 +133,9 @@ class BatchRenorm(ChannelNorm):
         return f"{super().extra_repr()}, rmax={self.rmax!r}, dmax={self.dmax!r}"
 
     def forward(self, x: Tensor) -> Tensor:
-        self._check_input_dim(x)
-        self._check_batch(x)
         scheduled = callable(self.rmax) or callable(self.dmax)
         step = int(self.num_batches_tracked) if scheduled and self.num_batches_tracked is not None else 0
-        factor = self._average_factor()
-        running_mean, running_var = self._running()
+        factor, running_mean, running_var = self._begin_call(x)
         if running_mean is None or running_var is None:
             return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
         return batch_renorm(

@@ -241,10 +241,10 @@ def _g_rows(record: SiteRecord, dtype: torch.dtype) -> Tensor:
 
 
 def _dot(a: Tensor, b: Tensor) -> Tensor:
-    """Row-wise ``sum(a * b)`` accumulated in float64 (one fused pass when the rows are float64)."""
+    """``sum(a * b)`` over the last dim, accumulated in float64 (one fused pass when the rows are float64)."""
     if a.dtype == torch.float64:
         return torch.linalg.vecdot(a, b)
-    return (a * b).sum(1, dtype=torch.float64)
+    return (a * b).sum(-1, dtype=torch.float64)
 
 
 def _records(source: Capture | Sequence[SiteRecord]) -> list[SiteRecord]:
@@ -379,16 +379,22 @@ def extra_regression_r2(residual: Tensor, z: Tensor, dims: Sequence[int] = (1,))
 
     As 1 and z' are orthogonal with ``||1||^2 = ||z'||^2 = n``, the left-over norm is
     ``||r||^2 - n (mean r)^2 - n mean(r z')^2``, with ``mean(r z') = Cov(r, z) / std z``; partitions
-    where ``z`` is constant contribute only their mean.
+    where ``z`` is constant contribute only their mean (:func:`_extra_r2_from_sums`).
     """
-    dims = list(dims)
+    dims, f64 = list(dims), torch.float64
     n = math.prod(z.shape[d] for d in dims)
-    mean_z, mean_r = z.mean(dim=dims), residual.mean(dim=dims)
-    var = ((z * z).mean(dim=dims) - mean_z**2).clamp_min(0)
-    cov = (residual * z).mean(dim=dims) - mean_r * mean_z
-    slope_sq = torch.where(var > 0, cov**2 / var.clamp_min(torch.finfo(z.dtype).tiny), torch.zeros_like(var))
-    total = float(residual.pow(2).sum())
-    return float(n * (mean_r**2 + slope_sq).sum()) / total
+    sums = [t.sum(dim=dims, dtype=f64) for t in (residual, z, z * z, residual * z)]
+    return _extra_r2_from_sums(n, *sums, residual.pow(2).sum(dtype=f64))
+
+
+def _extra_r2_from_sums(n: int, sum_r: Tensor, sum_z: Tensor, sum_z2: Tensor, sum_rz: Tensor, total: Tensor) -> float:
+    """:func:`extra_regression_r2` from the per-partition sums of ``r, z, z^2, r z`` (``n`` items
+    each) and ``total = ||r||^2``: ``sum_P n ((mean r)^2 + Cov(r, z)^2 / Var z) / total``."""
+    mean_z, mean_r = sum_z / n, sum_r / n
+    var = (sum_z2 / n - mean_z**2).clamp_min(0)
+    cov = sum_rz / n - mean_r * mean_z
+    slope_sq = torch.where(var > 0, cov**2 / var.clamp_min(torch.finfo(var.dtype).tiny), torch.zeros_like(var))
+    return float(n * (mean_r**2 + slope_sq).sum() / total)
 
 
 def _extra_dims(t: Tensor, partitioning: str, channel_dim: int) -> list[int]:
@@ -409,17 +415,35 @@ def whatif_table(fits: Sequence[RecordFit]) -> pd.DataFrame:
     """``gls_whatif``: for each activation site, how much of its residual ``g - alpha - beta z`` one
     more regression on another partitioning would explain (:func:`extra_regression_r2` with the
     site's own ``z`` renormalized per sample or per channel: an extra LN or BN right after it,
-    seed 002 §4.1), from the captured data; the model is not changed."""
+    seed 002 §4.1), from the captured data; the model is not changed. For per-channel sites the
+    sums of ``r, z, z^2, r z`` are taken once per (channel, sample) cell and added up both ways."""
     rows = []
     for fit in fits:
         if fit.z is None or fit.record.layout.rule == "weight" or fit.record.x is None or fit.record.x.dim() < 2:
             continue
-        residual, z = _input_shaped(fit.residual, fit), _input_shaped(fit.z, fit)
+        r2 = _channel_whatif(fit) if fit.record.layout.rule == "channel" else _generic_whatif(fit)
         for part in EXTRA_PARTITIONINGS:
-            dims = _extra_dims(z, part, _channel_dim(fit))
             rows.append({"site": fit.record.site.name, "kind": fit.record.site.kind, "record": fit.record.index,
-                         "extra_partitioning": part, "r2_extra": extra_regression_r2(residual, z, dims)})
+                         "extra_partitioning": part, "r2_extra": r2[part]})
     return pd.DataFrame(rows, columns=COLUMNS["gls_whatif"]) if rows else _empty("gls_whatif")
+
+
+def _generic_whatif(fit: RecordFit) -> dict[str, float]:
+    residual, z = _input_shaped(fit.residual, fit), _input_shaped(fit.z, fit)
+    return {part: extra_regression_r2(residual, z, _extra_dims(z, part, _channel_dim(fit))) for part in EXTRA_PARTITIONINGS}
+
+
+def _channel_whatif(fit: RecordFit) -> dict[str, float]:
+    """Per-channel rows ``(C, N * rest)`` viewed as ``(C, N, rest)``: cell sums, then per sample
+    (over C) and per channel (over N)."""
+    channels, samples = fit.z.shape[0], fit.record.shape[0]
+    z, r = fit.z.view(channels, samples, -1), fit.residual.view(channels, samples, -1)
+    f64 = torch.float64
+    cells = (r.sum(2, dtype=f64), z.sum(2, dtype=f64), _dot(z, z), _dot(r, z))
+    total = fit.figures["residual_sq"].sum()
+    per_item = z.shape[2]
+    return {"per_sample": _extra_r2_from_sums(channels * per_item, *(c.sum(0) for c in cells), total),
+            "per_channel": _extra_r2_from_sums(samples * per_item, *(c.sum(1) for c in cells), total)}
 
 
 def _in_series(first: RecordFit, second: RecordFit) -> bool:

@@ -349,6 +349,10 @@ def scatter_table(fit: RecordFit, partition: int | None = None, max_points: int 
     """``gls_scatter``: the ``(z, g)`` pairs of one partition and the fit ``alpha + beta z`` the
     backward pass removes (seed 002 Figure 1). Default partition: the one with the median R^2.
     At most ``max_points`` items, drawn at random with ``seed``."""
+    return pd.DataFrame(_scatter_columns(fit, partition, max_points, seed), columns=COLUMNS["gls_scatter"])
+
+
+def _scatter_columns(fit: RecordFit, partition: int | None, max_points: int, seed: int) -> dict[str, np.ndarray]:
     if fit.z is None:
         raise AnalyzerError(f"site {fit.record.site.name}: the scatter needs captured tensors, not storage='reductions'")
     n_part = fit.z.shape[0]
@@ -359,11 +363,26 @@ def scatter_table(fit: RecordFit, partition: int | None = None, max_points: int 
         raise DataShapeError(f"partition {partition} out of range for site {fit.record.site.name} (0..{n_part - 1})")
     z, g = fit.z[partition], fit.g[partition]
     if z.numel() > max_points:
-        pick = torch.randperm(z.numel(), generator=torch.Generator().manual_seed(seed))[:max_points].to(z.device)
+        pick = _sample(z.numel(), max_points, seed).to(z.device)
         z, g = z[pick], g[pick]
     fitted = fit.figures["alpha"][partition] + fit.figures["beta"][partition] * z
-    return pd.DataFrame({"site": fit.record.site.name, "record": fit.record.index, "partition": partition,
-                         "z": _np(z), "g": _np(g), "fit": _np(fitted)})
+    size = z.numel()
+    return {"site": np.full(size, fit.record.site.name, dtype=object), "record": np.full(size, fit.record.index),
+            "partition": np.full(size, partition), "z": _np(z), "g": _np(g), "fit": _np(fitted)}
+
+
+@functools.lru_cache(maxsize=16)
+def _sample(total: int, size: int, seed: int) -> Tensor:
+    """``size`` of ``range(total)`` drawn without replacement with ``seed`` (the same draw each call)."""
+    return torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:size]
+
+
+def _scatter(fits: Sequence[RecordFit], partition: int | None, seed: int) -> pd.DataFrame:
+    """``gls_scatter`` of the first record of every site with tensors, built as one frame."""
+    parts = [_scatter_columns(f, partition, SCATTER_POINTS, seed) for f in fits if f.z is not None and f.record.index == 0]
+    if not parts:
+        return _empty("gls_scatter")
+    return pd.DataFrame({c: np.concatenate([p[c] for p in parts]) for c in COLUMNS["gls_scatter"]})
 
 
 # -- other partitionings: two-step regression and what-if --------------------------------------
@@ -503,10 +522,9 @@ def gls_tables(
     """
     fits = fit_records(source, dtype=dtype)
     sites = sites_table(fits)
-    scatter = [scatter_table(f, scatter_partition, seed=seed) for f in fits if f.z is not None and f.record.index == 0]
     return {
         "gls_partitions": partitions_table(fits), "gls_sites": sites, "gls_kinds": kinds_table(sites),
-        "gls_scatter": pd.concat(scatter, ignore_index=True) if scatter else _empty("gls_scatter"),
+        "gls_scatter": _scatter(fits, scatter_partition, seed),
         "gls_two_step": two_step_table(fits), "gls_whatif": whatif_table(fits),
     }
 

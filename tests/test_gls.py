@@ -19,10 +19,13 @@ from torch.nn.utils.parametrizations import weight_norm
 from normscope.analyzers import AnalysisContext
 from normscope.analyzers.gls import (
     COLUMNS,
+    _channel_whatif,
+    _generic_whatif,
     analyze,
     batch_size_sweep,
     extra_regression_r2,
     fit_record,
+    fit_records,
     gls_step,
     gls_tables,
     regularized_fit,
@@ -447,3 +450,32 @@ def test_two_step_found_between_modules_only_when_in_series():
     table = gls_step(model, (x, torch.zeros(10, dtype=torch.long)), lambda out, _: _loss(out))["gls_two_step"]
     assert list(zip(table["first_site"], table["second_site"])) == [("1", "2")]
     assert 0 <= table["r2_second_on_residual"].iloc[0] <= 1
+
+
+@pytest.mark.parametrize("name", ["resnet_bn", "cnn_gn", "transformer_ln", "transformer_rms"])
+def test_analysis_leaves_the_captured_tensors_unchanged(name, digits32, digits64):
+    """The in-place arithmetic of fit_record works on copies: x, y, dL/dy, dL/dx of every record are
+    bit-identical after the analysis, in float64 and in the captured dtype (float32 and float64 captures)."""
+    for dtype, (x, y) in ((torch.float32, digits32), (torch.float64, digits64)):
+        model = build_model(name).to(dtype).train()
+        with capture(model) as cap:
+            F.cross_entropy(model(x[:8]), y[:8]).backward()
+        before = [[t.clone() for t in (r.x, r.y, r.dy, r.dx)] for r in cap.records]
+        for arithmetic in (torch.float64, None):
+            gls_tables(cap, dtype=arithmetic)
+        for record, saved in zip(cap.records, before):
+            for now, then in zip((record.x, record.y, record.dy, record.dx), saved):
+                assert torch.equal(now, then), record.site.name
+
+
+def test_whatif_per_channel_cells_equal_the_generic_sums(digits64):
+    """The what-if of per-channel sites from (channel, sample) cell sums equals
+    extra_regression_r2 on the input-shaped residual and z."""
+    x, y = digits64
+    model = build_model("resnet_bn").double().train()
+    with capture(model) as cap:
+        F.cross_entropy(model(x[:16]), y[:16]).backward()
+    for fit in fit_records(cap):
+        cells, generic = _channel_whatif(fit), _generic_whatif(fit)
+        for part in ("per_sample", "per_channel"):
+            assert cells[part] == pytest.approx(generic[part], rel=1e-10, abs=1e-13)

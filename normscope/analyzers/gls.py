@@ -192,42 +192,48 @@ def fit_record(record: SiteRecord, depth: int = 0, keep: bool = True, dtype: tor
         true = float((fig["residual_sq"] / scale**2).sum())
         return RecordFit(record, depth, fig, naive, true)
     work = compute_dtype(record, dtype)
-    rows = _own(record.rows(record.x, work), record.x)
+    rows = _rows(record, record.x, work)
     shift, scale = partition_moments(rows, layout)
     z = rows.sub_(shift).div_(scale)
     g = _g_rows(record, work)
+    scratch = torch.empty_like(z)
     scale64 = scale[:, 0].to(f64)
-    sums = {"n": torch.full_like(scale64, z.shape[1]), "sum_z": z.sum(1, dtype=f64), "sum_z2": _dot(z, z),
-            "sum_g": g.sum(1, dtype=f64), "sum_g2": _dot(g, g), "sum_gz": _dot(g, z)}
+    sums = {"n": torch.full_like(scale64, z.shape[1]), "sum_z": z.sum(1, dtype=f64), "sum_z2": _dot(z, z, scratch),
+            "sum_g": g.sum(1, dtype=f64), "sum_g2": _dot(g, g, scratch), "sum_gz": _dot(g, z, scratch)}
     fig = fit_from_sums(sums, centered, unit, layout.batch_stats)
     alpha, beta = fig["alpha"].to(work)[:, None], fig["beta"].to(work)[:, None]
     residual = torch.addcmul(g, beta, z, value=-1).sub_(alpha)
-    fig["residual_sq"] = _dot(residual, residual)
+    fig["residual_sq"] = _dot(residual, residual, scratch)
     fig["r2"] = 1 - fig["residual_sq"] / fig["g_sq"]
     fig["scale"] = scale64
-    dx = record.dx_rows(work)
+    dx = None if record.dx is None else _rows(record, record.dx, work)
     if dx is None:
         fig["identity_error"] = fig["identity_rel"] = torch.full_like(scale64, math.nan)
         naive = float((fig["explained_sq"] / scale64**2).sum())
         true = float((fig["residual_sq"] / scale64**2).sum())
     else:
+        true = float(_dot(dx, dx, scratch).sum())
         # d = (g - alpha - beta z) - s dL/dx; the naive gap is g - s dL/dx = alpha + beta z + d
-        d = torch.addcmul(residual, scale, dx, value=-1)
+        d = torch.addcmul(residual, scale, dx, value=-1, out=dx)
         err = torch.maximum(d.amax(1), -d.amin(1)).to(f64)
         g_max = torch.maximum(g.amax(1), -g.amin(1)).to(f64)
         fig["identity_error"] = err
         fig["identity_rel"] = err / g_max.clamp_min(torch.finfo(f64).tiny)
-        gap_sq = fig["explained_sq"] + 2 * (fig["alpha"] * d.sum(1, dtype=f64) + fig["beta"] * _dot(z, d)) + _dot(d, d)
-        naive = float((gap_sq / scale64**2).sum())
-        true = float(_dot(dx, dx).sum())
+        cross = fig["alpha"] * d.sum(1, dtype=f64) + fig["beta"] * _dot(z, d, scratch)
+        naive = float(((fig["explained_sq"] + 2 * cross + _dot(d, d, scratch)) / scale64**2).sum())
     if keep:
         return RecordFit(record, depth, fig, naive, true, z, g, residual)
     return RecordFit(record, depth, fig, naive, true)
 
 
-def _own(rows: Tensor, source: Tensor) -> Tensor:
-    """``rows``, copied only where it still shares memory with the captured ``source``."""
-    return rows.clone() if rows.untyped_storage().data_ptr() == source.untyped_storage().data_ptr() else rows
+def _rows(record: SiteRecord, t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``record.rows(t, dtype)`` as a tensor of its own (never a view of the captured ``t``);
+    per-channel rows ``(C, N * rest)`` in one cast-and-transpose copy."""
+    if record.layout.rule == "channel":
+        out = torch.empty((t.shape[1], t.shape[0], t[0, 0].numel()), dtype=dtype, device=t.device)
+        return out.copy_(t.reshape(t.shape[0], t.shape[1], -1).transpose(0, 1)).view(t.shape[1], -1)
+    rows = record.rows(t, dtype)
+    return rows.clone() if rows.untyped_storage().data_ptr() == t.untyped_storage().data_ptr() else rows
 
 
 def _g_rows(record: SiteRecord, dtype: torch.dtype) -> Tensor:
@@ -237,14 +243,13 @@ def _g_rows(record: SiteRecord, dtype: torch.dtype) -> Tensor:
     if layout.rule != "channel" or layout.weight is None:
         return record.g_rows(dtype)
     gamma = layout.weight.detach().to(dtype) + layout.weight_offset
-    return _own(record.rows(record.dy, dtype), record.dy).mul_(gamma[:, None])
+    return _rows(record, record.dy, dtype).mul_(gamma[:, None])
 
 
-def _dot(a: Tensor, b: Tensor) -> Tensor:
-    """``sum(a * b)`` over the last dim, accumulated in float64 (one fused pass when the rows are float64)."""
-    if a.dtype == torch.float64:
-        return torch.linalg.vecdot(a, b)
-    return (a * b).sum(-1, dtype=torch.float64)
+def _dot(a: Tensor, b: Tensor, out: Tensor | None = None) -> Tensor:
+    """``sum(a * b)`` over the last dim, accumulated in float64; ``out``: a scratch tensor of
+    ``a``'s shape and dtype for the products (no fresh allocation per call)."""
+    return torch.mul(a, b, out=out).sum(-1, dtype=torch.float64)
 
 
 def _records(source: Capture | Sequence[SiteRecord]) -> list[SiteRecord]:

@@ -5,7 +5,9 @@ Reference ResNet (``build_model("resnet_bn")``) at batch 128 on digits images. T
 on the device): partitions, sites, kinds, scatter, two-step and what-if tables, all in float64.
 It runs in float64 (the default) and in the captured dtype (``dtype=None``, float32 here). It is divided by the plain training step (forward, backward, SGD step) and by the same step with
 capture (the step that produced the data). Also the reductions-only path (sums, no tensors).
-One process; each figure is the median of repeated runs after warm-up; CPU and CUDA when present.
+One process; the functions run in turn, round after round, so that they share the load of a busy
+machine; each figure is the best (and the median) of the rounds after warm-up, ratios of bests and
+of medians; CPU and CUDA when present.
 
 Run: ``python benchmarks/gls_cost.py [--repeats 20]``
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -25,19 +28,21 @@ from normscope.data import load_digits
 from normscope.models import build_model
 
 
-def _median_time(fn, device: torch.device, repeats: int) -> float:
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def _interleaved_times(fns: dict[str, Callable[[], None]], device: torch.device, repeats: int) -> dict[str, list[float]]:
+    """Each function once per round, in turn, so that all of them see the same load of a shared
+    machine; two warm-up rounds."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for round_ in range(repeats + 2):
+        for name, fn in fns.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if round_ >= 2:
+                times[name].append(time.perf_counter() - start)
+    return times
 
 
 def run(device: torch.device, repeats: int, batch: int = 128) -> list[tuple[str, float]]:
@@ -52,31 +57,35 @@ def run(device: torch.device, repeats: int, batch: int = 128) -> list[tuple[str,
         F.cross_entropy(model(x), y).backward()
         optimizer.step()
 
-    def captured(storage: str):
-        def step() -> None:
-            optimizer.zero_grad(set_to_none=True)
-            with capture(model, storage=storage, preserve=False) as cap:
-                F.cross_entropy(model(x), y).backward()
-            optimizer.step()
-            caps[storage] = cap
-        return step
+    def captured(storage: str) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with capture(model, storage=storage, preserve=False) as cap:
+            F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        caps[storage] = cap
 
-    base = _median_time(plain, device, repeats)
-    step_device = _median_time(captured("device"), device, repeats)
-    _median_time(captured("reductions"), device, 1)
-    analysis = _median_time(lambda: gls_tables(caps["device"]), device, repeats)
-    analysis_native = _median_time(lambda: gls_tables(caps["device"], dtype=None), device, repeats)
-    analysis_red = _median_time(lambda: gls_tables(caps["reductions"]), device, repeats)
+    captured("reductions")
+    captured("device")
+    times = _interleaved_times({
+        "plain": plain,
+        "step_device": lambda: captured("device"),
+        "analysis": lambda: gls_tables(caps["device"]),
+        "analysis_native": lambda: gls_tables(caps["device"], dtype=None),
+        "analysis_red": lambda: gls_tables(caps["reductions"]),
+    }, device, repeats)
+    best = {name: min(t) for name, t in times.items()}
+    median = {name: statistics.median(t) for name, t in times.items()}
     return [
-        ("plain training step (ms)", base * 1e3),
-        ("step with capture, device storage (ms)", step_device * 1e3),
-        ("gls_tables on the captured step (ms)", analysis * 1e3),
-        ("gls_tables in the captured dtype (ms)", analysis_native * 1e3),
-        ("gls_tables on a reductions capture (ms)", analysis_red * 1e3),
-        ("analysis / plain step (target <= 0.25)", analysis / base),
-        ("analysis / captured step", analysis / step_device),
-        ("captured-dtype analysis / plain step", analysis_native / base),
-        ("reductions analysis / plain step", analysis_red / base),
+        ("plain training step (ms)", best["plain"] * 1e3, median["plain"] * 1e3),
+        ("step with capture, device storage (ms)", best["step_device"] * 1e3, median["step_device"] * 1e3),
+        ("gls_tables on the captured step (ms)", best["analysis"] * 1e3, median["analysis"] * 1e3),
+        ("gls_tables in the captured dtype (ms)", best["analysis_native"] * 1e3, median["analysis_native"] * 1e3),
+        ("gls_tables on a reductions capture (ms)", best["analysis_red"] * 1e3, median["analysis_red"] * 1e3),
+        ("analysis / plain step (target <= 0.25)", best["analysis"] / best["plain"], median["analysis"] / median["plain"]),
+        ("analysis / captured step", best["analysis"] / best["step_device"], median["analysis"] / median["step_device"]),
+        ("captured-dtype analysis / plain step", best["analysis_native"] / best["plain"],
+         median["analysis_native"] / median["plain"]),
+        ("reductions analysis / plain step", best["analysis_red"] / best["plain"], median["analysis_red"] / median["plain"]),
     ]
 
 
@@ -90,9 +99,9 @@ def main() -> None:
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
     for device in devices:
-        print(f"\nresnet_bn, batch 128, {device.type}")
-        for name, value in run(device, args.repeats):
-            print(f"{name:<45}{value:>10.3f}")
+        print(f"\nresnet_bn, batch 128, {device.type}{'':<24}{'best':>10}{'median':>10}")
+        for name, best, median in run(device, args.repeats):
+            print(f"{name:<45}{best:>10.3f}{median:>10.3f}")
 
 
 if __name__ == "__main__":

@@ -175,7 +175,12 @@ def fit_record(record: SiteRecord, depth: int = 0, keep: bool = True, dtype: tor
     Works on full tensors (identity error measured against the captured dL/dx) and on
     ``storage="reductions"`` records (the identity error is then NaN). ``keep`` keeps the rows.
     ``dtype``: arithmetic on the rows (float64 by default; ``None``: the captured dtype, at
-    least float32, about twice as fast); per-partition sums and figures are float64 either way.
+    least float32); per-partition sums and figures are accumulated in float64 either way.
+
+    Each captured tensor is cast and laid out as rows once (z is normalized in place, g scaled
+    in place by gamma); the identity error and the naive gap come from
+    ``d = (g - alpha - beta z) - s dL/dx`` as ``max |d|`` and
+    ``||g - s dL/dx||^2 = ||alpha + beta z||^2 + 2 (alpha sum d + beta z.d) + ||d||^2``.
     """
     if not record.has_grad:
         raise AnalyzerError(f"site {record.site.name} (record {record.index}) has no gradient: "

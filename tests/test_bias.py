@@ -87,6 +87,38 @@ def test_bias_statistics_against_closed_forms() -> None:
     assert figures.cosine == pytest.approx(float(F.cosine_similarity(mean, target, dim=0)), rel=1e-12)
     assert figures.mse == pytest.approx(figures.rel_bias**2 + figures.variance, rel=1e-12)
     assert figures.rel_bias_lo < float(bias.norm() / target.norm()) < figures.rel_bias_hi
+    assert figures.abs_bias == pytest.approx(float(expected.sqrt()), rel=1e-12)
+    assert figures.abs_bias_lo == pytest.approx(figures.rel_bias_lo * float(target.norm()), rel=1e-12)
+    assert not figures.zero_gradient
+
+
+def test_group_with_a_rounding_level_population_gradient_gets_nan_relative_figures() -> None:
+    g = torch.Generator().manual_seed(0)
+    target = 1e-17 * torch.randn(40, generator=g, dtype=DT)
+    samples = target + torch.randn(8, 40, generator=g, dtype=DT)
+    figures = bias_statistics(samples, target, total_norm=1.0)
+    assert figures.zero_gradient
+    for name in ("rel_bias", "rel_bias_lo", "rel_bias_hi", "rel_bias_uncorrected", "variance", "cosine", "mse"):
+        assert np.isnan(getattr(figures, name)), name
+    diff = samples - target
+    expected = (diff.sum(0).pow(2).sum() - diff.pow(2).sum()) / (8 * 7)
+    assert figures.abs_bias == pytest.approx(float(expected.clamp(min=0).sqrt()), rel=1e-12)
+    assert not bias_statistics(samples, target + 1e-6, total_norm=1.0).zero_gradient
+
+
+def test_biases_feeding_batchnorm_are_reported_as_zero_gradient_not_biased(digits) -> None:
+    model = _two_layer_mlp(2)
+    x, y = digits[0][:64], digits[1][:64]
+    table, g_star = estimator_bias(model, x, y, batch_sizes=(4, 16), repeats=4, estimators=("batchnorm",))
+    total_norm = float(torch.cat([g.reshape(-1) for g in g_star.grads.values()]).norm())
+    for name in ("1.bias", "4.bias"):
+        assert float(g_star.grads[name].norm()) < 1e-12 * total_norm
+        rows = table[table["group"] == name]
+        assert rows["zero_gradient"].all() and rows["rel_bias"].isna().all() and rows["cosine"].isna().all()
+        assert np.isfinite(rows["abs_bias"]).all()
+    rest = table[~table["group"].isin(["1.bias", "4.bias"])]
+    assert not rest["zero_gradient"].any() and np.isfinite(rest["rel_bias"]).all()
+    np.testing.assert_allclose(rest["abs_bias"], rest["rel_bias"] * rest["target_norm"], rtol=1e-12)
 
 
 def test_confidence_interval_of_an_unbiased_estimator_covers_zero_in_most_draws() -> None:
@@ -163,7 +195,8 @@ def test_analyze_quick_on_the_default_model(digits) -> None:
     assert_unchanged(model, state)
     columns = {
         "bias_estimators": ["estimator", "batch_size", "group", "rel_bias", "rel_bias_lo", "rel_bias_hi",
-                            "rel_bias_uncorrected", "variance", "cosine", "mse", "repeats"],
+                            "rel_bias_uncorrected", "variance", "cosine", "mse", "repeats", "abs_bias",
+                            "zero_gradient"],
         "bias_slopes": ["estimator", "group", "slope", "intercept"],
         "bias_jacobian": ["n_norm_layers", "jacobian_product_gap", "relative_gap"],
     }
@@ -175,6 +208,7 @@ def test_analyze_quick_on_the_default_model(digits) -> None:
     assert set(estimators["group"]) == {"total", *[n for n, _ in model.named_parameters()]}
     assert seen == [("estimator bias", 18)]
     assert any(f.startswith("BatchNorm at batch 4 ") for f in out.findings)
+    assert any("zero population gradient" in f and "net.1.bias" in f for f in out.findings)
     assert out.headline["bias_examples"] == 256
     again = get_analyzer("bias")(ctx)
     assert again.tables["bias_estimators"].equals(estimators)

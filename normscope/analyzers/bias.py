@@ -110,7 +110,9 @@ class BiasStatistics:
     mapped through the same square root (its lower end is 0 when the interval for U covers 0).
     ``rel_bias_uncorrected = ||mean g - g*|| / ||g*||`` (with its own jackknife interval);
     ``variance = tr Cov(g) / ||g*||^2`` of one estimate; ``cosine`` of mean g to g*;
-    ``mse = rel_bias^2 + variance``.
+    ``mse = rel_bias^2 + variance``. ``abs_bias = sqrt(max(U, 0))`` (with its interval) is the
+    same figure before dividing by ||g*||. When ``zero_gradient`` (||g*|| negligible, see
+    :func:`negligible`), every relative figure is NaN: a ratio to a rounding-level ||g*|| is meaningless.
     """
 
     rel_bias: float
@@ -124,10 +126,22 @@ class BiasStatistics:
     mse: float
     repeats: int
     target_norm: float
+    abs_bias: float
+    abs_bias_lo: float
+    abs_bias_hi: float
+    zero_gradient: bool
 
 
-def bias_statistics(samples: Tensor, target: Tensor, level: float = 0.95) -> BiasStatistics:
-    """:class:`BiasStatistics` of ``samples`` (R, P) against ``target`` (P,); R >= 3."""
+def negligible(norm: float, total_norm: float, dtype: torch.dtype = torch.float64) -> bool:
+    """Whether a group's ``||g*_g||`` is zero up to rounding: ``||g*_g|| <= sqrt(eps) ||g*||``
+    (``eps`` of ``dtype``: 1.5e-8 in float64), e.g. the bias of a layer that feeds a BatchNorm,
+    which the normalization removes exactly (MATH.md §4)."""
+    return norm <= math.sqrt(torch.finfo(dtype).eps) * total_norm
+
+
+def bias_statistics(samples: Tensor, target: Tensor, level: float = 0.95, total_norm: float | None = None) -> BiasStatistics:
+    """:class:`BiasStatistics` of ``samples`` (R, P) against ``target`` (P,); R >= 3. ``total_norm``
+    (||g*|| over all parameters, default ``||target||``) decides :func:`negligible`."""
     repeats = samples.shape[0]
     if repeats < 3:
         raise InvalidArgumentError(f"bias statistics need at least 3 repeats (got {repeats})")
@@ -146,8 +160,10 @@ def bias_statistics(samples: Tensor, target: Tensor, level: float = 0.95) -> Bia
         return math.sqrt((repeats - 1) / repeats * float((values - values.mean()).pow(2).sum()))
 
     norm = float(target.double().norm())
-    scale = 1.0 / norm if norm > 0 else math.nan
-    root = lambda value: math.sqrt(max(value, 0.0)) * scale  # noqa: E731
+    zero = negligible(norm, norm if total_norm is None else total_norm, target.dtype)
+    scale = math.nan if zero or norm == 0 else 1.0 / norm
+    absolute = lambda value: math.sqrt(max(value, 0.0))  # noqa: E731
+    root = lambda value: absolute(value) * scale  # noqa: E731
     se_u, se_v = jackknife(loo_u), jackknife(loo_v)
     tr_cov = float(trace - repeats * v) / (repeats - 1)
     mean = samples.double().mean(dim=0)
@@ -162,10 +178,14 @@ def bias_statistics(samples: Tensor, target: Tensor, level: float = 0.95) -> Bia
         rel_bias_uncorrected_lo=root(float(v) - t * se_v),
         rel_bias_uncorrected_hi=root(float(v) + t * se_v),
         variance=variance,
-        cosine=float(mean @ target.double()) / denominator if denominator > 0 else math.nan,
+        cosine=float(mean @ target.double()) / denominator if denominator > 0 and not zero else math.nan,
         mse=rel_bias**2 + variance,
         repeats=repeats,
         target_norm=norm,
+        abs_bias=absolute(float(u)),
+        abs_bias_lo=absolute(float(u) - t * se_u),
+        abs_bias_hi=absolute(float(u) + t * se_u),
+        zero_gradient=zero,
     )
 
 
@@ -297,7 +317,8 @@ def estimator_bias(
 ) -> tuple[pd.DataFrame, PopulationGradient]:
     """The ``bias_estimators`` table: :class:`BiasStatistics` per estimator, batch size B and
     parameter group (``total`` and each parameter), over ``repeats`` minibatches of B examples
-    drawn without replacement (seeded; the same minibatches for every estimator). Runs on a
+    drawn without replacement (seeded; the same minibatches for every estimator); groups whose
+    ||g*_g|| is :func:`negligible` against the total get NaN relative figures. Runs on a
     copy of ``model`` in the dtype of ``inputs``; ``model`` is left bit-identical.
     """
     for name in estimators:
@@ -322,8 +343,9 @@ def estimator_bias(
     for estimator, b in track(jobs, description="estimator bias", total=len(jobs)):
         samples = torch.stack([est.estimate(estimator, inputs, targets, idx.to(inputs.device)) for idx in draws[b]])
         reference = control_target if estimator == "control" else star
+        total_norm = float(reference.double().norm())
         for group, part in groups.items():
-            figures = bias_statistics(samples[:, part], reference[part])
+            figures = bias_statistics(samples[:, part], reference[part], total_norm=total_norm)
             rows.append(
                 {"estimator": estimator, "batch_size": b, "group": group, **figures.__dict__, "settings": est.settings[estimator]}
             )
@@ -409,6 +431,15 @@ def _findings(table: pd.DataFrame, slope_table: pd.DataFrame, jacobian: pd.DataF
                 f"At batch {int(smallest)} the estimator with the smallest error (bias^2 + variance) is "
                 f"{LABELS[best.iloc[0]['estimator']].lower()}."
             )
+    zero = sorted(set(table.loc[table["zero_gradient"] & (table["estimator"] != "control"), "group"]))
+    if zero:
+        largest = table.loc[table["group"].isin(zero), "abs_bias"].max()
+        out.append(
+            f"{len(zero)} parameter group(s) have a zero population gradient (||g*_g|| below sqrt(eps) of ||g*||): "
+            f"{', '.join(zero[:6])}{', ...' if len(zero) > 6 else ''}. A normalization after them removes their effect "
+            "(scale-invariant, e.g. the bias of a layer feeding a BatchNorm), so they are not biased: their relative "
+            f"figures are NaN, and the largest absolute bias among them is {largest:.2g}."
+        )
     row = jacobian.iloc[0]
     out.append(
         f"Two-stage backprop on all {n} examples misses g* by {row['relative_gap']:.2%}: the Jacobian-product bias of "

@@ -468,7 +468,8 @@ def _channel_whatif(fit: RecordFit) -> dict[str, float]:
     channels, samples = fit.z.shape[0], fit.record.shape[0]
     z, r = fit.z.view(channels, samples, -1), fit.residual.view(channels, samples, -1)
     f64 = torch.float64
-    cells = (r.sum(2, dtype=f64), z.sum(2, dtype=f64), _dot(z, z), _dot(r, z))
+    scratch = torch.empty_like(z)
+    cells = (r.sum(2, dtype=f64), z.sum(2, dtype=f64), _dot(z, z, scratch), _dot(r, z, scratch))
     total = fit.figures["residual_sq"].sum()
     per_item = z.shape[2]
     return {"per_sample": _extra_r2_from_sums(channels * per_item, *(c.sum(0) for c in cells), total),

@@ -14,9 +14,12 @@ from torch import nn
 from normscope.analyzers import AnalysisContext, get_analyzer
 from normscope.analyzers.descent import (
     COLUMNS,
+    QUICK,
     critical_step,
     descent_rows,
+    descent_tables,
     feeding_layers,
+    findings,
     negative_gradient,
     optimizer_direction,
     parting_step,
@@ -28,7 +31,7 @@ from normscope.analyzers.reparam import condition_number, input_covariance, repa
 from normscope.analyzers.spectrum import dense_hessian, hutchinson_trace, top_eigenvalues
 from normscope.errors import InvalidArgumentError
 from normscope.guard import assert_unchanged, snapshot
-from normscope.models import build_model
+from normscope.models import MODELS, build_model
 from tests.test_hvp import tiny_batch, tiny_model
 
 
@@ -263,3 +266,35 @@ def test_analyzer_without_batchnorm(digits32):
     assert out.tables["descent_scale_invariance"].empty and out.tables["descent_reparam"].empty
     assert list(out.tables["descent_scale_invariance"].columns) == COLUMNS["descent_scale_invariance"]
     assert np.isfinite(out.tables["descent_trace"]["trace"]).all()
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_descent_runs_on_every_reference_model(name, digits64):
+    """The CPU flash-attention kernel has no double backward; the loss runs the math kernel,
+    whose values equal the model's own forward to float64 rounding."""
+    model = build_model(name)
+    before = snapshot(model)
+    x, y = digits64[0][:6], digits64[1][:6]
+    tables, backends = descent_tables(model, x, y, quick=True, modes=("train",))
+    assert_unchanged(model, before)
+    assert backends["train"] in ("double_backward", "func")
+    loss = BatchLoss(model, x, y, mode="train", dtype=torch.float64)
+    with torch.no_grad():
+        direct = F.cross_entropy(loss.model(x), y)
+    assert float(loss()) == pytest.approx(float(direct), rel=1e-13)
+    total = tables["descent_directions"].query("group == 'total'").iloc[0]
+    d = negative_gradient(loss)
+    h = 1e-6 / math.sqrt(total["sq_norm"])
+    plus = loss.with_params({n: p + h * d[n] for n, p in loss.params.items()}).gradient()
+    minus = loss.with_params({n: p - h * d[n] for n, p in loss.params.items()}).gradient()
+    finite = sum(float(((plus[n] - minus[n]) * d[n]).sum()) for n in d) / (2 * h)
+    assert total["curvature"] == pytest.approx(finite, rel=1e-5)
+    layers = set(tables["descent_spectrum"]["group"]) - {"total"}
+    assert len(layers) == min(QUICK["layer_spectra"], len(loss.layers()))
+    assert set(tables["descent_trace"]["group"]) == {"total", *loss.layers()}
+    assert (tables["descent_trace"]["n_samples"] == QUICK["trace_samples"]).all()
+    limited = any(f.startswith("Quick mode limited the per-layer work") for f in findings(tables, True, 0.1))
+    assert limited == (len(loss.layers()) > QUICK["layer_spectra"])
+    for name_, frame in tables.items():
+        numeric = frame.select_dtypes("number").drop(columns=["a_crit", "a_crit_ratio", "stability_limit"], errors="ignore")
+        assert np.isfinite(numeric.to_numpy(float)).all(), name_  # a_crit is inf where d^T H d <= 0

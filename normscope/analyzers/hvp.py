@@ -203,7 +203,7 @@ def _seconds(op: HessianOperator, v: Tensor) -> float:
     return time.perf_counter() - start
 
 
-def select_backend(op: HessianOperator, repeats: int = 3) -> str:
+def select_backend(op: HessianOperator, repeats: int = 1) -> str:
     """Time one product with each backend (the best of ``repeats`` after a warm-up call) and
     return the faster name.
 

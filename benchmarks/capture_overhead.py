@@ -44,9 +44,11 @@ def time_pair(step, base, device: torch.device, repeats: int) -> tuple[float, fl
     return statistics.median(times["step"]), statistics.median(times["base"])
 
 
-def run(device: torch.device, repeats: int, batch: int = 128) -> list[tuple[str, float, float, float]]:
+def run(device: torch.device, repeats: int, batch: int = 128, size: int = 8) -> list[tuple[str, float, float, float]]:
     images, labels = load_digits()
     x, y = images[:batch].to(device), labels[:batch].to(device)
+    if size != 8:
+        x = F.interpolate(x, size=(size, size), mode="bilinear")
     model = build_model("resnet_bn").to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
 
@@ -74,13 +76,15 @@ def run(device: torch.device, repeats: int, batch: int = 128) -> list[tuple[str,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--sizes", default="8,32", help="image sizes (digits are 8x8; larger ones are upsampled)")
     args = parser.parse_args()
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
-    for device in devices:
-        print(f"\nresnet_bn, batch 128, {device.type}")
+    sizes = [int(v) for v in args.sizes.split(",")]
+    for device, size in ((d, s) for d in devices for s in sizes):
+        print(f"\nresnet_bn, batch 128, {size}x{size} images, {device.type}")
         print(f"{'configuration':<28}{'ms/step':>10}{'plain ms':>10}{'ratio':>8}")
-        for name, seconds, base, ratio in run(device, args.repeats):
+        for name, seconds, base, ratio in run(device, args.repeats, size=size):
             print(f"{name:<28}{seconds * 1e3:>10.2f}{base * 1e3:>10.2f}{ratio:>8.2f}")
 
 

@@ -45,7 +45,6 @@ class SiteRecord:
     producer: str | None = None
     consumer: str | None = None
     consumer_type: str | None = None
-    _dx_expected: bool = field(default=False, repr=False)
     reductions: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property

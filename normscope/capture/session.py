@@ -37,11 +37,34 @@ class _FunctionalCalls(TorchFunctionMode):
 
 
 class Capture:
-    """Context manager that records input, output and gradients at every normalization site.
+    """Context manager that records every normalization site of ``model`` while the block runs.
 
-    Use :func:`capture`; see its docstring. After the block: ``records`` (one
-    :class:`SiteRecord` per call of a site, in forward order), ``sites`` (the sites that ran, in
-    order of first call), ``unrecognized`` (norm-like classes that were not captured).
+    For each call of a site: input ``x``, output ``y`` and, after backward, ``dL/dy`` and
+    ``dL/dx`` (the gradient through this site only); ``z`` and ``dL/dz = gamma * dL/dy`` are
+    derived from them (``record.z_rows()``, ``record.g_rows()``, recomputed in float64).
+
+    Args:
+        model: any ``nn.Module``; sites are torch's norm modules, registered or structurally
+            recognised custom classes, weight-norm parametrizations and (``functional=True``)
+            ``F.batch_norm``/``layer_norm``/``group_norm``/``instance_norm``/``rms_norm`` calls.
+        sites: fnmatch pattern(s) on site names, e.g. ``"*bn*"``. Default: all.
+        kinds: kind name(s), e.g. ``"batchnorm"``. Default: all.
+        storage: ``"device"`` keeps tensors where they are, ``"cpu"`` copies them to host memory,
+            ``"reductions"`` keeps only per-partition sums (see :func:`reduce_record`).
+            Default: ``"device"``.
+        functional: also capture functional norm calls. Default: True.
+        preserve: restore the model's parameters, buffers, flags and ``.grad`` on exit, so the
+            block leaves the model bit-identical (BN running statistics included). Set False to
+            keep the effects of a training step taken inside the block. Default: True.
+
+    After the block: ``records`` (one :class:`SiteRecord` per call of a site, in forward
+    order), ``sites`` (the sites that ran, in order of first call), ``unrecognized`` (norm-like
+    classes that were not recorded).
+
+    Example:
+        >>> with normscope.capture(model, sites="*bn*") as cap:
+        ...     loss_fn(model(x), y).backward()
+        >>> cap["layer1.0.bn1"].g_rows().shape
     """
 
     def __init__(
@@ -59,7 +82,6 @@ class Capture:
         self.storage, self.functional, self.preserve = storage, functional, preserve
         self.records: list[SiteRecord] = []
         self.sites: list[Site] = []
-        self.unrecognized = find_unrecognized(model)
         self._handles: list[Any] = []
         self._mode: _FunctionalCalls | None = None
         self._state = None
@@ -70,7 +92,13 @@ class Capture:
         self._call_counts: dict[str, int] = {}
         self._record_counts: dict[str, int] = {}
         self._open: dict[int, SiteRecord] = {}
+        self._awaiting_dx: set[int] = set()
         self._modules: dict[int, tuple[str, nn.Module, bool, str]] = {}
+
+    @property
+    def unrecognized(self) -> list[tuple[str, str]]:
+        """``(module path, class name)`` of norm-like modules this capture does not record."""
+        return find_unrecognized(self.model)
 
     # -- context ---------------------------------------------------------------------------
     def __enter__(self) -> "Capture":
@@ -97,8 +125,8 @@ class Capture:
         for name, module, recognized in module_sites(self.model):
             if matches(name, recognized.kind.name, self.selection, self.kinds):
                 self._site_modules.add(id(module))
-                self._handles.append(module.register_forward_pre_hook(self._pre_hook(name, module, recognized)))
-                self._handles.append(module.register_forward_hook(self._post_hook(name)))
+                self._handles.append(module.register_forward_pre_hook(self._pre_hook(name, recognized)))
+                self._handles.append(module.register_forward_hook(self._post_hook()))
         self._modules = {
             id(m): (path, m, next(m.children(), None) is None, type(m).__name__)
             for path, m in self.model.named_modules()
@@ -171,6 +199,7 @@ class Capture:
         record.x = x.detach() if self.storage == "reductions" or (protected and self.storage == "device") else self._keep(x)
         self.records.append(record)
         if record.grad_enabled and x.requires_grad:
+            self._awaiting_dx.add(id(record))
             x = x.view_as(x)
             x.register_hook(self._dx_hook(record))
         return record, x
@@ -180,7 +209,7 @@ class Capture:
             record.y = self._keep(y)
         self._pending.append((y, record))
         if record.grad_enabled and y.requires_grad:
-            y.register_hook(self._dy_hook(record, expects_dx=record.x is not None and record._dx_expected))
+            y.register_hook(self._dy_hook(record, expects_dx=id(record) in self._awaiting_dx))
 
     def _dy_hook(self, record: SiteRecord, expects_dx: bool):
         def hook(grad: torch.Tensor) -> None:
@@ -190,15 +219,13 @@ class Capture:
         return hook
 
     def _dx_hook(self, record: SiteRecord):
-        record._dx_expected = True
-
         def hook(grad: torch.Tensor) -> None:
             record.dx = grad.detach() if self.storage != "cpu" else grad.detach().cpu()
             if self.storage == "reductions" and record.dy is not None:
                 reduce_record(record)
         return hook
 
-    def _pre_hook(self, name: str, module: nn.Module, recognized):
+    def _pre_hook(self, name: str, recognized):
         def hook(mod, args):
             index = 1 if isinstance(mod, _WeightNorm) else 0
             x = args[index]
@@ -211,7 +238,7 @@ class Capture:
             return (*args[:index], x, *args[index + 1 :])
         return hook
 
-    def _post_hook(self, name: str):
+    def _post_hook(self):
         def hook(mod, args, output):
             record = self._open.pop(id(mod), None)
             if record is not None and isinstance(output, torch.Tensor):
@@ -248,37 +275,5 @@ class Capture:
         return found[-1]
 
 
-def capture(
-    model: nn.Module,
-    sites: str | Iterable[str] | None = None,
-    kinds: str | Iterable[str] | None = None,
-    storage: str = "device",
-    functional: bool = True,
-    preserve: bool = True,
-) -> Capture:
-    """Record every normalization site of ``model`` while the ``with`` block runs.
-
-    For each call of a site: input ``x``, output ``y`` and, after backward, ``dL/dy`` and
-    ``dL/dx`` (the gradient through this site only); ``z`` and ``dL/dz = gamma * dL/dy`` are
-    derived from them (``record.z_rows()``, ``record.g_rows()``, recomputed in float64).
-
-    Args:
-        model: any ``nn.Module``; sites are torch's norm modules, registered or structurally
-            recognised custom classes, weight-norm parametrizations and (``functional=True``)
-            ``F.batch_norm``/``layer_norm``/``group_norm``/``instance_norm``/``rms_norm`` calls.
-        sites: fnmatch pattern(s) on site names, e.g. ``"*bn*"``. Default: all.
-        kinds: kind name(s), e.g. ``"batchnorm"``. Default: all.
-        storage: ``"device"`` keeps tensors where they are, ``"cpu"`` copies them to host memory,
-            ``"reductions"`` keeps only per-partition sums (see :func:`reduce_record`).
-            Default: ``"device"``.
-        functional: also capture functional norm calls. Default: True.
-        preserve: restore the model's parameters, buffers, flags and ``.grad`` on exit, so the
-            block leaves the model bit-identical (BN running statistics included). Set False to
-            keep the effects of a training step taken inside the block. Default: True.
-
-    Example:
-        >>> with normscope.capture(model, sites="*bn*") as cap:
-        ...     loss_fn(model(x), y).backward()
-        >>> cap["layer1.0.bn1"].g_rows().shape
-    """
-    return Capture(model, sites, kinds, storage, functional, preserve)
+capture = Capture
+"""``normscope.capture(model, ...)``: the public, function-style name of :class:`Capture`."""

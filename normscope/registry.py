@@ -30,7 +30,7 @@ from __future__ import annotations
 import inspect
 import math
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -163,24 +163,28 @@ def _eps(value: float | None, dtype: torch.dtype) -> float:
     return float(torch.finfo(dtype).eps) if value is None else float(value)
 
 
-def _batchnorm_layout(m: nn.Module, x: torch.Tensor) -> Layout:
-    batch_stats = m.training or m.running_mean is None
+def running_stats_layout(
+    kind: str, eps: float, weight: torch.Tensor | None, bias: torch.Tensor | None,
+    batch_stats: bool, running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
+) -> Layout:
+    """Layout of a norm that may normalize with running statistics (BatchNorm, InstanceNorm):
+    batch statistics when ``batch_stats``, else copies of the running buffers as they are now."""
     return Layout(
-        KINDS["batchnorm"], "channel", m.eps, m.weight, m.bias,
-        running_mean=None if batch_stats else m.running_mean.detach().clone(),
-        running_var=None if batch_stats else m.running_var.detach().clone(),
+        KINDS[kind], KINDS[kind].rule, float(eps), weight, bias,
+        running_mean=None if batch_stats else running_mean.detach().clone(),
+        running_var=None if batch_stats else running_var.detach().clone(),
         batch_stats=batch_stats,
     )
+
+
+def _batchnorm_layout(m: nn.Module, x: torch.Tensor) -> Layout:
+    batch_stats = m.training or m.running_mean is None
+    return running_stats_layout("batchnorm", m.eps, m.weight, m.bias, batch_stats, m.running_mean, m.running_var)
 
 
 def _instancenorm_layout(m: nn.Module, x: torch.Tensor) -> Layout:
     batch_stats = m.training or not m.track_running_stats
-    return Layout(
-        KINDS["instancenorm"], "instance", m.eps, m.weight, m.bias,
-        running_mean=None if batch_stats else m.running_mean.detach().clone(),
-        running_var=None if batch_stats else m.running_var.detach().clone(),
-        batch_stats=batch_stats,
-    )
+    return running_stats_layout("instancenorm", m.eps, m.weight, m.bias, batch_stats, m.running_mean, m.running_var)
 
 
 def _layernorm_layout(m: nn.Module, x: torch.Tensor) -> Layout:
@@ -263,8 +267,7 @@ def register_norm(
             groups=groups if isinstance(groups, int) else int(getattr(m, groups)),
         )
         if kind == "batchnorm" and not m.training and getattr(m, "running_mean", None) is not None:
-            return replace(base, batch_stats=False, running_mean=m.running_mean.detach().clone(),
-                           running_var=m.running_var.detach().clone())
+            return running_stats_layout("batchnorm", base.eps, base.weight, base.bias, False, m.running_mean, m.running_var)
         return base
 
     _REGISTRY[cls] = Recognized(norm_kind, layout)

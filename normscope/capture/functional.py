@@ -8,27 +8,17 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from normscope.registry import KINDS, Layout
+from normscope.registry import KINDS, Layout, running_stats_layout
 
 
 def _batch_norm(a: dict[str, Any]) -> Layout:
     batch_stats = bool(a["training"]) or a["running_mean"] is None
-    return Layout(
-        KINDS["batchnorm"], "channel", float(a["eps"]), a["weight"], a["bias"],
-        running_mean=None if batch_stats else a["running_mean"].detach().clone(),
-        running_var=None if batch_stats else a["running_var"].detach().clone(),
-        batch_stats=batch_stats,
-    )
+    return running_stats_layout("batchnorm", a["eps"], a["weight"], a["bias"], batch_stats, a["running_mean"], a["running_var"])
 
 
 def _instance_norm(a: dict[str, Any]) -> Layout:
     batch_stats = bool(a["use_input_stats"]) or a["running_mean"] is None
-    return Layout(
-        KINDS["instancenorm"], "instance", float(a["eps"]), a["weight"], a["bias"],
-        running_mean=None if batch_stats else a["running_mean"].detach().clone(),
-        running_var=None if batch_stats else a["running_var"].detach().clone(),
-        batch_stats=batch_stats,
-    )
+    return running_stats_layout("instancenorm", a["eps"], a["weight"], a["bias"], batch_stats, a["running_mean"], a["running_var"])
 
 
 def _layer_norm(a: dict[str, Any]) -> Layout:

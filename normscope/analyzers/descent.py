@@ -28,7 +28,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from normscope.analyzers import AnalysisContext, AnalyzerOutput
 from normscope.analyzers.hvp import MODES, BatchLoss, HessianOperator
-from normscope.analyzers.reparam import reparam_check
+from normscope.analyzers.reparam import no_grad_forward, reparam_check
 from normscope.analyzers.spectrum import hutchinson_trace, top_eigenvalues
 from normscope.errors import InvalidArgumentError
 
@@ -159,12 +159,7 @@ def feeding_layers(model: nn.Module, inputs: Tensor) -> dict[str, str]:
             handles.append(m.register_forward_hook(on_output))
         elif isinstance(m, _BatchNorm):
             handles.append(m.register_forward_pre_hook(on_input))
-    try:
-        with torch.no_grad():
-            model(inputs)
-    finally:
-        for h in handles:
-            h.remove()
+    no_grad_forward(model, inputs, handles)
     return pairs
 
 

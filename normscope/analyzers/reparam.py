@@ -55,6 +55,17 @@ def condition_number(matrix: Tensor, rtol: float = 1e-10) -> float:
     return top / float(kept[0])
 
 
+def no_grad_forward(model: nn.Module, inputs: Tensor, handles: list) -> None:
+    """One forward of ``model`` without autograd, for the hooks in ``handles``, which are removed
+    afterwards (also on error)."""
+    try:
+        with torch.no_grad():
+            model(inputs)
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def layer_batch(model: nn.Module, inputs: Tensor, linear: str, norm: str) -> tuple[Tensor, Tensor]:
     """The input of module ``linear`` and the output of module ``norm`` in one forward of ``model``
     (which should be a private copy: its forward runs as it is)."""
@@ -63,12 +74,7 @@ def layer_batch(model: nn.Module, inputs: Tensor, linear: str, norm: str) -> tup
         model.get_submodule(linear).register_forward_hook(lambda m, a, o: seen.__setitem__("x", a[0].detach())),
         model.get_submodule(norm).register_forward_hook(lambda m, a, o: seen.__setitem__("y", o.detach().clone())),
     ]
-    try:
-        with torch.no_grad():
-            model(inputs)
-    finally:
-        for h in handles:
-            h.remove()
+    no_grad_forward(model, inputs, handles)
     return seen["x"], seen["y"]
 
 

@@ -21,9 +21,9 @@ from torch import Tensor
 from torch.nn.modules.batchnorm import _NormBase
 
 from normscope.errors import DataShapeError, InvalidArgumentError, UnknownNameError
+from normscope.ops.base import channel_view, stats_dtype
 
 ROTATIONS = ("hadamard", "random", "auto")
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 def scale_grad(value: Tensor, source: Tensor, r: Tensor | float) -> Tensor:
@@ -58,10 +58,6 @@ def rotation_matrix(width: int, kind: str = "auto", seed: int = 0, dtype: torch.
     return torch.as_tensor(matrix, dtype=dtype)
 
 
-def _channel(t: Tensor, ndim: int) -> Tensor:
-    return t.view(1, -1, *([1] * (ndim - 2)))
-
-
 def example_moments(x: Tensor, mean: Tensor) -> tuple[Tensor, Tensor]:
     """Per-example moments ``mu_b = E_i x_{b,i}`` and ``nu_b = E_i (x_{b,i} - mu-bar)^2``, shape (N, C).
 
@@ -84,7 +80,7 @@ def normalize_shared(x: Tensor, mean: Tensor, var: Tensor, eps: float, u_max: fl
     nu-double-dagger here); ``clip_b`` is the per-example ``u_max`` clip, a constant.
     """
     scale = torch.rsqrt(var + eps)
-    q = (x - _channel(mean, x.dim())) * _channel(scale, x.dim())
+    q = (x - channel_view(mean, x)) * channel_view(scale, x)
     if math.isfinite(u_max):
         _, nu_b = example_moments(x.detach(), mean.detach())
         clip = clip_factor(nu_b, var, eps, u_max)
@@ -231,10 +227,10 @@ def fused_normalize_groups(
 
 def affine_rotate(q: Tensor, weight: Tensor | None, bias: Tensor | None, rotation: Tensor | None) -> Tensor:
     """``y = R (gamma * q) + beta`` over the channel dim 1 (seed 004 Alg. 1: Rotate(q ⊙ γ) + β)."""
-    y = q if weight is None else q * _channel(weight, q.dim())
+    y = q if weight is None else q * channel_view(weight, q)
     if rotation is not None:
         y = torch.movedim(torch.movedim(y, 1, -1) @ rotation.T, -1, 1)
-    return y if bias is None else y + _channel(bias, q.dim())
+    return y if bias is None else y + channel_view(bias, q)
 
 
 def population_norm(
@@ -262,7 +258,7 @@ def population_norm(
     definition); ``momentum`` 0 or None leaves them as they are (None: the caller averages).
     Eval: ``q = (x - mu-bar) / sqrt(nu-bar + eps)`` with no clip.
     """
-    compute = torch.float32 if x.dtype in _LOW_PRECISION else x.dtype
+    compute = stats_dtype(x)
     xc = x.to(compute)
     mean, var = running_mean.to(compute), running_var.to(compute)
     w = None if weight is None else weight.to(compute)
@@ -277,7 +273,7 @@ def population_norm(
                 running_var.lerp_(nu_b.mean(0).to(running_var.dtype), momentum)
     else:
         qw = normalize_shared(xc, mean, var, eps)
-        qw = qw if w is None else qw * _channel(w, x.dim())
+        qw = qw if w is None else qw * channel_view(w, x)
     rot = None if rotation is None else rotation.to(compute)
     b = None if bias is None else bias.to(compute)
     return affine_rotate(qw, None, b, rot).to(x.dtype)

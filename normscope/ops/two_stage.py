@@ -69,6 +69,19 @@ def _second_moment_scale(module: nn.Module, var: Tensor, batch_var: Tensor) -> T
     return opt.r_v * ((var + opt.eps) / (batch_var + opt.eps)).clamp(max=opt.f_max)
 
 
+def _per_example(module: nn.Module, x: Tensor, mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """First tower: ``(q, mu_b, nu_b)`` with each example normalized by its own moments (ScaleGrad)."""
+    opt = site_options(module)
+    return normalize_groups(
+        x, mean, var, microbatch=1, eps=opt.eps, r_m=opt.r_m, r_v=opt.r_v, f_max=opt.f_max, u_max=opt.u_max
+    )
+
+
+def _shared_output(module: nn.Module, x: Tensor, mean: Tensor, var: Tensor) -> Tensor:
+    """The site's output with ``x`` normalized by the shared moments ``mean``, ``var``."""
+    return site_output(module, normalize_shared(x, mean, var, module.eps, site_options(module).u_max))
+
+
 def two_stage_gradient(
     model: nn.Module,
     inputs: Tensor,
@@ -107,7 +120,7 @@ def two_stage_gradient(
         mu_b, nu_b = example_moments(x.detach(), mean.detach())
         sums[name][0] += mu_b.sum(0)
         sums[name][1] += nu_b.sum(0)
-        return site_output(module, normalize_shared(x, mean, var, module.eps, site_options(module).u_max))
+        return _shared_output(module, x, mean, var)
 
     with override(model, shared) as order:
         for start, stop in bounds:
@@ -129,11 +142,7 @@ def two_stage_gradient(
     terms: list[Tensor] = []
 
     def tower_one(name: str, module: nn.Module, x: Tensor) -> Tensor:
-        mean, var = ema[name]
-        opt = site_options(module)
-        q, mu_b, nu_b = normalize_groups(
-            x, mean, var, microbatch=1, eps=opt.eps, r_m=opt.r_m, r_v=opt.r_v, f_max=opt.f_max, u_max=opt.u_max
-        )
+        q, mu_b, nu_b = _per_example(module, x, *ema[name])
         terms.append((coef[name][0] * mu_b.sum(0)).sum() / n + (coef[name][1] * nu_b.sum(0)).sum() / n)
         return site_output(module, q)
 
@@ -165,11 +174,7 @@ def two_tower_gradient(
     moments: dict[str, tuple[Tensor, Tensor]] = {}
 
     def tower_one(name: str, module: nn.Module, x: Tensor) -> Tensor:
-        mean, var = _ema(module)
-        opt = site_options(module)
-        q, mu_b, nu_b = normalize_groups(
-            x, mean, var, microbatch=1, eps=opt.eps, r_m=opt.r_m, r_v=opt.r_v, f_max=opt.f_max, u_max=opt.u_max
-        )
+        q, mu_b, nu_b = _per_example(module, x, *_ema(module))
         moments[name] = (mu_b.mean(0), nu_b.mean(0))
         return site_output(module, q)
 
@@ -185,8 +190,7 @@ def two_tower_gradient(
         )
 
     def tower_two(name: str, module: nn.Module, x: Tensor) -> Tensor:
-        mean, var = shared_moments[name]
-        return site_output(module, normalize_shared(x, mean, var, module.eps, site_options(module).u_max))
+        return _shared_output(module, x, *shared_moments[name])
 
     with override(model, tower_two):
         loss = loss_fn(model(inputs), targets)

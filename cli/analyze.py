@@ -18,8 +18,9 @@ from normscope.api import analyze as run_analysis
 from normscope.checkpoint import import_attribute, load_model
 from normscope.cli.boundary import boundary
 from normscope.cli.summary import print_summary
-from normscope.errors import DataShapeError, OutputError, UnknownNameError
+from normscope.errors import DataShapeError, UnknownNameError
 from normscope.models import DEFAULT_MODEL, MODELS
+from normscope.result import refuse_nonempty
 from normscope.train import train_reference
 
 DEFAULT_OUT_ROOT = Path("normscope-out")
@@ -57,8 +58,7 @@ def analyze(
         names = None if analyzers is None else analyzer_names(analyzers)
         target = resolve_device(device)
         out = default_out() if out is None else out
-        if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
-            raise OutputError(f"output folder {out} already exists and is not empty; choose another --out or pass --overwrite")
+        refuse_nonempty(out, overwrite)
         builtin = checkpoint is None and (model is None or ":" not in model)
         started = time.perf_counter()
         with console.status("training the built-in default on digits" if builtin else "loading the model"):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -16,10 +14,10 @@ from normscope.api import progress_bars
 from normscope.cli.analyze import default_out, resolve_device
 from normscope.cli.boundary import boundary
 from normscope.compare import DEFAULT_OPS, compare as run_compare
-from normscope.errors import InvalidArgumentError, OutputError
+from normscope.errors import InvalidArgumentError
 from normscope.models import MODELS
 from normscope.ops.factory import get_norm, norm_names
-from normscope.result import move_into_place, write_tables
+from normscope.result import TABLES_DIR, refuse_nonempty, write_folder_atomic, write_tables
 
 
 def compare(
@@ -46,15 +44,14 @@ def compare(
         op_list = parse_ops(ops)
         sizes = parse_batch_sizes(batch_size)
         out = default_out() if out is None else out
-        if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
-            raise OutputError(f"output folder {out} already exists and is not empty; choose another --out or pass --overwrite")
+        refuse_nonempty(out, overwrite)
         target = resolve_device(device)
         start = model.strip().lower() if checkpoint is None and model.strip().lower() in MODELS else load(checkpoint, model, trust)
         with progress_bars(True) as track:
             result = run_compare(
                 start, op_list, sizes, epochs=epochs, steps=steps or None, lr=lr, seed=seed, device=target, track=track
             )
-        write_atomic(out, result.tables)
+        write_folder_atomic(out, lambda staging: write_tables(staging / TABLES_DIR, result.tables))
     print_summary(result.tables["compare_summary"], result.findings)
     typer.echo(str(out))
 
@@ -85,21 +82,6 @@ def load(checkpoint: Path | None, model: str, trust: bool):
     from normscope.checkpoint import load_model
 
     return load_model(checkpoint, model, trust=trust)
-
-
-def write_atomic(out: Path, tables: dict[str, pd.DataFrame]) -> None:
-    """Write ``OUT/tables/NAME.csv`` and ``.parquet`` into a temporary folder beside ``out``, then rename it."""
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    except OSError as error:
-        raise OutputError(f"cannot create output folder {out} ({error.strerror or error}); choose another --out") from error
-    try:
-        write_tables(staging / "tables", tables)
-        move_into_place(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def print_summary(summary: pd.DataFrame, findings: list[str]) -> None:

@@ -16,7 +16,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
@@ -66,25 +66,21 @@ class AnalysisResult:
             OutputError: ``out`` exists and is not empty, or the folder cannot be written.
         """
         out = Path(out)
-        if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
-            raise OutputError(f"output folder {out} already exists and is not empty; choose another --out or pass --overwrite")
-        try:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-        except OSError as error:
-            raise OutputError(f"cannot create output folder {out} ({error.strerror or error}); choose another --out") from error
-        try:
+        refuse_nonempty(out, overwrite)
+
+        def write(staging: Path) -> None:
             write_tables(staging / TABLES_DIR, self.tables)
             (staging / SUMMARY_FILE).write_text(json.dumps(self.summary(), indent=2, allow_nan=False) + "\n")
             (staging / REPORT_FILE).write_text(render_page(self), encoding="utf-8")
-            move_into_place(staging, out)
-        except BaseException as error:
-            shutil.rmtree(staging, ignore_errors=True)
-            if isinstance(error, Exception) and not isinstance(error, OutputError):
-                raise OutputError(
-                    f"writing {out} failed ({type(error).__name__}: {first_line(error)}); nothing was written"
-                ) from error
+
+        try:
+            write_folder_atomic(out, write)
+        except OutputError:
             raise
+        except Exception as error:
+            raise OutputError(
+                f"writing {out} failed ({type(error).__name__}: {first_line(error)}); nothing was written"
+            ) from error
         return out
 
     @classmethod
@@ -149,6 +145,33 @@ def read_tables(folder: Path) -> dict[str, pd.DataFrame]:
         name: pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
         for name, path in sorted(paths.items())
     }
+
+
+def refuse_nonempty(out: Path, overwrite: bool) -> None:
+    """Raise :class:`OutputError` if ``out`` exists and is not an empty folder, unless ``overwrite``."""
+    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
+        raise OutputError(f"output folder {out} already exists and is not empty; choose another --out or pass --overwrite")
+
+
+def write_folder_atomic(out: Path, write: Callable[[Path], None]) -> None:
+    """Call ``write(staging)`` on a temporary folder beside ``out``, then rename it to ``out``
+    (see :func:`move_into_place`); on an error or an interrupt the temporary folder is removed
+    and the exception propagates.
+
+    Raises:
+        OutputError: the temporary folder cannot be created.
+    """
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    except OSError as error:
+        raise OutputError(f"cannot create output folder {out} ({error.strerror or error}); choose another --out") from error
+    try:
+        write(staging)
+        move_into_place(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 def move_into_place(staging: Path, out: Path) -> None:

@@ -65,11 +65,11 @@ class BatchLoss:
             net = net.to(dtype)
             inputs = inputs.to(dtype) if inputs.is_floating_point() else inputs
         net.train(mode == "train")
-        for m in net.modules():
-            if isinstance(m, _BatchNorm) and mode == "train":
-                m.track_running_stats = False
-            for p in m.parameters(recurse=False):
-                p.grad = None
+        net.zero_grad(set_to_none=True)
+        if mode == "train":
+            for m in net.modules():
+                if isinstance(m, _BatchNorm):
+                    m.track_running_stats = False
         self.model, self.inputs, self.targets, self.loss_fn, self.mode = net, inputs, targets, loss_fn, mode
         self.params: dict[str, Tensor] = {n: p.detach() for n, p in net.named_parameters()}
 

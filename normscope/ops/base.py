@@ -42,6 +42,24 @@ def mean_var(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mean, (centered * centered).mean(dims)
 
 
+@torch.no_grad()
+def update_running(
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    x: torch.Tensor,
+    factor: float,
+) -> None:
+    """Move the running buffers (when there are any) toward the batch ``mean`` and the unbiased
+    ``var * m / (m - 1)`` with weight ``factor``, ``m`` the values per channel of ``x`` (torch's BatchNorm rule)."""
+    if running_mean is None or running_var is None:
+        return
+    count = x.numel() // x.shape[1]
+    running_mean.lerp_(mean.detach().to(running_mean.dtype), factor)
+    running_var.lerp_((var.detach() * count / (count - 1)).to(running_var.dtype), factor)
+
+
 class ChannelNorm(_NormBase):
     """Base class: BatchNorm's parameters, buffers and momentum rule; subclasses write ``forward``."""
 

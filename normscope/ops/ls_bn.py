@@ -24,7 +24,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from normscope.errors import InvalidArgumentError
-from normscope.ops.base import ChannelNorm, channel_view, mean_var, reduce_dims, stats_dtype
+from normscope.ops.base import ChannelNorm, channel_view, mean_var, reduce_dims, stats_dtype, update_running
 
 
 def regularized_moments(
@@ -143,11 +143,7 @@ class LSBatchNorm(ChannelNorm):
         z, mean, var = _RegularizedNormalize.apply(
             x, self.eps, self.grad_moments, self.grad_batches_tracked, self.virtual_weight, self.grad_momentum
         )
-        if running_mean is not None and running_var is not None:
-            count = x.numel() // x.shape[1]
-            with torch.no_grad():
-                running_mean.lerp_(mean.to(running_mean.dtype), factor)
-                running_var.lerp_((var * count / (count - 1)).to(running_var.dtype), factor)
+        update_running(running_mean, running_var, mean, var, x, factor)
         if self.weight is None:
             return z
         return torch.addcmul(channel_view(self.bias, x), z, channel_view(self.weight, x))

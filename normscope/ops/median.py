@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from normscope.errors import InvalidArgumentError, UnknownNameError
-from normscope.ops.base import ChannelNorm, channel_view, reduce_dims, stats_dtype
+from normscope.ops.base import ChannelNorm, channel_view, reduce_dims, stats_dtype, update_running
 
 BACKWARD_MODES = ("exact", "smoothed", "seed")
 SEED_WARNING = (
@@ -212,11 +212,7 @@ def _normalize(
     acc = x.to(stats_dtype(x))
     median = _BatchMedian.apply(acc, backward, delta)
     z, _, var_m = _CenteredNormalize.apply(acc, median, eps)
-    if running_mean is not None and running_var is not None:
-        count = x.numel() // x.shape[1]
-        with torch.no_grad():
-            running_mean.lerp_(median.detach().to(running_mean.dtype), momentum)
-            running_var.lerp_((var_m * count / (count - 1)).to(running_var.dtype), momentum)
+    update_running(running_mean, running_var, median, var_m, x, momentum)
     if weight is None:
         return z.to(x.dtype)
     return torch.addcmul(channel_view(bias, x), z, channel_view(weight, x)).to(x.dtype)

@@ -10,7 +10,6 @@ Run: python benchmarks/ops.py [--min-run-time SECONDS] [--threads N]
 from __future__ import annotations
 
 import argparse
-import importlib.util
 
 import torch
 from torch import nn
@@ -25,10 +24,9 @@ OPS: dict[str, tuple[str, dict]] = {
     "lsbn": ("lsbn", {}),
     "bn_ln": ("bn_ln", {}),
     "ln_bn": ("ln_bn", {}),
+    "population (per example)": ("population", {}),
+    "microbatch (k=4)": ("microbatch", {}),
 }
-if importlib.util.find_spec("normscope.ops.population") is not None:
-    OPS["population (per example)"] = ("population", {})
-    OPS["microbatch (k=4)"] = ("microbatch", {})
 SHAPES = [(32, 64, 32, 32), (2, 64, 32, 32)]
 TARGETS = {"renorm": 1.5, "population (per example)": 1.5, "microbatch (k=4)": 1.5, "median (exact)": 3.0}
 

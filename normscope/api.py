@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import platform
 import time
 from datetime import datetime, timezone
@@ -71,18 +72,20 @@ def analyze(
     """
     names = analyzer_names(analyzers)
     loss_fn = F.cross_entropy if loss_fn is None else loss_fn
-    target = model_device(model) if device is None else torch.device(device)
-    work = model if model_device(model) == target else copy.deepcopy(model).to(target)
+    home = model_device(model)
+    target = home if device is None else torch.device(device)
+    work = model if home == target else copy.deepcopy(model).to(target)
+    dtype = floating_dtype(work)
     started = time.perf_counter()
     with progress_bars(progress) as track, torch.random.fork_rng(devices=[target.index or 0] if target.type == "cuda" else []):
         torch.manual_seed(seed)
         loader, dataset, data_source = make_loader(data, batch_size, seed)
-        chosen = take_batches(loader, batches, target, floating_dtype(work), track)
+        chosen = take_batches(loader, batches, target, dtype, track)
         sites, unrecognized = check_fit(work, chosen[0], loss_fn)
         ctx = AnalysisContext(
             model=work,
             batches=chosen,
-            dataset=None if dataset is None else to_device(dataset, target, floating_dtype(work)),
+            dataset=None if dataset is None else to_device(dataset, target, dtype),
             loader=loader,
             loss_fn=loss_fn,
             lr=lr,
@@ -141,9 +144,8 @@ def analyzer_names(analyzers: str | Sequence[str] | None) -> list[str]:
 
 def model_device(model: nn.Module) -> torch.device:
     """The device of the model's first parameter or buffer (CPU for a model without any)."""
-    for tensor in list(model.parameters()) + list(model.buffers()):
-        return tensor.device
-    return torch.device("cpu")
+    first = next(itertools.chain(model.parameters(), model.buffers()), None)
+    return torch.device("cpu") if first is None else first.device
 
 
 def floating_dtype(model: nn.Module) -> torch.dtype:

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from normscope.errors import CheckpointError, ModelImportError, UntrustedPickleError
-from normscope.models import MODELS, build_model
+from normscope.models import DEFAULT_MODEL, MODELS, build_model
 
 STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model")
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
@@ -60,7 +60,7 @@ def load_model(checkpoint: Path | str | None, model_spec: str | None = None, tru
             return build_from_spec(model_spec)
         from normscope.train import train_reference
 
-        return train_reference(model_spec.strip().lower() if model_spec else "mlp_bn")
+        return train_reference(model_spec.strip().lower() if model_spec else DEFAULT_MODEL)
     path = Path(checkpoint)
     content = read_checkpoint(path, trust=trust)
     if isinstance(content, nn.Module):

@@ -353,17 +353,23 @@ def estimator_bias(
 
 
 def jacobian_product_bias(
-    model: nn.Module, inputs: Tensor, targets: Tensor, loss_fn: LossFn = F.cross_entropy, chunk_size: int | None = 64
+    model: nn.Module,
+    inputs: Tensor,
+    targets: Tensor,
+    loss_fn: LossFn = F.cross_entropy,
+    chunk_size: int | None = 64,
+    target: PopulationGradient | None = None,
 ) -> pd.DataFrame:
     """The ``bias_jacobian`` table (seed 004 §2.2, MATH.md §4): the two-stage estimate at B = N
     with the EMAs at the population moments and r = 1 against g*,
     ``jacobian_product_gap = ||g_two-stage - g*||``, ``relative_gap = gap / ||g*||``. The gap is
     the mean of per-example Jacobian products minus the product of mean Jacobians: zero (to
     float64 rounding) with one normalization level, nonzero with two or more in series.
+    ``target``: the full-batch g* of this model on this data when already computed.
     """
     with preserved(model):
         work = copy.deepcopy(model).to(inputs.dtype).eval()
-    g_star = population_gradient(work, inputs, targets, loss_fn)
+    g_star = target or population_gradient(work, inputs, targets, loss_fn)
     _set_moments(work, g_star)
     names = list(g_star.grads)
     estimate = _flat(two_stage_gradient(work, inputs, targets, loss_fn, chunk_size).grads, names)
@@ -498,7 +504,8 @@ def analyze(ctx: AnalysisContext) -> AnalyzerOutput:
         target=target,
     )
     slope_table = slopes(table)
-    jacobian = jacobian_product_bias(work, inputs, targets, ctx.loss_fn, int(opts.get("chunk_size", 64)))
+    full_batch = g_star if g_star.method == "full-batch" else None
+    jacobian = jacobian_product_bias(work, inputs, targets, ctx.loss_fn, int(opts.get("chunk_size", 64)), full_batch)
     total = table[table["group"] == "total"]
     headline: dict[str, float | int | str] = {
         "bias_examples": n,

@@ -117,11 +117,15 @@ def _by_depth(table: pd.DataFrame) -> list[str]:
     return table["site"].drop_duplicates().tolist()
 
 
-def _finite(table: pd.DataFrame, columns: list[str], positive: bool = False) -> pd.DataFrame:
+def _finite(table: pd.DataFrame, columns: list[str], positive: bool = False, empty: str | None = None) -> pd.DataFrame:
+    """The rows whose ``columns`` are finite (and > 0 if ``positive``); with ``empty``, raise
+    :class:`_NoData` with that reason when none is left."""
     values = table[columns].apply(pd.to_numeric, errors="coerce")
     keep = np.isfinite(values).all(axis=1)
     if positive:
         keep &= (values > 0).all(axis=1)
+    if empty is not None and not keep.any():
+        raise _NoData(empty)
     return table[keep]
 
 
@@ -138,6 +142,11 @@ def _batch_axis(ax, sizes) -> None:
     ax.xaxis.set_major_locator(FixedLocator(sizes))
     ax.xaxis.set_minor_locator(NullLocator())
     ax.set_xticklabels([str(v) for v in sizes])
+
+
+def _legend_right(ax, *args, **kwargs) -> None:
+    """A frameless legend outside the axes, to the right."""
+    ax.legend(*args, frameon=False, loc="center left", bbox_to_anchor=(1.0, 0.5), **kwargs)
 
 
 def _site_ticks(ax, sites: list[str]) -> None:
@@ -181,9 +190,7 @@ def stats_drift(tables: Tables, fig: Figure) -> None:
     {"stats_channels": ("site", "eps_fraction")},
 )
 def stats_eps(tables: Tables, fig: Figure) -> None:
-    table = _finite(tables["stats_channels"], ["eps_fraction"], positive=True)
-    if table.empty:
-        raise _NoData("stats_channels has no positive finite eps_fraction")
+    table = _finite(tables["stats_channels"], ["eps_fraction"], positive=True, empty="stats_channels has no positive finite eps_fraction")
     sites = _by_depth(table)
     ax = fig.subplots()
     sns.stripplot(data=table, x="site", y="eps_fraction", order=sites, ax=ax, size=3, alpha=0.6, jitter=0.25, log_scale=True)
@@ -210,7 +217,7 @@ def gls_r2_depth(tables: Tables, fig: Figure) -> None:
     top = float(np.nanmax(table[["r2_median", "r2_q90"]].to_numpy()))
     ax.set(xlabel="site (forward order)", ylabel="R^2 of g on z", ylim=(min(0.0, table["r2_q10"].min()), min(1.02, max(0.05, 1.15 * top))))
     ax.set_xlim(-0.5, len(table) - 0.5)
-    ax.legend(title="kind", frameon=False, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    _legend_right(ax, title="kind")
     _site_ticks(ax, table["site"].tolist())
 
 
@@ -223,9 +230,7 @@ def gls_r2_depth(tables: Tables, fig: Figure) -> None:
     size=(7.0, 3.3),
 )
 def gls_scatter(tables: Tables, fig: Figure) -> None:
-    table = _finite(tables["gls_scatter"], ["z", "g", "fit"])
-    if table.empty:
-        raise _NoData("gls_scatter has no finite (z, g) pairs")
+    table = _finite(tables["gls_scatter"], ["z", "g", "fit"], empty="gls_scatter has no finite (z, g) pairs")
     columns = [c for c in ("site", "record", "partition") if c in table.columns]
     keys = table[columns].drop_duplicates()
     picks = keys.iloc[np.unique(np.linspace(0, len(keys) - 1, min(3, len(keys))).round().astype(int))]
@@ -253,9 +258,7 @@ def gls_scatter(tables: Tables, fig: Figure) -> None:
     size=(7.0, 3.0),
 )
 def gls_naive_gap(tables: Tables, fig: Figure) -> None:
-    table = _finite(tables["gls_sites"].sort_values("depth", kind="stable"), ["naive_gap"])
-    if table.empty:
-        raise _NoData("gls_sites has no finite naive_gap")
+    table = _finite(tables["gls_sites"].sort_values("depth", kind="stable"), ["naive_gap"], empty="gls_sites has no finite naive_gap")
     ax = fig.subplots()
     sns.barplot(data=table, x="site", y="naive_gap", ax=ax, color="#55a868", order=table["site"].tolist())
     ax.set(xlabel="", ylabel="relative error of naive gradient")
@@ -271,14 +274,12 @@ def gls_naive_gap(tables: Tables, fig: Figure) -> None:
     size=(7.0, 3.0),
 )
 def gls_batch_sweep(tables: Tables, fig: Figure) -> None:
-    table = _finite(tables["gls_batch_sweep"], ["batch_size", "r2_mean"])
-    if table.empty:
-        raise _NoData("gls_batch_sweep has no finite rows")
+    table = _finite(tables["gls_batch_sweep"], ["batch_size", "r2_mean"], empty="gls_batch_sweep has no finite rows")
     ax = fig.subplots()
     sns.lineplot(data=table, x="batch_size", y="r2_mean", hue="site", hue_order=_by_depth(table), marker="o", ax=ax, palette=PALETTE, errorbar=None)
     _batch_axis(ax, table["batch_size"])
     ax.set(xlabel="batch size", ylabel="mean R^2")
-    ax.legend(title="site", frameon=False, fontsize="small", loc="center left", bbox_to_anchor=(1.0, 0.5))
+    _legend_right(ax, title="site", fontsize="small")
 
 
 @figure(
@@ -291,9 +292,8 @@ def gls_batch_sweep(tables: Tables, fig: Figure) -> None:
     size=(7.0, 3.0),
 )
 def gls_regularization(tables: Tables, fig: Figure) -> None:
-    table = _finite(tables["gls_regularization"], ["batch_size", "dist_plain", "dist_regularized"])
-    if table.empty:
-        raise _NoData("gls_regularization has no finite distances")
+    table = _finite(tables["gls_regularization"], ["batch_size", "dist_plain", "dist_regularized"],
+                    empty="gls_regularization has no finite distances")
     ax = fig.subplots()
     for column, label, color in (("dist_plain", "plain", "#4c72b0"), ("dist_regularized", "regularized", "#dd8452")):
         rows = table[table[column] > 0]
@@ -303,7 +303,7 @@ def gls_regularization(tables: Tables, fig: Figure) -> None:
         ax.plot(mean.index, mean.to_numpy(), "o-", color=color, lw=2, label=f"{label} (mean over sites)")
     _batch_axis(ax, table["batch_size"])
     ax.set(yscale="log", xlabel="batch size", ylabel="distance to large-batch gradient")
-    ax.legend(frameon=False, fontsize="small", loc="center left", bbox_to_anchor=(1.0, 0.5))
+    _legend_right(ax, fontsize="small")
 
 
 @figure(
@@ -315,9 +315,8 @@ def gls_regularization(tables: Tables, fig: Figure) -> None:
     {"bias_estimators": ("estimator", "batch_size", "group", "rel_bias", "rel_bias_lo", "rel_bias_hi")},
 )
 def bias_loglog(tables: Tables, fig: Figure) -> None:
-    table = _finite(_total(tables["bias_estimators"]), ["batch_size", "rel_bias"], positive=True)
-    if table.empty:
-        raise _NoData("bias_estimators has no positive finite rel_bias")
+    table = _finite(_total(tables["bias_estimators"]), ["batch_size", "rel_bias"], positive=True,
+                    empty="bias_estimators has no positive finite rel_bias")
     ax = fig.subplots()
     names = sorted(table["estimator"].unique())
     offsets = np.exp(np.linspace(-0.06, 0.06, len(names))) if len(names) > 1 else [1.0]
@@ -330,7 +329,7 @@ def bias_loglog(tables: Tables, fig: Figure) -> None:
     ax.set(yscale="log", xlabel="batch size B", ylabel="relative bias")
     ax.set_ylim(bottom=table["rel_bias"].min() / 3)
     _batch_axis(ax, table["batch_size"])
-    ax.legend(title="estimator", frameon=False, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    _legend_right(ax, title="estimator")
 
 
 @figure(
@@ -341,9 +340,7 @@ def bias_loglog(tables: Tables, fig: Figure) -> None:
     {"bias_estimators": ("estimator", "batch_size", "group", "variance", "cosine")},
 )
 def bias_variance(tables: Tables, fig: Figure) -> None:
-    table = _finite(_total(tables["bias_estimators"]), ["batch_size", "variance", "cosine"])
-    if table.empty:
-        raise _NoData("bias_estimators has no finite variance / cosine")
+    table = _finite(_total(tables["bias_estimators"]), ["batch_size", "variance", "cosine"], empty="bias_estimators has no finite variance / cosine")
     left, right = fig.subplots(1, 2)
     names = sorted(table["estimator"].unique())
     common = dict(data=table, x="batch_size", hue="estimator", hue_order=names, marker="o", palette=PALETTE, errorbar=None)
@@ -353,7 +350,7 @@ def bias_variance(tables: Tables, fig: Figure) -> None:
     right.set(xlabel="batch size B", ylabel="cosine to g*")
     for ax in (left, right):
         _batch_axis(ax, table["batch_size"])
-    right.legend(title="estimator", frameon=False, fontsize="small", loc="center left", bbox_to_anchor=(1.0, 0.5))
+    _legend_right(right, title="estimator", fontsize="small")
 
 
 @figure(
@@ -367,9 +364,8 @@ def bias_variance(tables: Tables, fig: Figure) -> None:
 )
 def descent_acrit(tables: Tables, fig: Figure) -> None:
     every = tables["descent_directions"]
-    table = _finite(every, ["a_crit"], positive=True)
-    if table.empty:
-        raise _NoData("descent_directions has no positive finite a_crit (d^T H d <= 0 everywhere)")
+    table = _finite(every, ["a_crit"], positive=True,
+                    empty="descent_directions has no positive finite a_crit (d^T H d <= 0 everywhere)")
     fig.set_size_inches(fig.get_figwidth(), min(6.0, 1.4 + 0.32 * table["group"].nunique()))
     ax = fig.subplots()
     style = "direction" if "direction" in table.columns and table["direction"].nunique() > 1 else None
@@ -381,7 +377,7 @@ def descent_acrit(tables: Tables, fig: Figure) -> None:
     if not dropped.empty:
         names = ", ".join(sorted({f"{m} · {g}" for m, g in zip(dropped["mode"], dropped["group"])})[:4])
         ax.set_title(f"not shown (d^T H d <= 0, no critical step): {names}", fontsize="small", loc="left", color="0.35")
-    ax.legend(frameon=False, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    _legend_right(ax)
 
 
 @figure(
@@ -394,9 +390,7 @@ def descent_acrit(tables: Tables, fig: Figure) -> None:
     size=(7.0, 3.0),
 )
 def descent_spectrum(tables: Tables, fig: Figure) -> None:
-    table = _finite(_total(tables["descent_spectrum"]), ["rank", "eigenvalue"])
-    if table.empty:
-        raise _NoData("descent_spectrum has no finite eigenvalues")
+    table = _finite(_total(tables["descent_spectrum"]), ["rank", "eigenvalue"], empty="descent_spectrum has no finite eigenvalues")
     ax = fig.subplots()
     hue = table["mode"] + (" · " + table["group"].astype(str) if table["group"].nunique() > 1 else "")
     sns.lineplot(data=table.assign(series=hue), x="rank", y="eigenvalue", hue="series", marker="o", ax=ax, palette=PALETTE, errorbar=None)
@@ -407,7 +401,7 @@ def descent_spectrum(tables: Tables, fig: Figure) -> None:
                 ax.axhline(2 / lr, color="0.3", ls="--", lw=1, label="2 / lr")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set(xlabel="rank", ylabel="eigenvalue")
-    ax.legend(frameon=False, fontsize="small", loc="center left", bbox_to_anchor=(1.0, 0.5))
+    _legend_right(ax, fontsize="small")
 
 
 @figure(
@@ -420,9 +414,7 @@ def descent_spectrum(tables: Tables, fig: Figure) -> None:
     size=(7.0, 3.0),
 )
 def descent_quadratic(tables: Tables, fig: Figure) -> None:
-    table = _finite(tables["descent_quadratic"], ["step", "loss", "quadratic"])
-    if table.empty:
-        raise _NoData("descent_quadratic has no finite rows")
+    table = _finite(tables["descent_quadratic"], ["step", "loss", "quadratic"], empty="descent_quadratic has no finite rows")
     modes = sorted(table["mode"].unique(), reverse=True)
     axes = fig.subplots(1, len(modes), squeeze=False)[0]
     for ax, mode in zip(axes, modes):
@@ -454,9 +446,7 @@ def _parting_step(rows: pd.DataFrame) -> float:
     size=(7.0, 3.2),
 )
 def compare_curves(tables: Tables, fig: Figure) -> None:
-    table = _finite(tables["compare_curves"], ["step", "loss"])
-    if table.empty:
-        raise _NoData("compare_curves has no finite losses")
+    table = _finite(tables["compare_curves"], ["step", "loss"], empty="compare_curves has no finite losses")
     sizes = sorted(table["batch_size"].unique())[:4]
     axes = fig.subplots(1, len(sizes), squeeze=False, sharey=True)[0]
     ops = sorted(table["op"].unique())
@@ -469,7 +459,7 @@ def compare_curves(tables: Tables, fig: Figure) -> None:
             ax.plot(test["step"], test["loss"], "o--", color=colors[op], ms=5, lw=1, label=f"{op} (test)")
         ax.set(title=f"batch size {size}", xlabel="step", ylabel="loss")
     handles, labels = axes[-1].get_legend_handles_labels()
-    axes[-1].legend(handles, labels, frameon=False, fontsize="small", loc="center left", bbox_to_anchor=(1.0, 0.5))
+    _legend_right(axes[-1], handles, labels, fontsize="small")
 
 
 @figure(
@@ -480,10 +470,8 @@ def compare_curves(tables: Tables, fig: Figure) -> None:
     size=(7.0, 2.8),
 )
 def compare_accuracy(tables: Tables, fig: Figure) -> None:
-    table = _finite(tables["compare_summary"], ["final_test_accuracy"])
-    if table.empty:
-        raise _NoData("compare_summary has no finite accuracy")
+    table = _finite(tables["compare_summary"], ["final_test_accuracy"], empty="compare_summary has no finite accuracy")
     ax = fig.subplots()
     sns.barplot(data=table, x="batch_size", y="final_test_accuracy", hue="op", ax=ax, palette=PALETTE)
     ax.set(xlabel="batch size", ylabel="test accuracy", ylim=(0, 1))
-    ax.legend(frameon=False, fontsize="small", loc="center left", bbox_to_anchor=(1.0, 0.5))
+    _legend_right(ax, fontsize="small")

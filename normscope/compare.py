@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
+from typing import Any, Callable, Iterator, Sequence
 
 import pandas as pd
 import torch
@@ -19,20 +19,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from normscope.analyzers import AnalyzerOutput
+from normscope.analyzers import AnalyzerOutput, _no_progress
+from normscope.api import floating_dtype, model_device
 from normscope.data import load_digits
 from normscope.errors import DataShapeError, InvalidArgumentError
 from normscope.models import build_model
 from normscope.ops.factory import NormSpec, get_norm
 from normscope.ops.swap import swap_norms
 
-T = TypeVar("T")
 DEFAULT_OPS = ("bn", "median", "renorm", "population")
 Data = tuple[Tensor, Tensor, Tensor, Tensor]
-
-
-def _no_progress(iterable: Iterable[T], description: str = "", total: int | None = None) -> Iterator[T]:
-    yield from iterable
 
 
 def op_label(op: NormSpec) -> str:
@@ -169,9 +165,8 @@ def compare(
     for op in ops:
         get_norm(op)
     base = build_model(model, seed=seed) if isinstance(model, str) else model
-    reference = next(iter([*base.parameters(), *base.buffers()]), None)
-    device = torch.device(device) if device is not None else (reference.device if reference is not None else torch.device("cpu"))
-    dtype = next((p.dtype for p in base.parameters() if p.is_floating_point()), torch.float32)
+    device = model_device(base) if device is None else torch.device(device)
+    dtype = floating_dtype(base)
     data = default_data(device, dtype) if data is None else tuple(t.to(device) for t in data)
     n_train = len(data[0])
     options = op_options or {}

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from normscope.data import digits_loader, load_digits
+from normscope.data import digits_loader
 from normscope.models import DEFAULT_MODEL, build_model
 
 
@@ -44,16 +44,3 @@ def train_reference(
     model.zero_grad(set_to_none=True)
     return model.eval()
 
-
-@torch.no_grad()
-def test_accuracy(model: nn.Module) -> float:
-    """Fraction of the digits' test split (images 1400 onward) that ``model`` classifies right."""
-    images, labels = load_digits(split="test")
-    device = next(model.parameters()).device
-    training = model.training
-    model.eval()
-    try:
-        predicted = model(images.to(device)).argmax(dim=1).cpu()
-    finally:
-        model.train(training)
-    return float((predicted == labels).float().mean())

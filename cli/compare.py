@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from normscope.api import progress_bars
+from normscope.checkpoint import load_model
 from normscope.cli.analyze import default_out, resolve_device
 from normscope.cli.boundary import boundary
 from normscope.compare import DEFAULT_OPS, compare as run_compare
@@ -46,7 +47,7 @@ def compare(
         out = default_out() if out is None else out
         refuse_nonempty(out, overwrite)
         target = resolve_device(device)
-        start = model.strip().lower() if checkpoint is None and model.strip().lower() in MODELS else load(checkpoint, model, trust)
+        start = model.strip().lower() if checkpoint is None and model.strip().lower() in MODELS else load_model(checkpoint, model, trust=trust)
         with progress_bars(True) as track:
             result = run_compare(
                 start, op_list, sizes, epochs=epochs, steps=steps or None, lr=lr, seed=seed, device=target, track=track
@@ -75,13 +76,6 @@ def parse_batch_sizes(text: str) -> list[int]:
     if not sizes or min(sizes) < 2:
         raise InvalidArgumentError(f"--batch-size needs comma-separated integers >= 2 (got {text!r})")
     return sizes
-
-
-def load(checkpoint: Path | None, model: str, trust: bool):
-    """The starting model from a checkpoint or a ``package.module:factory`` (normscope.checkpoint)."""
-    from normscope.checkpoint import load_model
-
-    return load_model(checkpoint, model, trust=trust)
 
 
 def print_summary(summary: pd.DataFrame, findings: list[str]) -> None:

@@ -123,7 +123,7 @@ def render_page(result: AnalysisResult, compare: dict[str, pd.DataFrame] | None 
     """The report page from :func:`normscope.reports.render.render_html`."""
     from normscope.reports.render import render_html
 
-    return render_html(result, compare=compare) if compare else render_html(result)
+    return render_html(result, compare=compare)
 
 
 def write_tables(folder: Path, tables: dict[str, pd.DataFrame]) -> None:

@@ -10,7 +10,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from normscope.api import check_fit, floating_dtype, make_loader, model_device, passthrough, take_batches
+from normscope.analyzers import no_progress
+from normscope.api import check_fit, floating_dtype, make_loader, model_device, take_batches
 from normscope.capture import find_sites, find_unrecognized
 from normscope.checkpoint import build_from_spec, load_model
 from normscope.cli.analyze import load_data
@@ -38,7 +39,7 @@ def sites(
         unrecognized = find_unrecognized(net)
         try:
             loader, _, _ = make_loader(load_data(data, 2), 2, 0)
-            batch = take_batches(loader, 1, model_device(net), floating_dtype(net), passthrough)[0]
+            batch = take_batches(loader, 1, model_device(net), floating_dtype(net), no_progress)[0]
             found, _ = check_fit(net, batch, ignore_loss)
             note = "found by one forward pass on --data (modules and functional calls)"
         except (DataShapeError, NoNormSitesError) as error:

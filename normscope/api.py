@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import normscope
-from normscope.analyzers import ANALYZERS, AnalysisContext, AnalyzerOutput, get_analyzer
+from normscope.analyzers import ANALYZERS, AnalysisContext, AnalyzerOutput, get_analyzer, no_progress
 from normscope.capture import capture
 from normscope.checkpoint import first_line, nonfinite_weights
 from normscope.data import digits_loader, load_digits
@@ -277,7 +277,7 @@ def run_analyzers(
 def progress_bars(enabled: bool) -> Iterator[Callable[..., Iterator]]:
     """A ``track(iterable, description, total)`` function: Rich bars on stderr, or a pass-through."""
     if not enabled:
-        yield passthrough
+        yield no_progress
         return
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -302,7 +302,3 @@ def progress_bars(enabled: bool) -> Iterator[Callable[..., Iterator]]:
     with bars:
         yield track
 
-
-def passthrough(iterable: Iterable[T], description: str = "", total: int | None = None) -> Iterator[T]:
-    """``track`` without display."""
-    yield from iterable

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from normscope.analyzers import AnalyzerOutput, _no_progress
+from normscope.analyzers import AnalyzerOutput, no_progress
 from normscope.api import floating_dtype, model_device
 from normscope.data import load_digits
 from normscope.errors import DataShapeError, InvalidArgumentError
@@ -60,7 +60,7 @@ def train_run(
     seed: int,
     points: int = 10,
     loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
-    track: Callable[..., Iterator] = _no_progress,
+    track: Callable[..., Iterator] = no_progress,
     description: str = "",
 ) -> list[dict[str, Any]]:
     """Train ``model`` in place for ``steps`` SGD steps (momentum 0.9, learning rate ``lr``) on
@@ -124,7 +124,7 @@ def compare(
     op_options: dict[str, dict[str, Any]] | None = None,
     loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
     device: torch.device | str | None = None,
-    track: Callable[..., Iterator] = _no_progress,
+    track: Callable[..., Iterator] = no_progress,
 ) -> AnalyzerOutput:
     """Train each op swapped into ``model`` at each batch size and return the comparison tables.
 

@@ -29,7 +29,8 @@ ANALYZERS: dict[str, str] = {
 }
 
 
-def _no_progress(iterable: Iterable[T], description: str = "", total: int | None = None) -> Iterator[T]:
+def no_progress(iterable: Iterable[T], description: str = "", total: int | None = None) -> Iterator[T]:
+    """The default ``track``: iterate without showing progress."""
     yield from iterable
 
 
@@ -58,7 +59,7 @@ class AnalysisContext:
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy
     lr: float | None = None
     seed: int = 0
-    track: Callable[..., Iterator] = _no_progress
+    track: Callable[..., Iterator] = no_progress
     quick: bool = True
     options: dict = field(default_factory=dict)
 

@@ -27,7 +27,7 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from normscope.analyzers import AnalysisContext, AnalyzerOutput, _no_progress
+from normscope.analyzers import AnalysisContext, AnalyzerOutput, no_progress
 from normscope.capture import Capture, capture
 from normscope.capture.record import SiteRecord
 from normscope.errors import AnalyzerError, DataShapeError, UnknownNameError
@@ -587,7 +587,7 @@ def batch_size_sweep(
     kinds: str | Iterable[str] | None = None,
     momentum: float = 0.5,
     weight: float = 2.0,
-    track: Callable = _no_progress,
+    track: Callable = no_progress,
 ) -> dict[str, pd.DataFrame]:
     """The site table as a function of batch size, and seed 002 Appendix C's regularization.
 

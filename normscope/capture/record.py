@@ -8,7 +8,7 @@ import torch
 
 from normscope.registry import Layout, affine_like, normalize_rows, partition_moments, to_rows
 
-REDUCTION_KEYS = ("n", "mean", "var", "sum_x", "sum_x2", "sum_z", "sum_z2", "sum_g", "sum_g2", "sum_gz")
+REDUCTION_KEYS = ("n", "mean", "var", "scale", "sum_x", "sum_x2", "sum_z", "sum_z2", "sum_g", "sum_g2", "sum_gz")
 
 
 @dataclass
@@ -120,7 +120,7 @@ def _shift_scale(n: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, layout:
 
 def reduce_record(record: SiteRecord) -> None:
     """Replace the record's tensors by per-partition sums over items (MATH.md §1-2):
-    ``n``, ``mean``, ``var`` (biased) and the sums of ``x``, ``x^2``, ``z``, ``z^2`` and, after
+    ``n``, ``mean``, ``var`` (biased), ``scale`` (the normalizer s) and the sums of ``x``, ``x^2``, ``z``, ``z^2`` and, after
     backward, of ``g``, ``g^2``, ``g z``.
 
     Two passes over x (the sums, then ``c = x - mean`` and ``sum c^2``: no cancellation of
@@ -141,7 +141,7 @@ def reduce_record(record: SiteRecord) -> None:
     var = _dot(centered, centered) / n
     shift, scale = _shift_scale(n, mean, var, layout)
     offset = mean - shift
-    red = {"n": n, "mean": mean, "var": var, "sum_x": n * mean, "sum_x2": n * (var + mean * mean),
+    red = {"n": n, "mean": mean, "var": var, "scale": scale, "sum_x": n * mean, "sum_x2": n * (var + mean * mean),
            "sum_z": n * offset / scale, "sum_z2": n * (var + offset * offset) / scale**2}
     if record.dy is not None:
         per_channel = layout.rule == "channel" and layout.weight is not None

@@ -17,7 +17,7 @@ from normscope.monitor.curvature import MODEL_SITE, curvature_rows
 from normscope.monitor.metrics import running_stats, step_rows
 from normscope.monitor.store import RecordStore
 
-TENSORBOARD_DIR = "tensorboard"
+TENSORBOARD_DIR = "_tensorboard"  # "_": Parquet readers of the run folder skip it
 
 
 class Monitor:
@@ -30,7 +30,7 @@ class Monitor:
     and the trace (:mod:`normscope.monitor.curvature`); this needs the batch, passed to
     :meth:`step`. Rows ``(step, rank, site, metric, value)`` go to a Parquet dataset in ``out``
     (``pandas.read_parquet(out)``), flushed as complete files every ``flush_seconds`` and on exit,
-    and, with ``tensorboard=True``, to ``out/tensorboard`` as ``normscope/<metric>/<site>``.
+    and, with ``tensorboard=True``, to ``out/_tensorboard`` as ``normscope/<metric>/<site>``.
 
     The monitor never changes training: the capture keeps only sums, the curvature works on a
     private copy with the random state forked, and nothing is written to parameters, buffers,

@@ -145,6 +145,15 @@ class Budget:
         }
 
 
+CHUNK_MEMORY = 256 * 2**20
+
+
+def chunk_for_memory(parameters: int, itemsize: int, memory: int = CHUNK_MEMORY, largest: int = 64) -> int:
+    """Examples per chunk of per-example gradients so that one chunk's gradients and their work
+    (about 3 parameter-sized copies per example) stay within ``memory`` bytes; 1 to ``largest``."""
+    return max(1, min(largest, memory // max(1, 3 * parameters * itemsize)))
+
+
 def as_budget(budget: "Budget | float | None") -> Budget:
     """A :class:`Budget` from seconds (``None`` or ``0``: unlimited) or a given budget."""
     if isinstance(budget, Budget):

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -40,6 +41,7 @@ from normscope.analyzers.population_gradient import (
     population_gradient,
     streamed_population_gradient,
 )
+from normscope.budget import Budget, chunk_for_memory
 from normscope.errors import InvalidArgumentError, UnknownNameError
 from normscope.guard import preserved
 from normscope.ops.norm_sites import norm_sites, parameters
@@ -314,12 +316,15 @@ def estimator_bias(
     options: dict | None = None,
     track: Callable = lambda iterable, description="", total=None: iterable,
     target: PopulationGradient | None = None,
+    budget: Budget | None = None,
 ) -> tuple[pd.DataFrame, PopulationGradient]:
     """The ``bias_estimators`` table: :class:`BiasStatistics` per estimator, batch size B and
     parameter group (``total`` and each parameter), over ``repeats`` minibatches of B examples
     drawn without replacement (seeded; the same minibatches for every estimator); groups whose
     ||g*_g|| is :func:`negligible` against the total get NaN relative figures. Runs on a
-    copy of ``model`` in the dtype of ``inputs``; ``model`` is left bit-identical.
+    copy of ``model`` in the dtype of ``inputs``; ``model`` is left bit-identical. Cells run by
+    batch size, every estimator at each; with ``budget``, the cells left once the longest cell
+    so far no longer fits are cut (recorded in ``budget.cuts``).
     """
     for name in estimators:
         if name not in ESTIMATORS:
@@ -339,8 +344,14 @@ def estimator_bias(
     generator = torch.Generator().manual_seed(seed)
     draws = {b: [torch.randperm(n, generator=generator)[:b] for _ in range(repeats)] for b in sizes}
     rows = []
-    jobs = [(e, b) for e in estimators for b in sizes]
-    for estimator, b in track(jobs, description="estimator bias", total=len(jobs)):
+    jobs = [(e, b) for b in sizes for e in estimators]
+    longest = 0.0
+    for done, (estimator, b) in enumerate(track(jobs, description="estimator bias", total=len(jobs))):
+        if budget is not None and longest > budget.remaining():
+            budget.cut(f"{len(jobs) - done} of {len(jobs)} (estimator, batch size) cells from batch size {b} on",
+                       f"each took up to {longest:.3g} s, {budget.remaining():.3g} s were left")
+            break
+        started = time.perf_counter()
         samples = torch.stack([est.estimate(estimator, inputs, targets, idx.to(inputs.device)) for idx in draws[b]])
         reference = control_target if estimator == "control" else star
         total_norm = float(reference.double().norm())
@@ -349,6 +360,7 @@ def estimator_bias(
             rows.append(
                 {"estimator": estimator, "batch_size": b, "group": group, **figures.__dict__, "settings": est.settings[estimator]}
             )
+        longest = max(longest, time.perf_counter() - started)
     return pd.DataFrame(rows), g_star
 
 
@@ -470,7 +482,8 @@ def analyze(ctx: AnalysisContext) -> AnalyzerOutput:
 
     Options (``ctx.options``, prefix ``bias_``): ``batch_sizes``, ``repeats``, ``examples``,
     ``estimators``, ``dtype`` (float64), ``microbatch`` (2), ``r_m``, ``r_v``, ``f_max``,
-    ``u_max``, ``chunk_size`` (64). ``ctx.quick``: B in {4, 16, 64}, 16 repeats, 256 examples.
+    ``u_max``, ``chunk_size`` (per-example gradient chunks: at most 64 examples, fewer when
+    their gradients would pass :data:`normscope.budget.CHUNK_MEMORY`). ``ctx.quick``: B in {4, 16, 64}, 16 repeats, 256 examples.
     Data sets over 4096 examples get g* streamed (2L + 1 passes, L normalization levels).
     """
     if not norm_sites(ctx.model):
@@ -487,6 +500,7 @@ def analyze(ctx: AnalysisContext) -> AnalyzerOutput:
     target = None
     with preserved(ctx.model):
         work = copy.deepcopy(ctx.model).to(dtype).eval()
+    opts.setdefault("chunk_size", chunk_for_memory(sum(p.numel() for p in work.parameters()), inputs.element_size()))
     if n > FULL_BATCH_MAX:
         chunks = DataLoader(TensorDataset(inputs, targets), batch_size=int(opts.get("chunk_size", 64)) * 8)
         target = streamed_population_gradient(work, chunks, ctx.loss_fn)
@@ -502,6 +516,7 @@ def analyze(ctx: AnalysisContext) -> AnalyzerOutput:
         options=opts,
         track=ctx.track,
         target=target,
+        budget=ctx.budget,
     )
     slope_table = slopes(table)
     full_batch = g_star if g_star.method == "full-batch" else None

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import math
+import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
@@ -740,8 +741,16 @@ def analyze(ctx: AnalysisContext) -> AnalyzerOutput:
     512 items of the data. Options (``ctx.options``): ``gls_momentum`` (0.5), ``gls_weight`` (2.0),
     ``gls_sweep`` (True)."""
     inputs, targets = ctx.batches[0]
+    started = time.perf_counter()
     tables = gls_step(ctx.model, (inputs, targets), ctx.loss_fn, sites=ctx.sites)
+    step_seconds = time.perf_counter() - started
     data = _sweep_data(ctx, 64 if ctx.quick else 512)
+    if data is not None and ctx.options.get("gls_sweep", True):
+        steps = sum(len(data[0]) // b for b in range(4, len(data[0]) + 1) if len(data[0]) % b == 0)
+        if steps * step_seconds > ctx.budget.remaining():
+            ctx.budget.cut("the batch-size sweep", f"about {steps} captured steps of up to {step_seconds:.2g} s each "
+                           f"did not fit in the {ctx.budget.remaining():.3g} s left")
+            data = None
     if ctx.options.get("gls_sweep", True) and data is not None:
         tables.update(batch_size_sweep(ctx.model, *data, loss_fn=ctx.loss_fn, track=ctx.track,
                                        momentum=ctx.options.get("gls_momentum", 0.5),

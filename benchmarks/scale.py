@@ -1,0 +1,143 @@
+"""How normscope analyze scales: wall time and peak memory on transformers models built from
+configs (no download), against one training step, and each analyzer's time against the parameter
+count.
+
+Cases (each in a fresh subprocess so that peak RSS is its own; ``--threads`` torch threads):
+* ``hf_resnet``: ``ResNetForImageClassification`` (20k parameters, BatchNorm) on 8x8 digits;
+* ``bert``: ``BertForSequenceClassification`` (3.5M parameters, LayerNorm, dropout 0) reading
+  each digit's 64 pixel intensities (0-16) as 64 tokens;
+* ``sweep``: the BERT family at hidden sizes giving about 1e4 to 1e7 parameters; per analyzer
+  time from ``meta["seconds"]``; the growth exponent is the least-squares slope of
+  log(time) on log(parameters).
+
+Each run is ``normscope.analyze(model, data)`` with the defaults (every analyzer that applies,
+budget 120 s, quick settings), batch 128. Peak memory: ``ru_maxrss`` of the subprocess minus its
+RSS after building the model and data, against the same for one forward+backward+SGD step.
+Prints the load average with every figure.
+
+Run: ``python benchmarks/scale.py [--threads 2] [--cases hf_resnet,bert,sweep]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from normscope.data import load_digits
+
+
+class Logits(nn.Module):
+    """A transformers model as ``inputs -> logits``."""
+
+    def __init__(self, model: nn.Module, key: str) -> None:
+        super().__init__()
+        self.model, self.key = model, key
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(**{self.key: x}).logits
+
+
+def build(case: str, hidden: int | None = None) -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
+    images, labels = load_digits(torch.float32)
+    torch.manual_seed(0)
+    if case == "hf_resnet":
+        from transformers import ResNetConfig, ResNetForImageClassification
+
+        config = ResNetConfig(num_channels=1, embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1], layer_type="basic",
+                              num_labels=10, downsample_in_first_stage=False)
+        return Logits(ResNetForImageClassification(config), "pixel_values"), (images, labels)
+    from transformers import BertConfig, BertForSequenceClassification
+
+    hidden = hidden or 256
+    config = BertConfig(vocab_size=32, hidden_size=hidden, num_hidden_layers=4, num_attention_heads=max(1, hidden // 64),
+                        intermediate_size=1152 if hidden == 256 else 4 * hidden, max_position_embeddings=64, num_labels=10,
+                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    tokens = images.reshape(len(images), 64).round().long()
+    return Logits(BertForSequenceClassification(config), "input_ids"), (tokens, labels)
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def child(case: str, what: str, hidden: int | None, threads: int) -> None:
+    torch.set_num_threads(threads)
+    import normscope
+
+    model, (x, y) = build(case, hidden)
+    base = rss_mb()
+    started = time.perf_counter()
+    out = {"case": case, "what": what, "params": sum(p.numel() for p in model.parameters()), "load": os.getloadavg()}
+    if what == "step":
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+        model.train()
+        F.cross_entropy(model(x[:128]), y[:128]).backward()
+        optimizer.step()
+    else:
+        result = normscope.analyze(model, (x, y))
+        out["seconds_by_analyzer"] = result.meta["seconds"]
+        out["analyzers"] = result.meta["analyzers"]
+        out["skipped"] = result.meta["analyzer_errors"]
+        out["cuts"] = len(result.meta["budget"]["cuts"])
+        out["unit_costs"] = result.meta["budget"]["unit_costs"]
+    out["seconds"] = time.perf_counter() - started
+    out["peak_mb_above_base"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
+    out["load_after"] = os.getloadavg()
+    print(json.dumps(out))
+
+
+def run(case: str, what: str, threads: int, hidden: int | None = None) -> dict:
+    command = [sys.executable, __file__, "--child", case, what, str(hidden or 0), "--threads", str(threads)]
+    done = subprocess.run(command, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--cases", default="hf_resnet,bert,sweep")
+    parser.add_argument("--child", nargs=3, default=None)
+    parser.add_argument("--hidden", default="8,32,128,256,512")
+    args = parser.parse_args()
+    if args.child:
+        case, what, hidden = args.child
+        child(case, what, int(hidden) or None, args.threads)
+        return
+    print(f"torch {torch.__version__}, {args.threads} threads, load {os.getloadavg()}")
+    for case in [c for c in args.cases.split(",") if c != "sweep"]:
+        step, full = run(case, "step", args.threads), run(case, "analyze", args.threads)
+        print(f"{case}: {full['params']} parameters; analyze {full['seconds']:.1f} s {full['seconds_by_analyzer']} "
+              f"(ran {full['analyzers']}, {full['cuts']} cuts, unit costs {full['unit_costs']}); peak memory above base "
+              f"{full['peak_mb_above_base']:.0f} MB vs training step {step['peak_mb_above_base']:.0f} MB = "
+              f"{full['peak_mb_above_base'] / max(step['peak_mb_above_base'], 1):.2f}x; load {full['load']} -> {full['load_after']}",
+              flush=True)
+    if "sweep" in args.cases:
+        rows = [run("bert", "analyze", args.threads, int(h)) for h in args.hidden.split(",")]
+        params = np.array([r["params"] for r in rows], float)
+        for r in rows:
+            print(f"  bert hidden: {r['params']} params, {r['seconds']:.1f} s, {r['seconds_by_analyzer']}, "
+                  f"peak {r['peak_mb_above_base']:.0f} MB, cuts {r['cuts']}, load {r['load']}", flush=True)
+        for name in sorted({n for r in rows for n in r["seconds_by_analyzer"] if n not in ("total",)}):
+            times = np.array([r["seconds_by_analyzer"].get(name, np.nan) for r in rows], float)
+            ok = np.isfinite(times) & (times > 0)
+            if ok.sum() >= 2:
+                slope = np.polyfit(np.log(params[ok]), np.log(times[ok]), 1)[0]
+                print(f"  growth exponent of {name} time: {slope:.2f}")
+        memory = np.array([max(r["peak_mb_above_base"], 1.0) for r in rows])
+        print(f"  growth exponent of peak memory: {np.polyfit(np.log(params), np.log(memory), 1)[0]:.2f}")
+    print(f"load after: {os.getloadavg()}")
+
+
+if __name__ == "__main__":
+    main()

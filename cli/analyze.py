@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 from normscope.api import Data, analyzer_names
 from normscope.api import analyze as run_analysis
 from normscope.checkpoint import import_attribute, load_model
+from normscope.data import DIGITS
 from normscope.cli.boundary import boundary
 from normscope.cli.summary import print_summary
 from normscope.errors import DataShapeError, UnknownNameError
@@ -25,6 +26,10 @@ from normscope.train import train_reference
 
 DEFAULT_OUT_ROOT = Path("normscope-out")
 TRAIN_LR = inspect.signature(train_reference).parameters["lr"].default
+LOSS_HELP = (
+    "cross_entropy, mse, lm (next-token), model (the model's own .loss from the batch's labels) or "
+    "package.module:function.  [default: cross_entropy with targets, lm for token ids]"
+)
 
 
 def analyze(
@@ -41,7 +46,10 @@ def analyze(
     analyzers: Annotated[
         Optional[str], typer.Option("--analyzers", "-a", help="Comma-separated: stats,gls,bias,descent.  [default: all]", show_default=False)
     ] = None,
-    data: Annotated[str, typer.Option("--data", help="'digits' or package.module:loader (a DataLoader or a function returning one).")] = "digits",
+    data: Annotated[
+        str, typer.Option("--data", help="'digits' (N, 1, 8, 8), 'digits-flat' (N, 64; chosen by itself for a first Linear of 64 features) or package.module:loader.")
+    ] = "digits",
+    loss: Annotated[Optional[str], typer.Option("--loss", help=LOSS_HELP, show_default=False)] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Minibatch size.")] = 128,
     batches: Annotated[int, typer.Option("--batches", min=1, help="Minibatches for the per-step analyses.")] = 4,
     device: Annotated[str, typer.Option("--device", help="'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:N'.")] = "auto",
@@ -73,6 +81,7 @@ def analyze(
             batches=batches,
             device=target,
             seed=seed,
+            loss_fn=loss,
             lr=TRAIN_LR if lr is None and builtin else lr,
             progress=True,
         )
@@ -115,20 +124,26 @@ def default_out() -> Path:
 
 
 def load_data(spec: str, batch_size: int) -> Data:
-    """``digits`` is ``None`` (the API's default); ``package.module:loader`` names a DataLoader, an
-    ``(inputs, targets)`` tuple, or a function returning one (given ``batch_size`` if it takes it)."""
+    """``digits`` is ``None`` (the API's default: the digits, flat for a model whose first layer
+    is a Linear of 64 features), ``digits-flat`` the (N, 64) digits; ``package.module:loader``
+    names a DataLoader, a whole batch (tuple or dict of tensors), or a function returning one
+    (given ``batch_size`` if it takes it)."""
     if spec.strip().lower() == "digits":
         return None
+    if spec.strip().lower() in DIGITS:
+        return spec.strip().lower()
     module_name, _, attribute = spec.partition(":")
     if not module_name or not attribute:
-        raise UnknownNameError("--data", spec, ["digits", "package.module:loader"])
+        raise UnknownNameError("--data", spec, [*DIGITS, "package.module:loader"])
     found = import_attribute(module_name, attribute, spec, "--data")
     if callable(found) and not isinstance(found, DataLoader):
         takes_batch_size = "batch_size" in inspect.signature(found).parameters
         found = found(batch_size=batch_size) if takes_batch_size else found()
-    if isinstance(found, DataLoader) or (isinstance(found, (tuple, list)) and len(found) == 2):
+    if isinstance(found, (DataLoader, tuple, list, dict)):
         return found
-    raise DataShapeError(f"--data {spec} gave a {type(found).__name__}; it must give a DataLoader or an (inputs, targets) tuple")
+    raise DataShapeError(
+        f"--data {spec} gave a {type(found).__name__}; it must give a DataLoader, an (inputs, targets) tuple or a dict of tensors"
+    )
 
 
 def model_name(checkpoint: Path | None, model: str | None) -> str:

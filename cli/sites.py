@@ -14,9 +14,11 @@ from normscope.analyzers import no_progress
 from normscope.api import check_fit, floating_dtype, make_loader, model_device, take_batches
 from normscope.capture import find_sites, find_unrecognized
 from normscope.checkpoint import build_from_spec, load_model
-from normscope.cli.analyze import load_data
+from normscope.cli.analyze import LOSS_HELP, load_data
 from normscope.cli.boundary import boundary
+from normscope.data import digits_form
 from normscope.errors import DataShapeError, NoNormSitesError
+from normscope.losses import resolve as resolve_loss
 from normscope.models import DEFAULT_MODEL, MODELS
 
 
@@ -29,7 +31,10 @@ def sites(
         typer.Option("--model", "-m", help=f"Built-in model ({', '.join(MODELS)}) or package.module:factory.", show_default=False),
     ] = None,
     trust: Annotated[bool, typer.Option("--trust", help="Allow loading a whole pickled model (runs code from the file).")] = False,
-    data: Annotated[str, typer.Option("--data", help="Data for one forward pass that finds functional calls: 'digits' or package.module:loader.")] = "digits",
+    data: Annotated[
+        str, typer.Option("--data", help="Data for one forward pass that finds functional calls: 'digits', 'digits-flat' or package.module:loader.")
+    ] = "digits",
+    loss: Annotated[Optional[str], typer.Option("--loss", help=LOSS_HELP, show_default=False)] = None,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
 ) -> None:
     """List the normalization sites (modules and functional calls), their kinds, and unrecognized norm-like modules."""
@@ -38,9 +43,11 @@ def sites(
         net = build_from_spec(model or DEFAULT_MODEL) if checkpoint is None else load_model(checkpoint, model, trust=trust)
         unrecognized = find_unrecognized(net)
         try:
-            loader, _, _ = make_loader(load_data(data, 2), 2, 0)
-            batch = take_batches(loader, 1, model_device(net), floating_dtype(net), no_progress)[0]
-            found, _ = check_fit(net, batch, ignore_loss)
+            chosen = resolve_loss(loss)
+            loaded = load_data(data, 2)
+            loader, _, _ = make_loader(digits_form(net) if loaded is None else loaded, 2, 0)
+            batch = take_batches(loader, 1, model_device(net), floating_dtype(net), no_progress, chosen)[0]
+            found, _ = check_fit(net, batch, chosen or ignore_loss)
             note = "found by one forward pass on --data (modules and functional calls)"
         except (DataShapeError, NoNormSitesError) as error:
             found = find_sites(net)

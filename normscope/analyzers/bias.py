@@ -31,9 +31,9 @@ import torch
 import torch.nn.functional as F
 from scipy import stats
 from torch import Tensor, nn
-from torch.func import functional_call, grad, vmap
-from torch.utils.data import DataLoader, TensorDataset
+from torch.func import grad, vmap
 
+from normscope import batch as batches
 from normscope.analyzers import AnalysisContext, AnalyzerOutput
 from normscope.analyzers.population_gradient import (
     PopulationGradient,
@@ -80,15 +80,16 @@ def per_example_grads(
     params = {name: p.detach() for name, p in parameters(model).items()}
     buffers = dict(model.named_buffers())
 
-    def loss_one(p: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
-        return loss_fn(functional_call(model, (p, buffers), (x.unsqueeze(0),)), y.unsqueeze(0))
+    def loss_one(p: dict[str, Tensor], x, y) -> Tensor:
+        return loss_fn(batches.forward(model, batches.unsqueeze(x), (p, buffers)), batches.unsqueeze(y))
 
-    per_example = vmap(grad(loss_one), in_dims=(None, 0, 0))
-    if len(inputs) <= chunk_size:
+    per_example = vmap(grad(loss_one), in_dims=(None, batches.example_dims(inputs), batches.example_dims(targets)))
+    n = batches.check_sliceable((inputs, targets))
+    if n <= chunk_size:
         return per_example(params, inputs, targets)
-    out = {name: p.new_empty((len(inputs), *p.shape)) for name, p in params.items()}
-    for start in range(0, len(inputs), chunk_size):
-        chunk = per_example(params, inputs[start : start + chunk_size], targets[start : start + chunk_size])
+    out = {name: p.new_empty((n, *p.shape)) for name, p in params.items()}
+    for start in range(0, n, chunk_size):
+        chunk = per_example(params, *batches.take((inputs, targets), slice(start, start + chunk_size)))
         for name, g in chunk.items():
             out[name][start : start + len(g)] = g
     return out
@@ -208,7 +209,7 @@ def _flat(grads: dict[str, Tensor], names: list[str]) -> Tensor:
 
 def _batch_grad(model: nn.Module, inputs: Tensor, targets: Tensor, loss_fn: LossFn) -> dict[str, Tensor]:
     params = parameters(model)
-    loss = loss_fn(model(inputs), targets)
+    loss = loss_fn(batches.forward(model, inputs), targets)
     return dict(zip(params, torch.autograd.grad(loss, list(params.values()), allow_unused=False)))
 
 
@@ -262,17 +263,17 @@ class _Estimators:
 
     def _per_example_flat(self, key: str, model: nn.Module, inputs: Tensor, targets: Tensor, idx: Tensor) -> Tensor:
         """Mean per-example gradient over ``idx``; all N cached when they fit in memory."""
-        size = len(inputs) * sum(p.numel() for p in parameters(model).values()) * inputs.element_size()
-        if size <= PER_EXAMPLE_MEMORY:
+        n, element_size = batches.size(inputs), next(iter(parameters(model).values())).element_size()
+        if n * sum(p.numel() for p in parameters(model).values()) * element_size <= PER_EXAMPLE_MEMORY:
             if key not in self.cache:
                 grads = per_example_grads(model, inputs, targets, self.loss_fn, self.chunk_size)
-                self.cache[key] = torch.cat([grads[n].reshape(len(inputs), -1) for n in self.names], dim=1)
+                self.cache[key] = torch.cat([grads[name].reshape(n, -1) for name in self.names], dim=1)
             return self.cache[key][idx].mean(dim=0)
-        grads = per_example_grads(model, inputs[idx], targets[idx], self.loss_fn, self.chunk_size)
+        grads = per_example_grads(model, *batches.take((inputs, targets), idx), self.loss_fn, self.chunk_size)
         return torch.cat([grads[n].reshape(len(idx), -1) for n in self.names], dim=1).mean(dim=0)
 
     def estimate(self, name: str, inputs: Tensor, targets: Tensor, idx: Tensor) -> Tensor:
-        x, y = inputs[idx], targets[idx]
+        x, y = batches.take((inputs, targets), idx)
         if name == "batchnorm":
             return _flat(_batch_grad(self.train_bn, x, y, self.loss_fn), self.names)
         if name == "per_example":
@@ -324,12 +325,12 @@ def estimator_bias(
     for name in estimators:
         if name not in ESTIMATORS:
             raise UnknownNameError("estimator", name, ESTIMATORS)
-    n = len(inputs)
+    n = batches.check_sliceable((inputs, targets))
     sizes = [b for b in batch_sizes if 2 <= b <= n]
     if not sizes:
         raise InvalidArgumentError(f"batch sizes {list(batch_sizes)} leave none in [2, {n}] (N = {n} examples)")
     with preserved(model):
-        work = copy.deepcopy(model).to(inputs.dtype).eval()
+        work = copy.deepcopy(model).to(batches.floating_dtype(inputs, model)).eval()
     g_star = target or population_gradient(work, inputs, targets, loss_fn)
     est = _Estimators(work, g_star, loss_fn, options or {})
     names = est.names
@@ -341,7 +342,7 @@ def estimator_bias(
     rows = []
     jobs = [(e, b) for e in estimators for b in sizes]
     for estimator, b in track(jobs, description="estimator bias", total=len(jobs)):
-        samples = torch.stack([est.estimate(estimator, inputs, targets, idx.to(inputs.device)) for idx in draws[b]])
+        samples = torch.stack([est.estimate(estimator, inputs, targets, idx) for idx in draws[b]])
         reference = control_target if estimator == "control" else star
         total_norm = float(reference.double().norm())
         for group, part in groups.items():
@@ -368,7 +369,7 @@ def jacobian_product_bias(
     ``target``: the full-batch g* of this model on this data when already computed.
     """
     with preserved(model):
-        work = copy.deepcopy(model).to(inputs.dtype).eval()
+        work = copy.deepcopy(model).to(batches.floating_dtype(inputs, model)).eval()
     g_star = target or population_gradient(work, inputs, targets, loss_fn)
     _set_moments(work, g_star)
     names = list(g_star.grads)
@@ -389,18 +390,18 @@ def slopes(table: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["estimator", "group", "slope", "intercept"])
 
 
-def _data(ctx: AnalysisContext, limit: int | None) -> tuple[Tensor, Tensor]:
+def _data(ctx: AnalysisContext, limit: int | None) -> tuple:
     if ctx.dataset is not None:
-        inputs, targets = ctx.dataset
+        data = ctx.dataset
     elif ctx.loader is not None:
-        parts = [(x, y) for x, y in ctx.loader]
-        inputs, targets = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        split = getattr(ctx.loss_fn, "batch", batches.split)
+        data = batches.concat([batches.to_device(split(raw), ctx.device) for raw in ctx.loader])
     else:
-        inputs, targets = torch.cat([b[0] for b in ctx.batches]), torch.cat([b[1] for b in ctx.batches])
-    if limit is not None and len(inputs) > limit:
-        idx = torch.randperm(len(inputs), generator=torch.Generator().manual_seed(ctx.seed))[:limit].to(inputs.device)
-        inputs, targets = inputs[idx], targets[idx]
-    return inputs, targets
+        data = batches.concat(ctx.batches)
+    n = batches.size(data[0])
+    if limit is not None and n > limit:
+        data = batches.take(data, torch.randperm(n, generator=torch.Generator().manual_seed(ctx.seed))[:limit])
+    return data
 
 
 def _findings(table: pd.DataFrame, slope_table: pd.DataFrame, jacobian: pd.DataFrame, g_star: PopulationGradient, n: int) -> list[str]:
@@ -481,14 +482,14 @@ def analyze(ctx: AnalysisContext) -> AnalyzerOutput:
     opts = {k[len("bias_"):]: v for k, v in ctx.options.items() if k.startswith("bias_")}
     dtype = getattr(torch, str(opts.get("dtype", "float64")).replace("torch.", ""))
     inputs, targets = _data(ctx, opts.get("examples", defaults["examples"]))
-    inputs = inputs.to(device=ctx.device, dtype=dtype)
-    targets = targets.to(ctx.device)
-    n = len(inputs)
+    inputs, targets = batches.to_device((inputs, targets), ctx.device, dtype)
+    n = batches.size(inputs)
     target = None
     with preserved(ctx.model):
         work = copy.deepcopy(ctx.model).to(dtype).eval()
     if n > FULL_BATCH_MAX:
-        chunks = DataLoader(TensorDataset(inputs, targets), batch_size=int(opts.get("chunk_size", 64)) * 8)
+        step = int(opts.get("chunk_size", 64)) * 8
+        chunks = [batches.take((inputs, targets), slice(start, start + step)) for start in range(0, n, step)]
         target = streamed_population_gradient(work, chunks, ctx.loss_fn)
     table, g_star = estimator_bias(
         work,

@@ -27,6 +27,7 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
+from normscope import batch as batches
 from normscope.analyzers import AnalysisContext, AnalyzerOutput, no_progress
 from normscope.capture import Capture, capture
 from normscope.capture.record import SiteRecord
@@ -542,7 +543,7 @@ def gls_tables(
 
 def _step(model: nn.Module, inputs: Tensor, targets: Tensor, loss_fn: Callable, sites, kinds) -> Capture:
     with capture(model, sites=sites, kinds=kinds, storage="device", preserve=False) as cap:
-        loss_fn(model(inputs), targets).backward()
+        loss_fn(batches.forward(model, inputs), targets).backward()
     return cap
 
 
@@ -605,7 +606,7 @@ def batch_size_sweep(
     the same for ``B (g - alpha - beta z)``, the regression residual before the division by s.
     The model is restored afterwards (bit-identical).
     """
-    total = inputs.shape[0]
+    total = batches.check_sliceable((inputs, targets))
     sizes = sorted(set(batch_sizes or _powers_of_two(total)))
     bad = [b for b in sizes if b < 2 or total % b]
     if bad:
@@ -619,7 +620,7 @@ def batch_size_sweep(
             fits_b: list[RecordFit] = []
             running: dict[tuple[str, int], tuple[Tensor, Tensor]] = {}
             for start in range(0, total, size):
-                cap = _step(model, inputs[start:start + size], targets[start:start + size], loss_fn, sites, kinds)
+                cap = _step(model, *batches.take((inputs, targets), slice(start, start + size)), loss_fn, sites, kinds)
                 for fit in fit_records(cap):
                     key = (fit.record.site.name, fit.record.index)
                     if fit.record.layout.rule == "channel" and fit.record.layout.batch_stats:
@@ -656,13 +657,13 @@ def _powers_of_two(total: int) -> list[int]:
 
 
 # -- the analyzer ------------------------------------------------------------------------------
-def _sweep_data(ctx: AnalysisContext, limit: int) -> tuple[Tensor, Tensor] | None:
-    xs, ys = zip(*ctx.batches)
-    inputs, targets = torch.cat(xs), torch.cat(ys)
-    if inputs.shape[0] < limit and ctx.dataset is not None:
-        inputs, targets = ctx.dataset
-    size = 2 ** int(math.log2(min(limit, inputs.shape[0]))) if inputs.shape[0] >= 4 else 0
-    return None if size < 4 else (inputs[:size], targets[:size])
+def _sweep_data(ctx: AnalysisContext, limit: int) -> tuple | None:
+    data = batches.concat(ctx.batches)
+    if batches.size(data[0]) < limit and ctx.dataset is not None:
+        data = ctx.dataset
+    n = batches.size(data[0])
+    size = 2 ** int(math.log2(min(limit, n))) if n >= 4 else 0
+    return None if size < 4 else batches.take(data, slice(0, size))
 
 
 def _pct(value: float) -> str:

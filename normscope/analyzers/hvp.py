@@ -28,10 +28,11 @@ import torch
 import torch.nn.functional as F
 from scipy.sparse.linalg import LinearOperator
 from torch import Tensor, nn
-from torch.func import functional_call, grad, jvp
+from torch.func import grad, jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from normscope.batch import cast_inputs, forward
 from normscope.errors import InvalidArgumentError, UnknownNameError
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -63,7 +64,7 @@ class BatchLoss:
         net = copy.deepcopy(model)
         if dtype is not None:
             net = net.to(dtype)
-            inputs = inputs.to(dtype) if inputs.is_floating_point() else inputs
+            inputs = cast_inputs(inputs, dtype)
         net.train(mode == "train")
         net.zero_grad(set_to_none=True)
         if mode == "train":
@@ -77,7 +78,7 @@ class BatchLoss:
         """``L`` at ``self.params`` with the entries of ``params`` substituted."""
         merged = self.params if not params else {**self.params, **params}
         with sdpa_kernel(SDPBackend.MATH):
-            return self.loss_fn(functional_call(self.model, merged, (self.inputs,)), self.targets)
+            return self.loss_fn(forward(self.model, self.inputs, merged), self.targets)
 
     def with_params(self, params: dict[str, Tensor]) -> "BatchLoss":
         """A shallow twin of this loss evaluated at other parameter values (same copy and batch)."""

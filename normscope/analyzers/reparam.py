@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from normscope.batch import forward
 from normscope.errors import InvalidArgumentError
 
 
@@ -60,7 +61,7 @@ def no_grad_forward(model: nn.Module, inputs: Tensor, handles: list) -> None:
     afterwards (also on error)."""
     try:
         with torch.no_grad():
-            model(inputs)
+            forward(model, inputs)
     finally:
         for h in handles:
             h.remove()

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from normscope.analyzers import AnalysisContext, AnalyzerOutput
+from normscope.batch import forward
 from normscope.capture import capture
 from normscope.capture.record import SiteRecord
 from normscope.guard import preserved
@@ -184,7 +185,7 @@ def analyze(ctx: AnalysisContext) -> AnalyzerOutput:
         model.train()
         with capture(model, storage="device", preserve=False) as cap:
             for inputs, _ in ctx.track(ctx.batches, "stats", total=len(ctx.batches)):
-                model(inputs)
+                forward(model, inputs)
     tables = stats_tables(cap.records, model, running)
     sites = tables["stats_sites"]
     headline = {

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from normscope.batch import forward
 from normscope.errors import NoNormSitesError
 from normscope.ops.population import PopulationNorm, affine_rotate
 
@@ -112,9 +113,10 @@ def override(
 
 
 def forward_until(model: nn.Module, inputs: Tensor) -> Tensor | None:
-    """Run ``model(inputs)``; return None when a hook stopped it with :class:`StopForward`."""
+    """Run ``model`` on ``inputs`` (:func:`normscope.batch.forward`); return None when a hook
+    stopped it with :class:`StopForward`."""
     try:
-        return model(inputs)
+        return forward(model, inputs)
     except StopForward:
         return None
 

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from normscope import batch as batches
 from normscope.errors import InvalidArgumentError
 from normscope.ops.norm_sites import (
     forward_until,
@@ -99,7 +100,7 @@ def two_stage_gradient(
     no running-statistic update); stochastic layers such as dropout should be in eval mode,
     since the two stages must see the same forward values.
     """
-    n = inputs.shape[0]
+    n = batches.check_sliceable((inputs, targets))
     size = n if chunk_size is None else chunk_size
     if size < 1:
         raise InvalidArgumentError(f"chunk_size must be >= 1 (got {chunk_size})")
@@ -125,7 +126,8 @@ def two_stage_gradient(
     with override(model, shared) as order:
         for start, stop in bounds:
             order.clear()
-            loss = loss_fn(model(inputs[start:stop]), targets[start:stop]) * ((stop - start) / n)
+            chunk_inputs, chunk_targets = batches.take((inputs, targets), slice(start, stop))
+            loss = loss_fn(batches.forward(model, chunk_inputs), chunk_targets) * ((stop - start) / n)
             grads = grads_or_zeros(torch.autograd.grad(loss, tensors + leaf_list, allow_unused=True), tensors + leaf_list)
             g_w = [a + b for a, b in zip(g_w, grads[: len(tensors)])]
             g_s = [a + b for a, b in zip(g_s, grads[len(tensors) :])]
@@ -149,7 +151,7 @@ def two_stage_gradient(
     with override(model, tower_one, stop_after=last_site):
         for start, stop in bounds:
             terms.clear()
-            forward_until(model, inputs[start:stop])
+            forward_until(model, batches.take((inputs, targets), slice(start, stop))[0])
             objective = torch.stack(terms).sum()
             if objective.requires_grad:
                 grads = grads_or_zeros(torch.autograd.grad(objective, tensors, allow_unused=True), tensors)
@@ -179,7 +181,7 @@ def two_tower_gradient(
         return site_output(module, q)
 
     with override(model, tower_one):
-        model(inputs)
+        batches.forward(model, inputs)
     shared_moments = {}
     for name, module in sites.items():
         mean, var = _ema(module)
@@ -193,7 +195,7 @@ def two_tower_gradient(
         return _shared_output(module, x, *shared_moments[name])
 
     with override(model, tower_two):
-        loss = loss_fn(model(inputs), targets)
+        loss = loss_fn(batches.forward(model, inputs), targets)
     grads = grads_or_zeros(torch.autograd.grad(loss, list(params.values()), allow_unused=True), list(params.values()))
     return dict(zip(params, grads))
 

@@ -37,17 +37,18 @@ def sites(
     loss: Annotated[Optional[str], typer.Option("--loss", help=LOSS_HELP, show_default=False)] = None,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
 ) -> None:
-    """List the normalization sites (modules and functional calls), their kinds, and unrecognized norm-like modules."""
+    """List the normalization sites (modules and functional calls), their kinds, unrecognized norm-like modules and unverified sites."""
     console = Console()
     with boundary(debug):
         net = build_from_spec(model or DEFAULT_MODEL) if checkpoint is None else load_model(checkpoint, model, trust=trust)
         unrecognized = find_unrecognized(net)
+        unverified = []
         try:
             chosen = resolve_loss(loss)
             loaded = load_data(data, 2)
             loader, _, _ = make_loader(digits_form(net) if loaded is None else loaded, 2, 0)
             batch = take_batches(loader, 1, model_device(net), floating_dtype(net), no_progress, chosen)[0]
-            found, _ = check_fit(net, batch, chosen or ignore_loss)
+            found, _, unverified = check_fit(net, batch, chosen or ignore_loss)
             note = "found by one forward pass on --data (modules and functional calls)"
         except (DataShapeError, NoNormSitesError) as error:
             found = find_sites(net)
@@ -65,6 +66,13 @@ def sites(
         for path, cls in unrecognized:
             others.add_row(path, cls)
         console.print(others)
+    if unverified:
+        doubtful = Table(title="unverified sites: the reading does not reproduce the output, so no analysis uses them")
+        for column in ("site", "module type", "reading", "what was compared"):
+            doubtful.add_column(column)
+        for check in unverified:
+            doubtful.add_row(check.site, check.module_type, f"{check.kind}/{check.rule}", check.compared)
+        console.print(doubtful)
 
 
 def ignore_loss(outputs: object, targets: object) -> torch.Tensor:

@@ -26,6 +26,7 @@ from normscope.losses import Loss, default_for, describe_outputs, fitting_preset
 from normscope.losses import resolve as resolve_loss
 from normscope.analyzers import ANALYZERS, AnalysisContext, AnalyzerOutput, get_analyzer, no_progress
 from normscope.capture import capture
+from normscope.capture.verify import Verification
 from normscope.checkpoint import first_line, nonfinite_weights
 from normscope.data import DIGITS, digits_form, digits_loader, load_digits
 from normscope.errors import AnalyzerError, DataShapeError, NoNormSitesError, NormscopeError, UnknownNameError
@@ -90,7 +91,7 @@ def analyze(
         loader, dataset, data_source = make_loader(digits_form(work) if data is None else data, batch_size, seed)
         chosen = take_batches(loader, batches, target, dtype, track, loss)
         loss = loss or default_for(_raw(chosen[0]))
-        sites, unrecognized = check_fit(work, chosen[0], loss)
+        sites, unrecognized, unverified = check_fit(work, chosen[0], loss)
         ctx = AnalysisContext(
             model=work,
             batches=chosen,
@@ -110,6 +111,10 @@ def analyze(
     model_findings = nonfinite_weights(work) + [
         f"{path} ({cls}) looks like a normalization layer but is not recognized; register it with normscope.register_norm"
         for path, cls in unrecognized
+    ] + [
+        f"{check.site} ({check.module_type}) is unverified and left out of every analysis: its reading does not "
+        f"reproduce its output ({check.compared}); register it with normscope.register_norm"
+        for check in unverified
     ]
     if model_findings:
         result.findings["model"] = model_findings
@@ -119,6 +124,7 @@ def analyze(
         "model": {"class": type(model).__name__, "parameters": sum(p.numel() for p in model.parameters())},
         "sites": [site_row(site) for site in sites],
         "unrecognized": [{"name": path, "module_type": cls} for path, cls in unrecognized],
+        "unverified": [check.as_dict() for check in unverified],
         "data": {
             "source": data_source,
             "batch_size": batch_size_of(chosen[0][0]),
@@ -233,9 +239,9 @@ def take_batches(
     return chosen
 
 
-def check_fit(model: nn.Module, batch: Batch, loss_fn: Callable) -> tuple[list, list[tuple[str, str]]]:
-    """Run one eval-mode forward on ``batch`` under capture; return the sites that ran and the
-    unrecognized norm-like modules.
+def check_fit(model: nn.Module, batch: Batch, loss_fn: Callable) -> tuple[list, list[tuple[str, str]], list[Verification]]:
+    """Run one eval-mode forward on ``batch`` under capture; return the verified sites that ran,
+    the unrecognized norm-like modules and the unverified sites (:mod:`normscope.capture.verify`).
 
     Raises:
         DataShapeError: the model or the loss rejects the batch (the message names what fits).
@@ -270,8 +276,10 @@ def check_fit(model: nn.Module, batch: Batch, loss_fn: Callable) -> tuple[list, 
     if not cap.sites:
         unknown = ", ".join(f"{path} ({cls})" for path, cls in cap.unrecognized)
         hint = f"; norm-like modules not recognized: {unknown} (register them with normscope.register_norm)" if unknown else ""
+        if cap.unverified:
+            hint += "; unverified (reading does not reproduce the output): " + ", ".join(c.site for c in cap.unverified)
         raise NoNormSitesError(f"{type(model).__name__} has no normalization layer that normscope can analyze{hint}")
-    return list(cap.sites), list(cap.unrecognized)
+    return list(cap.sites), list(cap.unrecognized), list(cap.unverified)
 
 
 def _digits_images(inputs: Any) -> bool:

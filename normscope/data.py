@@ -53,7 +53,7 @@ def digits_loader(
 
 
 def digits_form(model: nn.Module) -> str:
-    """``digits-flat`` when the model's first layer with parameters is a Linear of 64 input
-    features (a flat MLP), else ``digits``."""
-    first = next((m for m in model.modules() if next(m.parameters(recurse=False), None) is not None), None)
+    """``digits-flat`` when the model's first layer (first leaf module, e.g. not a ``Flatten``)
+    is a Linear of 64 input features (a flat MLP), else ``digits``."""
+    first = next((m for m in model.modules() if next(m.children(), None) is None), None)
     return "digits-flat" if isinstance(first, nn.Linear) and first.in_features == 64 else "digits"

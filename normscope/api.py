@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import inspect
 import itertools
 import platform
@@ -25,12 +26,13 @@ from normscope.batch import size as batch_size_of
 from normscope.losses import Loss, default_for, describe_outputs, fitting_presets
 from normscope.losses import resolve as resolve_loss
 from normscope.analyzers import ANALYZERS, AnalysisContext, AnalyzerOutput, get_analyzer, no_progress
+from normscope.budget import DEFAULT_BUDGET, Budget, as_budget
 from normscope.capture import capture
 from normscope.capture.verify import Verification
 from normscope.checkpoint import first_line, nonfinite_weights
 from normscope.data import DIGITS, digits_form, digits_loader, load_digits
 from normscope.errors import AnalyzerError, DataShapeError, NoNormSitesError, NormscopeError, UnknownNameError
-from normscope.guard import preserved
+from normscope.guard import grad_enabled, preserved
 from normscope.result import AnalysisResult
 
 T = TypeVar("T")
@@ -48,6 +50,9 @@ def analyze(
     loss_fn: str | Callable | Loss | None = None,
     lr: float | None = None,
     progress: bool = False,
+    budget: float | Budget | None = DEFAULT_BUDGET,
+    quick: bool = True,
+    sites: str | Sequence[str] | None = None,
 ) -> AnalysisResult:
     """Analyze the normalization sites of ``model`` on ``data`` and return tables and findings.
 
@@ -71,7 +76,15 @@ def analyze(
             ``"package.module:function"`` or a callable ``fn(outputs, targets) -> scalar``.
             Default: ``cross_entropy`` for batches with targets, ``lm`` for token ids without.
         lr: the learning rate to check step sizes against (descent analyzer). Default: None.
-        progress: show Rich progress bars (on stderr). Default: False.
+        progress: show Rich progress bars on a terminal, one log line per stage elsewhere
+            (both on stderr). Default: False.
+        budget: seconds the analyzers may spend in all (shared out by :mod:`normscope.budget`,
+            work planned from unit costs measured on the first batch), or a ``Budget``; ``None``
+            is no limit. What was cut and why is in ``meta["budget"]`` and the findings.
+            Default: 120.
+        quick: the analyzers' small default settings; ``False`` is their full settings (still
+            within ``budget``). Default: True.
+        sites: fnmatch pattern(s) on site and module names restricting the work. Default: all.
 
     Raises:
         DataShapeError: the data is in no accepted form or does not fit the model or loss.
@@ -86,12 +99,13 @@ def analyze(
     work = model if home == target else copy.deepcopy(model).to(target)
     dtype = floating_dtype(work)
     started = time.perf_counter()
-    with progress_bars(progress) as track, torch.random.fork_rng(devices=[target.index or 0] if target.type == "cuda" else []):
-        torch.manual_seed(seed)
+    with preserved(model), grad_enabled(), progress_bars(progress) as track:
+        seed_generators(seed, target)
+        data = usable_outside_inference(data)
         loader, dataset, data_source = make_loader(digits_form(work) if data is None else data, batch_size, seed)
         chosen = take_batches(loader, batches, target, dtype, track, loss)
         loss = loss or default_for(_raw(chosen[0]))
-        sites, unrecognized, unverified = check_fit(work, chosen[0], loss)
+        ran, unrecognized, unverified = check_fit(work, chosen[0], loss)
         ctx = AnalysisContext(
             model=work,
             batches=chosen,
@@ -101,6 +115,9 @@ def analyze(
             lr=lr,
             seed=seed,
             track=track,
+            quick=quick,
+            budget=as_budget(budget),
+            sites=sites,
         )
         outputs, errors, timings = run_analyzers(ctx, names, track, explicit=analyzers is not None)
     result = AnalysisResult()
@@ -118,11 +135,13 @@ def analyze(
     ]
     if model_findings:
         result.findings["model"] = model_findings
+    if ctx.budget.cuts or "interrupted" in errors:
+        result.findings["budget"] = budget_findings(ctx.budget, errors.get("interrupted"))
     result.meta = {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "versions": {"normscope": normscope.__version__, "torch": torch.__version__, "python": platform.python_version()},
         "model": {"class": type(model).__name__, "parameters": sum(p.numel() for p in model.parameters())},
-        "sites": [site_row(site) for site in sites],
+        "sites": [site_row(site) for site in ran],
         "unrecognized": [{"name": path, "module_type": cls} for path, cls in unrecognized],
         "unverified": [check.as_dict() for check in unverified],
         "data": {
@@ -138,9 +157,28 @@ def analyze(
         "loss_fn": loss.name,
         "analyzers": list(outputs),
         "analyzer_errors": errors,
+        "settings": "quick" if quick else "full",
+        "sites_pattern": sites,
+        "budget": ctx.budget.report(),
         "seconds": {**timings, "total": time.perf_counter() - started},
     }
     return result
+
+
+def seed_generators(seed: int, device: torch.device) -> None:
+    """Seed the CPU generator and, for a CUDA ``device``, that device's generator only
+    (``torch.manual_seed`` would also reseed every CUDA device, lazily, after restore)."""
+    torch.default_generator.manual_seed(seed)
+    if device.type == "cuda":
+        torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()].manual_seed(seed)
+
+
+def usable_outside_inference(data: Data) -> Data:
+    """Whole-data batches (tuples, dicts) created under ``torch.inference_mode()`` cloned into normal tensors
+    (autograd cannot save inference tensors); everything else unchanged."""
+    if isinstance(data, (tuple, list, dict, torch.Tensor)):
+        return tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) and t.is_inference() else t, data)
+    return data
 
 
 def analyzer_names(analyzers: str | Sequence[str] | None) -> list[str]:
@@ -323,7 +361,8 @@ def run_analyzers(
     ctx: AnalysisContext, names: list[str], track: Callable, explicit: bool
 ) -> tuple[dict[str, AnalyzerOutput], dict[str, str], dict[str, float]]:
     """Run each analyzer on ``ctx`` with the model preserved; a missing or failing analyzer is
-    recorded in the errors (by name) and the others still run.
+    recorded in the errors (by name, with the exception's type and message) and the others
+    still run. Any ``Exception`` of an analyzer counts as its failure; interrupts propagate.
 
     Raises:
         AnalyzerError: no analyzer produced output.
@@ -331,7 +370,7 @@ def run_analyzers(
     outputs: dict[str, AnalyzerOutput] = {}
     errors: dict[str, str] = {}
     timings: dict[str, float] = {}
-    for name in track(names, "analyzers", len(names)):
+    for index, name in enumerate(track(names, "analyzers", len(names))):
         started = time.perf_counter()
         try:
             function = get_analyzer(name)
@@ -340,15 +379,35 @@ def run_analyzers(
             continue
         try:
             with preserved(ctx.model):
-                outputs[name] = function(ctx)
+                outputs[name] = function(dataclasses.replace(ctx, budget=ctx.budget.share(name, names[index:])))
+        except KeyboardInterrupt:
+            done = ", ".join(outputs) or "none"
+            errors["interrupted"] = f"interrupted during analyzer {name}; finished analyzers ({done}) are complete, {name} and later ones did not run"
+            break
         except NormscopeError as error:
             verb = "failed" if explicit else "skipped"
             errors[name] = f"analyzer {name} {verb}: {first_line(error)}"
             continue
+        except Exception as error:
+            errors[name] = f"analyzer {name} failed ({type(error).__name__}: {first_line(error)})"
+            continue
         timings[name] = time.perf_counter() - started
     if not outputs:
+        if "interrupted" in errors:
+            raise KeyboardInterrupt
         raise AnalyzerError("no analyzer could run: " + "; ".join(errors.values()))
     return outputs, errors, timings
+
+
+def budget_findings(budget: Budget, interrupted: str | None) -> list[str]:
+    """Sentences on what the budget cut (and an interrupt), for the report and summary."""
+    out = [f"Analysis {interrupted}."] if interrupted else []
+    if budget.cuts:
+        limit = f"{budget.seconds:.0f} s" if budget.limited else "no limit"
+        out.append(f"The time budget ({limit}; pass --budget SECONDS or budget= for more) cut {len(budget.cuts)} piece(s) "
+                   "of work; every table holds what finished, with its accuracy:")
+        out += [f"{cut.analyzer}: {cut.what} ({cut.why})." for cut in budget.cuts]
+    return out
 
 
 @contextlib.contextmanager
@@ -366,9 +425,14 @@ def progress_bars(enabled: bool) -> Iterator[Callable[..., Iterator]]:
         console=console, transient=True, disable=not console.is_terminal,
     )
 
+    started = time.perf_counter()
+
     def track(iterable: Iterable[T], description: str = "", total: int | None = None) -> Iterator[T]:
         if total is None and hasattr(iterable, "__len__"):
             total = len(iterable)
+        if not console.is_terminal:
+            yield from logged(iterable, description, total, started, console)
+            return
         task = bars.add_task(description, total=total)
         try:
             for item in iterable:
@@ -379,4 +443,17 @@ def progress_bars(enabled: bool) -> Iterator[Callable[..., Iterator]]:
 
     with bars:
         yield track
+
+
+def logged(iterable: Iterable[T], description: str, total: int | None, started: float, console) -> Iterator[T]:
+    """``iterable`` with log lines for a non-terminal: one per named stage (string items),
+    ``normscope: <description> i/total <item> (at <elapsed> s)``, and one when it ends."""
+    begun, count = time.perf_counter(), 0
+    for count, item in enumerate(iterable, start=1):
+        if isinstance(item, str):
+            console.print(f"normscope: {description} {count}/{total if total is not None else '?'} {item} "
+                          f"(at {time.perf_counter() - started:.1f} s)", markup=False, highlight=False)
+        yield item
+    console.print(f"normscope: {description} done, {count} step(s) in {time.perf_counter() - begun:.1f} s "
+                  f"(at {time.perf_counter() - started:.1f} s)", markup=False, highlight=False)
 

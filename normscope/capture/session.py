@@ -15,7 +15,7 @@ from normscope.capture.record import Site, SiteRecord, reduce_record
 from normscope.capture.sites import find_unrecognized, matches, module_sites
 from normscope.capture.verify import Verification, verify
 from normscope.errors import UnknownNameError
-from normscope.guard import restore, snapshot
+from normscope.guard import preserved
 from normscope.registry import Layout
 
 STORAGES = ("device", "cpu", "reductions")
@@ -55,7 +55,9 @@ class Capture:
             Default: ``"device"``.
         functional: also capture functional norm calls. Default: True.
         preserve: restore the model's parameters, buffers, flags and ``.grad`` on exit, so the
-            block leaves the model bit-identical (BN running statistics included). Set False to
+            block leaves the model bit-identical (BN running statistics included); inside it the
+            user's ``.grad`` tensors are set aside, so a ``backward()`` does not accumulate into
+            them (see :func:`normscope.guard.preserved`). Set False to
             keep the effects of a training step taken inside the block. Default: True.
 
     After the block: ``records`` (one :class:`SiteRecord` per call of a site, in forward
@@ -105,11 +107,15 @@ class Capture:
 
     # -- context ---------------------------------------------------------------------------
     def __enter__(self) -> "Capture":
-        self._state = snapshot(self.model) if self.preserve else None
+        self._state = preserved(self.model, rng=False) if self.preserve else None
+        if self._state is not None:
+            self._state.__enter__()
         try:
             self._install()
         except BaseException:
             self._remove()
+            if self._state is not None:
+                self._state.__exit__(None, None, None)
             raise
         return self
 
@@ -122,7 +128,7 @@ class Capture:
                         reduce_record(record)
         finally:
             if self._state is not None:
-                restore(self.model, self._state)
+                self._state.__exit__(None, None, None)
 
     def _install(self) -> None:
         for name, module, recognized in module_sites(self.model):
@@ -201,7 +207,7 @@ class Capture:
         protected = record.grad_enabled and x.requires_grad
         record.x = x.detach() if self.storage == "reductions" or (protected and self.storage == "device") else self._keep(x)
         self.records.append(record)
-        if record.grad_enabled and x.requires_grad:
+        if record.grad_enabled and x.requires_grad and self.storage != "reductions":
             self._awaiting_dx.add(id(record))
             x = x.view_as(x)
             x.register_hook(self._dx_hook(record))

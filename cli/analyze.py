@@ -51,6 +51,9 @@ def analyze(
         str, typer.Option("--data", help="'digits' (N, 1, 8, 8), 'digits-flat' (N, 64; chosen by itself for a first Linear of 64 features) or package.module:loader.")
     ] = "digits",
     loss: Annotated[Optional[str], typer.Option("--loss", help=LOSS_HELP, show_default=False)] = None,
+    random_layers: Annotated[
+        str, typer.Option("--random-layers", help="Dropout during the analyses: off, fixed (on, fixed masks) or on.")
+    ] = "off",
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Minibatch size.")] = 128,
     batches: Annotated[int, typer.Option("--batches", min=1, help="Minibatches for the per-step analyses.")] = 4,
     device: Annotated[str, typer.Option("--device", help="'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:N'.")] = "auto",
@@ -90,6 +93,7 @@ def analyze(
             device=target,
             seed=seed,
             loss_fn=loss,
+            random_layers=random_layers,
             lr=TRAIN_LR if lr is None and builtin else lr,
             progress=True,
             budget=budget,

@@ -31,6 +31,7 @@ from normscope.capture import capture
 from normscope.capture.verify import Verification
 from normscope.checkpoint import first_line, nonfinite_weights
 from normscope.data import DIGITS, digits_form, digits_loader, load_digits
+from normscope.determinism import random_layers as deterministic
 from normscope.errors import AnalyzerError, DataShapeError, NoNormSitesError, NormscopeError, UnknownNameError
 from normscope.guard import grad_enabled, preserved
 from normscope.result import AnalysisResult
@@ -53,6 +54,7 @@ def analyze(
     budget: float | Budget | None = DEFAULT_BUDGET,
     quick: bool = True,
     sites: str | Sequence[str] | None = None,
+    random_layers: str = "off",
 ) -> AnalysisResult:
     """Analyze the normalization sites of ``model`` on ``data`` and return tables and findings.
 
@@ -85,6 +87,9 @@ def analyze(
         quick: the analyzers' small default settings; ``False`` is their full settings (still
             within ``budget``). Default: True.
         sites: fnmatch pattern(s) on site and module names restricting the work. Default: all.
+        random_layers: dropout during the analyses: ``off``, ``fixed`` (on, with fixed masks) or
+            ``on`` (:mod:`normscope.determinism`); normalization layers keep each analysis's
+            mode. Said in ``meta["random_layers"]``. Default: ``off``.
 
     Raises:
         DataShapeError: the data is in no accepted form or does not fit the model or loss.
@@ -119,7 +124,8 @@ def analyze(
             budget=as_budget(budget),
             sites=sites,
         )
-        outputs, errors, timings = run_analyzers(ctx, names, track, explicit=analyzers is not None)
+        with deterministic(random_layers, seed) as randomness:
+            outputs, errors, timings = run_analyzers(ctx, names, track, explicit=analyzers is not None)
     result = AnalysisResult()
     for name, output in outputs.items():
         result.tables.update(output.tables)
@@ -155,6 +161,7 @@ def analyze(
         "seed": seed,
         "lr": lr,
         "loss_fn": loss.name,
+        "random_layers": randomness.describe(),
         "analyzers": list(outputs),
         "analyzer_errors": errors,
         "settings": "quick" if quick else "full",

@@ -2,9 +2,18 @@
 here (explicit grouping, a sweep over sizes without the reference size, an orthogonality check,
 the op's own backward against the analyzer, a real transformers layer)."""
 
+import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
+from normscope.analyzers.gls import batch_size_sweep, fit_records, regularized_fit
+from normscope.capture import capture
+from normscope.ops.ls_bn import LSBatchNorm
 from normscope.ops.population import PopulationNorm
+
+D = torch.float64
+EPS0 = 1e-300  # var + 1e-300 == var in float64: eps = 0 exactly, which torch refuses in training
 
 
 def test_population_rotation_is_orthogonal_in_float64():
@@ -23,3 +32,54 @@ def test_population_rotation_is_orthogonal_in_float64():
     single = PopulationNorm(12, rotation="random")
     assert single.rotation.dtype == torch.float32
     assert float((single.rotation.double() @ single.rotation.double().T - torch.eye(12, dtype=torch.float64)).abs().max()) < 1e-6
+
+
+def _regularized_by_the_analyzer(x, gamma, dy, a_star, b_star, weight, eps):
+    """The gls analyzer's regularized s dL/dx, from a capture of a plain BatchNorm2d."""
+    bn = nn.BatchNorm2d(x.shape[1], eps=eps).to(D)
+    with torch.no_grad():
+        bn.weight.copy_(gamma)
+    with capture(bn) as cap:
+        (bn(x) * dy).sum().backward()
+    (fit,) = fit_records(cap)
+    alpha_w, beta_w = regularized_fit(fit.z, fit.g, a_star, b_star, weight, x.shape[0])
+    residual = fit.g - alpha_w - beta_w * fit.z
+    rows = residual / fit.figures["scale"][:, None]  # (C, B * H * W), batch-major
+    return rows.view(x.shape[1], x.shape[0], -1).transpose(0, 1).reshape(x.shape)
+
+
+@pytest.mark.parametrize("weight", [1.0, 2.0])
+def test_virtual_items_one_convention_for_conv_layers(weight):
+    """BatchNorm2d at B = 2: the gls analyzer's regularized gradient equals LSBatchNorm's backward
+    on the same batch and alpha*, beta*; with eps = 0 both equal s dL/dx of a plain BatchNorm over
+    the batch with 2 w virtual batch items x = mu +- sigma appended by hand, each broadcast over
+    (H, W) (seed 002 App. C): the weight is counted in batch items (B + 2w), not in positions."""
+    generator = torch.Generator().manual_seed(3)
+    B, C, H, W = 2, 3, 4, 5
+    x = torch.randn(B, C, H, W, generator=generator, dtype=D) * 1.7 + 0.4
+    dy = torch.randn(B, C, H, W, generator=generator, dtype=D)
+    gamma = torch.rand(C, generator=generator, dtype=D) + 0.5
+    a_star, b_star = torch.randn(C, generator=generator, dtype=D), torch.randn(C, generator=generator, dtype=D)
+    for eps in (1e-3, EPS0):
+        op = LSBatchNorm(C, eps=eps, virtual_weight=weight).to(D).train()
+        with torch.no_grad():
+            op.weight.copy_(gamma)
+            op.grad_moments.copy_(torch.stack([a_star, b_star]))
+            op.grad_batches_tracked.fill_(1)
+        leaf = x.clone().requires_grad_()
+        (op(leaf) * dy).sum().backward()
+        analyzer = _regularized_by_the_analyzer(x, gamma, dy, a_star, b_star, weight, eps)
+        torch.testing.assert_close(analyzer, leaf.grad, rtol=1e-12, atol=1e-13)
+    # eps = 0: the virtual items appended by hand, broadcast over (H, W), n_w copies of each
+    n_w = int(weight)
+    mu, sigma = x.mean((0, 2, 3)), x.var((0, 2, 3), correction=0).sqrt()
+    plus, minus = (mu + sigma)[None, :, None, None], (mu - sigma)[None, :, None, None]
+    leaf = x.clone().requires_grad_()
+    every = torch.cat([leaf, plus.expand(n_w, C, H, W), minus.expand(n_w, C, H, W)])
+    z = F.batch_norm(every, None, None, training=True, eps=EPS0)
+    torch.testing.assert_close(z[B:B + n_w].detach(), torch.ones(n_w, C, H, W, dtype=D))
+    g = gamma[None, :, None, None] * dy
+    g_virtual = torch.cat([(a_star + b_star)[None, :, None, None].expand(n_w, C, H, W),
+                           (a_star - b_star)[None, :, None, None].expand(n_w, C, H, W)])
+    (by_hand,) = torch.autograd.grad((z * torch.cat([g, g_virtual])).sum(), leaf)
+    torch.testing.assert_close(analyzer, by_hand, rtol=1e-11, atol=1e-12)

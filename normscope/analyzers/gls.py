@@ -32,6 +32,7 @@ from normscope.capture import Capture, capture
 from normscope.capture.record import SiteRecord
 from normscope.errors import AnalyzerError, DataShapeError, UnknownNameError
 from normscope.guard import preserved
+from normscope.ops.ls_bn import regularized_moments
 from normscope.registry import from_rows, partition_moments, to_rows
 
 COLUMNS = {
@@ -76,21 +77,25 @@ def backward_fit(z: Tensor, g: Tensor, centered: bool = True, unit_norm: bool = 
     return alpha, gz if unit_norm else gz / z.shape[1]
 
 
-def regularized_fit(z: Tensor, g: Tensor, alpha_star: Tensor, beta_star: Tensor, weight: float) -> tuple[Tensor, Tensor]:
+def regularized_fit(
+    z: Tensor, g: Tensor, alpha_star: Tensor, beta_star: Tensor, weight: float, batch_size: int
+) -> tuple[Tensor, Tensor]:
     """``(alpha_w, beta_w)`` of the BatchNorm regression with two virtual items (seed 002 App. C).
 
-    Items at ``z = +1`` and ``z = -1``, each of weight ``w``, receive the virtual gradients
-    ``alpha* + beta*`` and ``alpha* - beta*``; the weighted means over the ``n`` real and the
-    virtual items are::
+    Two virtual *batch items*, broadcast over the spatial dims like a real one, at ``z = +1`` and
+    ``z = -1``, each of weight ``w`` batch items, receive the virtual gradients ``alpha* + beta*``
+    and ``alpha* - beta*``. A row of ``n = B * H * W`` positions then has ``2 w H W`` virtual
+    positions, and the weighted means are (MATH.md §2, the convention of
+    :class:`~normscope.ops.ls_bn.LSBatchNorm`, by :func:`~normscope.ops.ls_bn.regularized_moments`)::
 
-        alpha_w = (sum_P g + 2 w alpha*) / (n + 2 w),   beta_w = (sum_P g z + 2 w beta*) / (n + 2 w)
+        alpha_w = (B alpha + 2 w alpha*) / (B + 2 w),   beta_w = (B beta + 2 w beta*) / (B + 2 w)
 
-    and the regularized backward pass is ``s * dL/dx = g - alpha_w - beta_w z`` for the real items.
-    ``alpha_star``, ``beta_star`` are ``(P,)`` or ``(P, 1)``.
+    with ``alpha = mean_P(g)``, ``beta = mean_P(g z)``; the regularized backward pass is
+    ``s * dL/dx = g - alpha_w - beta_w z`` for the real items. ``batch_size`` is B (the number of
+    batch items the ``n`` positions of a row come from). ``alpha_star``, ``beta_star`` are ``(P,)`` or ``(P, 1)``.
     """
-    total = z.shape[1] + 2.0 * weight
-    alpha_w = (g.sum(1) + 2.0 * weight * alpha_star.reshape(-1)) / total
-    beta_w = ((g * z).sum(1) + 2.0 * weight * beta_star.reshape(-1)) / total
+    alpha, beta = g.mean(1), (g * z).mean(1)
+    alpha_w, beta_w = regularized_moments(alpha, beta, alpha_star.reshape(-1), beta_star.reshape(-1), batch_size, weight)
     return alpha_w[:, None], beta_w[:, None]
 
 
@@ -625,7 +630,7 @@ def batch_size_sweep(
                     if fit.record.layout.rule == "channel" and fit.record.layout.batch_stats:
                         alpha, beta = fit.figures["alpha"][:, None], fit.figures["beta"][:, None]
                         a_star, b_star = running.get(key, (alpha[:, 0], beta[:, 0]))
-                        reg = regularized_fit(fit.z, fit.g, a_star, b_star, weight)
+                        reg = regularized_fit(fit.z, fit.g, a_star, b_star, weight, size)
                         dx_plain.setdefault((key, size), []).append(_chunk_dx(fit, alpha, beta, size))
                         dx_reg.setdefault((key, size), []).append(_chunk_dx(fit, *reg, size))
                         running[key] = (momentum * a_star + (1 - momentum) * alpha[:, 0],

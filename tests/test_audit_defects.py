@@ -83,3 +83,36 @@ def test_virtual_items_one_convention_for_conv_layers(weight):
                            (a_star - b_star)[None, :, None, None].expand(n_w, C, H, W)])
     (by_hand,) = torch.autograd.grad((z * torch.cat([g, g_virtual])).sum(), leaf)
     torch.testing.assert_close(analyzer, by_hand, rtol=1e-11, atol=1e-12)
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(9)
+    return nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 3)).double()
+
+
+def _scaled_input_grad(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """B dL/dh at the BatchNorm's input h for the batch (x, y) of a mean-reduced loss, by autograd."""
+    h = model[0](x).detach().requires_grad_()
+    loss = F.cross_entropy(model[3](model[2](F.batch_norm(h, None, None, model[1].weight, model[1].bias,
+                                                          training=True, eps=model[1].eps))), y)
+    (dh,) = torch.autograd.grad(loss, h)
+    return len(x) * dh
+
+
+@pytest.mark.parametrize("batch_sizes", [(2, 4), None])
+def test_batch_size_sweep_without_the_reference_size(batch_sizes):
+    """L = 12 items, sizes (2, 4) or the default powers of 2 (also 2, 4): neither contains L, which
+    used to raise KeyError; the distances are to one batch of all 12 items, by autograd."""
+    model = _mlp()
+    generator = torch.Generator().manual_seed(4)
+    x, y = torch.randn(12, 5, generator=generator, dtype=D), torch.randint(0, 3, (12,), generator=generator)
+    tables = batch_size_sweep(model, x, y, batch_sizes=batch_sizes)
+    assert sorted(tables["gls_batch_sweep"]["batch_size"]) == [2, 4]
+    reg = tables["gls_regularization"].set_index("batch_size")
+    assert sorted(reg.index) == [2, 4]
+    reference = _scaled_input_grad(model, x, y)
+    for size in (2, 4):
+        chunks = torch.cat([_scaled_input_grad(model, x[i:i + size], y[i:i + size]) for i in range(0, 12, size)])
+        expected = float((chunks - reference).norm() / reference.norm())
+        assert reg.loc[size, "dist_plain"] == pytest.approx(expected, rel=1e-9)
+        assert 0 < reg.loc[size, "dist_regularized"] < 10

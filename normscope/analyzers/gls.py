@@ -597,7 +597,9 @@ def batch_size_sweep(
     """The site table as a function of batch size, and seed 002 Appendix C's regularization.
 
     The ``L`` items of ``inputs`` are split, in order, into batches of each size ``B`` (which must
-    divide ``L``); every batch runs forward/backward in training mode under capture.
+    divide ``L``; default: the powers of 2 that do); every batch runs forward/backward in training
+    mode under capture. One batch of all ``L`` items always runs as the reference, whether or not
+    ``L`` is among the sizes (its rows appear only if it is).
 
     ``gls_batch_sweep``: :func:`sites_table` pooled over the batches of size B (R^2, beta, naive gap).
 
@@ -612,15 +614,18 @@ def batch_size_sweep(
     """
     total = inputs.shape[0]
     sizes = sorted(set(batch_sizes or _powers_of_two(total)))
+    if not sizes:
+        raise DataShapeError(f"no batch size of at least 2 divides the {total} items; pass batch_sizes")
     bad = [b for b in sizes if b < 2 or total % b]
     if bad:
         raise DataShapeError(f"batch sizes {bad} do not divide the {total} items into batches of at least 2")
     if not 0 <= momentum < 1 or weight < 0:
         raise DataShapeError(f"momentum must be in [0, 1) and weight >= 0 (got momentum={momentum}, weight={weight})")
+    runs = sorted({*sizes, total})  # the one batch of all L items is the reference, asked for or not
     sweep_rows, dx_plain, dx_reg = [], {}, {}
     with preserved(model):
         model.train()
-        for size in track(sizes[::-1], "gls batch-size sweep", len(sizes)):
+        for size in track(runs[::-1], "gls batch-size sweep", len(runs)):
             fits_b: list[RecordFit] = []
             running: dict[tuple[str, int], tuple[Tensor, Tensor]] = {}
             for start in range(0, total, size):
@@ -637,13 +642,16 @@ def batch_size_sweep(
                                         momentum * b_star + (1 - momentum) * beta[:, 0])
                     fit.z = fit.g = fit.residual = None
                     fits_b.append(fit)
-            table = sites_table(fits_b)
-            table["batch_size"] = size
-            sweep_rows.append(table)
+            if size in sizes:
+                table = sites_table(fits_b)
+                table["batch_size"] = size
+                sweep_rows.append(table)
     sweep = pd.concat(sweep_rows, ignore_index=True)
     sweep = sweep.sort_values(["depth", "batch_size"], ignore_index=True)[COLUMNS["gls_batch_sweep"]]
     reg_rows = []
     for (key, size), plain in dx_plain.items():
+        if size not in sizes:
+            continue
         reference = dx_plain[(key, total)][0]
         reg_rows.append({"site": key[0] if key[1] == 0 else f"{key[0]}#{key[1]}", "batch_size": size,
                          "dist_plain": _relative_distance(plain, reference, 0),

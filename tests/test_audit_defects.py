@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from normscope.analyzers.gls import batch_size_sweep, fit_records, regularized_fit
+from normscope.analyzers.gls import batch_size_sweep, fit_records, gls_tables, regularized_fit
 from normscope.capture import capture
 from normscope.ops.ls_bn import LSBatchNorm
 from normscope.ops.population import PopulationNorm
@@ -116,3 +116,39 @@ def test_batch_size_sweep_without_the_reference_size(batch_sizes):
         expected = float((chunks - reference).norm() / reference.norm())
         assert reg.loc[size, "dist_plain"] == pytest.approx(expected, rel=1e-9)
         assert 0 < reg.loc[size, "dist_regularized"] < 10
+
+
+def _whatif_per_channel_by_hand(norm: nn.Module, x: torch.Tensor, dy: torch.Tensor, channel: int) -> float:
+    """R^2 of one more regression of the residual r = s dL/dx on [1, z], fitted by least squares
+    separately in each group of elements sharing an index along ``channel`` (all N and all other dims)."""
+    leaf = x.clone().requires_grad_()
+    (dx,) = torch.autograd.grad((norm(leaf) * dy).sum(), leaf)
+    dims = tuple(range(x.dim() - len(norm.normalized_shape), x.dim()))
+    mean, var = x.mean(dims, keepdim=True), x.var(dims, correction=0, keepdim=True)
+    s = (var + norm.eps).sqrt()
+    z, r = (x - mean) / s, s * dx
+    left = 0.0
+    for c in range(x.shape[channel]):
+        zc, rc = z.select(channel, c).reshape(-1), r.select(channel, c).reshape(-1)
+        design = torch.stack([torch.ones_like(zc), zc], 1)
+        coef = torch.linalg.lstsq(design, rc[:, None]).solution
+        left += float((rc - (design @ coef)[:, 0]).pow(2).sum())
+    return 1 - left / float(r.pow(2).sum())
+
+
+@pytest.mark.parametrize("shape, normalized, channel", [((6, 3, 4, 5), (3, 4, 5), 1), ((6, 7, 4), (4,), 2)])
+def test_whatif_per_channel_groups_by_the_channel_axis(shape, normalized, channel):
+    """LayerNorm over (C, H, W) of (N, C, H, W): the what-if per-channel regression groups by C
+    (dim 1), not by the last dim W; LayerNorm over C of (N, T, C) groups by the last dim."""
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(shape, generator=generator, dtype=D) * 1.3 + 0.2
+    x = x + torch.arange(shape[1], dtype=D).view(1, -1, *[1] * (len(shape) - 2))  # channels differ
+    dy = torch.randn(shape, generator=generator, dtype=D) * (1 + torch.rand(shape, generator=generator, dtype=D))
+    norm = nn.LayerNorm(normalized, elementwise_affine=False, eps=1e-3).to(D)
+    with capture(norm) as cap:
+        (norm(x.clone().requires_grad_()) * dy).sum().backward()
+    table = gls_tables(cap)["gls_whatif"].set_index("extra_partitioning")
+    expected = _whatif_per_channel_by_hand(norm, x, dy, channel)
+    assert table.loc["per_channel", "r2_extra"] == pytest.approx(expected, rel=1e-9, abs=1e-12)
+    if channel != x.dim() - 1:
+        assert abs(_whatif_per_channel_by_hand(norm, x, dy, x.dim() - 1) - expected) > 1e-3  # the old, wrong grouping

@@ -402,7 +402,12 @@ def _scatter(fits: Sequence[RecordFit], partition: int | None, seed: int) -> pd.
 
 # -- other partitionings: two-step regression and what-if --------------------------------------
 def _channel_dim(fit: RecordFit) -> int:
-    return -1 if fit.record.layout.rule == "sample_last" else 1
+    """The channel axis of the site's input: dim 1 (N, C, *), except for layer/RMS norms over the
+    trailing dims (``sample_last``), where it is the first normalized dim: the last for (N, T, C)
+    over C, dim 1 for (N, C, H, W) over (C, H, W) (PyTorch's channels-first layout)."""
+    if fit.record.layout.rule == "sample_last":
+        return len(fit.record.shape) - fit.record.layout.normalized_ndim
+    return 1
 
 
 def extra_regression_r2(residual: Tensor, z: Tensor, dims: Sequence[int] = (1,)) -> float:

@@ -152,3 +152,45 @@ def test_whatif_per_channel_groups_by_the_channel_axis(shape, normalized, channe
     assert table.loc["per_channel", "r2_extra"] == pytest.approx(expected, rel=1e-9, abs=1e-12)
     if channel != x.dim() - 1:
         assert abs(_whatif_per_channel_by_hand(norm, x, dy, x.dim() - 1) - expected) > 1e-3  # the old, wrong grouping
+
+
+def _convnext():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.ConvNextConfig(num_channels=3, hidden_sizes=[8, 16], depths=[1, 1], patch_size=4, num_stages=2)
+    return transformers.ConvNextModel(config).to(D).train()
+
+
+@pytest.mark.xfail(strict=True, reason="#11 owns the fix: normscope/registry.py's MRO lookup reads transformers' "
+                   "ConvNextLayerNorm (an nn.LayerNorm subclass) as a LayerNorm over the last dim instead of its "
+                   "data_format='channels_first' (over dim 1)")
+def test_convnext_channels_first_layernorm():
+    """The real transformers ConvNextLayerNorm (channels_first, from a ConvNeXt built from a small
+    config) normalizes each (n, h, w) position over the C channels: N*H*W partitions whose alpha,
+    beta and R^2 equal the explicit float64 computation, and the whole model's gls tables run."""
+    model = _convnext()
+    norm = model.embeddings.layernorm
+    assert type(norm).__name__ == "ConvNextLayerNorm" and norm.data_format == "channels_first"
+    generator = torch.Generator().manual_seed(6)
+    N, C, H, W = 3, 8, 4, 4
+    x = torch.randn(N, C, H, W, generator=generator, dtype=D) * 2 + 0.5
+    dy = torch.randn(N, C, H, W, generator=generator, dtype=D)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5, generator=generator)
+    with capture(norm) as cap:
+        (norm(x.clone().requires_grad_()) * dy).sum().backward()
+    (fit,) = fit_records(cap)
+    positions = x.permute(0, 2, 3, 1).reshape(-1, C)  # one row per (n, h, w), over C
+    g = (dy * norm.weight[None, :, None, None]).permute(0, 2, 3, 1).reshape(-1, C).detach()
+    mean, var = positions.mean(1, keepdim=True), positions.var(1, correction=0, keepdim=True)
+    z = (positions - mean) / (var + norm.eps).sqrt()
+    alpha, beta = g.mean(1), (g * z).mean(1)
+    r2 = 1 - (g - alpha[:, None] - beta[:, None] * z).pow(2).sum(1) / g.pow(2).sum(1)
+    assert fit.figures["alpha"].numel() == N * H * W
+    got, want = torch.argsort(fit.figures["alpha"]), torch.argsort(alpha)
+    for name, expected in (("alpha", alpha), ("beta", beta), ("r2", r2)):
+        torch.testing.assert_close(fit.figures[name][got], expected[want], rtol=1e-10, atol=1e-12)
+    with capture(model) as cap:
+        model(torch.randn(2, 3, 16, 16, generator=generator, dtype=D)).last_hidden_state.square().sum().backward()
+    sites = gls_tables(cap)["gls_sites"].set_index("site")
+    assert sites.loc["embeddings.layernorm", "n_partitions"] == 2 * 4 * 4

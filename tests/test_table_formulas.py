@@ -247,3 +247,164 @@ def test_stats_rows(data):
     assert sample["relu_zero_fraction"] == pytest.approx(float((hand["y_l"][5] <= 0).double().mean()), abs=1e-15)
     assert out.tables["stats_sites"].set_index("site").loc["2", "relu_zero_fraction"] == pytest.approx(
         float((hand["y_l"] <= 0).double().mean()), rel=1e-12)
+
+
+# -- descent and bias: Linear -> BatchNorm1d -> Tanh -> Linear, one normalization level ----------
+def mlp() -> nn.Module:
+    torch.manual_seed(14)  # d^T H d > 0 along -g in total and for layers 0 and 3, < 0 for layer 1
+    model = nn.Sequential(nn.Linear(16, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 10)).to(D)
+    with torch.no_grad():
+        model[1].weight.uniform_(0.5, 1.5)
+        model[1].bias.uniform_(-0.5, 0.5)
+    return model
+
+
+def mlp_loss(params: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """The train-mode loss written out: params = [W1, b1, gamma, beta, W2, b2]."""
+    w1, b1, gamma, beta, w2, b2 = params
+    h = x @ w1.T + b1
+    z = (h - h.mean(0)) / torch.sqrt(((h - h.mean(0)) ** 2).mean(0) + eps)
+    return F.cross_entropy(torch.tanh(gamma * z + beta) @ w2.T + b2, y)
+
+
+def flat_loss(model: nn.Module, x, y):
+    shapes = [p.shape for p in model.parameters()]
+    sizes = [p.numel() for p in model.parameters()]
+    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    unflat = lambda t: [piece.reshape(s) for piece, s in zip(t.split(sizes), shapes)]  # noqa: E731
+    return theta, lambda t: mlp_loss(unflat(t), x, y)
+
+
+def dense(loss_of, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradient and dense Hessian by one double-backward row per coordinate."""
+    t = theta.clone().requires_grad_()
+    (g,) = torch.autograd.grad(loss_of(t), t, create_graph=True)
+    H = torch.stack([torch.autograd.grad(g[i], t, retain_graph=True)[0] for i in range(t.numel())])
+    return g.detach(), H.detach()
+
+
+@pytest.fixture(scope="module")
+def descent(data):
+    x, y = data[0][:16], data[1][:16]
+    tables, _ = descent_tables(mlp(), x, y, lr=0.1, modes=("train",), quick=True)
+    theta, loss_of = flat_loss(mlp(), x, y)
+    g, H = dense(loss_of, theta)
+    return tables, x, y, theta, loss_of, g, H
+
+
+def test_descent_directions_quadratic_spectrum_trace_rows(descent):
+    tables, x, y, theta, loss_of, g, H = descent
+    d = -g
+    sizes = [p.numel() for p in mlp().parameters()]
+    ends = np.cumsum([0, *sizes])
+    blocks = {"total": slice(0, int(ends[-1])), "0": slice(0, int(ends[2])), "1": slice(int(ends[2]), int(ends[4])),
+              "3": slice(int(ends[4]), int(ends[6]))}
+    rows = tables["descent_directions"].query("direction == 'gradient'").set_index("group")
+    assert set(rows.index) == set(blocks)
+    for group, b in blocks.items():
+        row, db, gb, Hb = rows.loc[group], d[b], g[b], H[b, b]
+        curvature = float(db @ Hb @ db)
+        assert row["sq_norm"] == pytest.approx(float(db @ db), rel=1e-12)
+        assert row["slope"] == pytest.approx(float(gb @ db), rel=1e-12)
+        assert row["curvature"] == pytest.approx(curvature, rel=1e-8, abs=1e-14)
+        expected = 2 * float(-gb @ db) / curvature if curvature > 0 else math.inf
+        assert row["a_crit"] == pytest.approx(expected, rel=1e-8)
+        assert row["lr_below_a_crit"] == (0.1 < expected)
+    assert rows.loc["1", "a_crit"] == math.inf and rows.loc["1", "a_crit_reason"] == "nonpositive_curvature"
+    base = float(loss_of(theta))
+    for q in tables["descent_quadratic"].itertuples():
+        moved = float(loss_of(theta + q.step * d))
+        predicted = base + q.step * float(g @ d) + 0.5 * q.step**2 * float(d @ H @ d)
+        assert q.loss == pytest.approx(moved, rel=1e-12)
+        assert q.quadratic == pytest.approx(predicted, rel=1e-9)
+        assert q.rel_error == pytest.approx(abs(moved - predicted) / max(abs(moved - base), abs(predicted - base)), rel=1e-6)
+    top = tables["descent_spectrum"].query("group == 'total' and rank == 1").iloc[0]
+    lam = float(torch.linalg.eigvalsh(H)[-1])
+    assert top["eigenvalue"] == pytest.approx(lam, rel=1e-3)
+    assert top["stability_limit"] == pytest.approx(2 / top["eigenvalue"], rel=1e-12)
+    trace = tables["descent_trace"].query("group == 'total'").iloc[0]
+    assert abs(trace["trace"] - float(H.trace())) < 4 * trace["trace_stderr"]
+
+
+def test_descent_scale_invariance_and_reparam_rows(descent):
+    tables, x, y, theta, loss_of, g, H = descent
+    model = mlp()
+    params = [p.detach() for p in model.parameters()]
+    w = params[0]
+
+    def at(c: float) -> tuple[float, float, float]:
+        """L(cW), a_crit of the W block along -dL/d(cW), max_j |<cW_j, dL/d(cW)_j>|."""
+        leaf = (c * w).clone().requires_grad_()
+        loss = mlp_loss([leaf, *params[1:]], x, y)
+        (gw,) = torch.autograd.grad(loss, leaf, create_graph=True)
+        flat = gw.reshape(-1)
+        Hw = torch.stack([torch.autograd.grad(flat[i], leaf, retain_graph=True)[0].reshape(-1) for i in range(flat.numel())])
+        gd = flat.detach()
+        return float(loss), 2 * float(gd @ gd) / float(gd @ Hw @ gd), float((c * w * gw.detach()).sum(1).abs().max())
+
+    (l1, a1, _), (l2, a2, inner2) = at(1.0), at(2.0)
+    row = tables["descent_scale_invariance"].query("layer == '0' and c == 2.0").iloc[0]
+    assert row["loss_ratio"] == pytest.approx(l2 / l1, rel=1e-12)
+    assert row["a_crit_ratio"] == pytest.approx(a2 / a1, rel=1e-8)
+    assert row["max_abs_inner"] == pytest.approx(inner2, rel=1e-6, abs=1e-15)
+    assert row["effective_lr"] == pytest.approx(0.1 / float((2 * w).pow(2).sum()), rel=1e-12)
+    rep = tables["descent_reparam"].query("layer == '0'").iloc[0]
+    xc = x - x.mean(0)
+    S = xc.T @ xc / len(x)
+    gamma, beta = params[2], params[3]
+    h = x @ w.T + params[1]
+    bn_out = gamma * (h - h.mean(0)) / torch.sqrt(((h - h.mean(0)) ** 2).mean(0) + 1e-5) + beta
+    w_hat = gamma[:, None] * w / torch.sqrt(torch.einsum("ji,ik,jk->j", w, S, w) + 1e-5)[:, None]
+    assert rep["max_abs_error"] == pytest.approx(float((bn_out - (xc @ w_hat.T + beta)).abs().max()), abs=1e-13)
+    assert rep["max_abs_error"] < 1e-12
+
+    def range_cond(matrix: np.ndarray) -> float:
+        values = np.linalg.eigvalsh(matrix)
+        kept = values[values > 1e-10 * values[-1]]
+        return values[-1] / kept[0]
+
+    Sn = S.numpy()
+    assert rep["cond_s"] == pytest.approx(range_cond(Sn), rel=1e-8)
+    conds = [range_cond((Sn - np.outer(Sn @ wj, Sn @ wj) / (wj @ Sn @ wj)) / (wj @ Sn @ wj)) for wj in w.numpy()]
+    assert rep["cond_reparam"] == pytest.approx(max(conds), rel=1e-8)
+
+
+def test_bias_rows(data):
+    """bias_estimators (BatchNorm, B = 2 and 4, total) from R seeded minibatches drawn without
+    replacement, against g* = the full-batch gradient (the data fit in one batch, MATH.md §4);
+    bias_slopes from those rows; bias_jacobian: zero gap at one normalization level."""
+    x, y = data
+    repeats, sizes = 12, (2, 4)
+    table, _ = estimator_bias(mlp(), x, y, batch_sizes=sizes, repeats=repeats, estimators=("batchnorm",), seed=3)
+    theta, loss_of = flat_loss(mlp(), x, y)
+    leaf = theta.clone().requires_grad_()
+    (star,) = torch.autograd.grad(loss_of(leaf), leaf)
+    generator = torch.Generator().manual_seed(3)
+    draws = {b: [torch.randperm(N, generator=generator)[:b] for _ in range(repeats)] for b in sizes}
+    rel = {}
+    for b in sizes:
+        samples = []
+        for idx in draws[b]:
+            _, batch_loss = flat_loss(mlp(), x[idx], y[idx])
+            leaf = theta.clone().requires_grad_()
+            samples.append(torch.autograd.grad(batch_loss(leaf), leaf)[0])
+        diffs = torch.stack(samples) - star
+        mean_diff = diffs.mean(0)
+        pairs = sum(float(diffs[i] @ diffs[j]) for i in range(repeats) for j in range(repeats) if i != j)
+        unbiased = pairs / (repeats * (repeats - 1))  # E||g_hat - g*||^2 without the noise term
+        tr_cov = float(((diffs - mean_diff) ** 2).sum()) / (repeats - 1)
+        norm = float(star.norm())
+        row = table.query(f"batch_size == {b} and group == 'total'").iloc[0]
+        rel[b] = math.sqrt(max(unbiased, 0)) / norm
+        assert row["rel_bias"] == pytest.approx(rel[b], rel=1e-9)
+        assert row["rel_bias_uncorrected"] == pytest.approx(float(mean_diff.norm()) / norm, rel=1e-9)
+        assert row["variance"] == pytest.approx(tr_cov / norm**2, rel=1e-9)
+        mean_est = torch.stack(samples).mean(0)
+        assert row["cosine"] == pytest.approx(float(mean_est @ star) / float(mean_est.norm() * star.norm()), rel=1e-12)
+        assert row["mse"] == pytest.approx(rel[b] ** 2 + tr_cov / norm**2, rel=1e-9)
+    slope = slopes(table).query("group == 'total'").iloc[0]
+    assert rel[2] > 0 and rel[4] > 0
+    assert slope["slope"] == pytest.approx((math.log(rel[4]) - math.log(rel[2])) / (math.log(4) - math.log(2)), rel=1e-9)
+    jac = jacobian_product_bias(mlp(), x, y).iloc[0]
+    assert jac["n_norm_layers"] == 1 and jac["jacobian_product_gap"] < 1e-12 * float(star.norm())
+    assert jac["relative_gap"] == pytest.approx(jac["jacobian_product_gap"] / float(star.norm()), rel=1e-9)

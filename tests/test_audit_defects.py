@@ -53,7 +53,7 @@ def test_virtual_items_one_convention_for_conv_layers(weight):
     """BatchNorm2d at B = 2: the gls analyzer's regularized gradient equals LSBatchNorm's backward
     on the same batch and alpha*, beta*; with eps = 0 both equal s dL/dx of a plain BatchNorm over
     the batch with 2 w virtual batch items x = mu +- sigma appended by hand, each broadcast over
-    (H, W) (seed 002 App. C): the weight is counted in batch items (B + 2w), not in positions."""
+    (H, W) (Appendix C of "Normalization Gradients are Least-Squares Residuals", ICLR 2019 submission): the weight is counted in batch items (B + 2w), not in positions."""
     generator = torch.Generator().manual_seed(3)
     B, C, H, W = 2, 3, 4, 5
     x = torch.randn(B, C, H, W, generator=generator, dtype=D) * 1.7 + 0.4

@@ -71,7 +71,7 @@ def by_hand(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict:
 
 
 def partition_fit(z: torch.Tensor, g: torch.Tensor) -> dict:
-    """seed 002 Theorem 1 on one partition (1-D tensors): alpha = mean g, beta = mean g z."""
+    """Theorem 1 of "Normalization Gradients are Least-Squares Residuals" on one partition (1-D tensors): alpha = mean g, beta = mean g z."""
     alpha, beta = g.mean(), (g * z).mean()
     residual = g - alpha - beta * z
     ols = ((z - z.mean()) * (g - g.mean())).mean() / ((z - z.mean()) ** 2).mean()

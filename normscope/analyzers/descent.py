@@ -32,7 +32,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from normscope.analyzers import AnalysisContext, AnalyzerOutput
 from normscope.analyzers.hvp import MODES, BatchLoss, HessianOperator
 from normscope.analyzers.reparam import no_grad_forward, reparam_check
-from normscope.analyzers.spectrum import hutchpp_split, hutchpp_trace, lanczos
+from normscope.analyzers.spectrum import hutchpp_split, krylov_trace, lanczos
 from normscope.budget import Budget, seconds_of
 from normscope.errors import InvalidArgumentError
 
@@ -254,7 +254,7 @@ def _frame(name: str, rows: list[dict]) -> pd.DataFrame:
 def _trace_rows(mode: str, traces: dict[str, tuple[float, float]], products: int) -> list[dict]:
     samples = hutchpp_split(products)[1]
     return [{"mode": mode, "group": group, "trace": t, "trace_stderr": se, "n_samples": samples, "products": products,
-             "method": "hutch++"} for group, (t, se) in traces.items()]
+             "method": "krylov-hutch++"} for group, (t, se) in traces.items()]
 
 
 def descent_tables(
@@ -281,7 +281,7 @@ def descent_tables(
     quadratic table follows the optimizer's direction when given, the gradient otherwise.
     Settings (:data:`QUICK` or :data:`FULL`): the top ``k`` eigenvalues of ``H`` to relative
     tolerance ``tol``, the top ``layer_k`` of each layer's block (quick: only the ``layer_spectra``
-    layers with the largest block trace), a Hutch++ trace from ``trace_products`` products shared
+    layers with the largest block trace), a Krylov Hutch++ trace (:func:`krylov_trace`) from ``trace_products`` products shared
     by all blocks, ``steps`` grid steps. ``sites`` (fnmatch patterns on module paths) restricts the
     per-layer work.
 
@@ -360,7 +360,7 @@ def _mode_tables(tables: dict[str, list[dict]], plan: Budget, loss: BatchLoss, t
     products = plan.affordable("hvp", settings["trace_products"])
     traces: dict[str, tuple[float, float]] = {}
     if products >= 2:
-        traces = hutchpp_trace(total, products, seed, layers)
+        traces = krylov_trace(total, products, seed, layers)
         tables["descent_trace"] += _trace_rows(mode, traces, products)
         plan.spend("hvp", products)
         if products < settings["trace_products"]:
@@ -420,7 +420,7 @@ def findings(tables: dict[str, pd.DataFrame], lr_given: bool, lr: float, quick: 
         products = int(trace["products"].iloc[0]) if len(trace) else 0
         out.append(f"Quick mode limited the per-layer work: spectra for only the {len(spectrum_groups)} of "
                    f"{len(layer_groups)} layers with the largest block trace, Lanczos to relative tolerance "
-                   f"{QUICK['tol']:g}, Hutch++ traces from {products} products (shared by every layer); "
+                   f"{QUICK['tol']:g}, Krylov Hutch++ traces from {products} products (shared by every layer); "
                    "run with --full (full=True in normscope.analyze) for all of them.")
     quadratic = tables["descent_quadratic"]
     for mode, part in quadratic.groupby("mode", sort=False):

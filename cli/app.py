@@ -15,6 +15,7 @@ from normscope.cli.boundary import fail
 from normscope.cli.compare import compare
 from normscope.cli.report import report
 from normscope.cli.sites import sites
+from normscope.cli.train import train
 from normscope.errors import NormscopeError
 
 app = typer.Typer(
@@ -28,6 +29,7 @@ app.command("analyze")(analyze)
 app.command("sites")(sites)
 app.command("report")(report)
 app.command("compare")(compare)
+app.command("train")(train)
 
 
 def main() -> None:

@@ -13,7 +13,9 @@ virtual items at ``z = +1`` and ``z = -1`` with virtual gradients ``alpha* + bet
 with ``alpha = mean(g)``, ``beta = mean(g z)`` over the batch and spatial dims, N the batch size
 (a virtual item is broadcast over the spatial dims like a real one), and ``alpha*``, ``beta*``
 running averages of ``alpha``, ``beta`` over past batches. ``w = 0`` is BatchNorm. The virtual
-items leave the forward pass and the gradients of ``gamma``, ``beta`` unchanged.
+items leave the forward pass and the gradients of ``gamma``, ``beta`` unchanged. ``w`` counts
+batch items, never spatial positions (MATH.md §2); the gls analyzer's ``gls_regularization``
+uses the same :func:`regularized_moments`.
 """
 
 from __future__ import annotations

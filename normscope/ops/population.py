@@ -39,7 +39,8 @@ def scale_grad(value: Tensor, source: Tensor, r: Tensor | float) -> Tensor:
 
 
 def rotation_matrix(width: int, kind: str = "auto", seed: int = 0, dtype: torch.dtype = torch.float32) -> Tensor:
-    """A fixed orthogonal ``(width, width)`` matrix R (seed 004 §2.2).
+    """A fixed orthogonal ``(width, width)`` matrix R (seed 004 §2.2), computed in float64 and
+    cast once to ``dtype`` (so ``R R^T = I`` to the rounding of ``dtype``).
 
     ``"hadamard"``: the Sylvester Hadamard matrix / sqrt(width) (width a power of 2);
     ``"random"``: a Haar-random orthogonal matrix drawn with ``seed``;
@@ -368,8 +369,17 @@ class PopulationNorm(_NormBase):
         self.warmup, self.refresh, self.refresh_updates = warmup, refresh, refresh_updates
         rotation = None if rotation in NO_ROTATION else rotation
         self.rotation_kind, self.rotation_seed = rotation, rotation_seed
-        matrix = None if rotation is None else rotation_matrix(num_features, rotation, rotation_seed)
-        self.register_buffer("rotation", None if matrix is None else matrix.to(device=device, dtype=dtype or torch.float32), persistent=False)
+        # float64 master: every cast of the module (.double(), .to(dtype)) recasts the buffer from it,
+        # so a float64 module gets a float64-orthogonal R, not a float32 matrix cast up (see _apply)
+        self._rotation64 = None if rotation is None else rotation_matrix(num_features, rotation, rotation_seed, torch.float64)
+        buffer = None if self._rotation64 is None else self._rotation64.to(device=device, dtype=dtype or torch.get_default_dtype())
+        self.register_buffer("rotation", buffer, persistent=False)
+
+    def _apply(self, fn, recurse: bool = True):
+        super()._apply(fn, recurse)
+        if self.rotation is not None:
+            self.rotation = self._rotation64.to(device=self.rotation.device, dtype=self.rotation.dtype)
+        return self
 
     def _check_input_dim(self, x: Tensor) -> None:
         if x.dim() < 2 or x.shape[1] != self.num_features:

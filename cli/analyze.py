@@ -15,8 +15,8 @@ from torch.utils.data import DataLoader
 
 from normscope.api import Data, analyzer_names
 from normscope.api import analyze as run_analysis
-from normscope.checkpoint import import_attribute, load_model
-from normscope.cli.boundary import boundary
+from normscope.checkpoint import call_user, import_attribute, load_model
+from normscope.cli.boundary import boundary, warn
 from normscope.cli.summary import print_summary
 from normscope.errors import DataShapeError, UnknownNameError
 from normscope.models import DEFAULT_MODEL, MODELS
@@ -54,7 +54,7 @@ def analyze(
 ) -> None:
     """Analyze every normalization site of a model and write tables, summary.json and report.html."""
     console = Console(stderr=True)
-    with boundary(debug):
+    with boundary(debug) as outcome:
         names = None if analyzers is None else analyzer_names(analyzers)
         target = resolve_device(device)
         out = default_out() if out is None else out
@@ -85,10 +85,11 @@ def analyze(
         result.meta["seconds"]["load_model"] = loading
         with console.status("writing tables and report"):
             result.save(out, overwrite=overwrite)
-    print_summary(result, out, Console())
-    for message in result.meta["analyzer_errors"].values():
-        typer.echo(f"normscope: warning: {message}", err=True)
-    typer.echo(str(out))
+        outcome.written = out
+        print_summary(result, out, Console())
+        for message in result.meta["analyzer_errors"].values():
+            warn(message)
+        typer.echo(str(out))
 
 
 def resolve_device(device: str) -> torch.device:
@@ -125,7 +126,7 @@ def load_data(spec: str, batch_size: int) -> Data:
     found = import_attribute(module_name, attribute, spec, "--data")
     if callable(found) and not isinstance(found, DataLoader):
         takes_batch_size = "batch_size" in inspect.signature(found).parameters
-        found = found(batch_size=batch_size) if takes_batch_size else found()
+        found = call_user(found, spec, "--data", **({"batch_size": batch_size} if takes_batch_size else {}))
     if isinstance(found, DataLoader) or (isinstance(found, (tuple, list)) and len(found) == 2):
         return found
     raise DataShapeError(f"--data {spec} gave a {type(found).__name__}; it must give a DataLoader or an (inputs, targets) tuple")

@@ -41,7 +41,7 @@ def compare(
 ) -> None:
     """Train each normalization op in place of the model's BatchNorms on the same data and seed,
     at each batch size, and write loss/accuracy curves and a summary table (OUT/tables/compare_*)."""
-    with boundary(debug):
+    with boundary(debug) as outcome:
         op_list = parse_ops(ops)
         sizes = parse_batch_sizes(batch_size)
         out = default_out() if out is None else out
@@ -52,9 +52,10 @@ def compare(
             result = run_compare(
                 start, op_list, sizes, epochs=epochs, steps=steps or None, lr=lr, seed=seed, device=target, track=track
             )
-        write_folder_atomic(out, lambda staging: write_tables(staging / TABLES_DIR, result.tables))
-    print_summary(result.tables["compare_summary"], result.findings)
-    typer.echo(str(out))
+        write_folder_atomic(out, lambda staging: write_tables(staging / TABLES_DIR, result.tables), overwrite=overwrite)
+        outcome.written = out
+        print_summary(result.tables["compare_summary"], result.findings)
+        typer.echo(str(out))
 
 
 def parse_ops(text: str) -> list[str]:

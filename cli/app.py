@@ -19,6 +19,7 @@ from normscope.cli.boundary import EXIT_INTERNAL, EXIT_INTERRUPTED, fail, instal
 from normscope.cli.compare import compare
 from normscope.cli.report import report
 from normscope.cli.sites import sites
+from normscope.cli.train import train
 from normscope.errors import NormscopeError
 
 try:  # recent Typer vendors Click as typer._click; older Typer uses Click itself
@@ -77,6 +78,7 @@ app.command("analyze")(analyze)
 app.command("sites")(sites)
 app.command("report")(report)
 app.command("compare")(compare)
+app.command("train")(train)
 
 
 def main() -> None:

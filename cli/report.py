@@ -9,13 +9,14 @@ import typer
 
 from normscope.cli.boundary import boundary
 from normscope.errors import OutputError
+from normscope.reports.timeseries import is_run_folder, render_run
 from normscope.result import REPORT_FILE, TABLES_DIR, AnalysisResult, read_tables
 
 COMPARE_PREFIX = "compare_"
 
 
 def report(
-    folder: Annotated[Path, typer.Argument(help="An output folder of normscope analyze.", show_default=False)],
+    folder: Annotated[Path, typer.Argument(help="An output folder of normscope analyze, or a normscope.Monitor run folder.", show_default=False)],
     compare: Annotated[
         Optional[Path], typer.Option("--compare", help="An output folder of normscope compare to include.", show_default=False)
     ] = None,
@@ -23,6 +24,9 @@ def report(
 ) -> None:
     """Rebuild report.html in FOLDER from its tables and summary.json (and --compare results)."""
     with boundary(debug):
+        if is_run_folder(folder):
+            typer.echo(str(render_run(folder)))
+            return
         result = AnalysisResult.load(folder)
         extra = None if compare is None else compare_tables(compare)
         path = result.to_html(folder / REPORT_FILE, compare=extra)

@@ -356,8 +356,9 @@ def bias_variance(tables: Tables, fig: Figure) -> None:
 @figure(
     "descent",
     "Critical step against the learning rate",
-    "a_crit = 2 ||d||^2 / d^T H d along each direction d, per layer block of H and in total, in train "
-    "(batch statistics) and eval (running statistics) mode; the step is a descent step of the quadratic "
+    "a_crit = 2 (-g^T d) / d^T H d along each direction d (the update per unit learning rate; "
+    "2 ||d||^2 / d^T H d for d = -g), per layer block of H and in total, in train "
+    "(batch statistics) and eval (running statistics) mode; the step lr * d is a descent step of the quadratic "
     "model when lr < a_crit (seed 003, MATH.md §5). Dashed: the learning rate.",
     {"descent_directions": ("mode", "group", "a_crit", "lr")},
     size=(7.0, 3.6),
@@ -376,7 +377,7 @@ def descent_acrit(tables: Tables, fig: Figure) -> None:
     dropped = every.drop(index=table.index)
     if not dropped.empty:
         names = ", ".join(sorted({f"{m} · {g}" for m, g in zip(dropped["mode"], dropped["group"])})[:4])
-        ax.set_title(f"not shown (d^T H d <= 0, no critical step): {names}", fontsize="small", loc="left", color="0.35")
+        ax.set_title(f"not shown (d^T H d <= 0 or g^T d >= 0, no critical step): {names}", fontsize="small", loc="left", color="0.35")
     _legend_right(ax)
 
 

@@ -1,12 +1,14 @@
 """Second-order descent check (seed 003, MATH.md §5) and BN as reparameterization (seed 001, §6).
 
-Along a direction ``d`` (the negative gradient, or an optimizer's actual update per unit of its
-learning rate) the quadratic model of the minibatch loss is::
+Along a direction ``d`` the quadratic model of the minibatch loss is::
 
-    L(theta + a d) ~ L + a g^T d + a^2/2 d^T H d      (g^T d = -||d||^2 for d = -g)
+    L(theta + a d) ~ L + a g^T d + a^2/2 d^T H d
 
-and the gradient step is a descent step under it iff ``a < a_crit = 2 ||d||^2 / d^T H d``
-(any ``a`` when ``d^T H d <= 0``). This module measures that per layer (the block ``H_gg`` of
+With ``g^T d < 0`` it decreases iff ``0 < a < a_crit = 2 (-g^T d) / d^T H d`` (every ``a > 0``
+when ``d^T H d <= 0``); with ``g^T d >= 0`` ``d`` is no descent direction. For ``d = -g`` this is
+``2 ||d||^2 / d^T H d``. Every ``d`` here is the update *per unit learning rate* (``-g``, or an
+optimizer's update divided by its lr), so the actual step is ``lr * d`` and it is compared as
+``lr < a_crit``. This module measures that per layer (the block ``H_gg`` of
 the layer's own parameters) and in total, in training mode (batch statistics) and eval mode
 (running statistics); compares the quadratic model with the real loss along ``d``; checks the
 scale invariance of weights that feed a BatchNorm; and, with :mod:`~normscope.analyzers.spectrum`
@@ -17,6 +19,7 @@ reparameterization. Tables: ``descent_*`` in ``docs/tables.md``.
 from __future__ import annotations
 
 import copy
+import fnmatch
 import math
 from typing import Iterable, Sequence
 
@@ -29,27 +32,42 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from normscope.analyzers import AnalysisContext, AnalyzerOutput
 from normscope.analyzers.hvp import MODES, BatchLoss, HessianOperator
 from normscope.analyzers.reparam import no_grad_forward, reparam_check
-from normscope.analyzers.spectrum import hutchinson_trace, top_eigenvalues
+from normscope.analyzers.spectrum import hutchpp_split, krylov_trace, lanczos
+from normscope.budget import Budget, seconds_of
 from normscope.errors import InvalidArgumentError
 
 COLUMNS = {
-    "descent_directions": ["mode", "direction", "group", "sq_norm", "curvature", "a_crit", "lr", "lr_below_a_crit"],
+    "descent_directions": ["mode", "direction", "group", "sq_norm", "slope", "curvature", "a_crit", "lr", "lr_below_a_crit",
+                           "descent_direction", "a_crit_reason"],
     "descent_quadratic": ["mode", "step", "loss", "quadratic", "rel_error"],
-    "descent_spectrum": ["mode", "group", "rank", "eigenvalue", "stability_limit"],
-    "descent_trace": ["mode", "group", "trace", "trace_stderr", "n_samples"],
+    "descent_spectrum": ["mode", "group", "rank", "eigenvalue", "stability_limit", "residual", "error_bound",
+                         "products", "converged"],
+    "descent_trace": ["mode", "group", "trace", "trace_stderr", "n_samples", "products", "method"],
     "descent_scale_invariance": ["layer", "c", "loss_ratio", "a_crit_ratio", "max_abs_inner", "effective_lr"],
     "descent_reparam": ["layer", "max_abs_error", "cond_s", "cond_reparam"],
 }
 DEFAULT_LR = 0.1
 PARTING_THRESHOLD = 0.1
 SCALES = (1.0, 0.5, 2.0)
-QUICK = {"k": 3, "layer_k": 1, "layer_spectra": 3, "trace_samples": 8, "steps": 12, "tol": 1e-3}
-FULL = {"k": 5, "layer_k": 5, "layer_spectra": None, "trace_samples": 64, "steps": 25, "tol": 1e-6}
+QUICK = {"k": 3, "layer_k": 1, "layer_spectra": 3, "trace_products": 30, "steps": 12, "tol": 1e-3}
+FULL = {"k": 5, "layer_k": 5, "layer_spectra": None, "trace_products": 99, "steps": 25, "tol": 1e-4}
 
 
-def critical_step(sq_norm: float, curvature: float) -> float:
-    """``a_crit = 2 ||d||^2 / d^T H d``, or ``inf`` when ``d^T H d <= 0`` (seed 003, MATH.md §5)."""
-    return 2.0 * sq_norm / curvature if curvature > 0 else math.inf
+def critical_step(slope: float, curvature: float) -> float:
+    """``a_crit = 2 (-g^T d) / d^T H d`` from the slope ``g^T d`` and the curvature ``d^T H d``:
+    ``inf`` when ``d^T H d <= 0`` (the model decreases for every step), NaN when ``g^T d >= 0``
+    (no descent direction). ``2 ||d||^2 / d^T H d`` for ``d = -g`` (seed 003, MATH.md §5)."""
+    if not slope < 0:
+        return math.nan
+    return -2.0 * slope / curvature if curvature > 0 else math.inf
+
+
+def critical_step_reason(slope: float, curvature: float) -> str:
+    """Why :func:`critical_step` is what it is: ``quadratic`` (finite), ``no_descent``
+    (``g^T d >= 0``: NaN) or ``nonpositive_curvature`` (``d^T H d <= 0``: inf)."""
+    if not slope < 0:
+        return "no_descent"
+    return "quadratic" if curvature > 0 else "nonpositive_curvature"
 
 
 def negative_gradient(loss: BatchLoss) -> dict[str, Tensor]:
@@ -89,19 +107,25 @@ def descent_rows(
     total: HessianOperator, d: dict[str, Tensor], lr: float, direction: str, groups: dict[str, list[str]] | None = None
 ) -> list[dict]:
     """One ``descent_directions`` row for the total (``total``, the operator over all parameters)
-    and for each layer: ``||d_g||^2``, ``d_g^T H_gg d_g`` (one Hessian-vector product each),
-    ``a_crit = 2 ||d_g||^2 / d_g^T H_gg d_g`` and ``lr < a_crit`` (seed 003, MATH.md §5)."""
+    and for each layer (moving that layer's block only): ``||d_g||^2``, the slope ``g_g^T d_g``,
+    ``d_g^T H_gg d_g`` (one Hessian-vector product each), ``a_crit = 2 (-g_g^T d_g) / d_g^T H_gg d_g``
+    (:func:`critical_step`, with its reason) and ``lr < a_crit``; ``d`` is per unit learning rate,
+    so the step ``lr * d`` decreases the quadratic model iff ``lr < a_crit`` (seed 003, MATH.md §5).
+    ``groups``: ``{name: parameter names, or None for the total}``; default the total and every layer."""
     loss = total.loss
-    groups = {"total": None, **(loss.layers() if groups is None else groups)}
+    groups = {"total": None, **loss.layers()} if groups is None else groups
+    gradient = loss.gradient(total.names)
     rows = []
     for group, names in groups.items():
         op = total if names is None else total.block(names)
         flat = op.flatten(d)
         sq_norm = float(flat.double().pow(2).sum())
+        slope = float(torch.dot(op.flatten(gradient).double(), flat.double()))
         curvature = op.quadratic_form(flat)
-        a_crit = critical_step(sq_norm, curvature)
-        rows.append({"mode": loss.mode, "direction": direction, "group": group, "sq_norm": sq_norm,
-                     "curvature": curvature, "a_crit": a_crit, "lr": lr, "lr_below_a_crit": bool(lr < a_crit)})
+        a_crit = critical_step(slope, curvature)
+        rows.append({"mode": loss.mode, "direction": direction, "group": group, "sq_norm": sq_norm, "slope": slope,
+                     "curvature": curvature, "a_crit": a_crit, "lr": lr, "lr_below_a_crit": bool(lr < a_crit),
+                     "descent_direction": slope < 0, "a_crit_reason": critical_step_reason(slope, curvature)})
     return rows
 
 
@@ -175,7 +199,7 @@ def scale_invariance(loss: BatchLoss, layer: str, lr: float, scales: Iterable[fl
         scaled = loss.with_params({name: c * weight})
         op = HessianOperator(scaled, [name], backend)
         g = op.gradient()
-        a_crit = critical_step(float(g.double().pow(2).sum()), op.quadratic_form(-g))
+        a_crit = critical_step(-float(g.double().pow(2).sum()), op.quadratic_form(-g))
         inner = (c * weight * op.split(g)[name]).double().flatten(1).sum(dim=1)
         with torch.no_grad():
             value = float(scaled())
@@ -194,24 +218,43 @@ def scale_invariance(loss: BatchLoss, layer: str, lr: float, scales: Iterable[fl
     return rows
 
 
-def spectrum_rows(op: HessianOperator, mode: str, group: str, k: int, tol: float, seed: int) -> list[dict]:
-    """``descent_spectrum`` rows: the top ``k`` eigenvalues and ``2 / eigenvalue`` (NaN if <= 0)."""
-    values = top_eigenvalues(op, k, tol, seed)
+def spectrum_rows(op: HessianOperator, mode: str, group: str, k: int, tol: float, seed: int,
+                  max_products: int | None = None) -> list[dict]:
+    """``descent_spectrum`` rows from :func:`lanczos`: the top ``k`` eigenvalues, ``2 / eigenvalue``
+    (NaN if <= 0), each value's residual ``||H y - theta y||`` and error bound, the products spent
+    and whether the tolerance was reached (not when ``max_products`` stopped it first)."""
+    found = lanczos(op, k, tol, seed, max_products)
     return [{"mode": mode, "group": group, "rank": i + 1, "eigenvalue": float(v),
-             "stability_limit": 2.0 / float(v) if v > 0 else math.nan} for i, v in enumerate(values)]
+             "stability_limit": 2.0 / float(v) if v > 0 else math.nan, "residual": float(r), "error_bound": float(e),
+             "products": found.products, "converged": found.converged}
+            for i, (v, r, e) in enumerate(zip(found.values, found.residuals, found.errors))]
 
 
 def spectrum_layers(traces: dict[str, tuple[float, float]], layers: dict[str, list[str]], limit: int | None) -> list[str]:
     """The layers whose spectra to compute: all (``limit=None``), or the ``limit`` layers with the
-    largest absolute Hutchinson trace ``|tr H_gg|``, in model order."""
+    largest absolute block trace ``|tr H_gg|`` (layers without a trace last), in model order."""
     if limit is None or len(layers) <= limit:
         return list(layers)
-    chosen = set(sorted(layers, key=lambda g: -abs(traces[g][0]))[:limit])
+    chosen = set(sorted(layers, key=lambda g: -abs(traces[g][0]) if g in traces else math.inf)[:limit])
     return [g for g in layers if g in chosen]
+
+
+def selected_layers(layers: dict[str, list[str]], sites: str | Sequence[str] | None) -> dict[str, list[str]]:
+    """The layers (module paths) matching the fnmatch pattern(s) ``sites``; all when ``None``."""
+    if sites is None:
+        return layers
+    patterns = [sites] if isinstance(sites, str) else list(sites)
+    return {g: names for g, names in layers.items() if any(fnmatch.fnmatchcase(g, p) for p in patterns)}
 
 
 def _frame(name: str, rows: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=COLUMNS[name])
+
+
+def _trace_rows(mode: str, traces: dict[str, tuple[float, float]], products: int) -> list[dict]:
+    samples = hutchpp_split(products)[1]
+    return [{"mode": mode, "group": group, "trace": t, "trace_stderr": se, "n_samples": samples, "products": products,
+             "method": "krylov-hutch++"} for group, (t, se) in traces.items()]
 
 
 def descent_tables(
@@ -227,6 +270,8 @@ def descent_tables(
     dtype: torch.dtype | None = torch.float64,
     backend: str = "auto",
     track=None,
+    budget: Budget | None = None,
+    sites: str | Sequence[str] | None = None,
 ) -> tuple[dict[str, pd.DataFrame], dict[str, str]]:
     """Every ``descent_*`` table for ``model`` on one batch, and the HVP backend chosen per mode.
 
@@ -234,52 +279,132 @@ def descent_tables(
     Directions: ``gradient`` (``-dL/dtheta``, checked against ``lr``) and, given ``optimizer``,
     ``optimizer:<class>`` (:func:`optimizer_direction`, checked against the optimizer's lr). The
     quadratic table follows the optimizer's direction when given, the gradient otherwise.
-    Settings (:data:`QUICK` or :data:`FULL`): the top ``k`` eigenvalues of ``H``, the top
-    ``layer_k`` of each layer's block (quick: only the ``layer_spectra`` layers with the largest
-    block trace), ``trace_samples`` Hutchinson products shared by all blocks, ``steps`` grid steps.
+    Settings (:data:`QUICK` or :data:`FULL`): the top ``k`` eigenvalues of ``H`` to relative
+    tolerance ``tol``, the top ``layer_k`` of each layer's block (quick: only the ``layer_spectra``
+    layers with the largest block trace), a Krylov Hutch++ trace (:func:`krylov_trace`) from ``trace_products`` products shared
+    by all blocks, ``steps`` grid steps. ``sites`` (fnmatch patterns on module paths) restricts the
+    per-layer work.
+
+    ``budget`` (:class:`~normscope.budget.Budget`, unlimited by default) is split evenly between
+    the modes; within a mode the stages run in this order, each only if its products fit in what
+    is left at the measured HVP cost (gradients and forwards are priced at the measured gradient
+    and forward costs): the total's direction rows, the quadratic model, the top eigenvalues of
+    ``H``, the trace, the layers' direction rows (as many layers as fit), the layers' spectra,
+    the scale-invariance and reparameterization checks. What does not fit is recorded in
+    ``budget.cuts``; the tables hold what finished.
     """
     settings = QUICK if quick else FULL
+    budget = budget or Budget(None)
     tables: dict[str, list[dict]] = {name: [] for name in COLUMNS}
     backends: dict[str, str] = {}
     track = track or (lambda it, *a, **k: it)
-    for mode in track(list(modes), "descent", total=len(modes)):
+    modes = list(modes)
+    for index, mode in enumerate(track(modes, "descent", total=len(modes))):
+        plan = budget.share(f"descent ({mode} mode)", [f"descent ({m} mode)" for m in modes[index:]])
         loss = BatchLoss(model, inputs, targets, loss_fn, mode, dtype)
-        layers = loss.layers()
         total = HessianOperator(loss, backend=backend)
         backends[mode] = total.backend
-        rows = descent_rows(total, negative_gradient(loss), lr, "gradient")
-        d, step_lr = negative_gradient(loss), lr
-        if optimizer is not None:
-            d, step_lr = optimizer_direction(model, optimizer, loss)
-            rows += descent_rows(total, d, step_lr, f"optimizer:{type(optimizer).__name__}")
-        tables["descent_directions"] += rows
-        a_crit = next(r["a_crit"] for r in reversed(rows) if r["group"] == "total")
-        tables["descent_quadratic"] += quadratic_model(loss, d, step_grid(step_lr, a_crit, settings["steps"]),
-                                                       total.backend).to_dict("records")
-        traces = hutchinson_trace(total, settings["trace_samples"], seed, layers)
-        tables["descent_trace"] += [{"mode": mode, "group": group, "trace": t, "trace_stderr": se,
-                                     "n_samples": settings["trace_samples"]} for group, (t, se) in traces.items()]
-        tables["descent_spectrum"] += spectrum_rows(total, mode, "total", settings["k"], settings["tol"], seed)
-        for i, group in enumerate(spectrum_layers(traces, layers, settings["layer_spectra"]), start=1):
-            op = HessianOperator(loss, layers[group], total.backend)
-            tables["descent_spectrum"] += spectrum_rows(op, mode, group, settings["layer_k"], settings["tol"], seed + i)
-        if mode == "train":
-            for layer, norm in feeding_layers(loss.model, loss.inputs).items():
-                tables["descent_scale_invariance"] += scale_invariance(loss, layer, lr, SCALES, total.backend)
-                if isinstance(loss.model.get_submodule(layer), nn.Linear):
-                    tables["descent_reparam"].append({"layer": layer, **reparam_check(loss.model, loss.inputs, layer, norm)})
+        budget.cost("hvp", lambda: total.timings.get(total.backend) or seconds_of(lambda: total(total.gradient())))
+        budget.cost("gradient", lambda: seconds_of(loss.gradient))
+        budget.cost("forward", lambda: seconds_of(lambda: loss().detach()))
+        _mode_tables(tables, plan, loss, total, model, optimizer, lr, settings, seed, sites)
     return {name: _frame(name, rows) for name, rows in tables.items()}, backends
 
 
-def findings(tables: dict[str, pd.DataFrame], lr_given: bool, lr: float) -> list[str]:
-    """Plain sentences, most important first."""
+def _direction_finding(row) -> str:
+    """One sentence on a ``descent_directions`` total row (d per unit lr: the step is lr * d)."""
+    head = f"{row.mode} mode, {row.direction} direction (step = lr * d, lr {row.lr:.3g})"
+    if not row.descent_direction:
+        return (f"{head}: d is NOT a descent direction (g^T d = {row.slope:.3g} >= 0); the quadratic model "
+                "predicts a loss increase for every step.")
+    if not math.isfinite(row.a_crit):
+        return (f"{head}: d^T H d = {row.curvature:.3g} <= 0, so the quadratic model decreases for every step "
+                "(a_crit = inf).")
+    verdict = "is a descent step" if row.lr_below_a_crit else "is NOT a descent step"
+    return (f"{head}: the step {verdict} under the quadratic model (a_crit = 2(-g^T d)/d^T H d = {row.a_crit:.3g}, "
+            f"lr / a_crit = {row.lr / row.a_crit:.3g}).")
+
+
+def _mode_tables(tables: dict[str, list[dict]], plan: Budget, loss: BatchLoss, total: HessianOperator, model: nn.Module,
+                 optimizer, lr: float, settings: dict, seed: int, sites) -> None:
+    """The stages of :func:`descent_tables` for one mode, within ``plan``, appended to ``tables``."""
+    mode = loss.mode
+    layers = selected_layers(loss.layers(), sites)
+    directions = [("gradient", lambda: (negative_gradient(loss), lr))]
+    if optimizer is not None:
+        directions.append((f"optimizer:{type(optimizer).__name__}", lambda: optimizer_direction(model, optimizer, loss)))
+    if not plan.allows("every table of this mode", {"gradient": len(directions), "hvp": len(directions)}):
+        return
+    chosen = [(name, *make()) for name, make in directions]
+    for name, d, step_lr in chosen:
+        tables["descent_directions"] += descent_rows(total, d, step_lr, name, {"total": None})
+    plan.spend("gradient", len(chosen))
+    plan.spend("hvp", len(chosen))
+    _, d, step_lr = chosen[-1]
+    a_crit = next(r["a_crit"] for r in reversed(tables["descent_directions"]) if r["group"] == "total" and r["mode"] == mode)
+    if plan.allows("the quadratic model", {"gradient": 1, "hvp": 1, "forward": settings["steps"] + 1}):
+        tables["descent_quadratic"] += quadratic_model(loss, d, step_grid(step_lr, a_crit, settings["steps"]),
+                                                       total.backend).to_dict("records")
+        plan.spend("gradient")
+        plan.spend("hvp")
+        plan.spend("forward", settings["steps"] + 1)
+    products = plan.affordable("hvp", 2 * max(settings["k"], 2) + 10)
+    if products >= 2:
+        tables["descent_spectrum"] += spectrum_rows(total, mode, "total", settings["k"], settings["tol"], seed, products)
+        plan.spend("hvp", tables["descent_spectrum"][-1]["products"])
+        if not tables["descent_spectrum"][-1]["converged"]:
+            plan.cut("Lanczos iterations for the top eigenvalues", f"stopped after {products} products, before tolerance "
+                     f"{settings['tol']:g}; the residuals in descent_spectrum give the accuracy reached")
+    else:
+        plan.cut("the top eigenvalues", "no time left for 2 Hessian-vector products")
+    products = plan.affordable("hvp", settings["trace_products"])
+    traces: dict[str, tuple[float, float]] = {}
+    if products >= 2:
+        traces = krylov_trace(total, products, seed, layers)
+        tables["descent_trace"] += _trace_rows(mode, traces, products)
+        plan.spend("hvp", products)
+        if products < settings["trace_products"]:
+            plan.cut(f"{settings['trace_products'] - products} of {settings['trace_products']} trace products",
+                     "the budget ran out; the standard errors in descent_trace give the accuracy reached")
+    else:
+        plan.cut("the trace", "no time left for 2 Hessian-vector products")
+    fitting = plan.affordable("hvp", len(layers) * len(chosen))
+    done = list(layers)[: fitting // len(chosen)]
+    for name, d, step_lr in chosen:
+        tables["descent_directions"] += descent_rows(total, d, step_lr, name, {g: layers[g] for g in done})
+    plan.spend("hvp", len(done) * len(chosen))
+    if len(done) < len(layers):
+        plan.cut(f"per-layer critical steps of {len(layers) - len(done)} of {len(layers)} layers",
+                 "one Hessian-vector product each did not fit")
+    for i, group in enumerate(spectrum_layers(traces, {g: layers[g] for g in done}, settings["layer_spectra"]), start=1):
+        products = plan.affordable("hvp", 2 * settings["layer_k"] + 10)
+        if products < 2:
+            plan.cut(f"the spectra of layer {group} and after", "no time left")
+            break
+        op = HessianOperator(loss, layers[group], total.backend)
+        tables["descent_spectrum"] += spectrum_rows(op, mode, group, settings["layer_k"], settings["tol"], seed + i, products)
+        plan.spend("hvp", op.products)
+    if mode == "train":
+        for layer, norm in feeding_layers(loss.model, loss.inputs).items():
+            if sites is not None and not (selected_layers({layer: [], norm: []}, sites)):
+                continue
+            if not plan.allows(f"scale invariance of {layer}", {"gradient": len(SCALES), "hvp": len(SCALES), "forward": len(SCALES)}):
+                break
+            tables["descent_scale_invariance"] += scale_invariance(loss, layer, lr, SCALES, total.backend)
+            plan.spend("gradient", len(SCALES))
+            plan.spend("hvp", len(SCALES))
+            plan.spend("forward", len(SCALES))
+            if isinstance(loss.model.get_submodule(layer), nn.Linear):
+                tables["descent_reparam"].append({"layer": layer, **reparam_check(loss.model, loss.inputs, layer, norm)})
+
+
+def findings(tables: dict[str, pd.DataFrame], lr_given: bool, lr: float, quick: bool = True) -> list[str]:
+    """Plain sentences, most important first (``quick``: the tables came from quick settings)."""
     out: list[str] = []
     directions = tables["descent_directions"]
     for row in directions[directions["group"] == "total"].itertuples():
-        verdict = "is a descent step" if row.lr_below_a_crit else "is NOT a descent step"
-        out.append(f"{row.mode} mode, {row.direction} direction: the step with lr {row.lr:.3g} {verdict} under the "
-                   f"quadratic model (a_crit = {row.a_crit:.3g}, lr / a_crit = {row.lr / row.a_crit:.3g}).")
-    layers = directions[(directions["group"] != "total") & (directions["direction"] == "gradient")]
+        out.append(_direction_finding(row))
+    layers = directions[(directions["group"] != "total") & (directions["direction"] == "gradient")].dropna(subset=["a_crit"])
     if len(layers):
         worst = layers.loc[layers["a_crit"].idxmin()]
         out.append(f"The smallest per-layer critical step is {worst['a_crit']:.3g} for {worst['group']} "
@@ -290,13 +415,13 @@ def findings(tables: dict[str, pd.DataFrame], lr_given: bool, lr: float) -> list
                    f"lr < 2/lambda_max = {row.stability_limit:.3g} (lr {lr:.3g}).")
     spectrum_groups = set(spectrum["group"]) - {"total"}
     layer_groups = set(directions["group"]) - {"total"}
-    if len(spectrum_groups) < len(layer_groups):
+    if quick and QUICK["layer_spectra"] <= len(spectrum_groups) < len(layer_groups):
         trace = tables["descent_trace"]
-        samples = int(trace["n_samples"].iloc[0]) if len(trace) else 0
+        products = int(trace["products"].iloc[0]) if len(trace) else 0
         out.append(f"Quick mode limited the per-layer work: spectra for only the {len(spectrum_groups)} of "
                    f"{len(layer_groups)} layers with the largest block trace, Lanczos to relative tolerance "
-                   f"{QUICK['tol']:g}, Hutchinson traces from {samples} products (shared by every layer); "
-                   "run without quick mode for all of them.")
+                   f"{QUICK['tol']:g}, Krylov Hutch++ traces from {products} products (shared by every layer); "
+                   "run with --full (full=True in normscope.analyze) for all of them.")
     quadratic = tables["descent_quadratic"]
     for mode, part in quadratic.groupby("mode", sort=False):
         step = parting_step(part)
@@ -323,7 +448,8 @@ def findings(tables: dict[str, pd.DataFrame], lr_given: bool, lr: float) -> list
 
 def analyze(ctx: AnalysisContext) -> AnalyzerOutput:
     """The descent analyzer on ``ctx.batches[0]``: every ``descent_*`` table (:func:`descent_tables`),
-    in train and eval mode, float64, quick settings when ``ctx.quick``. Options (``ctx.options``):
+    in train and eval mode, float64, quick settings when ``ctx.quick``, within ``ctx.budget``, per-layer
+    work restricted to ``ctx.sites``. Options (``ctx.options``):
     ``descent_optimizer`` (a ``torch.optim`` optimizer of ``ctx.model`` whose update to check),
     ``descent_backend`` (``auto``). ``ctx.lr`` defaults to 0.1 (said in the findings)."""
     inputs, targets = ctx.batches[0]
@@ -332,7 +458,8 @@ def analyze(ctx: AnalysisContext) -> AnalyzerOutput:
         raise InvalidArgumentError(f"lr must be positive (got {ctx.lr})")
     tables, backends = descent_tables(
         ctx.model, inputs, targets, ctx.loss_fn, lr, ctx.options.get("descent_optimizer"), quick=ctx.quick,
-        seed=ctx.seed, backend=ctx.options.get("descent_backend", "auto"), track=ctx.track)
+        seed=ctx.seed, backend=ctx.options.get("descent_backend", "auto"), track=ctx.track, budget=ctx.budget,
+        sites=ctx.sites)
     directions, spectrum = tables["descent_directions"], tables["descent_spectrum"]
     headline: dict[str, float | int | str] = {"lr": lr, "hvp_backend": backends.get("train", "")}
     for mode in MODES:
@@ -345,4 +472,4 @@ def analyze(ctx: AnalysisContext) -> AnalyzerOutput:
         part = tables["descent_quadratic"][tables["descent_quadratic"]["mode"] == mode]
         if len(part):
             headline[f"parting_step_{mode}"] = parting_step(part)
-    return AnalyzerOutput(tables, findings(tables, ctx.lr is not None, lr), headline)
+    return AnalyzerOutput(tables, findings(tables, ctx.lr is not None, lr, ctx.quick), headline)

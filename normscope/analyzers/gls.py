@@ -32,6 +32,7 @@ from normscope.capture import Capture, capture
 from normscope.capture.record import SiteRecord
 from normscope.errors import AnalyzerError, DataShapeError, UnknownNameError
 from normscope.guard import preserved
+from normscope.ops.ls_bn import regularized_moments
 from normscope.registry import from_rows, partition_moments, to_rows
 
 COLUMNS = {
@@ -76,21 +77,25 @@ def backward_fit(z: Tensor, g: Tensor, centered: bool = True, unit_norm: bool = 
     return alpha, gz if unit_norm else gz / z.shape[1]
 
 
-def regularized_fit(z: Tensor, g: Tensor, alpha_star: Tensor, beta_star: Tensor, weight: float) -> tuple[Tensor, Tensor]:
+def regularized_fit(
+    z: Tensor, g: Tensor, alpha_star: Tensor, beta_star: Tensor, weight: float, batch_size: int
+) -> tuple[Tensor, Tensor]:
     """``(alpha_w, beta_w)`` of the BatchNorm regression with two virtual items (seed 002 App. C).
 
-    Items at ``z = +1`` and ``z = -1``, each of weight ``w``, receive the virtual gradients
-    ``alpha* + beta*`` and ``alpha* - beta*``; the weighted means over the ``n`` real and the
-    virtual items are::
+    Two virtual *batch items*, broadcast over the spatial dims like a real one, at ``z = +1`` and
+    ``z = -1``, each of weight ``w`` batch items, receive the virtual gradients ``alpha* + beta*``
+    and ``alpha* - beta*``. A row of ``n = B * H * W`` positions then has ``2 w H W`` virtual
+    positions, and the weighted means are (MATH.md §2, the convention of
+    :class:`~normscope.ops.ls_bn.LSBatchNorm`, by :func:`~normscope.ops.ls_bn.regularized_moments`)::
 
-        alpha_w = (sum_P g + 2 w alpha*) / (n + 2 w),   beta_w = (sum_P g z + 2 w beta*) / (n + 2 w)
+        alpha_w = (B alpha + 2 w alpha*) / (B + 2 w),   beta_w = (B beta + 2 w beta*) / (B + 2 w)
 
-    and the regularized backward pass is ``s * dL/dx = g - alpha_w - beta_w z`` for the real items.
-    ``alpha_star``, ``beta_star`` are ``(P,)`` or ``(P, 1)``.
+    with ``alpha = mean_P(g)``, ``beta = mean_P(g z)``; the regularized backward pass is
+    ``s * dL/dx = g - alpha_w - beta_w z`` for the real items. ``batch_size`` is B (the number of
+    batch items the ``n`` positions of a row come from). ``alpha_star``, ``beta_star`` are ``(P,)`` or ``(P, 1)``.
     """
-    total = z.shape[1] + 2.0 * weight
-    alpha_w = (g.sum(1) + 2.0 * weight * alpha_star.reshape(-1)) / total
-    beta_w = ((g * z).sum(1) + 2.0 * weight * beta_star.reshape(-1)) / total
+    alpha, beta = g.mean(1), (g * z).mean(1)
+    alpha_w, beta_w = regularized_moments(alpha, beta, alpha_star.reshape(-1), beta_star.reshape(-1), batch_size, weight)
     return alpha_w[:, None], beta_w[:, None]
 
 
@@ -397,7 +402,12 @@ def _scatter(fits: Sequence[RecordFit], partition: int | None, seed: int) -> pd.
 
 # -- other partitionings: two-step regression and what-if --------------------------------------
 def _channel_dim(fit: RecordFit) -> int:
-    return -1 if fit.record.layout.rule == "sample_last" else 1
+    """The channel axis of the site's input: dim 1 (N, C, *), except for layer/RMS norms over the
+    trailing dims (``sample_last``), where it is the first normalized dim: the last for (N, T, C)
+    over C, dim 1 for (N, C, H, W) over (C, H, W) (PyTorch's channels-first layout)."""
+    if fit.record.layout.rule == "sample_last":
+        return len(fit.record.shape) - fit.record.layout.normalized_ndim
+    return 1
 
 
 def extra_regression_r2(residual: Tensor, z: Tensor, dims: Sequence[int] = (1,)) -> float:
@@ -592,7 +602,9 @@ def batch_size_sweep(
     """The site table as a function of batch size, and seed 002 Appendix C's regularization.
 
     The ``L`` items of ``inputs`` are split, in order, into batches of each size ``B`` (which must
-    divide ``L``); every batch runs forward/backward in training mode under capture.
+    divide ``L``; default: the powers of 2 that do); every batch runs forward/backward in training
+    mode under capture. One batch of all ``L`` items always runs as the reference, whether or not
+    ``L`` is among the sizes (its rows appear only if it is).
 
     ``gls_batch_sweep``: :func:`sites_table` pooled over the batches of size B (R^2, beta, naive gap).
 
@@ -607,15 +619,18 @@ def batch_size_sweep(
     """
     total = inputs.shape[0]
     sizes = sorted(set(batch_sizes or _powers_of_two(total)))
+    if not sizes:
+        raise DataShapeError(f"no batch size of at least 2 divides the {total} items; pass batch_sizes")
     bad = [b for b in sizes if b < 2 or total % b]
     if bad:
         raise DataShapeError(f"batch sizes {bad} do not divide the {total} items into batches of at least 2")
     if not 0 <= momentum < 1 or weight < 0:
         raise DataShapeError(f"momentum must be in [0, 1) and weight >= 0 (got momentum={momentum}, weight={weight})")
+    runs = sorted({*sizes, total})  # the one batch of all L items is the reference, asked for or not
     sweep_rows, dx_plain, dx_reg = [], {}, {}
     with preserved(model):
         model.train()
-        for size in track(sizes[::-1], "gls batch-size sweep", len(sizes)):
+        for size in track(runs[::-1], "gls batch-size sweep", len(runs)):
             fits_b: list[RecordFit] = []
             running: dict[tuple[str, int], tuple[Tensor, Tensor]] = {}
             for start in range(0, total, size):
@@ -625,20 +640,23 @@ def batch_size_sweep(
                     if fit.record.layout.rule == "channel" and fit.record.layout.batch_stats:
                         alpha, beta = fit.figures["alpha"][:, None], fit.figures["beta"][:, None]
                         a_star, b_star = running.get(key, (alpha[:, 0], beta[:, 0]))
-                        reg = regularized_fit(fit.z, fit.g, a_star, b_star, weight)
+                        reg = regularized_fit(fit.z, fit.g, a_star, b_star, weight, size)
                         dx_plain.setdefault((key, size), []).append(_chunk_dx(fit, alpha, beta, size))
                         dx_reg.setdefault((key, size), []).append(_chunk_dx(fit, *reg, size))
                         running[key] = (momentum * a_star + (1 - momentum) * alpha[:, 0],
                                         momentum * b_star + (1 - momentum) * beta[:, 0])
                     fit.z = fit.g = fit.residual = None
                     fits_b.append(fit)
-            table = sites_table(fits_b)
-            table["batch_size"] = size
-            sweep_rows.append(table)
+            if size in sizes:
+                table = sites_table(fits_b)
+                table["batch_size"] = size
+                sweep_rows.append(table)
     sweep = pd.concat(sweep_rows, ignore_index=True)
     sweep = sweep.sort_values(["depth", "batch_size"], ignore_index=True)[COLUMNS["gls_batch_sweep"]]
     reg_rows = []
     for (key, size), plain in dx_plain.items():
+        if size not in sizes:
+            continue
         reference = dx_plain[(key, total)][0]
         reg_rows.append({"site": key[0] if key[1] == 0 else f"{key[0]}#{key[1]}", "batch_size": size,
                          "dist_plain": _relative_distance(plain, reference, 0),
@@ -740,7 +758,7 @@ def analyze(ctx: AnalysisContext) -> AnalyzerOutput:
     512 items of the data. Options (``ctx.options``): ``gls_momentum`` (0.5), ``gls_weight`` (2.0),
     ``gls_sweep`` (True)."""
     inputs, targets = ctx.batches[0]
-    tables = gls_step(ctx.model, (inputs, targets), ctx.loss_fn)
+    tables = gls_step(ctx.model, (inputs, targets), ctx.loss_fn, sites=ctx.sites)
     data = _sweep_data(ctx, 64 if ctx.quick else 512)
     if ctx.options.get("gls_sweep", True) and data is not None:
         tables.update(batch_size_sweep(ctx.model, *data, loss_fn=ctx.loss_fn, track=ctx.track,

@@ -1,0 +1,133 @@
+"""The time budget (normscope.budget): work planned from injected unit costs on a planned clock
+(no timing in the test), cut where it does not fit, finished tables kept and the cuts stated."""
+
+import math
+
+import pytest
+import torch
+
+import normscope
+from normscope.analyzers import ANALYZERS
+from normscope.analyzers.descent import QUICK, descent_tables
+from normscope.budget import Budget, as_budget
+from normscope.errors import InvalidArgumentError
+from normscope.guard import assert_unchanged, snapshot
+from normscope.models import build_model
+
+COSTS = {"hvp": 1.0, "gradient": 0.5, "forward": 0.1, "example_chunk": 2.0}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Small products: threads only add contention on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def unlimited(digits64):
+    model = build_model("mlp_bn")
+    x, y = digits64[0][:32].float(), digits64[1][:32]
+    tables, _ = descent_tables(model, x, y, budget=Budget(None, dict(COSTS)))
+    return model, x, y, tables
+
+
+def test_budget_arithmetic_on_a_planned_clock():
+    budget = Budget(10.0, dict(COSTS), clock="planned")
+    assert budget.affordable("hvp", 100) == 10 and budget.affordable("hvp", 3) == 3
+    assert budget.allows("stage", {"hvp": 4, "gradient": 2})
+    budget.spend("hvp", 4)
+    budget.spend("gradient", 2)
+    assert budget.elapsed() == pytest.approx(5.0) and budget.remaining() == pytest.approx(5.0)
+    assert not budget.allows("big stage", {"hvp": 6}) and budget.cuts[-1].what == "big stage"
+    share = budget.share("descent", ["descent", "stats"])
+    assert share.seconds == pytest.approx(5.0 * 4 / 5)  # descent weighs 4, stats 1
+    share.spend("hvp", 2)
+    assert budget.remaining() == pytest.approx(3.0)  # a share spends its parent's time
+    share.cut("x", "y")
+    assert budget.cuts[-1].analyzer == "descent"
+    report = budget.report()
+    assert report["clock"] == "planned" and len(report["cuts"]) == 2 and report["unit_costs"] == COSTS
+    assert as_budget(None).remaining() == math.inf and as_budget(0).limited is False
+    with pytest.raises(InvalidArgumentError):
+        Budget(-1.0)
+    with pytest.raises(InvalidArgumentError):
+        Budget(1.0, {"flops": 1.0})
+
+
+def test_an_injected_cost_is_not_measured():
+    budget = Budget(10.0, {"hvp": 0.25})
+    assert budget.cost("hvp", lambda: pytest.fail("measured")) == 0.25
+    assert budget.cost("forward", lambda: 0.5) == 0.5 and budget.costs["forward"] == 0.5
+
+
+@pytest.mark.parametrize("seconds", [6.0, 60.0])
+def test_descent_stays_within_its_budget_and_keeps_what_finished(unlimited, seconds):
+    model, x, y, free = unlimited
+    before = snapshot(model)
+    budget = Budget(seconds, dict(COSTS), clock="planned")
+    tables, _ = descent_tables(model, x, y, budget=budget)
+    assert_unchanged(model, before)
+    assert budget.elapsed() <= seconds + 1e-9
+    directions = tables["descent_directions"]
+    assert set(directions.query("group == 'total'")["mode"]) == {"train", "eval"}  # the essentials of both modes
+    assert budget.cuts, "this budget is too small for every stage"
+    assert sum(len(t) for t in tables.values()) < sum(len(t) for t in free.values())
+    for cut in budget.cuts:
+        assert cut.analyzer.startswith("descent (") and cut.why
+    trace = tables["descent_trace"]
+    if len(trace):
+        assert (trace["products"] <= QUICK["trace_products"]).all() and (trace["trace_stderr"] >= 0).all()
+    spectrum = tables["descent_spectrum"]
+    stopped = spectrum[~spectrum["converged"].astype(bool)]
+    assert (stopped["residual"] > 0).all()  # an unconverged value states the accuracy it reached
+    # the same budget twice plans the same work: no timing in the plan
+    again = Budget(seconds, dict(COSTS), clock="planned")
+    repeat, _ = descent_tables(model, x, y, budget=again)
+    assert [len(t) for t in repeat.values()] == [len(t) for t in tables.values()]
+    assert [c.what for c in again.cuts] == [c.what for c in budget.cuts]
+
+
+def test_sites_restrict_the_per_layer_work(digits64):
+    model = build_model("mlp_bn")
+    x, y = digits64[0][:32].float(), digits64[1][:32]
+    tables, _ = descent_tables(model, x, y, modes=("train",), sites="net.1")
+    assert set(tables["descent_directions"]["group"]) == {"total", "net.1"}
+    assert set(tables["descent_trace"]["group"]) == {"total", "net.1"}
+    assert set(tables["descent_scale_invariance"]["layer"]) == {"net.1"}  # net.1 feeds the BatchNorm net.2
+
+
+def test_analyze_states_the_budget_and_its_cuts(digits64, tmp_path):
+    model = build_model("mlp_bn")
+    before = snapshot(model)
+    x, y = digits64[0].float(), digits64[1]
+    budget = Budget(20.0, dict(COSTS), clock="planned")
+    result = normscope.analyze(model, (x, y), analyzers=["stats", "descent"], batch_size=32, batches=1, budget=budget)
+    assert_unchanged(model, before)
+    meta = result.meta["budget"]
+    assert meta["seconds"] == 20.0 and meta["cuts"] and meta["unit_costs"]["hvp"] == 1.0
+    assert result.meta["settings"] == "quick"
+    assert any("time budget" in f for f in result.findings["budget"])
+    assert {"stats_sites", "descent_directions"} <= set(result.tables)
+    result.save(tmp_path / "out")
+    assert (tmp_path / "out" / "summary.json").is_file()
+
+
+def interrupting_analyzer(ctx):
+    raise KeyboardInterrupt
+
+
+def test_an_interrupt_keeps_the_finished_analyzers(digits64, monkeypatch):
+    monkeypatch.setitem(ANALYZERS, "interrupting", "tests.test_budget:interrupting_analyzer")
+    model = build_model("mlp_bn")
+    before = snapshot(model)
+    x, y = digits64[0].float(), digits64[1]
+    result = normscope.analyze(model, (x, y), analyzers=["stats", "interrupting", "descent"], batch_size=32, batches=1)
+    assert_unchanged(model, before)
+    assert "stats_sites" in result.tables and "descent_directions" not in result.tables
+    assert "interrupted during analyzer interrupting" in result.meta["analyzer_errors"]["interrupted"]
+    assert result.findings["budget"][0].startswith("Analysis interrupted")
+    with pytest.raises(KeyboardInterrupt):
+        normscope.analyze(model, (x, y), analyzers=["interrupting"], batch_size=32, batches=1)

@@ -16,9 +16,9 @@ from torch.utils.data import DataLoader
 from normscope.api import Data, analyzer_names
 from normscope.api import analyze as run_analysis
 from normscope.budget import DEFAULT_BUDGET
-from normscope.checkpoint import import_attribute, load_model
+from normscope.checkpoint import call_user, import_attribute, load_model
 from normscope.data import DIGITS
-from normscope.cli.boundary import boundary
+from normscope.cli.boundary import boundary, warn
 from normscope.cli.summary import print_summary
 from normscope.errors import DataShapeError, UnknownNameError
 from normscope.models import DEFAULT_MODEL, MODELS
@@ -73,7 +73,7 @@ def analyze(
 ) -> None:
     """Analyze every normalization site of a model and write tables, summary.json and report.html."""
     console = Console(stderr=True)
-    with boundary(debug):
+    with boundary(debug) as outcome:
         names = None if analyzers is None else analyzer_names(analyzers)
         target = resolve_device(device)
         out = default_out() if out is None else out
@@ -109,12 +109,13 @@ def analyze(
         result.meta["seconds"]["load_model"] = loading
         with console.status("writing tables and report"):
             result.save(out, overwrite=overwrite)
-    print_summary(result, out, Console())
-    for message in result.meta["analyzer_errors"].values():
-        typer.echo(f"normscope: warning: {message}", err=True)
-    typer.echo(str(out))
-    if "interrupted" in result.meta["analyzer_errors"]:
-        raise typer.Exit(130)
+        outcome.written = out
+        print_summary(result, out, Console())
+        for message in result.meta["analyzer_errors"].values():
+            warn(message)
+        typer.echo(str(out))
+        if "interrupted" in result.meta["analyzer_errors"]:
+            raise typer.Exit(130)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -155,7 +156,7 @@ def load_data(spec: str, batch_size: int) -> Data:
     found = import_attribute(module_name, attribute, spec, "--data")
     if callable(found) and not isinstance(found, DataLoader):
         takes_batch_size = "batch_size" in inspect.signature(found).parameters
-        found = found(batch_size=batch_size) if takes_batch_size else found()
+        found = call_user(found, spec, "--data", **({"batch_size": batch_size} if takes_batch_size else {}))
     if isinstance(found, (DataLoader, tuple, list, dict)):
         return found
     raise DataShapeError(

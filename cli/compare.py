@@ -56,7 +56,7 @@ def compare(
 ) -> None:
     """Train each normalization variant in place of the model's norm layers on the same data, seeds and
     budget, at each batch size, and write curves, per-run and per-variant tables (OUT/tables/compare_*)."""
-    with boundary(debug):
+    with boundary(debug) as outcome:
         variants = parse_variants(ops)
         sizes = parse_batch_sizes(batch_size)
         out = default_out() if out is None else out
@@ -70,9 +70,10 @@ def compare(
                 start, variants, sizes, epochs=epochs, steps=steps or None, examples=examples or None, lr=lr, seed=seed,
                 seeds=seeds, data=splits, loss_fn=loss_fn, device=target, track=track,
             )
-        write_folder_atomic(out, lambda staging: write_tables(staging / TABLES_DIR, result.tables))
-    print_summary(result.tables["compare_stats"], result.findings)
-    typer.echo(str(out))
+        write_folder_atomic(out, lambda staging: write_tables(staging / TABLES_DIR, result.tables), overwrite=overwrite)
+        outcome.written = out
+        print_summary(result.tables["compare_stats"], result.findings)
+        typer.echo(str(out))
 
 
 def resolve_loss(spec: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:

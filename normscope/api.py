@@ -101,7 +101,8 @@ def analyze(
     loss = resolve_loss(loss_fn)
     home = model_device(model)
     target = home if device is None else torch.device(device)
-    work = model if home == target else copy.deepcopy(model).to(target)
+    inner = model.module if isinstance(model, nn.DataParallel) else model  # torch.func refuses the wrapper
+    work = inner if home == target else copy.deepcopy(inner).to(target)
     dtype = floating_dtype(work)
     started = time.perf_counter()
     with preserved(model), grad_enabled(), progress_bars(progress) as track:

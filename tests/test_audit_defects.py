@@ -161,9 +161,6 @@ def _convnext():
     return transformers.ConvNextModel(config).to(D).train()
 
 
-@pytest.mark.xfail(strict=True, reason="#11 owns the fix: normscope/registry.py's MRO lookup reads transformers' "
-                   "ConvNextLayerNorm (an nn.LayerNorm subclass) as a LayerNorm over the last dim instead of its "
-                   "data_format='channels_first' (over dim 1)")
 def test_convnext_channels_first_layernorm():
     """The real transformers ConvNextLayerNorm (channels_first, from a ConvNeXt built from a small
     config) normalizes each (n, h, w) position over the C channels: N*H*W partitions whose alpha,

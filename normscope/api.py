@@ -25,6 +25,7 @@ from normscope.checkpoint import first_line, nonfinite_weights
 from normscope.data import digits_loader, load_digits
 from normscope.errors import AnalyzerError, DataShapeError, NoNormSitesError, NormscopeError, UnknownNameError
 from normscope.guard import preserved
+from normscope.overview import attach as attach_overview
 from normscope.result import AnalysisResult
 
 T = TypeVar("T")
@@ -125,6 +126,7 @@ def analyze(
         "analyzer_errors": errors,
         "seconds": {**timings, "total": time.perf_counter() - started},
     }
+    attach_overview(result)
     return result
 
 

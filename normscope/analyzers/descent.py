@@ -30,6 +30,8 @@ from normscope.analyzers import AnalysisContext, AnalyzerOutput
 from normscope.analyzers.hvp import MODES, BatchLoss, HessianOperator
 from normscope.analyzers.reparam import no_grad_forward, reparam_check
 from normscope.analyzers.spectrum import hutchinson_trace, top_eigenvalues
+from normscope.findings import Finding
+from normscope.rules import descent_findings, descent_verdicts
 from normscope.errors import InvalidArgumentError
 
 COLUMNS = {
@@ -271,54 +273,56 @@ def descent_tables(
     return {name: _frame(name, rows) for name, rows in tables.items()}, backends
 
 
-def findings(tables: dict[str, pd.DataFrame], lr_given: bool, lr: float) -> list[str]:
-    """Plain sentences, most important first."""
-    out: list[str] = []
+def findings(tables: dict[str, pd.DataFrame], lr_given: bool, lr: float) -> list[Finding]:
+    """Findings, most important first: one verdict per mode (``descent_verdicts``, made here when
+    absent; :func:`normscope.rules.descent_findings`), then the supporting measurements."""
+    if "descent_verdicts" not in tables:
+        tables["descent_verdicts"] = verdicts(tables)
+    out = descent_findings(tables["descent_verdicts"])
     directions = tables["descent_directions"]
-    for row in directions[directions["group"] == "total"].itertuples():
-        verdict = "is a descent step" if row.lr_below_a_crit else "is NOT a descent step"
-        out.append(f"{row.mode} mode, {row.direction} direction: the step with lr {row.lr:.3g} {verdict} under the "
-                   f"quadratic model (a_crit = {row.a_crit:.3g}, lr / a_crit = {row.lr / row.a_crit:.3g}).")
     layers = directions[(directions["group"] != "total") & (directions["direction"] == "gradient")]
     if len(layers):
         worst = layers.loc[layers["a_crit"].idxmin()]
-        out.append(f"The smallest per-layer critical step is {worst['a_crit']:.3g} for {worst['group']} "
-                   f"({worst['mode']} mode).")
+        out.append(Finding(f"The smallest per-layer critical step is {worst['a_crit']:.3g} for {worst['group']} ({worst['mode']} mode).",
+                           "descent", "note", site=worst["group"], metric="a_crit", value=worst["a_crit"], table="descent_directions",
+                           where={"mode": worst["mode"], "direction": "gradient", "group": worst["group"]}))
     spectrum = tables["descent_spectrum"]
-    for row in spectrum[(spectrum["group"] == "total") & (spectrum["rank"] == 1)].itertuples():
-        out.append(f"{row.mode} mode: lambda_max = {row.eigenvalue:.4g}, so plain gradient descent is stable for "
-                   f"lr < 2/lambda_max = {row.stability_limit:.3g} (lr {lr:.3g}).")
     spectrum_groups = set(spectrum["group"]) - {"total"}
     layer_groups = set(directions["group"]) - {"total"}
     if len(spectrum_groups) < len(layer_groups):
         trace = tables["descent_trace"]
         samples = int(trace["n_samples"].iloc[0]) if len(trace) else 0
-        out.append(f"Quick mode limited the per-layer work: spectra for only the {len(spectrum_groups)} of "
-                   f"{len(layer_groups)} layers with the largest block trace, Lanczos to relative tolerance "
-                   f"{QUICK['tol']:g}, Hutchinson traces from {samples} products (shared by every layer); "
-                   "run without quick mode for all of them.")
-    quadratic = tables["descent_quadratic"]
-    for mode, part in quadratic.groupby("mode", sort=False):
-        step = parting_step(part)
-        if math.isnan(step):
-            out.append(f"{mode} mode: the quadratic model stays within {PARTING_THRESHOLD:.0%} of the real loss on the whole grid.")
-        else:
-            out.append(f"{mode} mode: the quadratic model parts from the real loss (relative error above "
-                       f"{PARTING_THRESHOLD:.0%}) from step {step:.3g} on.")
+        out.append(Finding(f"Quick mode limited the per-layer work: spectra for only {len(spectrum_groups)} of the "
+                           f"{len(layer_groups)} layers (those with the largest block trace), Lanczos to relative tolerance "
+                           f"{QUICK['tol']:g}, Hutchinson traces from {samples} products (shared by every layer); "
+                           "run without quick mode for all of them.", "descent", "note", metric="n_samples", value=samples,
+                           table="descent_trace", statistic="max"))
     scale = tables["descent_scale_invariance"]
     for layer, part in scale.groupby("layer", sort=False):
         two = part[part["c"] == 2.0]
         if len(two):
             r = two.iloc[0]
             one = part[part["c"] == 1.0].iloc[0]
-            out.append(f"{layer} feeds a BatchNorm: L(2W)/L(W) = {r['loss_ratio']:.6g}, a_crit ratio = "
-                       f"{r['a_crit_ratio']:.4g} (c^2 = 4 when eps = 0), effective lr = lr/||W||^2 = {one['effective_lr']:.3g}.")
+            out.append(Finding(f"{layer} feeds a BatchNorm, so the loss ignores its scale: L(2W)/L(W) = {r['loss_ratio']:.6g} and the "
+                               f"critical step grows {r['a_crit_ratio']:.4g}-fold (4 when eps = 0); its effective learning rate is "
+                               f"lr/||W||² = {one['effective_lr']:.3g}.", "descent", "note", site=layer, metric="a_crit_ratio",
+                               value=r["a_crit_ratio"], table="descent_scale_invariance", where={"layer": layer, "c": 2.0}))
     for row in tables["descent_reparam"].itertuples():
-        out.append(f"{row.layer}: BN(x W^T) = x_c W_hat^T to {row.max_abs_error:.1e}; cond(S) = {row.cond_s:.3g} "
-                   f"against {row.cond_reparam:.3g} for the reparameterized problem (seed 001).")
+        out.append(Finding(f"{row.layer}: BN(x W^T) = x_c W_hat^T to {row.max_abs_error:.1e}; the condition number of the input "
+                           f"covariance is {row.cond_s:.3g} against {row.cond_reparam:.3g} for the reparameterized problem.",
+                           "descent", "note", site=row.layer, metric="cond_s", value=row.cond_s, table="descent_reparam",
+                           where={"layer": row.layer}))
     if not lr_given:
-        out.append(f"No learning rate was given; the checks use the default lr = {DEFAULT_LR}.")
+        out.append(Finding(f"No learning rate was given; the checks use the default lr = {DEFAULT_LR}.", "descent", "note",
+                           metric="lr", value=DEFAULT_LR, table="descent_verdicts", statistic="max"))
     return out
+
+
+def verdicts(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """The ``descent_verdicts`` table (:func:`normscope.rules.descent_verdicts`) with each mode's parting step."""
+    quadratic = tables["descent_quadratic"]
+    parting = {mode: parting_step(part) for mode, part in quadratic.groupby("mode", sort=False)}
+    return descent_verdicts(tables, parting)
 
 
 def analyze(ctx: AnalysisContext) -> AnalyzerOutput:
@@ -345,4 +349,5 @@ def analyze(ctx: AnalysisContext) -> AnalyzerOutput:
         part = tables["descent_quadratic"][tables["descent_quadratic"]["mode"] == mode]
         if len(part):
             headline[f"parting_step_{mode}"] = parting_step(part)
+    tables["descent_verdicts"] = verdicts(tables)
     return AnalyzerOutput(tables, findings(tables, ctx.lr is not None, lr), headline)

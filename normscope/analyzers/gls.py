@@ -27,6 +27,8 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
+from normscope.findings import Finding
+from normscope.rules import gls_findings
 from normscope.analyzers import AnalysisContext, AnalyzerOutput, no_progress
 from normscope.capture import Capture, capture
 from normscope.capture.record import SiteRecord
@@ -669,53 +671,9 @@ def _pct(value: float) -> str:
     return f"{100 * value:.0f}%"
 
 
-def findings(tables: dict[str, pd.DataFrame]) -> list[str]:
-    """Plain sentences from the gls tables, most important first."""
-    sites = tables["gls_sites"]
-    out: list[str] = []
-    if sites.empty:
-        return ["No normalization site received a gradient, so there is no gradient regression to show."]
-    active = sites[sites["batch_stats"]]
-    if not active.empty:
-        top, low = active.loc[active["r2_mean"].idxmax()], active.loc[active["r2_mean"].idxmin()]
-        out.append(f"{top['site']} explains {_pct(top['r2_mean'])} of its incoming gradient (mean R^2 over "
-                   f"{top['n_partitions']} partitions); its backward pass keeps only the residual.")
-        if low["site"] != top["site"]:
-            out.append(f"{low['site']} explains the least: {_pct(low['r2_mean'])} (mean R^2).")
-        gap = active.loc[active["naive_gap"].idxmax()]
-        out.append(f"At {gap['site']} the naive gradient gamma/s * dL/dy is off from the true dL/dx by "
-                   f"{_pct(gap['naive_gap'])} of its norm (the explained part divided by s).")
-    frozen = sites[~sites["batch_stats"]]
-    if not frozen.empty:
-        out.append(f"{len(frozen)} site(s) normalize with running statistics ({', '.join(frozen['site'][:3])}): "
-                   "their backward pass removes nothing.")
-    ident = sites["identity_rel_max"].dropna()
-    if not ident.empty:
-        out.append(f"Capture health: s*dL/dx = g - alpha - beta z holds to {ident.max():.1e} relative "
-                   f"(measured in {', '.join(sorted(set(sites['dtype'])))}).")
-    two = tables.get("gls_two_step", pd.DataFrame())
-    for _, row in two.iterrows():
-        out.append(f"{row['first_site']} then {row['second_site']} ({row['order']}): the second regression explains "
-                   f"{_pct(row['r2_second_on_residual'])} of what the first left.")
-    whatif = tables.get("gls_whatif", pd.DataFrame())
-    if not whatif.empty:
-        best = whatif.loc[whatif["r2_extra"].idxmax()]
-        out.append(f"An extra {best['extra_partitioning'].replace('_', '-')} regression after {best['site']} would "
-                   f"explain a further {_pct(best['r2_extra'])} of its residual.")
-    sweep = tables.get("gls_batch_sweep", pd.DataFrame())
-    if not sweep.empty and sweep["batch_size"].nunique() > 1:
-        lo, hi = sweep["batch_size"].min(), sweep["batch_size"].max()
-        mean = sweep.groupby("batch_size")["r2_mean"].mean()
-        out.append(f"Mean R^2 over sites is {_pct(mean[hi])} at batch {hi} and {_pct(mean[lo])} at batch {lo}.")
-    reg = tables.get("gls_regularization", pd.DataFrame())
-    if not reg.empty:
-        small = reg[reg["batch_size"] == reg["batch_size"].min()]
-        out.append(f"At batch {int(small['batch_size'].iloc[0])}, the BatchNorm input gradients are "
-                   f"{_pct(small['dist_plain'].mean())} (plain) and {_pct(small['dist_regularized'].mean())} "
-                   "(with seed 002's virtual-item regularization) away from the large-batch gradient on average; "
-                   f"before the division by s, {_pct(small['dist_plain_residual'].mean())} and "
-                   f"{_pct(small['dist_regularized_residual'].mean())}.")
-    return out
+def findings(tables: dict[str, pd.DataFrame]) -> list[Finding]:
+    """Findings from the gls tables, most important first: :func:`normscope.rules.gls_findings`."""
+    return gls_findings(tables)
 
 
 def headline(tables: dict[str, pd.DataFrame]) -> dict[str, float | int | str]:

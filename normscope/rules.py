@@ -105,7 +105,7 @@ def stats_findings(sites: pd.DataFrame, recalibration: pd.DataFrame | None = Non
         if row["relu_zero_fraction"] >= RELU_DEAD:
             out.append(_site_finding("stats", f"{row['site']}: the ReLU after it zeroes {percent(row['relu_zero_fraction'])} "
                                      "of the outputs.", "warning", row, "dead ReLU", "relu_zero_fraction", RELU_DEAD))
-    if not out:
+    if all(f.severity == "ok" for f in out):
         sentence = f"{plural(len(sites), 'site')}: eps below {EPS_NOTE:.0%} of every normalizer"
         if len(running):
             sentence += (f"; running statistics match the batch statistics (variance ratio between {low:g} and {high:g}, "

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import jinja2
 import pandas as pd
 
-from normscope.findings import SEVERITIES, findings_table, percent
+from normscope.findings import SEVERITIES, Finding, findings_table, percent
 from normscope.overview import sites_overview
 from normscope.reports.figures import RenderedFigure, quiet, render_figures
 from normscope.reports.findings import derived_findings
@@ -117,11 +117,10 @@ def render_html(result: AnalysisResult, compare: dict[str, pd.DataFrame] | None 
     self-contained HTML page: figures as base64 PNG, CSS and JavaScript inline."""
     tables = {**result.tables, **(compare or {})}
     meta = result.meta or {}
-    records = tables.get("findings")
-    if records is None:
-        records = findings_table(result.findings)
+    fresh = any(isinstance(f, Finding) for items in result.findings.values() for f in items)
+    records = findings_table(result.findings) if fresh or "findings" not in tables else tables["findings"]
     overview = tables.get("sites_overview")
-    if overview is None and meta.get("sites"):
+    if (fresh or overview is None) and meta.get("sites"):
         overview = sites_overview(tables, records, meta.get("sites"))
     with quiet():
         sections = [_section(spec, result, tables, records) for spec in SECTIONS]

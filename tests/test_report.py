@@ -24,6 +24,7 @@ from normscope.data import load_digits
 from normscope.models import build_model
 from normscope.reports.figures import FIGURES, missing_data, render_figures
 from normscope.reports.findings import compare_findings
+from normscope.reports.glossary import headline_label
 from normscope.reports.render import MAX_ROWS, SECTIONS, render_html
 from normscope.result import AnalysisResult, read_tables, write_tables
 
@@ -112,7 +113,7 @@ def test_sections_findings_and_headline(page, result):
         for finding in findings:
             assert str(escape(finding)) in page
     for label in result.headline["stats"]:
-        assert label.replace("_", " ") in page
+        assert str(escape(headline_label(label))) in page
 
 
 def test_tables_have_every_row_and_column(page, result, compare):

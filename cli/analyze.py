@@ -17,6 +17,7 @@ from normscope.api import Data, analyzer_names
 from normscope.api import analyze as run_analysis
 from normscope.checkpoint import import_attribute, load_model
 from normscope.cli.boundary import boundary
+from normscope.cli.options import flag, option
 from normscope.cli.summary import print_summary
 from normscope.errors import DataShapeError, UnknownNameError
 from normscope.models import DEFAULT_MODEL, MODELS
@@ -32,14 +33,14 @@ def analyze(
         Optional[Path],
         typer.Argument(help="A .pt/.pth/.safetensors file; omit it to analyze the built-in default trained on digits.", show_default=False),
     ] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder.  [default: normscope-out/<UTC time>]", show_default=False)] = None,
+    out: Annotated[Optional[Path], option("--out", "-o", help="Output folder.", default_text="normscope-out/<UTC time>")] = None,
     model: Annotated[
         Optional[str],
         typer.Option("--model", "-m", help=f"Built-in model ({', '.join(MODELS)}) or package.module:factory.", show_default=False),
     ] = None,
-    trust: Annotated[bool, typer.Option("--trust", help="Allow loading a whole pickled model (runs code from the file).")] = False,
+    trust: Annotated[bool, flag("--trust", "Allow loading a whole pickled model (runs code from the file).")] = False,
     analyzers: Annotated[
-        Optional[str], typer.Option("--analyzers", "-a", help="Comma-separated: stats,gls,bias,descent.  [default: all]", show_default=False)
+        Optional[str], option("--analyzers", "-a", help="Comma-separated: stats,gls,bias,descent.", default_text="all")
     ] = None,
     data: Annotated[str, typer.Option("--data", help="'digits' or package.module:loader (a DataLoader or a function returning one).")] = "digits",
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Minibatch size.")] = 128,
@@ -47,10 +48,10 @@ def analyze(
     device: Annotated[str, typer.Option("--device", help="'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:N'.")] = "auto",
     seed: Annotated[int, typer.Option("--seed", help="Seed of the batch order and of every random choice.")] = 0,
     lr: Annotated[
-        Optional[float], typer.Option("--lr", help="Learning rate to check step sizes against.  [default: the built-in's training lr]", show_default=False)
+        Optional[float], option("--lr", help="Learning rate to check step sizes against.", default_text="the built-in's training lr")
     ] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing non-empty output folder.")] = False,
-    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
+    overwrite: Annotated[bool, flag("--overwrite", "Replace an existing non-empty output folder.")] = False,
+    debug: Annotated[bool, flag("--debug", "Show tracebacks.")] = False,
 ) -> None:
     """Analyze every normalization site of a model and write tables, summary.json and report.html."""
     console = Console(stderr=True)
@@ -85,7 +86,7 @@ def analyze(
         result.meta["seconds"]["load_model"] = loading
         with console.status("writing tables and report"):
             result.save(out, overwrite=overwrite)
-    print_summary(result, out, Console())
+    print_summary(result, out, Console(), elapsed=time.perf_counter() - started)
     for message in result.meta["analyzer_errors"].values():
         typer.echo(f"normscope: warning: {message}", err=True)
     typer.echo(str(out))

@@ -13,6 +13,7 @@ import typer
 from normscope.cli.analyze import analyze
 from normscope.cli.boundary import fail
 from normscope.cli.compare import compare
+from normscope.cli.recalibrate import recalibrate
 from normscope.cli.report import report
 from normscope.cli.sites import sites
 from normscope.errors import NormscopeError
@@ -28,6 +29,7 @@ app.command("analyze")(analyze)
 app.command("sites")(sites)
 app.command("report")(report)
 app.command("compare")(compare)
+app.command("recalibrate")(recalibrate)
 
 
 def main() -> None:

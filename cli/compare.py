@@ -14,6 +14,7 @@ from normscope.api import progress_bars
 from normscope.checkpoint import load_model
 from normscope.cli.analyze import default_out, resolve_device
 from normscope.cli.boundary import boundary
+from normscope.cli.options import flag, option
 from normscope.compare import DEFAULT_OPS, compare as run_compare
 from normscope.errors import InvalidArgumentError
 from normscope.models import MODELS
@@ -33,11 +34,11 @@ def compare(
     steps: Annotated[int, typer.Option("--steps", min=0, help="Cap on the SGD steps per run (0: no cap).")] = 300,
     lr: Annotated[float, typer.Option("--lr", help="SGD learning rate at batch size 32 (scaled linearly with the batch size).")] = 0.05,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the initial weights and the batch order.")] = 0,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder.  [default: normscope-out/<UTC time>]", show_default=False)] = None,
+    out: Annotated[Optional[Path], option("--out", "-o", help="Output folder.", default_text="normscope-out/<UTC time>")] = None,
     device: Annotated[str, typer.Option("--device", help="'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:N'.")] = "auto",
-    trust: Annotated[bool, typer.Option("--trust", help="Allow loading a whole pickled model (runs code from the file).")] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing non-empty output folder.")] = False,
-    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
+    trust: Annotated[bool, flag("--trust", "Allow loading a whole pickled model (runs code from the file).")] = False,
+    overwrite: Annotated[bool, flag("--overwrite", "Replace an existing non-empty output folder.")] = False,
+    debug: Annotated[bool, flag("--debug", "Show tracebacks.")] = False,
 ) -> None:
     """Train each normalization op in place of the model's BatchNorms on the same data and seed,
     at each batch size, and write loss/accuracy curves and a summary table (OUT/tables/compare_*)."""

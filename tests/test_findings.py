@@ -16,7 +16,7 @@ from normscope.analyzers.descent import verdicts
 from normscope.data import load_digits
 from normscope.findings import Finding, findings_table, number, percent, plural, table_value
 from normscope.models import build_model
-from normscope.recalibrate import evaluate, population_moments, recalibrate
+from normscope.recalibration import evaluate, population_moments, recalibrate
 from normscope.rules import descent_findings, descent_verdict, gls_findings, measurable, stats_findings
 from normscope.train import train_reference
 

@@ -29,7 +29,7 @@ from normscope.capture import capture
 from normscope.capture.record import SiteRecord
 from normscope.findings import Finding
 from normscope.guard import preserved
-from normscope.recalibrate import recalibration_table, running_stat_layers
+from normscope.recalibration import recalibration_table, running_stat_layers
 from normscope.rules import stats_findings
 
 EPS_DOMINANCE = 0.5

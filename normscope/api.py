@@ -24,7 +24,7 @@ from normscope.capture import capture
 from normscope.checkpoint import first_line, nonfinite_weights
 from normscope.data import digits_loader, load_digits
 from normscope.errors import AnalyzerError, DataShapeError, NoNormSitesError, NormscopeError, UnknownNameError
-from normscope.guard import preserved
+from normscope.guard import grad_enabled, preserved
 from normscope.overview import attach as attach_overview
 from normscope.result import AnalysisResult
 
@@ -78,8 +78,9 @@ def analyze(
     work = model if home == target else copy.deepcopy(model).to(target)
     dtype = floating_dtype(work)
     started = time.perf_counter()
-    with progress_bars(progress) as track, torch.random.fork_rng(devices=[target.index or 0] if target.type == "cuda" else []):
-        torch.manual_seed(seed)
+    with preserved(model), grad_enabled(), progress_bars(progress) as track:
+        seed_generators(seed, target)
+        data = usable_outside_inference(data)
         loader, dataset, data_source = make_loader(data, batch_size, seed)
         chosen = take_batches(loader, batches, target, dtype, track)
         sites, unrecognized = check_fit(work, chosen[0], loss_fn)
@@ -128,6 +129,22 @@ def analyze(
     }
     attach_overview(result)
     return result
+
+
+def seed_generators(seed: int, device: torch.device) -> None:
+    """Seed the CPU generator and, for a CUDA ``device``, that device's generator only
+    (``torch.manual_seed`` would also reseed every CUDA device, lazily, after restore)."""
+    torch.default_generator.manual_seed(seed)
+    if device.type == "cuda":
+        torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()].manual_seed(seed)
+
+
+def usable_outside_inference(data: Data) -> Data:
+    """``(inputs, targets)`` created under ``torch.inference_mode()`` cloned into normal tensors
+    (autograd cannot save inference tensors); everything else unchanged."""
+    if isinstance(data, (tuple, list)) and any(isinstance(t, torch.Tensor) and t.is_inference() for t in data):
+        return type(data)(t.clone() if isinstance(t, torch.Tensor) else t for t in data)
+    return data
 
 
 def analyzer_names(analyzers: str | Sequence[str] | None) -> list[str]:
@@ -247,7 +264,8 @@ def run_analyzers(
     ctx: AnalysisContext, names: list[str], track: Callable, explicit: bool
 ) -> tuple[dict[str, AnalyzerOutput], dict[str, str], dict[str, float]]:
     """Run each analyzer on ``ctx`` with the model preserved; a missing or failing analyzer is
-    recorded in the errors (by name) and the others still run.
+    recorded in the errors (by name, with the exception's type and message) and the others
+    still run. Any ``Exception`` of an analyzer counts as its failure; interrupts propagate.
 
     Raises:
         AnalyzerError: no analyzer produced output.
@@ -268,6 +286,9 @@ def run_analyzers(
         except NormscopeError as error:
             verb = "failed" if explicit else "skipped"
             errors[name] = f"analyzer {name} {verb}: {first_line(error)}"
+            continue
+        except Exception as error:
+            errors[name] = f"analyzer {name} failed ({type(error).__name__}: {first_line(error)})"
             continue
         timings[name] = time.perf_counter() - started
     if not outputs:

@@ -318,10 +318,13 @@ VERDICT_COLUMNS = ["mode", "direction", "lr", "a_crit", "lambda_max", "stability
 
 
 def descent_verdict(lr: float, a_crit: float, lambda_max: float, parting: float) -> tuple[str, str]:
-    """``(verdict, severity)`` of one mode: unstable along the top curvature direction when
-    ``lr > 2 / lambda_max`` (whatever ``a_crit``), not a descent step when ``lr >= a_crit``,
+    """``(verdict, severity)`` of one mode: not a descent direction when ``a_crit`` is NaN
+    (``g^T d >= 0``); unstable along the top curvature direction when ``lr > 2 / lambda_max``
+    (whatever ``a_crit``); not a descent step when ``lr >= a_crit``;
     beyond the quadratic model when ``lr >= parting``, else stable."""
     limit = 2.0 / lambda_max if lambda_max > 0 else math.inf
+    if math.isnan(a_crit):
+        return "not a descent direction", "critical"
     if lr > limit:
         return "unstable along the top curvature direction", "critical"
     if lr >= a_crit:
@@ -367,6 +370,10 @@ def descent_findings(verdicts: pd.DataFrame) -> list[Finding]:
                     f"{', so one step still lowers the loss' if lr < a_crit else ''}: a_crit uses the curvature d^T H d / ||d||² "
                     "along the step, an average over all directions that is at most λ_max, so it can be the larger figure.")
             metric, value, threshold = "stability_limit", limit, lr
+        elif verdict == "not a descent direction":
+            text = (f"{row['mode']} mode: {verdict}. Along the {str(row['direction']).split(':')[0]} step the loss rises to first order "
+                    f"(gᵀd >= 0), so no step size lowers the quadratic model; 2/λ_max = {number(limit)}.")
+            metric, value, threshold = "a_crit", a_crit, lr
         elif verdict == "not a descent step":
             text = (f"{row['mode']} mode: {verdict}. The learning rate {number(lr)} is above the critical step {along} "
                     f"(below it the quadratic model decreases); 2/λ_max = {number(limit)}.")

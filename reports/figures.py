@@ -460,9 +460,10 @@ def bias_variance(tables: Tables, fig: Figure) -> None:
 @figure(
     "descent",
     "Critical step against the learning rate",
-    "a_crit = 2 ||d||² / dᵀHd along each direction d, per layer block of H and in total, in train (batch statistics) and eval "
-    "(running statistics) mode; the step lowers the quadratic model when lr < a_crit (MATH.md §5). Dashed: the learning rate; "
-    "dotted: 2 / λ_max of the whole model, above which gradient descent is unstable along the top curvature direction.",
+    "a_crit = 2 (−gᵀd) / dᵀHd along each direction d (the update per unit learning rate; 2 ||d||² / dᵀHd for d = −g), per "
+    "layer block of H and in total, in train (batch statistics) and eval (running statistics) mode; the step lr·d lowers the "
+    "quadratic model when lr < a_crit (MATH.md §5). Dashed: the learning rate; dotted: 2 / λ_max of the whole model, above "
+    "which gradient descent is unstable along the top curvature direction.",
     {"descent_directions": ("mode", "group", "a_crit", "lr")},
 )
 def descent_acrit(tables: Tables, fig: Figure) -> None:
@@ -495,7 +496,7 @@ def descent_acrit(tables: Tables, fig: Figure) -> None:
     dropped = every.drop(index=table.index)
     if not dropped.empty:
         names = ", ".join(sorted({f"{m} · {g}" for m, g in zip(dropped["mode"], dropped["group"])})[:4])
-        ax.set_title(f"not shown (dᵀHd <= 0, no critical step): {names}", fontsize="small", loc="left", color="0.35")
+        ax.set_title(f"not shown (dᵀHd <= 0 or gᵀd >= 0, no critical step): {names}", fontsize="small", loc="left", color="0.35")
     _legend_right(ax, fontsize="small")
 
 

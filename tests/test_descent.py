@@ -97,7 +97,7 @@ def test_descent_rows_against_the_dense_hessian(tiny):
         part = flat[start:start + n]
         assert rows[group]["curvature"] == pytest.approx(part @ H[start:start + n, start:start + n] @ part, rel=1e-10, abs=1e-14)
         start += n
-    assert critical_step(1.0, -2.0) == math.inf and critical_step(1.0, 0.0) == math.inf
+    assert critical_step(-1.0, -2.0) == math.inf and critical_step(-1.0, 0.0) == math.inf
 
 
 def test_quadratic_model_against_direct_evaluation(tiny):

@@ -96,6 +96,7 @@ def test_descent_verdict_weighs_the_stability_limit_above_a_crit():
     assert descent_verdict(lr=0.1, a_crit=0.05, lambda_max=1.0, parting=1.0)[0] == "not a descent step"
     assert descent_verdict(lr=0.1, a_crit=0.5, lambda_max=1.0, parting=0.086)[0] == "beyond the quadratic model"
     assert descent_verdict(lr=0.1, a_crit=0.5, lambda_max=1.0, parting=math.nan) == ("stable", "ok")
+    assert descent_verdict(lr=0.1, a_crit=math.nan, lambda_max=1.0, parting=math.nan)[0] == "not a descent direction"
 
 
 def test_lr_above_two_over_lambda_max_on_a_real_model(trained, digits):

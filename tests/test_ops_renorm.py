@@ -12,7 +12,10 @@ BN = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d}
 
 
 def pair(shape, device="cpu", dtype=torch.float64, **kw):
-    """A BatchRenorm and a torch BatchNorm with the same random affine and running statistics."""
+    """A BatchRenorm (constant limits unless a schedule is given) and a torch BatchNorm with the
+    same random affine and running statistics."""
+    if not (callable(kw.get("rmax")) or callable(kw.get("dmax"))):
+        kw = {"bn_steps": 0, "rmax_steps": 0, "dmax_steps": 0, **kw}
     renorm = BatchRenorm(shape[1], **kw).to(device, dtype)
     bn = BN[len(shape)](shape[1], momentum=kw.get("momentum", 0.1)).to(device, dtype)
     with torch.no_grad():

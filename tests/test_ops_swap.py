@@ -14,6 +14,7 @@ from normscope.ops import NORMS, BatchRenorm, MedianBatchNorm, create_norm, swap
 
 HAS_POPULATION = importlib.util.find_spec("normscope.ops.population") is not None
 SEED_004 = {"population", "microbatch"}
+STATELESS = {"layernorm"}
 
 
 def op_names():
@@ -27,7 +28,8 @@ def op_names():
 def test_every_op_has_the_batchnorm_contract(name):
     torch.manual_seed(0)
     norm = create_norm(name, 6, eps=1e-3, momentum=0.2, affine=True).double()
-    for attr in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+    stateless = name in STATELESS  # LayerNorm has no running statistics
+    for attr in ("weight", "bias") + (() if stateless else ("running_mean", "running_var", "num_batches_tracked")):
         assert isinstance(getattr(norm, attr), torch.Tensor), attr
     assert (norm.num_features, norm.eps, norm.momentum) == (6, 1e-3, 0.2)
     assert str(6) in norm.extra_repr()
@@ -37,13 +39,13 @@ def test_every_op_has_the_batchnorm_contract(name):
         assert y.shape == x.shape and torch.isfinite(y).all()
         y.square().sum().backward()
         assert torch.isfinite(x.grad).all()
-    assert int(norm.num_batches_tracked) == 2
+    assert stateless or int(norm.num_batches_tracked) == 2
     with torch.no_grad():
         norm.weight.fill_(3.0)
     norm.reset_parameters()
     assert torch.equal(norm.weight, torch.ones(6, dtype=torch.float64))
     norm.reset_running_stats()
-    assert int(norm.num_batches_tracked) == 0 and not norm.running_mean.any()
+    assert stateless or (int(norm.num_batches_tracked) == 0 and not norm.running_mean.any())
 
 
 def test_names_classes_and_partials():

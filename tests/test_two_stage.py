@@ -151,8 +151,10 @@ def test_step_adds_gradients_and_moves_the_emas() -> None:
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, expected.grads[name], rtol=0, atol=1e-12)
     act = model[1](x).detach()
-    torch.testing.assert_close(norm.running_mean, 0.9 * mean0 + 0.1 * act.mean(0))
-    torch.testing.assert_close(norm.running_var, 0.9 * var0 + 0.1 * (act - mean0).pow(2).mean(0))
+    rate = norm.momentum
+    assert rate == 0.2  # PopulationNorm's own EMA rate (seed 004 §5), not BatchNorm's 0.1
+    torch.testing.assert_close(norm.running_mean, (1 - rate) * mean0 + rate * act.mean(0))
+    torch.testing.assert_close(norm.running_var, (1 - rate) * var0 + rate * (act - mean0).pow(2).mean(0))
 
 
 def test_bad_inputs() -> None:

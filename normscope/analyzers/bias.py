@@ -237,7 +237,7 @@ class _Estimators:
         self.microbatch_size = int(options.get("microbatch", 2))
         self.microbatch = {}
         self.population_options = population
-        self.renorm = _swap(self.base, "renorm")
+        self.renorm = _swap(self.base, "renorm", bn_steps=0, rmax_steps=0, dmax_steps=0)  # constant rmax 3, dmax 5
         self.chunk_size = int(options.get("chunk_size", 64))
         self.cache: dict[str, Tensor] = {}
         norm = next(m for m in self.per_example.modules() if isinstance(m, PopulationNorm))

@@ -1,12 +1,14 @@
 """Second-order descent check (seed 003, MATH.md §5) and BN as reparameterization (seed 001, §6).
 
-Along a direction ``d`` (the negative gradient, or an optimizer's actual update per unit of its
-learning rate) the quadratic model of the minibatch loss is::
+Along a direction ``d`` the quadratic model of the minibatch loss is::
 
-    L(theta + a d) ~ L + a g^T d + a^2/2 d^T H d      (g^T d = -||d||^2 for d = -g)
+    L(theta + a d) ~ L + a g^T d + a^2/2 d^T H d
 
-and the gradient step is a descent step under it iff ``a < a_crit = 2 ||d||^2 / d^T H d``
-(any ``a`` when ``d^T H d <= 0``). This module measures that per layer (the block ``H_gg`` of
+With ``g^T d < 0`` it decreases iff ``0 < a < a_crit = 2 (-g^T d) / d^T H d`` (every ``a > 0``
+when ``d^T H d <= 0``); with ``g^T d >= 0`` ``d`` is no descent direction. For ``d = -g`` this is
+``2 ||d||^2 / d^T H d``. Every ``d`` here is the update *per unit learning rate* (``-g``, or an
+optimizer's update divided by its lr), so the actual step is ``lr * d`` and it is compared as
+``lr < a_crit``. This module measures that per layer (the block ``H_gg`` of
 the layer's own parameters) and in total, in training mode (batch statistics) and eval mode
 (running statistics); compares the quadratic model with the real loss along ``d``; checks the
 scale invariance of weights that feed a BatchNorm; and, with :mod:`~normscope.analyzers.spectrum`
@@ -35,7 +37,8 @@ from normscope.rules import descent_findings, descent_verdicts
 from normscope.errors import InvalidArgumentError
 
 COLUMNS = {
-    "descent_directions": ["mode", "direction", "group", "sq_norm", "curvature", "a_crit", "lr", "lr_below_a_crit"],
+    "descent_directions": ["mode", "direction", "group", "sq_norm", "slope", "curvature", "a_crit", "lr", "lr_below_a_crit",
+                           "descent_direction", "a_crit_reason"],
     "descent_quadratic": ["mode", "step", "loss", "quadratic", "rel_error"],
     "descent_spectrum": ["mode", "group", "rank", "eigenvalue", "stability_limit"],
     "descent_trace": ["mode", "group", "trace", "trace_stderr", "n_samples"],
@@ -49,9 +52,21 @@ QUICK = {"k": 3, "layer_k": 1, "layer_spectra": 3, "trace_samples": 8, "steps": 
 FULL = {"k": 5, "layer_k": 5, "layer_spectra": None, "trace_samples": 64, "steps": 25, "tol": 1e-6}
 
 
-def critical_step(sq_norm: float, curvature: float) -> float:
-    """``a_crit = 2 ||d||^2 / d^T H d``, or ``inf`` when ``d^T H d <= 0`` (seed 003, MATH.md §5)."""
-    return 2.0 * sq_norm / curvature if curvature > 0 else math.inf
+def critical_step(slope: float, curvature: float) -> float:
+    """``a_crit = 2 (-g^T d) / d^T H d`` from the slope ``g^T d`` and the curvature ``d^T H d``:
+    ``inf`` when ``d^T H d <= 0`` (the model decreases for every step), NaN when ``g^T d >= 0``
+    (no descent direction). ``2 ||d||^2 / d^T H d`` for ``d = -g`` (seed 003, MATH.md §5)."""
+    if not slope < 0:
+        return math.nan
+    return -2.0 * slope / curvature if curvature > 0 else math.inf
+
+
+def critical_step_reason(slope: float, curvature: float) -> str:
+    """Why :func:`critical_step` is what it is: ``quadratic`` (finite), ``no_descent``
+    (``g^T d >= 0``: NaN) or ``nonpositive_curvature`` (``d^T H d <= 0``: inf)."""
+    if not slope < 0:
+        return "no_descent"
+    return "quadratic" if curvature > 0 else "nonpositive_curvature"
 
 
 def negative_gradient(loss: BatchLoss) -> dict[str, Tensor]:
@@ -91,19 +106,24 @@ def descent_rows(
     total: HessianOperator, d: dict[str, Tensor], lr: float, direction: str, groups: dict[str, list[str]] | None = None
 ) -> list[dict]:
     """One ``descent_directions`` row for the total (``total``, the operator over all parameters)
-    and for each layer: ``||d_g||^2``, ``d_g^T H_gg d_g`` (one Hessian-vector product each),
-    ``a_crit = 2 ||d_g||^2 / d_g^T H_gg d_g`` and ``lr < a_crit`` (seed 003, MATH.md §5)."""
+    and for each layer (moving that layer's block only): ``||d_g||^2``, the slope ``g_g^T d_g``,
+    ``d_g^T H_gg d_g`` (one Hessian-vector product each), ``a_crit = 2 (-g_g^T d_g) / d_g^T H_gg d_g``
+    (:func:`critical_step`, with its reason) and ``lr < a_crit``; ``d`` is per unit learning rate,
+    so the step ``lr * d`` decreases the quadratic model iff ``lr < a_crit`` (seed 003, MATH.md §5)."""
     loss = total.loss
     groups = {"total": None, **(loss.layers() if groups is None else groups)}
+    gradient = loss.gradient(total.names)
     rows = []
     for group, names in groups.items():
         op = total if names is None else total.block(names)
         flat = op.flatten(d)
         sq_norm = float(flat.double().pow(2).sum())
+        slope = float(torch.dot(op.flatten(gradient).double(), flat.double()))
         curvature = op.quadratic_form(flat)
-        a_crit = critical_step(sq_norm, curvature)
-        rows.append({"mode": loss.mode, "direction": direction, "group": group, "sq_norm": sq_norm,
-                     "curvature": curvature, "a_crit": a_crit, "lr": lr, "lr_below_a_crit": bool(lr < a_crit)})
+        a_crit = critical_step(slope, curvature)
+        rows.append({"mode": loss.mode, "direction": direction, "group": group, "sq_norm": sq_norm, "slope": slope,
+                     "curvature": curvature, "a_crit": a_crit, "lr": lr, "lr_below_a_crit": bool(lr < a_crit),
+                     "descent_direction": slope < 0, "a_crit_reason": critical_step_reason(slope, curvature)})
     return rows
 
 
@@ -177,7 +197,7 @@ def scale_invariance(loss: BatchLoss, layer: str, lr: float, scales: Iterable[fl
         scaled = loss.with_params({name: c * weight})
         op = HessianOperator(scaled, [name], backend)
         g = op.gradient()
-        a_crit = critical_step(float(g.double().pow(2).sum()), op.quadratic_form(-g))
+        a_crit = critical_step(-float(g.double().pow(2).sum()), op.quadratic_form(-g))
         inner = (c * weight * op.split(g)[name]).double().flatten(1).sum(dim=1)
         with torch.no_grad():
             value = float(scaled())
@@ -280,7 +300,7 @@ def findings(tables: dict[str, pd.DataFrame], lr_given: bool, lr: float) -> list
         tables["descent_verdicts"] = verdicts(tables)
     out = descent_findings(tables["descent_verdicts"])
     directions = tables["descent_directions"]
-    layers = directions[(directions["group"] != "total") & (directions["direction"] == "gradient")]
+    layers = directions[(directions["group"] != "total") & (directions["direction"] == "gradient")].dropna(subset=["a_crit"])
     if len(layers):
         worst = layers.loc[layers["a_crit"].idxmin()]
         out.append(Finding(f"The smallest per-layer critical step is {worst['a_crit']:.3g} for {worst['group']} ({worst['mode']} mode).",

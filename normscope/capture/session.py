@@ -14,7 +14,7 @@ from normscope.capture.functional import FUNCTIONAL_NORMS, RELU_FUNCTIONS, bind_
 from normscope.capture.record import Site, SiteRecord, reduce_record
 from normscope.capture.sites import find_unrecognized, matches, module_sites
 from normscope.errors import UnknownNameError
-from normscope.guard import restore, snapshot
+from normscope.guard import preserved
 from normscope.registry import Layout
 
 STORAGES = ("device", "cpu", "reductions")
@@ -54,7 +54,9 @@ class Capture:
             Default: ``"device"``.
         functional: also capture functional norm calls. Default: True.
         preserve: restore the model's parameters, buffers, flags and ``.grad`` on exit, so the
-            block leaves the model bit-identical (BN running statistics included). Set False to
+            block leaves the model bit-identical (BN running statistics included); inside it the
+            user's ``.grad`` tensors are set aside, so a ``backward()`` does not accumulate into
+            them (see :func:`normscope.guard.preserved`). Set False to
             keep the effects of a training step taken inside the block. Default: True.
 
     After the block: ``records`` (one :class:`SiteRecord` per call of a site, in forward
@@ -102,11 +104,15 @@ class Capture:
 
     # -- context ---------------------------------------------------------------------------
     def __enter__(self) -> "Capture":
-        self._state = snapshot(self.model) if self.preserve else None
+        self._state = preserved(self.model, rng=False) if self.preserve else None
+        if self._state is not None:
+            self._state.__enter__()
         try:
             self._install()
         except BaseException:
             self._remove()
+            if self._state is not None:
+                self._state.__exit__(None, None, None)
             raise
         return self
 
@@ -119,7 +125,7 @@ class Capture:
                         reduce_record(record)
         finally:
             if self._state is not None:
-                restore(self.model, self._state)
+                self._state.__exit__(None, None, None)
 
     def _install(self) -> None:
         for name, module, recognized in module_sites(self.model):

@@ -9,12 +9,21 @@ name               op                                                           
 ``bn``             torch's BatchNorm, any input ``(N, C, *)``                       baseline
 ``median``         :class:`~normscope.ops.median.MedianBatchNorm`                   seed 000
 ``renorm``         :class:`~normscope.ops.renorm.BatchRenorm`                       Ioffe 2017
+``ghost_bn``       :class:`~normscope.ops.renorm.GhostBatchNorm`, ghost batches of 4  Ioffe 2017 §4.2
+``ghost_renorm``   ``BatchRenorm`` over ghost batches of 4                          Ioffe 2017 §4.2
+``layernorm``      :class:`~normscope.ops.layer_norm.ChannelLayerNorm`              seed 002 Table 1
 ``lsbn``           :class:`~normscope.ops.ls_bn.LSBatchNorm`                        seed 002 App. C
 ``bn_ln``          :class:`~normscope.ops.chain.BatchLayerNorm`, BN then LN         seed 002 §4.1
 ``ln_bn``          :class:`~normscope.ops.chain.BatchLayerNorm`, LN then BN         seed 002 §4.1
 ``population``     ``normscope.ops.population.PopulationNorm``, per example         seed 004 §3.1
-``microbatch``     ``PopulationNorm`` with microbatches of 4                        seed 004 §3.1
+``microbatch``     ``PopulationNorm`` with microbatches of 4                        seed 004 §5
 =================  ==============================================================  ============
+
+The seeds are "Normalization Gradients are Least-Squares Residuals" (ICLR 2019 submission,
+seed 002 above) and "Extreme Normalization: Approximating Full-Data Batch Normalization with
+Single Examples" (seed 004); Ioffe 2017 is "Batch Renormalization". Every op's defaults follow its
+paper where the paper states one (see each docstring). ``microbatch`` is the improved batch
+renormalization of seed 004 §5, ``ghost_renorm`` Ioffe's own at the same microbatch size.
 """
 
 from __future__ import annotations
@@ -28,9 +37,10 @@ from torch import nn
 
 from normscope.errors import DataShapeError, UnknownNameError
 from normscope.ops.chain import BatchLayerNorm
+from normscope.ops.layer_norm import ChannelLayerNorm
 from normscope.ops.ls_bn import LSBatchNorm
 from normscope.ops.median import MedianBatchNorm
-from normscope.ops.renorm import BatchRenorm
+from normscope.ops.renorm import BatchRenorm, GhostBatchNorm
 
 
 class BatchNorm(nn.modules.batchnorm._BatchNorm):
@@ -47,6 +57,9 @@ NORMS: dict[str, Callable[..., nn.Module] | tuple[str, dict[str, Any]]] = {
     "bn": BatchNorm,
     "median": MedianBatchNorm,
     "renorm": BatchRenorm,
+    "ghost_bn": GhostBatchNorm,
+    "ghost_renorm": partial(BatchRenorm, ghost=4),
+    "layernorm": ChannelLayerNorm,
     "lsbn": LSBatchNorm,
     "bn_ln": partial(BatchLayerNorm, order="bn_ln"),
     "ln_bn": partial(BatchLayerNorm, order="ln_bn"),

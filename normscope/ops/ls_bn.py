@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from normscope.errors import InvalidArgumentError
+from normscope.errors import InvalidArgumentError, UnknownNameError
 from normscope.ops.base import ChannelNorm, channel_view, mean_var, reduce_dims, stats_dtype, update_running
 
 
@@ -40,17 +40,20 @@ def regularized_moments(
     return (batch_size * alpha + 2 * weight * alpha_star) / total, (batch_size * beta + 2 * weight * beta_star) / total
 
 
+GRAD_INITS = ("first", "zero")
+
+
 class _RegularizedNormalize(torch.autograd.Function):
     """``z = (x - mean) / sqrt(var + eps)`` per channel; backward with the virtual items."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, eps: float, state: Tensor, count: Tensor, weight: float, grad_momentum: float):
+    def forward(ctx, x: Tensor, eps: float, state: Tensor, count: Tensor, weight: float, grad_momentum: float, from_first: bool):
         acc = x.to(stats_dtype(x))
         mean, var = mean_var(acc)
         inv_std = torch.rsqrt(var + eps)
         z = ((acc - channel_view(mean, x)) * channel_view(inv_std, x)).to(x.dtype)
         ctx.save_for_backward(z, inv_std)
-        ctx.state, ctx.count, ctx.weight, ctx.grad_momentum = state, count, weight, grad_momentum
+        ctx.state, ctx.count, ctx.weight, ctx.grad_momentum, ctx.from_first = state, count, weight, grad_momentum, from_first
         ctx.mark_non_differentiable(mean, var)
         return z, mean, var
 
@@ -62,13 +65,13 @@ class _RegularizedNormalize(torch.autograd.Function):
         dims = reduce_dims(z)
         gz = g.to(inv_std.dtype)
         alpha, beta = gz.mean(dims), (gz * z).mean(dims)
-        if int(count) == 0:
+        if int(count) == 0 and ctx.from_first:
             state.copy_(torch.stack([alpha, beta]).to(state.dtype))
         alpha_t, beta_t = regularized_moments(alpha, beta, state[0], state[1], z.shape[0], ctx.weight)
         state.lerp_(torch.stack([alpha, beta]).to(state.dtype), ctx.grad_momentum)
         count.add_(1)
         grad_x = (gz - channel_view(alpha_t, z) - channel_view(beta_t, z) * z) * channel_view(inv_std, z)
-        return grad_x.to(g.dtype), None, None, None, None, None
+        return grad_x.to(g.dtype), None, None, None, None, None, None
 
 
 class LSBatchNorm(ChannelNorm):
@@ -86,14 +89,27 @@ class LSBatchNorm(ChannelNorm):
     pass is deliberately not the derivative of the forward pass, it fails gradcheck unless
     ``virtual_weight = 0``, and double backward is not supported.
 
+    The virtual items are constants of the backward pass. Appendix C appends them as
+    ``x+- = mu_B +- sigma_B``; if gradients flowed through ``mu_B`` and ``sigma_B`` into the real
+    items, the composite would be exactly BatchNorm (its statistics and ``z+- = +-1`` do not change),
+    so the regularization needs them held constant, as here.
+
+    The paper's grid (Appendix C): momentum of ``alpha*``, ``beta*`` in {.997, .5}, which in this
+    op's convention (weight of the new batch) is ``grad_momentum`` in {0.003, 0.5}, and virtual
+    item weights in {1, 2, 4, 8}. The paper does not say how ``alpha*``, ``beta*`` start:
+    ``grad_init="first"`` copies the first batch's values, ``"zero"`` starts them at 0 as a
+    TensorFlow moving average would.
+
     Args:
         num_features: C, the number of channels. Required.
         eps: added to the variance. Default: 1e-5.
         momentum: weight of the batch in the running statistics; None for a cumulative average. Default: 0.1.
         affine: learnable per-channel ``gamma`` and ``beta``. Default: True.
         track_running_stats: keep running statistics. Default: True.
-        virtual_weight: weight ``w`` of each virtual item, in batch items (seed: 1, 2, 4, 8). Default: 1.0.
-        grad_momentum: weight of the batch in ``alpha*``, ``beta*`` (the seed's momentum .997 is 0.003). Default: 0.1.
+        virtual_weight: weight ``w`` of each virtual item, in batch items (paper grid: 1, 2, 4, 8). Default: 1.0.
+        grad_momentum: weight of the batch in ``alpha*``, ``beta*`` (paper grid: momentum .997 or .5,
+            i.e. 0.003 or 0.5). Default: 0.5.
+        grad_init: ``"first"`` (the first batch's ``alpha``, ``beta``) or ``"zero"``. Default: ``"first"``.
 
     Shape:
         Input ``(N, C)`` or ``(N, C, *)``; output the same shape.
@@ -111,7 +127,8 @@ class LSBatchNorm(ChannelNorm):
         affine: bool = True,
         track_running_stats: bool = True,
         virtual_weight: float = 1.0,
-        grad_momentum: float = 0.1,
+        grad_momentum: float = 0.5,
+        grad_init: str = "first",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -120,6 +137,9 @@ class LSBatchNorm(ChannelNorm):
             raise InvalidArgumentError(f"virtual_weight must be >= 0 (got {virtual_weight})")
         if not 0 <= grad_momentum <= 1:
             raise InvalidArgumentError(f"grad_momentum must be in [0, 1] (got {grad_momentum})")
+        if grad_init not in GRAD_INITS:
+            raise UnknownNameError("grad_init", grad_init, GRAD_INITS)
+        self.grad_init = grad_init
         self.virtual_weight = float(virtual_weight)
         self.grad_momentum = float(grad_momentum)
         factory = {"device": device, "dtype": dtype}
@@ -134,14 +154,18 @@ class LSBatchNorm(ChannelNorm):
             self.grad_batches_tracked.zero_()
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, virtual_weight={self.virtual_weight}, grad_momentum={self.grad_momentum}"
+        return (
+            f"{super().extra_repr()}, virtual_weight={self.virtual_weight}, grad_momentum={self.grad_momentum}, "
+            f"grad_init={self.grad_init!r}"
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         factor, running_mean, running_var = self._begin_call(x)
         if not self.training:
             return F.batch_norm(x, running_mean, running_var, self.weight, self.bias, running_mean is None, 0.0, self.eps)
         z, mean, var = _RegularizedNormalize.apply(
-            x, self.eps, self.grad_moments, self.grad_batches_tracked, self.virtual_weight, self.grad_momentum
+            x, self.eps, self.grad_moments, self.grad_batches_tracked, self.virtual_weight, self.grad_momentum,
+            self.grad_init == "first",
         )
         update_running(running_mean, running_var, mean, var, x, factor)
         if self.weight is None:

@@ -24,6 +24,7 @@ from normscope.errors import DataShapeError, InvalidArgumentError, UnknownNameEr
 from normscope.ops.base import channel_view, stats_dtype
 
 ROTATIONS = ("hadamard", "random", "auto")
+NO_ROTATION = (None, "none")
 
 
 def scale_grad(value: Tensor, source: Tensor, r: Tensor | float) -> Tensor:
@@ -297,17 +298,26 @@ class PopulationNorm(_NormBase):
     Args:
         num_features: channels C.
         eps: added to nu before the square root. Default: 1e-5.
-        momentum: EMA rate; 0 or None freezes the EMAs (no in-place update, so the layer runs
-            under ``torch.func`` transforms). Default: 0.1.
+        momentum: the EMA rate, the weight of each batch in mu-bar and nu-bar; 0 freezes the EMAs
+            (no in-place update, so the layer runs under ``torch.func`` transforms), None gives a
+            cumulative average. It is this op's own rate: :func:`normscope.ops.swap.swap_norms`
+            does not copy the replaced BatchNorm's momentum into it. Default: 0.2 (seed 004 §5).
         affine: learn gamma and beta. Default: True.
-        microbatch: examples per normalization group. Default: 1.
-        r_m: shrinkage of the gradient through the mean. Default: 1.0.
-        r_v: shrinkage of the gradient through the second moment. Default: 1.0.
-        f_max: cap of the rescaling ``nu-bar / nu_g`` of that gradient. Default: 2.0 (seed §5).
-        u_max: clip of the RMS of normalized activations per group, in training. Default: 5.0 (seed §5).
-        rotation: None, ``"hadamard"``, ``"random"`` or ``"auto"`` (Hadamard if C is a power of 2).
-            Default: None.
+        microbatch: examples per normalization group. Default: 1 (per example, seed 004 §3.1).
+        r_m: shrinkage of the gradient through the mean. Default: 1.0 (seed 004 §5: not used unless noted).
+        r_v: shrinkage of the gradient through the second moment. Default: 1.0 (seed 004 §5).
+        f_max: cap of the rescaling ``nu-bar / nu_g`` of that gradient. Default: 2.0 (seed 004 §2.2, §5).
+        u_max: clip of the RMS of normalized activations per group, in training. Default: 5.0 (seed 004 §5).
+        rotation: None or ``"none"``, ``"hadamard"``, ``"random"`` or ``"auto"`` (Hadamard if C is
+            a power of 2). Default: None (seed 004 §5 adds it for small microbatches).
         rotation_seed: seed of the random rotation. Default: 0.
+        warmup: EMA-only training steps (forward passes that move the EMAs, no weight update)
+            before the first weight update; read by the training loop
+            (:func:`normscope.ops.ema.ema_schedule`), not by ``forward``. Default: 200 (seed 004 §5).
+        refresh: EMA-only steps after each of the first ``refresh_updates`` weight updates.
+            Default: 50 (seed 004 §5).
+        refresh_updates: how many of the first weight updates are followed by ``refresh`` EMA-only
+            steps. Default: 50 (seed 004 §5).
 
     Shape:
         Input ``(N, C)`` or ``(N, C, *)``; output the same.
@@ -318,11 +328,13 @@ class PopulationNorm(_NormBase):
         >>> y = norm(torch.randn(8, 16, 4, 4))
     """
 
+    own_momentum = True  # swap_norms keeps this op's EMA rate instead of copying BatchNorm's momentum
+
     def __init__(
         self,
         num_features: int,
         eps: float = 1e-5,
-        momentum: float | None = 0.1,
+        momentum: float | None = 0.2,
         affine: bool = True,
         microbatch: int = 1,
         *,
@@ -332,6 +344,9 @@ class PopulationNorm(_NormBase):
         u_max: float = 5.0,
         rotation: str | None = None,
         rotation_seed: int = 0,
+        warmup: int = 200,
+        refresh: int = 50,
+        refresh_updates: int = 50,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -344,7 +359,14 @@ class PopulationNorm(_NormBase):
         for name, value in (("f_max", f_max), ("u_max", u_max)):
             if not value > 0:
                 raise InvalidArgumentError(f"{name} must be > 0 (got {value!r})")
+        for name, value in (("warmup", warmup), ("refresh", refresh), ("refresh_updates", refresh_updates)):
+            if not (isinstance(value, int) and value >= 0):
+                raise InvalidArgumentError(f"{name} must be an integer >= 0 (got {value!r})")
+        if momentum is not None and not 0.0 <= momentum <= 1.0:
+            raise InvalidArgumentError(f"momentum (the EMA rate) must be in [0, 1] or None (got {momentum!r})")
         self.microbatch, self.r_m, self.r_v, self.f_max, self.u_max = microbatch, r_m, r_v, f_max, u_max
+        self.warmup, self.refresh, self.refresh_updates = warmup, refresh, refresh_updates
+        rotation = None if rotation in NO_ROTATION else rotation
         self.rotation_kind, self.rotation_seed = rotation, rotation_seed
         matrix = None if rotation is None else rotation_matrix(num_features, rotation, rotation_seed)
         self.register_buffer("rotation", None if matrix is None else matrix.to(device=device, dtype=dtype or torch.float32), persistent=False)
@@ -382,6 +404,7 @@ class PopulationNorm(_NormBase):
     def extra_repr(self) -> str:
         text = (
             f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
-            f"microbatch={self.microbatch}, r_m={self.r_m}, r_v={self.r_v}, f_max={self.f_max}, u_max={self.u_max}"
+            f"microbatch={self.microbatch}, r_m={self.r_m}, r_v={self.r_v}, f_max={self.f_max}, u_max={self.u_max}, "
+            f"warmup={self.warmup}, refresh={self.refresh}, refresh_updates={self.refresh_updates}"
         )
         return text if self.rotation_kind is None else f"{text}, rotation={self.rotation_kind!r}"

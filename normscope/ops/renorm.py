@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from normscope.errors import InvalidArgumentError
-from normscope.ops.base import ChannelNorm, mean_var, stats_dtype
+from normscope.errors import DataShapeError, InvalidArgumentError
+from normscope.ops.base import ChannelNorm, channel_view, mean_var, stats_dtype
 
 Limit = Union[float, Callable[[int], float]]
 
@@ -28,7 +28,8 @@ Limit = Union[float, Callable[[int], float]]
 @dataclass(frozen=True)
 class LinearWarmup:
     """A limit that stays at ``start`` for ``delay`` steps, then moves linearly to ``end`` over
-    ``steps`` steps (Ioffe 2017 §4: rmax 1 -> 3 and dmax 0 -> 5 after a BatchNorm phase)."""
+    ``steps`` steps (jumps to ``end`` at ``delay`` when ``steps`` is 0). Ioffe 2017 §4: rmax 1 -> 3
+    and dmax 0 -> 5 after a BatchNorm phase."""
 
     start: float
     end: float
@@ -36,8 +37,19 @@ class LinearWarmup:
     delay: int = 0
 
     def __call__(self, step: int) -> float:
-        progress = min(max(step - self.delay, 0) / max(self.steps, 1), 1.0)
+        if self.steps <= 0:
+            return self.end if step >= self.delay else self.start
+        progress = min(max(step - self.delay, 0) / self.steps, 1.0)
         return self.start + (self.end - self.start) * progress
+
+
+def ioffe_schedule(rmax: float, dmax: float, bn_steps: int, rmax_steps: int, dmax_steps: int) -> tuple[Limit, Limit]:
+    """The limits of Ioffe 2017 §4 as schedules: ``rmax = 1, dmax = 0`` (BatchNorm) for ``bn_steps``
+    steps, then linear to ``rmax`` over ``rmax_steps`` and to ``dmax`` over ``dmax_steps``. The paper's
+    numbers: 5000, then rmax = 3 at 40k steps and dmax = 5 at 25k. Constants when all steps are 0."""
+    if bn_steps == rmax_steps == dmax_steps == 0:
+        return rmax, dmax
+    return LinearWarmup(1.0, rmax, rmax_steps, bn_steps), LinearWarmup(0.0, dmax, dmax_steps, bn_steps)
 
 
 def _limit(value: Limit, step: int, name: str, least: float) -> float:
@@ -81,17 +93,72 @@ def batch_renorm(
     return F.batch_norm(x, running_mean, running_var, scale.to(x.dtype), shift.to(x.dtype), True, momentum, eps)
 
 
+def ghost_batch_renorm(
+    x: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    momentum: float,
+    eps: float,
+    rmax: float,
+    dmax: float,
+    ghost: int,
+) -> Tensor:
+    """Training-mode batch renormalization over ghost batches (Ioffe 2017 §4.2, "microbatches"):
+    the examples, in order, form groups of ``ghost``; each group g is normalized with its own
+    moments ``mu_g``, ``sigma_g = sqrt(var_g + eps)`` (with gradients) and its own detached
+    corrections ``r_g = clip(sigma_g / sigma)``, ``d_g = clip((mu_g - mu) / sigma)``:
+
+    .. math:: y = \\gamma \\Big(\\frac{x - \\mu_g}{\\sigma_g} r_g + d_g\\Big) + \\beta
+
+    ``rmax = 1, dmax = 0`` is ghost-batch BatchNorm. The running mean and variance move with
+    weight ``momentum`` toward the mean over groups of ``mu_g`` and of the unbiased ``var_g``.
+    Without running statistics r = 1, d = 0. ``N`` must be a multiple of ``ghost``.
+    """
+    n, c = x.shape[0], x.shape[1]
+    if n % ghost:
+        raise DataShapeError(f"ghost batches of {ghost} need a batch size that is a multiple of {ghost} (got {n})")
+    compute = stats_dtype(x)
+    groups = x.to(compute).reshape(n // ghost, ghost, c, -1)
+    mean = groups.mean(dim=(1, 3), keepdim=True)
+    var = (groups - mean).pow(2).mean(dim=(1, 3), keepdim=True)
+    std = (var + eps).sqrt()
+    z = (groups - mean) / std
+    if running_mean is not None and running_var is not None:
+        with torch.no_grad():
+            sigma = (running_var.to(compute) + eps).sqrt().view(1, 1, c, 1)
+            r = (std / sigma).clamp(1.0 / rmax, rmax)
+            d = ((mean - running_mean.to(compute).view(1, 1, c, 1)) / sigma).clamp(-dmax, dmax)
+            count = ghost * groups.shape[-1]
+            running_mean.lerp_(mean.mean(dim=0).flatten().to(running_mean.dtype), momentum)
+            unbiased = var.mean(dim=0).flatten() * count / max(count - 1, 1)
+            running_var.lerp_(unbiased.to(running_var.dtype), momentum)
+        z = z * r + d
+    y = z.reshape(x.shape)
+    if weight is not None:
+        y = y * channel_view(weight.to(compute), y)
+    if bias is not None:
+        y = y + channel_view(bias.to(compute), y)
+    return y.to(x.dtype)
+
+
 class BatchRenorm(ChannelNorm):
     """Batch renormalization (Ioffe 2017), a drop-in for ``BatchNorm1d/2d/3d``.
 
     .. math::
         y = \\gamma \\Big(\\frac{x - \\mu_B}{\\sigma_B} r + d\\Big) + \\beta
 
-    Moments per channel over the batch and spatial dims; ``r`` and ``d`` correct the batch
-    moments toward the running ones (clipped by ``rmax``, ``dmax``) and get no gradient. The
-    running statistics are ``running_mean`` and ``running_var`` (the running std is
+    Moments per channel over the batch (or each ghost batch) and spatial dims; ``r`` and ``d``
+    correct the batch moments toward the running ones (clipped by ``rmax``, ``dmax``) and get no
+    gradient. The running statistics are ``running_mean`` and ``running_var`` (the running std is
     ``sqrt(running_var + eps)``), updated like torch's BatchNorm, so eval mode equals BatchNorm's.
     Without running statistics (``track_running_stats=False``) ``r = 1, d = 0``: plain BatchNorm.
+
+    By default the limits follow Ioffe 2017 §4: ``rmax = 1, dmax = 0`` for the first 5000 steps
+    (so a fresh module *is* BatchNorm), then relaxed linearly to ``rmax = 3`` at 40k steps and
+    ``dmax = 5`` at 25k steps. Short runs scale ``bn_steps``, ``rmax_steps`` and ``dmax_steps``
+    down; all three 0 makes ``rmax`` and ``dmax`` constants from step 0.
 
     Args:
         num_features: C, the number of channels. Required.
@@ -99,15 +166,20 @@ class BatchRenorm(ChannelNorm):
         momentum: weight of the batch in the running statistics; None for a cumulative average. Default: 0.1.
         affine: learnable per-channel ``gamma`` and ``beta``. Default: True.
         track_running_stats: keep running statistics. Default: True.
-        rmax: clip of ``r`` to ``[1/rmax, rmax]``: a number >= 1 or a callable of the step
-            (``num_batches_tracked`` before this batch), e.g. :class:`LinearWarmup`. Default: 3.0.
-        dmax: clip of ``d`` to ``[-dmax, dmax]``, a number >= 0 or a callable of the step. Default: 5.0.
+        rmax: final clip of ``r`` to ``[1/rmax, rmax]`` (a number >= 1), or a callable of the step
+            (``num_batches_tracked`` before this batch) such as :class:`LinearWarmup`, used as given. Default: 3.0.
+        dmax: final clip of ``d`` to ``[-dmax, dmax]`` (a number >= 0), or a callable of the step. Default: 5.0.
+        bn_steps: steps at ``rmax = 1, dmax = 0`` before relaxing. Default: 5000 (Ioffe 2017).
+        rmax_steps: steps from 1 to ``rmax`` after ``bn_steps``. Default: 35000 (Ioffe 2017).
+        dmax_steps: steps from 0 to ``dmax`` after ``bn_steps``. Default: 20000 (Ioffe 2017).
+        ghost: normalize over ghost batches (microbatches) of this many examples inside each batch;
+            None: the whole batch. Default: None.
 
     Shape:
         Input ``(N, C)`` or ``(N, C, *)``; output the same shape.
 
     Example:
-        >>> norm = BatchRenorm(16, rmax=LinearWarmup(1.0, 3.0, 5000, delay=5000))
+        >>> norm = BatchRenorm(16, bn_steps=50, rmax_steps=200, dmax_steps=100, ghost=4)
         >>> y = norm(torch.randn(8, 16, 4, 4))
     """
 
@@ -120,25 +192,75 @@ class BatchRenorm(ChannelNorm):
         track_running_stats: bool = True,
         rmax: Limit = 3.0,
         dmax: Limit = 5.0,
+        bn_steps: int = 5000,
+        rmax_steps: int = 35000,
+        dmax_steps: int = 20000,
+        ghost: int | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
-        self.rmax = rmax
-        self.dmax = dmax
+        for name, value in (("bn_steps", bn_steps), ("rmax_steps", rmax_steps), ("dmax_steps", dmax_steps)):
+            if not (isinstance(value, int) and value >= 0):
+                raise InvalidArgumentError(f"batch renorm {name} must be an integer >= 0 (got {value!r})")
+        if ghost is not None and not (isinstance(ghost, int) and ghost >= 1):
+            raise InvalidArgumentError(f"ghost must be an integer >= 1 or None (got {ghost!r})")
         _limit(rmax, 0, "rmax", 1.0)
         _limit(dmax, 0, "dmax", 0.0)
+        self.bn_steps, self.rmax_steps, self.dmax_steps, self.ghost = bn_steps, rmax_steps, dmax_steps, ghost
+        if callable(rmax) or callable(dmax):
+            self.rmax, self.dmax = rmax, dmax
+        else:
+            self.rmax, self.dmax = ioffe_schedule(float(rmax), float(dmax), bn_steps, rmax_steps, dmax_steps)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, rmax={self.rmax!r}, dmax={self.dmax!r}"
+        text = f"{super().extra_repr()}, rmax={self.rmax!r}, dmax={self.dmax!r}"
+        return text if self.ghost is None else f"{text}, ghost={self.ghost}"
+
+    def limits(self, step: int) -> tuple[float, float]:
+        """``(rmax, dmax)`` at ``step`` (batches tracked before this one)."""
+        return _limit(self.rmax, step, "rmax", 1.0), _limit(self.dmax, step, "dmax", 0.0)
 
     def forward(self, x: Tensor) -> Tensor:
-        scheduled = callable(self.rmax) or callable(self.dmax)
-        step = int(self.num_batches_tracked) if scheduled and self.num_batches_tracked is not None else 0
+        step = int(self.num_batches_tracked) if self.num_batches_tracked is not None else 0
         factor, running_mean, running_var = self._begin_call(x)
+        rmax, dmax = self.limits(step)
+        training = self._use_batch_stats()
+        if training and self.ghost is not None and self.ghost < x.shape[0]:
+            return ghost_batch_renorm(
+                x, running_mean, running_var, self.weight, self.bias, factor, self.eps, rmax, dmax, self.ghost
+            )
         if running_mean is None or running_var is None:
             return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
-        return batch_renorm(
-            x, running_mean, running_var, self.weight, self.bias, self._use_batch_stats(), factor, self.eps,
-            _limit(self.rmax, step, "rmax", 1.0), _limit(self.dmax, step, "dmax", 0.0),
+        return batch_renorm(x, running_mean, running_var, self.weight, self.bias, training, factor, self.eps, rmax, dmax)
+
+
+class GhostBatchNorm(BatchRenorm):
+    """Ghost-batch BatchNorm (Hoffer et al. 2017; Ioffe 2017 §4.2's microbatch baseline): BatchNorm
+    whose training-mode statistics come from each ghost batch of ``ghost`` examples inside the
+    batch; eval mode uses the running statistics, which average the ghost batches' moments.
+    It is :class:`BatchRenorm` with ``rmax = 1, dmax = 0``; ``ghost >= N`` is torch's BatchNorm.
+
+    Args:
+        num_features, eps, momentum, affine, track_running_stats: as torch's BatchNorm.
+        ghost: examples per ghost batch. Default: 4 (Ioffe 2017's microbatches of 4).
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        ghost: int = 4,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, rmax=1.0, dmax=0.0,
+            bn_steps=0, rmax_steps=0, dmax_steps=0, ghost=ghost, device=device, dtype=dtype,
         )
+
+    def extra_repr(self) -> str:
+        return f"{ChannelNorm.extra_repr(self)}, ghost={self.ghost}"

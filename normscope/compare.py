@@ -1,5 +1,5 @@
 """Normalization ops side by side: the same model, data, seed and batch order, one short run per op
-and batch size (the small-batch comparisons of seed 002 App. C, Table 2, and seed 004 §4, at small scale).
+and batch size (the small-batch comparisons of "Normalization Gradients are Least-Squares Residuals" (ICLR 2019 submission) App. C, Table 2, and "Extreme Normalization" (under review) §4, at small scale).
 
 Each op is swapped into a copy of the model in place of its BatchNorms
 (:func:`normscope.ops.swap.swap_norms`) and trained with SGD (momentum 0.9) on the same seeded

@@ -1,6 +1,6 @@
 """Estimator bias: how far minibatch and per-example gradients are from the population gradient.
 
-Seed 004 (§2, §2.2) casts BatchNorm as an approximation of normalizing with moments over the
+"Extreme Normalization" (under review) (§2, §2.2) casts BatchNorm as an approximation of normalizing with moments over the
 whole data set; minibatch estimates of that population gradient g* are biased because a product
 of per-example Jacobian estimates is not the product of the Jacobians. This analyzer computes g*
 (:mod:`normscope.analyzers.population_gradient`), draws R random minibatches of each size B
@@ -9,9 +9,9 @@ of per-example Jacobian estimates is not the product of the Jacobians. This anal
 
 * ``batchnorm``: forward and backward through the minibatch moments;
 * ``per_example``: :class:`~normscope.ops.population.PopulationNorm` with microbatch 1 and its
-  EMAs at the population moments (seed 004 §3.1), per-example gradients averaged;
+  EMAs at the population moments ("Extreme Normalization" (under review) §3.1), per-example gradients averaged;
 * ``microbatch``: the same with microbatches of k (the seed's improved batch renormalization);
-* ``two_stage``: :func:`~normscope.ops.two_stage.two_stage_gradient` (seed 004 §3.2);
+* ``two_stage``: :func:`~normscope.ops.two_stage.two_stage_gradient` ("Extreme Normalization" (under review) §3.2);
 * ``batch_renorm``: :class:`~normscope.ops.renorm.BatchRenorm` (Ioffe 2017) with running
   statistics at the population moments;
 * ``control``: per-example gradients of the eval-mode model (no interaction between examples),
@@ -352,7 +352,7 @@ def jacobian_product_bias(
     chunk_size: int | None = 64,
     target: PopulationGradient | None = None,
 ) -> pd.DataFrame:
-    """The ``bias_jacobian`` table (seed 004 §2.2, MATH.md §4): the two-stage estimate at B = N
+    """The ``bias_jacobian`` table ("Extreme Normalization" (under review) §2.2, MATH.md §4): the two-stage estimate at B = N
     with the EMAs at the population moments and r = 1 against g*,
     ``jacobian_product_gap = ||g_two-stage - g*||``, ``relative_gap = gap / ||g*||``. The gap is
     the mean of per-example Jacobian products minus the product of mean Jacobians: zero (to
@@ -428,7 +428,7 @@ def _findings(table: pd.DataFrame, slope_table: pd.DataFrame, jacobian: pd.DataF
 
 
 def analyze(ctx: AnalysisContext) -> AnalyzerOutput:
-    """Estimator bias against the population gradient (seed 004 §2–3, MATH.md §4).
+    """Estimator bias against the population gradient ("Extreme Normalization" (under review) §2–3, MATH.md §4).
 
     Options (``ctx.options``, prefix ``bias_``): ``batch_sizes``, ``repeats``, ``examples``,
     ``estimators``, ``dtype`` (float64), ``microbatch`` (2), ``r_m``, ``r_v``, ``f_max``,

@@ -1,4 +1,4 @@
-"""Second-order descent check (seed 003, MATH.md §5) and BN as reparameterization (seed 001, §6).
+"""Second-order descent check (Deshmukh, "Batch Norm" (notes, 2020), MATH.md §5) and BN as reparameterization (Deb, "Batch Normalization" (notes), §6).
 
 Along a direction ``d`` the quadratic model of the minibatch loss is::
 
@@ -12,7 +12,7 @@ optimizer's update divided by its lr), so the actual step is ``lr * d`` and it i
 the layer's own parameters) and in total, in training mode (batch statistics) and eval mode
 (running statistics); compares the quadratic model with the real loss along ``d``; checks the
 scale invariance of weights that feed a BatchNorm; and, with :mod:`~normscope.analyzers.spectrum`
-and :mod:`~normscope.analyzers.reparam`, reports the curvature spectrum and seed 001's
+and :mod:`~normscope.analyzers.reparam`, reports the curvature spectrum and Deb's
 reparameterization. Tables: ``descent_*`` in ``docs/tables.md``.
 """
 
@@ -55,7 +55,7 @@ FULL = {"k": 5, "layer_k": 5, "layer_spectra": None, "trace_samples": 64, "steps
 def critical_step(slope: float, curvature: float) -> float:
     """``a_crit = 2 (-g^T d) / d^T H d`` from the slope ``g^T d`` and the curvature ``d^T H d``:
     ``inf`` when ``d^T H d <= 0`` (the model decreases for every step), NaN when ``g^T d >= 0``
-    (no descent direction). ``2 ||d||^2 / d^T H d`` for ``d = -g`` (seed 003, MATH.md §5)."""
+    (no descent direction). ``2 ||d||^2 / d^T H d`` for ``d = -g`` (Deshmukh, "Batch Norm" (notes, 2020), MATH.md §5)."""
     if not slope < 0:
         return math.nan
     return -2.0 * slope / curvature if curvature > 0 else math.inf
@@ -70,7 +70,7 @@ def critical_step_reason(slope: float, curvature: float) -> str:
 
 
 def negative_gradient(loss: BatchLoss) -> dict[str, Tensor]:
-    """``d = -dL/dtheta`` for every parameter of the loss's model copy (seed 003, §2)."""
+    """``d = -dL/dtheta`` for every parameter of the loss's model copy (Deshmukh, "Batch Norm" (notes, 2020), §2)."""
     return {n: -g for n, g in loss.gradient().items()}
 
 
@@ -109,7 +109,7 @@ def descent_rows(
     and for each layer (moving that layer's block only): ``||d_g||^2``, the slope ``g_g^T d_g``,
     ``d_g^T H_gg d_g`` (one Hessian-vector product each), ``a_crit = 2 (-g_g^T d_g) / d_g^T H_gg d_g``
     (:func:`critical_step`, with its reason) and ``lr < a_crit``; ``d`` is per unit learning rate,
-    so the step ``lr * d`` decreases the quadratic model iff ``lr < a_crit`` (seed 003, MATH.md §5)."""
+    so the step ``lr * d`` decreases the quadratic model iff ``lr < a_crit`` (Deshmukh, "Batch Norm" (notes, 2020), MATH.md §5)."""
     loss = total.loss
     groups = {"total": None, **(loss.layers() if groups is None else groups)}
     gradient = loss.gradient(total.names)
@@ -130,7 +130,7 @@ def descent_rows(
 def quadratic_model(loss: BatchLoss, d: dict[str, Tensor], steps: Sequence[float], backend: str) -> pd.DataFrame:
     """``descent_quadratic``: the real ``L(theta + a d)`` against ``Q(a) = L + a g^T d + a^2/2 d^T H d``
     for each step ``a``, with ``rel_error = |L - Q| / max(|L(a) - L(0)|, |Q(a) - L(0)|)`` (the error
-    relative to the actual or the predicted change; seed 003's expansion, MATH.md §5)."""
+    relative to the actual or the predicted change; Deshmukh's (2020) expansion, MATH.md §5)."""
     op = HessianOperator(loss, backend=backend)
     flat = op.flatten(d)
     slope = float(torch.dot(op.gradient().double(), flat.double()))
@@ -189,7 +189,7 @@ def scale_invariance(loss: BatchLoss, layer: str, lr: float, scales: Iterable[fl
     """``descent_scale_invariance`` rows for the weight ``W`` of ``layer`` (which feeds a BatchNorm):
     ``L(cW) / L(W)`` (1 when eps = 0), ``a_crit(cW) / a_crit(W)`` of the block ``H_WW`` along
     ``-dL/dW`` (``c^2`` when eps = 0), ``max_j |<cW_j, dL/d(cW)_j>|`` over output channels (0 when
-    eps = 0) and the effective learning rate ``lr / ||cW||^2`` (seed 003, MATH.md §5)."""
+    eps = 0) and the effective learning rate ``lr / ||cW||^2`` (Deshmukh, "Batch Norm" (notes, 2020), MATH.md §5)."""
     name = f"{layer}.weight"
     weight = loss.params[name]
 

@@ -3,7 +3,7 @@
 * :func:`top_eigenvalues`: the k largest eigenvalues of ``H`` (or a layer's block ``H_gg``) by
   implicitly restarted Lanczos, ``scipy.sparse.linalg.eigsh`` on a float64 ``LinearOperator``
   of products; ``2 / lambda_max`` is the stability limit of plain gradient descent on the
-  quadratic model (seed 003, MATH.md §5).
+  quadratic model (Deshmukh, "Batch Norm" (notes, 2020), MATH.md §5).
 * :func:`hutchinson_trace`: ``tr H = E[v^T H v]`` for Rademacher ``v`` (Hutchinson 1989), the
   mean of ``n`` samples with its standard error ``std / sqrt(n)``; the same products give every
   layer's block trace, ``tr H_gg = E[v_g^T (H v)_g]``.

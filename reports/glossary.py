@@ -36,6 +36,9 @@ REFERENCES: tuple[tuple[str, str], ...] = (
      "(arXiv 2018)."),
     ("santurkar2018", "Shibani Santurkar, Dimitris Tsipras, Andrew Ilyas and Aleksander Madry. How Does Batch Normalization Help "
      "Optimization? NeurIPS 2018."),
+    ("king2022", "Tyler King. Median Batch Normalization. Notes, 2022."),
+    ("deb", "Aniruddha Deb. Batch Normalization. Notes."),
+    ("deshmukh2020", "Rahul Deshmukh. Batch Norm. Notes, 2020."),
     ("yao2020", "Zhewei Yao, Amir Gholami, Kurt Keutzer and Michael Mahoney. PyHessian: Neural Networks Through the Lens of the "
      "Hessian. IEEE Big Data 2020."),
 )

@@ -114,6 +114,14 @@ def test_lr_above_two_over_lambda_max_on_a_real_model(trained, digits):
     finding = descent_findings(verdicts(steep))[0]
     assert finding.severity == "critical" and finding.value == pytest.approx(limit)
     assert number(limit) in finding and number(judged.loc["train", "a_crit"]) in finding
+    refined = 0
+    for mode, part in tables["descent_quadratic"].groupby("mode"):
+        parting = table.loc[mode, "parting_step"]
+        steps = np.sort(part["step"].to_numpy())
+        if np.isfinite(parting) and steps[0] < parting:
+            assert steps[steps < parting].max() / parting > 0.85, "the grid is fine just below the parting step"
+            refined += 1
+    assert refined >= 1
 
 
 def test_an_unbiased_estimator_is_not_measurable_and_a_biased_one_is():

@@ -47,6 +47,7 @@ COLUMNS = {
 }
 DEFAULT_LR = 0.1
 PARTING_THRESHOLD = 0.1
+REFINE_STEPS = 8
 SCALES = (1.0, 0.5, 2.0)
 QUICK = {"k": 3, "layer_k": 1, "layer_spectra": 3, "trace_samples": 8, "steps": 12, "tol": 1e-3}
 FULL = {"k": 5, "layer_k": 5, "layer_spectra": None, "trace_samples": 64, "steps": 25, "tol": 1e-6}
@@ -151,6 +152,19 @@ def parting_step(table: pd.DataFrame, threshold: float = PARTING_THRESHOLD) -> f
     """The smallest step of ``descent_quadratic`` whose ``rel_error`` exceeds ``threshold`` (NaN if none)."""
     parted = table.loc[table["rel_error"] > threshold, "step"]
     return float(parted.min()) if len(parted) else math.nan
+
+
+def refine_near_parting(loss: BatchLoss, d: dict[str, Tensor], table: pd.DataFrame, backend: str, n: int = REFINE_STEPS) -> pd.DataFrame:
+    """``table`` (one mode's ``descent_quadratic``) with ``n`` more steps, geometrically spaced
+    between the last grid step below the parting step and the parting step, so that the step
+    where the quadratic model stops describing the loss is located finely; unchanged when the
+    model never parts or parts at the first step."""
+    parted = parting_step(table)
+    below = table.loc[table["step"] < parted, "step"]
+    if math.isnan(parted) or below.empty:
+        return table
+    extra = quadratic_model(loss, d, np.geomspace(float(below.max()), parted, n + 2)[1:-1], backend)
+    return pd.concat([table, extra], ignore_index=True).sort_values("step", ignore_index=True)
 
 
 def step_grid(lr: float, a_crit: float, n: int) -> np.ndarray:
@@ -276,8 +290,8 @@ def descent_tables(
             rows += descent_rows(total, d, step_lr, f"optimizer:{type(optimizer).__name__}")
         tables["descent_directions"] += rows
         a_crit = next(r["a_crit"] for r in reversed(rows) if r["group"] == "total")
-        tables["descent_quadratic"] += quadratic_model(loss, d, step_grid(step_lr, a_crit, settings["steps"]),
-                                                       total.backend).to_dict("records")
+        coarse = quadratic_model(loss, d, step_grid(step_lr, a_crit, settings["steps"]), total.backend)
+        tables["descent_quadratic"] += refine_near_parting(loss, d, coarse, total.backend).to_dict("records")
         traces = hutchinson_trace(total, settings["trace_samples"], seed, layers)
         tables["descent_trace"] += [{"mode": mode, "group": group, "trace": t, "trace_stderr": se,
                                      "n_samples": settings["trace_samples"]} for group, (t, se) in traces.items()]

@@ -10,6 +10,7 @@ from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 
+from normscope.findings import number
 from normscope.reports.glossary import headline_label
 from normscope.result import AnalysisResult
 
@@ -51,7 +52,7 @@ def print_summary(result: AnalysisResult, out: Path, console: Console, elapsed: 
 
 
 def format_value(value: object) -> str:
-    """Numbers to 4 significant digits, everything else as text."""
+    """Numbers to 4 significant digits (``not measured`` for NaN), everything else as text."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return str(value)
-    return f"{value:.4g}"
+    return number(value, 4)

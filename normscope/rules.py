@@ -362,6 +362,7 @@ def descent_findings(verdicts: pd.DataFrame) -> list[Finding]:
         model_range = (f"the quadratic model describes the loss up to step {number(part)}" if math.isfinite(part)
                        else "the quadratic model describes the loss on the whole grid")
         verdict = row["verdict"]
+        limit_clause = f"; 2/λ_max = {number(limit)}" if np.isfinite(limit) else ""
         if verdict.startswith("unstable"):
             growth = abs(1 - lr * row["lambda_max"])
             text = (f"{row['mode']} mode: {verdict}. The learning rate {number(lr)} is above 2/λ_max = {number(limit)} "
@@ -371,12 +372,12 @@ def descent_findings(verdicts: pd.DataFrame) -> list[Finding]:
                     "along the step, an average over all directions that is at most λ_max, so it can be the larger figure.")
             metric, value, threshold = "stability_limit", limit, lr
         elif verdict == "not a descent direction":
-            text = (f"{row['mode']} mode: {verdict}. Along the {str(row['direction']).split(':')[0]} step the loss rises to first order "
-                    f"(gᵀd >= 0), so no step size lowers the quadratic model; 2/λ_max = {number(limit)}.")
+            text = (f"{row['mode']} mode: {verdict}. Along the {str(row['direction']).split(':')[0]} update d (step = lr * d) the loss "
+                    f"rises to first order (gᵀd >= 0): d is NOT a descent direction, so no step size lowers the quadratic model{limit_clause}.")
             metric, value, threshold = "a_crit", a_crit, lr
         elif verdict == "not a descent step":
-            text = (f"{row['mode']} mode: {verdict}. The learning rate {number(lr)} is above the critical step {along} "
-                    f"(below it the quadratic model decreases); 2/λ_max = {number(limit)}.")
+            text = (f"{row['mode']} mode: {verdict}. The step (step = lr * d) with learning rate {number(lr)} is NOT a descent step: "
+                    f"lr is above the critical step {along}, below which the quadratic model decreases{limit_clause}.")
             metric, value, threshold = "a_crit", a_crit, lr
         elif verdict == "beyond the quadratic model":
             text = (f"{row['mode']} mode: {verdict}. The learning rate {number(lr)} is below {along} and below 2/λ_max = "

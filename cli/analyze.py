@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 
 from normscope.api import Data, analyzer_names
 from normscope.api import analyze as run_analysis
+from normscope.budget import DEFAULT_BUDGET
 from normscope.checkpoint import import_attribute, load_model
 from normscope.cli.boundary import boundary
 from normscope.cli.options import flag, option
@@ -50,6 +51,13 @@ def analyze(
     lr: Annotated[
         Optional[float], option("--lr", help="Learning rate to check step sizes against.", default_text="the built-in's training lr")
     ] = None,
+    budget: Annotated[
+        float, typer.Option("--budget", min=0, help="Seconds the analyzers may spend in all; work is planned and cut to fit (0: no limit).")
+    ] = DEFAULT_BUDGET,
+    quick: Annotated[bool, typer.Option("--quick/--full", help="The analyzers' small default settings, or their full settings (within --budget).", metavar="")] = True,
+    sites: Annotated[
+        Optional[str], option("--sites", help="fnmatch pattern on site and module names restricting the work, e.g. '*bn*'.", default_text="all")
+    ] = None,
     overwrite: Annotated[bool, flag("--overwrite", "Replace an existing non-empty output folder.")] = False,
     debug: Annotated[bool, flag("--debug", "Show tracebacks.")] = False,
 ) -> None:
@@ -76,6 +84,9 @@ def analyze(
             seed=seed,
             lr=TRAIN_LR if lr is None and builtin else lr,
             progress=True,
+            budget=budget,
+            quick=quick,
+            sites=sites,
         )
         result.meta["model"].update(
             name=model_name(checkpoint, model),
@@ -90,6 +101,8 @@ def analyze(
     for message in result.meta["analyzer_errors"].values():
         typer.echo(f"normscope: warning: {message}", err=True)
     typer.echo(str(out))
+    if "interrupted" in result.meta["analyzer_errors"]:
+        raise typer.Exit(130)
 
 
 def resolve_device(device: str) -> torch.device:

@@ -16,6 +16,7 @@ from normscope.cli.compare import compare
 from normscope.cli.recalibrate import recalibrate
 from normscope.cli.report import report
 from normscope.cli.sites import sites
+from normscope.cli.train import train
 from normscope.errors import NormscopeError
 
 app = typer.Typer(
@@ -30,6 +31,7 @@ app.command("sites")(sites)
 app.command("report")(report)
 app.command("compare")(compare)
 app.command("recalibrate")(recalibrate)
+app.command("train")(train)
 
 
 def main() -> None:

@@ -14,13 +14,14 @@ import typer
 from normscope.cli.boundary import boundary
 from normscope.cli.options import flag
 from normscope.errors import OutputError
+from normscope.reports.timeseries import is_run_folder, render_run
 from normscope.result import REPORT_FILE, SUMMARY_FILE, TABLES_DIR, AnalysisResult, read_tables
 
 COMPARE_PREFIX = "compare_"
 
 
 def report(
-    folder: Annotated[Path, typer.Argument(help="An output folder of normscope analyze or of normscope compare.", show_default=False)],
+    folder: Annotated[Path, typer.Argument(help="An output folder of normscope analyze or normscope compare, or a normscope.Monitor run folder.", show_default=False)],
     compare: Annotated[
         Optional[Path], typer.Option("--compare", help="An output folder of normscope compare to include.", show_default=False)
     ] = None,
@@ -28,6 +29,9 @@ def report(
 ) -> None:
     """Rebuild report.html in FOLDER from its tables and summary.json (and --compare results)."""
     with boundary(debug):
+        if is_run_folder(folder):
+            typer.echo(str(render_run(folder)))
+            return
         if not (folder / SUMMARY_FILE).is_file() and compare is None and (folder / TABLES_DIR).is_dir():
             result, extra = AnalysisResult(meta={"model": {"name": f"comparison in {folder.name}"}}), compare_tables(folder)
         else:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import itertools
 import platform
 import time
@@ -20,6 +21,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import normscope
 from normscope.analyzers import ANALYZERS, AnalysisContext, AnalyzerOutput, get_analyzer, no_progress
+from normscope.budget import DEFAULT_BUDGET, Budget, as_budget
 from normscope.capture import capture
 from normscope.checkpoint import first_line, nonfinite_weights
 from normscope.data import digits_loader, load_digits
@@ -44,6 +46,9 @@ def analyze(
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     lr: float | None = None,
     progress: bool = False,
+    budget: float | Budget | None = DEFAULT_BUDGET,
+    quick: bool = True,
+    sites: str | Sequence[str] | None = None,
 ) -> AnalysisResult:
     """Analyze the normalization sites of ``model`` on ``data`` and return tables and findings.
 
@@ -63,7 +68,15 @@ def analyze(
         seed: seed of the batch order and of every random choice. Default: 0.
         loss_fn: ``loss_fn(outputs, targets) -> scalar``. Default: cross-entropy.
         lr: the learning rate to check step sizes against (descent analyzer). Default: None.
-        progress: show Rich progress bars (on stderr). Default: False.
+        progress: show Rich progress bars on a terminal, one log line per stage elsewhere
+            (both on stderr). Default: False.
+        budget: seconds the analyzers may spend in all (shared out by :mod:`normscope.budget`,
+            work planned from unit costs measured on the first batch), or a ``Budget``; ``None``
+            is no limit. What was cut and why is in ``meta["budget"]`` and the findings.
+            Default: 120.
+        quick: the analyzers' small default settings; ``False`` is their full settings (still
+            within ``budget``). Default: True.
+        sites: fnmatch pattern(s) on site and module names restricting the work. Default: all.
 
     Raises:
         DataShapeError: the data is not ``(inputs, targets)`` or does not fit the model or loss.
@@ -83,7 +96,7 @@ def analyze(
         data = usable_outside_inference(data)
         loader, dataset, data_source = make_loader(data, batch_size, seed)
         chosen = take_batches(loader, batches, target, dtype, track)
-        sites, unrecognized = check_fit(work, chosen[0], loss_fn)
+        ran, unrecognized = check_fit(work, chosen[0], loss_fn)
         ctx = AnalysisContext(
             model=work,
             batches=chosen,
@@ -93,6 +106,9 @@ def analyze(
             lr=lr,
             seed=seed,
             track=track,
+            quick=quick,
+            budget=as_budget(budget),
+            sites=sites,
         )
         outputs, errors, timings = run_analyzers(ctx, names, track, explicit=analyzers is not None)
     result = AnalysisResult()
@@ -106,11 +122,13 @@ def analyze(
     ]
     if model_findings:
         result.findings["model"] = model_findings
+    if ctx.budget.cuts or "interrupted" in errors:
+        result.findings["budget"] = budget_findings(ctx.budget, errors.get("interrupted"))
     result.meta = {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "versions": {"normscope": normscope.__version__, "torch": torch.__version__, "python": platform.python_version()},
         "model": {"class": type(model).__name__, "parameters": sum(p.numel() for p in model.parameters())},
-        "sites": [site_row(site) for site in sites],
+        "sites": [site_row(site) for site in ran],
         "unrecognized": [{"name": path, "module_type": cls} for path, cls in unrecognized],
         "data": {
             "source": data_source,
@@ -125,6 +143,9 @@ def analyze(
         "loss_fn": getattr(loss_fn, "__name__", type(loss_fn).__name__),
         "analyzers": list(outputs),
         "analyzer_errors": errors,
+        "settings": "quick" if quick else "full",
+        "sites_pattern": sites,
+        "budget": ctx.budget.report(),
         "seconds": {**timings, "total": time.perf_counter() - started},
     }
     attach_overview(result)
@@ -273,7 +294,7 @@ def run_analyzers(
     outputs: dict[str, AnalyzerOutput] = {}
     errors: dict[str, str] = {}
     timings: dict[str, float] = {}
-    for name in track(names, "analyzers", len(names)):
+    for index, name in enumerate(track(names, "analyzers", len(names))):
         started = time.perf_counter()
         try:
             function = get_analyzer(name)
@@ -282,7 +303,11 @@ def run_analyzers(
             continue
         try:
             with preserved(ctx.model):
-                outputs[name] = function(ctx)
+                outputs[name] = function(dataclasses.replace(ctx, budget=ctx.budget.share(name, names[index:])))
+        except KeyboardInterrupt:
+            done = ", ".join(outputs) or "none"
+            errors["interrupted"] = f"interrupted during analyzer {name}; finished analyzers ({done}) are complete, {name} and later ones did not run"
+            break
         except NormscopeError as error:
             verb = "failed" if explicit else "skipped"
             errors[name] = f"analyzer {name} {verb}: {first_line(error)}"
@@ -292,8 +317,21 @@ def run_analyzers(
             continue
         timings[name] = time.perf_counter() - started
     if not outputs:
+        if "interrupted" in errors:
+            raise KeyboardInterrupt
         raise AnalyzerError("no analyzer could run: " + "; ".join(errors.values()))
     return outputs, errors, timings
+
+
+def budget_findings(budget: Budget, interrupted: str | None) -> list[str]:
+    """Sentences on what the budget cut (and an interrupt), for the report and summary."""
+    out = [f"Analysis {interrupted}."] if interrupted else []
+    if budget.cuts:
+        limit = f"{budget.seconds:.0f} s" if budget.limited else "no limit"
+        out.append(f"The time budget ({limit}; pass --budget SECONDS or budget= for more) cut {len(budget.cuts)} piece(s) "
+                   "of work; every table holds what finished, with its accuracy:")
+        out += [f"{cut.analyzer}: {cut.what} ({cut.why})." for cut in budget.cuts]
+    return out
 
 
 @contextlib.contextmanager
@@ -311,9 +349,14 @@ def progress_bars(enabled: bool) -> Iterator[Callable[..., Iterator]]:
         console=console, transient=True, disable=not console.is_terminal,
     )
 
+    started = time.perf_counter()
+
     def track(iterable: Iterable[T], description: str = "", total: int | None = None) -> Iterator[T]:
         if total is None and hasattr(iterable, "__len__"):
             total = len(iterable)
+        if not console.is_terminal:
+            yield from logged(iterable, description, total, started, console)
+            return
         task = bars.add_task(description, total=total)
         try:
             for item in iterable:
@@ -324,4 +367,17 @@ def progress_bars(enabled: bool) -> Iterator[Callable[..., Iterator]]:
 
     with bars:
         yield track
+
+
+def logged(iterable: Iterable[T], description: str, total: int | None, started: float, console) -> Iterator[T]:
+    """``iterable`` with log lines for a non-terminal: one per named stage (string items),
+    ``normscope: <description> i/total <item> (at <elapsed> s)``, and one when it ends."""
+    begun, count = time.perf_counter(), 0
+    for count, item in enumerate(iterable, start=1):
+        if isinstance(item, str):
+            console.print(f"normscope: {description} {count}/{total if total is not None else '?'} {item} "
+                          f"(at {time.perf_counter() - started:.1f} s)", markup=False, highlight=False)
+        yield item
+    console.print(f"normscope: {description} done, {count} step(s) in {time.perf_counter() - begun:.1f} s "
+                  f"(at {time.perf_counter() - started:.1f} s)", markup=False, highlight=False)
 

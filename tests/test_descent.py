@@ -292,7 +292,8 @@ def test_descent_runs_on_every_reference_model(name, digits64):
     layers = set(tables["descent_spectrum"]["group"]) - {"total"}
     assert len(layers) == min(QUICK["layer_spectra"], len(loss.layers()))
     assert set(tables["descent_trace"]["group"]) == {"total", *loss.layers()}
-    assert (tables["descent_trace"]["n_samples"] == QUICK["trace_samples"]).all()
+    assert (tables["descent_trace"]["products"] == QUICK["trace_products"]).all()
+    assert (tables["descent_trace"]["method"] == "hutch++").all()
     limited = any(f.startswith("Quick mode limited the per-layer work") for f in findings(tables, True, 0.1))
     assert limited == (len(loss.layers()) > QUICK["layer_spectra"])
     for name_, frame in tables.items():

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from normscope.analyzers.hvp import BatchLoss, HessianOperator
+from normscope.analyzers.hvp import BACKEND_CACHE, FAST_PRODUCT, BatchLoss, HessianOperator, select_backend
 from normscope.errors import UnknownNameError
 from normscope.guard import assert_unchanged, snapshot
 from normscope.models import build_model
@@ -94,8 +94,13 @@ def test_auto_backend_measures_both_and_the_model_is_untouched(digits32):
     model.net[1].weight.grad = torch.ones_like(model.net[1].weight)
     before = snapshot(model)
     loss = BatchLoss(model, *digits32, mode="train")
+    op = HessianOperator(loss, backend="double_backward")
+    assert select_backend(op, good_enough=0.0) in ("double_backward", "func")
+    assert set(op.timings) == {"double_backward", "func"}
     op = HessianOperator(loss)
-    assert set(op.timings) == {"double_backward", "func"} and op.backend in op.timings
+    assert op.backend in op.timings and op.timings[op.backend] == BACKEND_CACHE[model][("train", torch.float32, True)][1][op.backend]
+    assert op.backend == "double_backward" or op.timings["double_backward"] >= FAST_PRODUCT
+    assert HessianOperator(BatchLoss(model, *digits32, mode="train")).timings == op.timings  # cached, not re-timed
     op(op.gradient())
     HessianOperator(BatchLoss(model, *digits32, mode="eval"))(op.gradient())
     assert_unchanged(model, before)

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from normscope.budget import Budget
 from normscope.errors import UnknownNameError
 
 T = TypeVar("T")
@@ -49,7 +50,10 @@ class AnalysisContext:
         lr: the learning rate to check against (descent), if known.
         seed: seed for every random choice an analyzer makes.
         track: progress wrapper, ``track(iterable, description, total)``; a no-op by default.
-        quick: ask analyzers for their small default sweep (CLI default run).
+        quick: ask analyzers for their small default sweep (CLI default run); False is ``--full``.
+        budget: the time this analyzer may spend (:class:`normscope.budget.Budget`, unlimited by
+            default); analyzers plan from its unit costs and record what they cut.
+        sites: fnmatch pattern(s) on site and module names restricting the work; None is all.
     """
 
     model: nn.Module
@@ -62,6 +66,8 @@ class AnalysisContext:
     track: Callable[..., Iterator] = no_progress
     quick: bool = True
     options: dict = field(default_factory=dict)
+    budget: Budget = field(default_factory=lambda: Budget(None))
+    sites: str | list[str] | None = None
 
     @property
     def device(self) -> torch.device:

@@ -19,6 +19,7 @@ reparameterization. Tables: ``descent_*`` in ``docs/tables.md``.
 from __future__ import annotations
 
 import copy
+import fnmatch
 import math
 from typing import Iterable, Sequence
 
@@ -31,7 +32,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from normscope.analyzers import AnalysisContext, AnalyzerOutput
 from normscope.analyzers.hvp import MODES, BatchLoss, HessianOperator
 from normscope.analyzers.reparam import no_grad_forward, reparam_check
-from normscope.analyzers.spectrum import hutchinson_trace, top_eigenvalues
+from normscope.analyzers.spectrum import hutchpp_split, hutchpp_trace, lanczos
+from normscope.budget import Budget, seconds_of
 from normscope.findings import Finding
 from normscope.rules import descent_findings, descent_verdicts
 from normscope.errors import InvalidArgumentError
@@ -40,8 +42,9 @@ COLUMNS = {
     "descent_directions": ["mode", "direction", "group", "sq_norm", "slope", "curvature", "a_crit", "lr", "lr_below_a_crit",
                            "descent_direction", "a_crit_reason"],
     "descent_quadratic": ["mode", "step", "loss", "quadratic", "rel_error"],
-    "descent_spectrum": ["mode", "group", "rank", "eigenvalue", "stability_limit"],
-    "descent_trace": ["mode", "group", "trace", "trace_stderr", "n_samples"],
+    "descent_spectrum": ["mode", "group", "rank", "eigenvalue", "stability_limit", "residual", "error_bound",
+                         "products", "converged"],
+    "descent_trace": ["mode", "group", "trace", "trace_stderr", "n_samples", "products", "method"],
     "descent_scale_invariance": ["layer", "c", "loss_ratio", "a_crit_ratio", "max_abs_inner", "effective_lr"],
     "descent_reparam": ["layer", "max_abs_error", "cond_s", "cond_reparam"],
 }
@@ -49,8 +52,8 @@ DEFAULT_LR = 0.1
 PARTING_THRESHOLD = 0.1
 REFINE_STEPS = 8
 SCALES = (1.0, 0.5, 2.0)
-QUICK = {"k": 3, "layer_k": 1, "layer_spectra": 3, "trace_samples": 8, "steps": 12, "tol": 1e-3}
-FULL = {"k": 5, "layer_k": 5, "layer_spectra": None, "trace_samples": 64, "steps": 25, "tol": 1e-6}
+QUICK = {"k": 3, "layer_k": 1, "layer_spectra": 3, "trace_products": 30, "steps": 12, "tol": 1e-3}
+FULL = {"k": 5, "layer_k": 5, "layer_spectra": None, "trace_products": 99, "steps": 25, "tol": 1e-4}
 
 
 def critical_step(slope: float, curvature: float) -> float:
@@ -110,9 +113,10 @@ def descent_rows(
     and for each layer (moving that layer's block only): ``||d_g||^2``, the slope ``g_g^T d_g``,
     ``d_g^T H_gg d_g`` (one Hessian-vector product each), ``a_crit = 2 (-g_g^T d_g) / d_g^T H_gg d_g``
     (:func:`critical_step`, with its reason) and ``lr < a_crit``; ``d`` is per unit learning rate,
-    so the step ``lr * d`` decreases the quadratic model iff ``lr < a_crit`` (Deshmukh, "Batch Norm" (notes, 2020), MATH.md §5)."""
+    so the step ``lr * d`` decreases the quadratic model iff ``lr < a_crit`` (Deshmukh, "Batch Norm" (notes, 2020), MATH.md §5).
+    ``groups``: ``{name: parameter names, or None for the total}``; default the total and every layer."""
     loss = total.loss
-    groups = {"total": None, **(loss.layers() if groups is None else groups)}
+    groups = {"total": None, **loss.layers()} if groups is None else groups
     gradient = loss.gradient(total.names)
     rows = []
     for group, names in groups.items():
@@ -230,24 +234,43 @@ def scale_invariance(loss: BatchLoss, layer: str, lr: float, scales: Iterable[fl
     return rows
 
 
-def spectrum_rows(op: HessianOperator, mode: str, group: str, k: int, tol: float, seed: int) -> list[dict]:
-    """``descent_spectrum`` rows: the top ``k`` eigenvalues and ``2 / eigenvalue`` (NaN if <= 0)."""
-    values = top_eigenvalues(op, k, tol, seed)
+def spectrum_rows(op: HessianOperator, mode: str, group: str, k: int, tol: float, seed: int,
+                  max_products: int | None = None) -> list[dict]:
+    """``descent_spectrum`` rows from :func:`lanczos`: the top ``k`` eigenvalues, ``2 / eigenvalue``
+    (NaN if <= 0), each value's residual ``||H y - theta y||`` and error bound, the products spent
+    and whether the tolerance was reached (not when ``max_products`` stopped it first)."""
+    found = lanczos(op, k, tol, seed, max_products)
     return [{"mode": mode, "group": group, "rank": i + 1, "eigenvalue": float(v),
-             "stability_limit": 2.0 / float(v) if v > 0 else math.nan} for i, v in enumerate(values)]
+             "stability_limit": 2.0 / float(v) if v > 0 else math.nan, "residual": float(r), "error_bound": float(e),
+             "products": found.products, "converged": found.converged}
+            for i, (v, r, e) in enumerate(zip(found.values, found.residuals, found.errors))]
 
 
 def spectrum_layers(traces: dict[str, tuple[float, float]], layers: dict[str, list[str]], limit: int | None) -> list[str]:
     """The layers whose spectra to compute: all (``limit=None``), or the ``limit`` layers with the
-    largest absolute Hutchinson trace ``|tr H_gg|``, in model order."""
+    largest absolute block trace ``|tr H_gg|`` (layers without a trace last), in model order."""
     if limit is None or len(layers) <= limit:
         return list(layers)
-    chosen = set(sorted(layers, key=lambda g: -abs(traces[g][0]))[:limit])
+    chosen = set(sorted(layers, key=lambda g: -abs(traces[g][0]) if g in traces else math.inf)[:limit])
     return [g for g in layers if g in chosen]
+
+
+def selected_layers(layers: dict[str, list[str]], sites: str | Sequence[str] | None) -> dict[str, list[str]]:
+    """The layers (module paths) matching the fnmatch pattern(s) ``sites``; all when ``None``."""
+    if sites is None:
+        return layers
+    patterns = [sites] if isinstance(sites, str) else list(sites)
+    return {g: names for g, names in layers.items() if any(fnmatch.fnmatchcase(g, p) for p in patterns)}
 
 
 def _frame(name: str, rows: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=COLUMNS[name])
+
+
+def _trace_rows(mode: str, traces: dict[str, tuple[float, float]], products: int) -> list[dict]:
+    samples = hutchpp_split(products)[1]
+    return [{"mode": mode, "group": group, "trace": t, "trace_stderr": se, "n_samples": samples, "products": products,
+             "method": "hutch++"} for group, (t, se) in traces.items()]
 
 
 def descent_tables(
@@ -263,6 +286,8 @@ def descent_tables(
     dtype: torch.dtype | None = torch.float64,
     backend: str = "auto",
     track=None,
+    budget: Budget | None = None,
+    sites: str | Sequence[str] | None = None,
 ) -> tuple[dict[str, pd.DataFrame], dict[str, str]]:
     """Every ``descent_*`` table for ``model`` on one batch, and the HVP backend chosen per mode.
 
@@ -270,46 +295,120 @@ def descent_tables(
     Directions: ``gradient`` (``-dL/dtheta``, checked against ``lr``) and, given ``optimizer``,
     ``optimizer:<class>`` (:func:`optimizer_direction`, checked against the optimizer's lr). The
     quadratic table follows the optimizer's direction when given, the gradient otherwise.
-    Settings (:data:`QUICK` or :data:`FULL`): the top ``k`` eigenvalues of ``H``, the top
-    ``layer_k`` of each layer's block (quick: only the ``layer_spectra`` layers with the largest
-    block trace), ``trace_samples`` Hutchinson products shared by all blocks, ``steps`` grid steps.
+    Settings (:data:`QUICK` or :data:`FULL`): the top ``k`` eigenvalues of ``H`` to relative
+    tolerance ``tol``, the top ``layer_k`` of each layer's block (quick: only the ``layer_spectra``
+    layers with the largest block trace), a Hutch++ trace from ``trace_products`` products shared
+    by all blocks, ``steps`` grid steps. ``sites`` (fnmatch patterns on module paths) restricts the
+    per-layer work.
+
+    ``budget`` (:class:`~normscope.budget.Budget`, unlimited by default) is split evenly between
+    the modes; within a mode the stages run in this order, each only if its products fit in what
+    is left at the measured HVP cost (gradients and forwards are priced at the measured gradient
+    and forward costs): the total's direction rows, the quadratic model, the top eigenvalues of
+    ``H``, the trace, the layers' direction rows (as many layers as fit), the layers' spectra,
+    the scale-invariance and reparameterization checks. What does not fit is recorded in
+    ``budget.cuts``; the tables hold what finished.
     """
     settings = QUICK if quick else FULL
+    budget = budget or Budget(None)
     tables: dict[str, list[dict]] = {name: [] for name in COLUMNS}
     backends: dict[str, str] = {}
     track = track or (lambda it, *a, **k: it)
-    for mode in track(list(modes), "descent", total=len(modes)):
+    modes = list(modes)
+    for index, mode in enumerate(track(modes, "descent", total=len(modes))):
+        plan = budget.share(f"descent ({mode} mode)", [f"descent ({m} mode)" for m in modes[index:]])
         loss = BatchLoss(model, inputs, targets, loss_fn, mode, dtype)
-        layers = loss.layers()
         total = HessianOperator(loss, backend=backend)
         backends[mode] = total.backend
-        rows = descent_rows(total, negative_gradient(loss), lr, "gradient")
-        d, step_lr = negative_gradient(loss), lr
-        if optimizer is not None:
-            d, step_lr = optimizer_direction(model, optimizer, loss)
-            rows += descent_rows(total, d, step_lr, f"optimizer:{type(optimizer).__name__}")
-        tables["descent_directions"] += rows
-        a_crit = next(r["a_crit"] for r in reversed(rows) if r["group"] == "total")
-        coarse = quadratic_model(loss, d, step_grid(step_lr, a_crit, settings["steps"]), total.backend)
-        tables["descent_quadratic"] += refine_near_parting(loss, d, coarse, total.backend).to_dict("records")
-        traces = hutchinson_trace(total, settings["trace_samples"], seed, layers)
-        tables["descent_trace"] += [{"mode": mode, "group": group, "trace": t, "trace_stderr": se,
-                                     "n_samples": settings["trace_samples"]} for group, (t, se) in traces.items()]
-        tables["descent_spectrum"] += spectrum_rows(total, mode, "total", settings["k"], settings["tol"], seed)
-        for i, group in enumerate(spectrum_layers(traces, layers, settings["layer_spectra"]), start=1):
-            op = HessianOperator(loss, layers[group], total.backend)
-            tables["descent_spectrum"] += spectrum_rows(op, mode, group, settings["layer_k"], settings["tol"], seed + i)
-        if mode == "train":
-            for layer, norm in feeding_layers(loss.model, loss.inputs).items():
-                tables["descent_scale_invariance"] += scale_invariance(loss, layer, lr, SCALES, total.backend)
-                if isinstance(loss.model.get_submodule(layer), nn.Linear):
-                    tables["descent_reparam"].append({"layer": layer, **reparam_check(loss.model, loss.inputs, layer, norm)})
+        budget.cost("hvp", lambda: total.timings.get(total.backend) or seconds_of(lambda: total(total.gradient())))
+        budget.cost("gradient", lambda: seconds_of(loss.gradient))
+        budget.cost("forward", lambda: seconds_of(lambda: loss().detach()))
+        _mode_tables(tables, plan, loss, total, model, optimizer, lr, settings, seed, sites)
     return {name: _frame(name, rows) for name, rows in tables.items()}, backends
 
 
-def findings(tables: dict[str, pd.DataFrame], lr_given: bool, lr: float) -> list[Finding]:
-    """Findings, most important first: one verdict per mode (``descent_verdicts``, made here when
-    absent; :func:`normscope.rules.descent_findings`), then the supporting measurements."""
+def _mode_tables(tables: dict[str, list[dict]], plan: Budget, loss: BatchLoss, total: HessianOperator, model: nn.Module,
+                 optimizer, lr: float, settings: dict, seed: int, sites) -> None:
+    """The stages of :func:`descent_tables` for one mode, within ``plan``, appended to ``tables``."""
+    mode = loss.mode
+    layers = selected_layers(loss.layers(), sites)
+    directions = [("gradient", lambda: (negative_gradient(loss), lr))]
+    if optimizer is not None:
+        directions.append((f"optimizer:{type(optimizer).__name__}", lambda: optimizer_direction(model, optimizer, loss)))
+    if not plan.allows("every table of this mode", {"gradient": len(directions), "hvp": len(directions)}):
+        return
+    chosen = [(name, *make()) for name, make in directions]
+    for name, d, step_lr in chosen:
+        tables["descent_directions"] += descent_rows(total, d, step_lr, name, {"total": None})
+    plan.spend("gradient", len(chosen))
+    plan.spend("hvp", len(chosen))
+    _, d, step_lr = chosen[-1]
+    a_crit = next(r["a_crit"] for r in reversed(tables["descent_directions"]) if r["group"] == "total" and r["mode"] == mode)
+    if plan.allows("the quadratic model", {"gradient": 1, "hvp": 1, "forward": settings["steps"] + 1}):
+        coarse = quadratic_model(loss, d, step_grid(step_lr, a_crit, settings["steps"]), total.backend)
+        plan.spend("gradient")
+        plan.spend("hvp")
+        plan.spend("forward", settings["steps"] + 1)
+        if plan.allows("a fine grid near the parting step", {"gradient": 1, "hvp": 1, "forward": REFINE_STEPS + 1}):
+            coarse = refine_near_parting(loss, d, coarse, total.backend)
+            plan.spend("gradient")
+            plan.spend("hvp")
+            plan.spend("forward", REFINE_STEPS + 1)
+        tables["descent_quadratic"] += coarse.to_dict("records")
+    products = plan.affordable("hvp", 2 * max(settings["k"], 2) + 10)
+    if products >= 2:
+        tables["descent_spectrum"] += spectrum_rows(total, mode, "total", settings["k"], settings["tol"], seed, products)
+        plan.spend("hvp", tables["descent_spectrum"][-1]["products"])
+        if not tables["descent_spectrum"][-1]["converged"]:
+            plan.cut("Lanczos iterations for the top eigenvalues", f"stopped after {products} products, before tolerance "
+                     f"{settings['tol']:g}; the residuals in descent_spectrum give the accuracy reached")
+    else:
+        plan.cut("the top eigenvalues", "no time left for 2 Hessian-vector products")
+    products = plan.affordable("hvp", settings["trace_products"])
+    traces: dict[str, tuple[float, float]] = {}
+    if products >= 2:
+        traces = hutchpp_trace(total, products, seed, layers)
+        tables["descent_trace"] += _trace_rows(mode, traces, products)
+        plan.spend("hvp", products)
+        if products < settings["trace_products"]:
+            plan.cut(f"{settings['trace_products'] - products} of {settings['trace_products']} trace products",
+                     "the budget ran out; the standard errors in descent_trace give the accuracy reached")
+    else:
+        plan.cut("the trace", "no time left for 2 Hessian-vector products")
+    fitting = plan.affordable("hvp", len(layers) * len(chosen))
+    done = list(layers)[: fitting // len(chosen)]
+    for name, d, step_lr in chosen:
+        tables["descent_directions"] += descent_rows(total, d, step_lr, name, {g: layers[g] for g in done})
+    plan.spend("hvp", len(done) * len(chosen))
+    if len(done) < len(layers):
+        plan.cut(f"per-layer critical steps of {len(layers) - len(done)} of {len(layers)} layers",
+                 "one Hessian-vector product each did not fit")
+    for i, group in enumerate(spectrum_layers(traces, {g: layers[g] for g in done}, settings["layer_spectra"]), start=1):
+        products = plan.affordable("hvp", 2 * settings["layer_k"] + 10)
+        if products < 2:
+            plan.cut(f"the spectra of layer {group} and after", "no time left")
+            break
+        op = HessianOperator(loss, layers[group], total.backend)
+        tables["descent_spectrum"] += spectrum_rows(op, mode, group, settings["layer_k"], settings["tol"], seed + i, products)
+        plan.spend("hvp", op.products)
+    if mode == "train":
+        for layer, norm in feeding_layers(loss.model, loss.inputs).items():
+            if sites is not None and not (selected_layers({layer: [], norm: []}, sites)):
+                continue
+            if not plan.allows(f"scale invariance of {layer}", {"gradient": len(SCALES), "hvp": len(SCALES), "forward": len(SCALES)}):
+                break
+            tables["descent_scale_invariance"] += scale_invariance(loss, layer, lr, SCALES, total.backend)
+            plan.spend("gradient", len(SCALES))
+            plan.spend("hvp", len(SCALES))
+            plan.spend("forward", len(SCALES))
+            if isinstance(loss.model.get_submodule(layer), nn.Linear):
+                tables["descent_reparam"].append({"layer": layer, **reparam_check(loss.model, loss.inputs, layer, norm)})
+
+
+def findings(tables: dict[str, pd.DataFrame], lr_given: bool, lr: float, quick: bool = True) -> list[Finding]:
+    """Findings, most important first (``quick``: the tables came from quick settings): one verdict
+    per mode (``descent_verdicts``, made here when absent; :func:`normscope.rules.descent_findings`),
+    then the supporting measurements."""
     if "descent_verdicts" not in tables:
         tables["descent_verdicts"] = verdicts(tables)
     out = descent_findings(tables["descent_verdicts"])
@@ -323,14 +422,14 @@ def findings(tables: dict[str, pd.DataFrame], lr_given: bool, lr: float) -> list
     spectrum = tables["descent_spectrum"]
     spectrum_groups = set(spectrum["group"]) - {"total"}
     layer_groups = set(directions["group"]) - {"total"}
-    if len(spectrum_groups) < len(layer_groups):
+    if quick and QUICK["layer_spectra"] <= len(spectrum_groups) < len(layer_groups):
         trace = tables["descent_trace"]
-        samples = int(trace["n_samples"].iloc[0]) if len(trace) else 0
+        products = int(trace["products"].iloc[0]) if len(trace) else 0
         out.append(Finding(f"Quick mode limited the per-layer work: spectra for only {len(spectrum_groups)} of the "
                            f"{len(layer_groups)} layers (those with the largest block trace), Lanczos to relative tolerance "
-                           f"{QUICK['tol']:g}, Hutchinson traces from {samples} products (shared by every layer); "
-                           "run without quick mode for all of them.", "descent", "note", metric="n_samples", value=samples,
-                           table="descent_trace", statistic="max"))
+                           f"{QUICK['tol']:g}, Hutch++ traces from {products} products (shared by every layer); "
+                           "run with --full (full=True in normscope.analyze) for all of them.", "descent", "note",
+                           metric="products", value=products, table="descent_trace", statistic="max" if len(trace) else "value"))
     scale = tables["descent_scale_invariance"]
     for layer, part in scale.groupby("layer", sort=False):
         two = part[part["c"] == 2.0]
@@ -361,7 +460,8 @@ def verdicts(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
 
 def analyze(ctx: AnalysisContext) -> AnalyzerOutput:
     """The descent analyzer on ``ctx.batches[0]``: every ``descent_*`` table (:func:`descent_tables`),
-    in train and eval mode, float64, quick settings when ``ctx.quick``. Options (``ctx.options``):
+    in train and eval mode, float64, quick settings when ``ctx.quick``, within ``ctx.budget``, per-layer
+    work restricted to ``ctx.sites``. Options (``ctx.options``):
     ``descent_optimizer`` (a ``torch.optim`` optimizer of ``ctx.model`` whose update to check),
     ``descent_backend`` (``auto``). ``ctx.lr`` defaults to 0.1 (said in the findings)."""
     inputs, targets = ctx.batches[0]
@@ -370,7 +470,8 @@ def analyze(ctx: AnalysisContext) -> AnalyzerOutput:
         raise InvalidArgumentError(f"lr must be positive (got {ctx.lr})")
     tables, backends = descent_tables(
         ctx.model, inputs, targets, ctx.loss_fn, lr, ctx.options.get("descent_optimizer"), quick=ctx.quick,
-        seed=ctx.seed, backend=ctx.options.get("descent_backend", "auto"), track=ctx.track)
+        seed=ctx.seed, backend=ctx.options.get("descent_backend", "auto"), track=ctx.track, budget=ctx.budget,
+        sites=ctx.sites)
     directions, spectrum = tables["descent_directions"], tables["descent_spectrum"]
     headline: dict[str, float | int | str] = {"lr": lr, "hvp_backend": backends.get("train", "")}
     for mode in MODES:
@@ -384,4 +485,4 @@ def analyze(ctx: AnalysisContext) -> AnalyzerOutput:
         if len(part):
             headline[f"parting_step_{mode}"] = parting_step(part)
     tables["descent_verdicts"] = verdicts(tables)
-    return AnalyzerOutput(tables, findings(tables, ctx.lr is not None, lr), headline)
+    return AnalyzerOutput(tables, findings(tables, ctx.lr is not None, lr, ctx.quick), headline)

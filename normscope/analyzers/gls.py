@@ -698,7 +698,7 @@ def analyze(ctx: AnalysisContext) -> AnalyzerOutput:
     512 items of the data. Options (``ctx.options``): ``gls_momentum`` (0.5), ``gls_weight`` (2.0),
     ``gls_sweep`` (True)."""
     inputs, targets = ctx.batches[0]
-    tables = gls_step(ctx.model, (inputs, targets), ctx.loss_fn)
+    tables = gls_step(ctx.model, (inputs, targets), ctx.loss_fn, sites=ctx.sites)
     data = _sweep_data(ctx, 64 if ctx.quick else 512)
     if ctx.options.get("gls_sweep", True) and data is not None:
         tables.update(batch_size_sweep(ctx.model, *data, loss_fn=ctx.loss_fn, track=ctx.track,

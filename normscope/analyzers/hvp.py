@@ -10,7 +10,8 @@ parameters, or to one parameter group (then ``H`` is that group's diagonal block
   ``torch.func.functional_call``.
 
 ``backend="auto"`` times both once on the model at hand and keeps the faster (on CPU, ``func``
-through training-mode BatchNorm is often much slower). Everything runs on a deep copy of the
+through training-mode BatchNorm is often much slower); the choice and its timings are cached per
+user model, mode and dtype (:data:`BACKEND_CACHE`), so later operators on the same model skip it. Everything runs on a deep copy of the
 user's model, so its parameters, buffers and flags are never touched; in ``train`` mode the copy's
 BatchNorms stop tracking running statistics, so they normalize with batch statistics and update
 nothing, and in ``eval`` mode they use the running statistics. Attention runs with the math kernel
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import time
+import weakref
 from typing import Callable, Sequence
 
 import numpy as np
@@ -37,6 +39,8 @@ from normscope.errors import InvalidArgumentError, UnknownNameError
 LossFn = Callable[[Tensor, Tensor], Tensor]
 MODES = ("train", "eval")
 BACKENDS = ("auto", "double_backward", "func")
+FAST_PRODUCT = 0.05
+BACKEND_CACHE: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
 
 
 class BatchLoss:
@@ -71,6 +75,7 @@ class BatchLoss:
                 if isinstance(m, _BatchNorm):
                     m.track_running_stats = False
         self.model, self.inputs, self.targets, self.loss_fn, self.mode = net, inputs, targets, loss_fn, mode
+        self.source = weakref.ref(model)
         self.params: dict[str, Tensor] = {n: p.detach() for n, p in net.named_parameters()}
 
     def __call__(self, params: dict[str, Tensor] | None = None) -> Tensor:
@@ -122,7 +127,7 @@ class HessianOperator:
         self.timings: dict[str, float] = {}
         self._graph: tuple[list[Tensor], list[Tensor]] | None = None
         self._parent: HessianOperator | None = None
-        self.backend = select_backend(self) if backend == "auto" else backend
+        self.backend = cached_backend(self) if backend == "auto" else backend
 
     @property
     def dtype(self) -> torch.dtype:
@@ -203,12 +208,28 @@ def _seconds(op: HessianOperator, v: Tensor) -> float:
     return time.perf_counter() - start
 
 
-def select_backend(op: HessianOperator, repeats: int = 1) -> str:
+def cached_backend(op: HessianOperator) -> str:
+    """:func:`select_backend` once per (user model, mode, dtype, full or block operator); later
+    calls reuse the choice and copy its timings into ``op.timings``."""
+    source = op.loss.source()
+    key = (op.loss.mode, op.dtype, op.names == list(op.loss.params))
+    cache = BACKEND_CACHE.setdefault(source, {}) if source is not None else {}
+    if key not in cache:
+        cache[key] = (select_backend(op), dict(op.timings))
+    backend, timings = cache[key]
+    op.timings.update(timings)
+    return backend
+
+
+def select_backend(op: HessianOperator, repeats: int = 1, good_enough: float = FAST_PRODUCT) -> str:
     """Time one product with each backend (the best of ``repeats`` after a warm-up call) and
     return the faster name.
 
-    A backend that raises on this model (e.g. ``func`` through a layer that mutates buffers
-    in its forward) is not chosen. The measured seconds are left in ``op.timings``.
+    Double backward is timed first; a product faster than ``good_enough`` seconds is kept without
+    trying ``func``, whose first use in a process imports torch's compiler stack (seconds) that so
+    small a product cannot repay. A backend that raises on this model (e.g. ``func`` through a
+    layer that mutates buffers in its forward) is not chosen. The measured seconds are left in
+    ``op.timings``.
     """
     generator = torch.Generator(device="cpu").manual_seed(0)
     v = torch.randn(op.numel, generator=generator, dtype=torch.float64).to(device=op.device, dtype=op.dtype)
@@ -219,6 +240,8 @@ def select_backend(op: HessianOperator, repeats: int = 1) -> str:
             op.timings[backend] = min(_seconds(op, v) for _ in range(repeats))
         except (RuntimeError, NotImplementedError, ValueError):
             op.timings[backend] = float("inf")
+        if op.timings[backend] < good_enough:
+            break
     op.products = 0
     best = min(op.timings, key=op.timings.get)
     if op.timings[best] == float("inf"):

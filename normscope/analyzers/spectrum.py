@@ -1,24 +1,49 @@
 """Curvature spectrum from Hessian-vector products: top eigenvalues and the trace (MATH.md §5).
 
-* :func:`top_eigenvalues`: the k largest eigenvalues of ``H`` (or a layer's block ``H_gg``) by
-  implicitly restarted Lanczos, ``scipy.sparse.linalg.eigsh`` on a float64 ``LinearOperator``
-  of products; ``2 / lambda_max`` is the stability limit of plain gradient descent on the
-  quadratic model (Deshmukh, "Batch Norm" (notes, 2020), MATH.md §5).
-* :func:`hutchinson_trace`: ``tr H = E[v^T H v]`` for Rademacher ``v`` (Hutchinson 1989), the
-  mean of ``n`` samples with its standard error ``std / sqrt(n)``; the same products give every
-  layer's block trace, ``tr H_gg = E[v_g^T (H v)_g]``.
+* :func:`lanczos`: the k largest eigenvalues of ``H`` (or a layer's block ``H_gg``) by Lanczos
+  with full reorthogonalization, stopped as soon as every wanted Ritz value is accurate to a
+  relative tolerance: for a Ritz pair ``(theta, y)`` of the tridiagonal ``T_m = V_m^T H V_m`` the
+  residual is ``r = ||H y - theta y|| = beta_m |s_m|`` (no extra product), and some eigenvalue of
+  ``H`` lies within ``min(r, r^2 / gap)`` of ``theta`` (Kahan-Parlett-Jiang / Saad, "Numerical
+  Methods for Large Eigenvalue Problems", 2011, §4.3; ``gap`` = the distance to the other Ritz
+  values less their residuals). One product per iteration. ``2 / lambda_max`` is the stability
+  limit of plain gradient descent on the quadratic model (Deshmukh, "Batch Norm" (notes, 2020), MATH.md §5).
+* :func:`hutchpp_trace`: Hutch++ (Meyer, Musco, Musco and Woodruff, "Hutch++: Optimal Stochastic
+  Trace Estimation", SOSA 2021). With ``Q`` an orthonormal basis of ``H S`` for a Rademacher
+  sketch ``S``, ``tr H = tr(Q^T H Q) + tr((I - QQ^T) H (I - QQ^T))``: the first term is exact from
+  ``H Q``, the second is Hutchinson's estimate on the deflated matrix, with standard error
+  ``std / sqrt(n)``. Every layer's block trace comes from the same products:
+  ``tr H_gg = <Q, HQ>_g + <(I - QQ^T) H Q, Q>_g + E[w_g^T ((I - QQ^T) H w)_g]``,
+  ``w = (I - QQ^T) v`` (the three terms of ``tr(P_g H)`` split by ``I = QQ^T + (I - QQ^T)``).
+* :func:`hutchinson_trace`: plain Hutchinson (1989), ``tr H = E[v^T H v]`` for Rademacher ``v``.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy.sparse.linalg import eigsh
+from torch import Tensor
 
 from normscope.analyzers.hvp import HessianOperator
 from normscope.errors import InvalidArgumentError
+
+Traces = dict[str, tuple[float, float]]
+
+
+@dataclass
+class Eigenvalues:
+    """What :func:`lanczos` found: ``values`` (descending), their ``residuals`` ``||H y - theta y||``
+    and error bounds ``min(r, r^2 / gap)``, the ``products`` spent and whether every value reached
+    the tolerance (``converged``; False when ``max_products`` stopped it first)."""
+
+    values: np.ndarray
+    residuals: np.ndarray
+    errors: np.ndarray
+    products: int
+    converged: bool
 
 
 def dense_hessian(op: HessianOperator) -> np.ndarray:
@@ -27,45 +52,151 @@ def dense_hessian(op: HessianOperator) -> np.ndarray:
     return np.stack([op(e).detach().double().cpu().numpy() for e in eye], axis=1)
 
 
-def top_eigenvalues(op: HessianOperator, k: int = 5, tol: float = 1e-6, seed: int = 0) -> np.ndarray:
-    """The ``k`` largest (algebraic) eigenvalues of ``H``, descending.
+def _rademacher(n: int, generator: torch.Generator) -> Tensor:
+    return torch.randint(0, 2, (n,), generator=generator).double().mul_(2).sub_(1)
 
-    Lanczos (``eigsh(which="LA")``, seeded start vector, relative tolerance ``tol``); a block with
-    at most ``k + 1`` parameters is formed densely and solved with ``numpy.linalg.eigvalsh``
-    (returning at most ``n`` values). Products used: ``op.products``.
+
+def ritz_errors(values: np.ndarray, residuals: np.ndarray) -> np.ndarray:
+    """``min(r_i, r_i^2 / gap_i)`` with ``gap_i`` the distance from ``theta_i`` to the other Ritz
+    values, each widened by its own residual (0 when they overlap: then only ``r_i`` holds)."""
+    errors = residuals.copy()
+    for i in range(len(values)):
+        others = np.delete(np.arange(len(values)), i)
+        if len(others):
+            gap = float(np.min(np.abs(values[others] - values[i]) - residuals[others]))
+            if gap > 0:
+                errors[i] = min(residuals[i], residuals[i] ** 2 / gap)
+    return errors
+
+
+def lanczos(
+    op: HessianOperator, k: int = 1, tol: float = 1e-3, seed: int = 0, max_products: int | None = None
+) -> Eigenvalues:
+    """The ``k`` largest (algebraic) eigenvalues of ``H``, each to relative accuracy ``tol``.
+
+    Lanczos from a seeded Gaussian start vector, every new vector reorthogonalized twice against
+    the basis (float64, on ``op``'s device), stopping when each of the top ``k`` Ritz values has
+    ``min(r, r^2/gap) <= tol |theta|``, when the Krylov space is invariant (exact), after ``n``
+    products or after ``max_products``. A block with at most ``k + 1`` parameters is formed
+    densely and solved exactly.
     """
     if k < 1:
         raise InvalidArgumentError(f"k must be a positive number of eigenvalues (got {k})")
-    if op.numel <= k + 1:
-        values = np.linalg.eigvalsh(_symmetric(dense_hessian(op)))
-        return values[::-1][: min(k, op.numel)].copy()
-    v0 = np.random.default_rng(seed).standard_normal(op.numel)
-    values = eigsh(op.linear_operator(), k=k, which="LA", v0=v0, tol=tol, return_eigenvectors=False)
-    return np.sort(values)[::-1].copy()
+    n = op.numel
+    if n <= k + 1:
+        values = np.linalg.eigvalsh(_symmetric(dense_hessian(op)))[::-1][: min(k, n)].copy()
+        return Eigenvalues(values, np.zeros_like(values), np.zeros_like(values), n, True)
+    limit = n if max_products is None else max(1, min(n, int(max_products)))
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    v = torch.randn(n, generator=generator, dtype=torch.float64).to(op.device)
+    basis = [v / v.norm()]
+    alphas: list[float] = []
+    betas: list[float] = []
+    while True:
+        w = op(basis[-1].to(op.dtype)).double()
+        alphas.append(float(w @ basis[-1]))
+        V = torch.stack(basis, dim=1)
+        for _ in range(2):
+            w -= V @ (V.T @ w)
+        beta = float(w.norm())
+        T = np.diag(alphas) + np.diag(betas, 1) + np.diag(betas, -1)
+        theta, s = np.linalg.eigh(T)
+        order = np.argsort(theta)[::-1]
+        theta, s = theta[order], s[:, order]
+        residuals = beta * np.abs(s[-1, :])
+        errors = ritz_errors(theta, residuals)
+        m = len(alphas)
+        wanted = min(k, m)
+        invariant = beta <= 1e-12 * max(abs(theta[0]), 1e-300)
+        done = m >= k and bool(np.all(errors[:k] <= tol * np.abs(theta[:k])))
+        if done or invariant or m >= limit:
+            converged = done or invariant
+            if invariant:
+                residuals, errors = np.zeros_like(residuals), np.zeros_like(errors)
+            return Eigenvalues(theta[:wanted].copy(), residuals[:wanted].copy(), errors[:wanted].copy(), m, converged)
+        betas.append(beta)
+        basis.append(w / beta)
+
+
+def top_eigenvalues(op: HessianOperator, k: int = 5, tol: float = 1e-6, seed: int = 0) -> np.ndarray:
+    """The values of :func:`lanczos` (descending)."""
+    return lanczos(op, k, tol, seed).values
+
+
+def _block_index(op: HessianOperator, blocks: dict[str, list[str]] | None) -> dict[str, Tensor]:
+    offsets = dict(zip(op.names, np.cumsum([0] + op.sizes[:-1]).tolist()))
+    index = {}
+    for block, names in (blocks or {}).items():
+        index[block] = torch.cat([torch.arange(offsets[n], offsets[n] + size)
+                                  for n, size in zip(op.names, op.sizes) if n in names]).to(op.device)
+    return index
+
+
+def _block_sums(product: Tensor, index: dict[str, Tensor]) -> dict[str, float]:
+    """``{"total": sum(product), block: sum over the block's entries}``."""
+    sums = {"total": float(product.sum())}
+    sums.update({block: float(product[idx].sum()) for block, idx in index.items()})
+    return sums
 
 
 def hutchinson_trace(
     op: HessianOperator, n_samples: int = 32, seed: int = 0, blocks: dict[str, list[str]] | None = None
-) -> dict[str, tuple[float, float]]:
+) -> Traces:
     """Hutchinson's estimate of ``tr H``: the mean of ``v^T H v`` over ``n_samples`` Rademacher
     vectors ``v`` (seeded) and its standard error ``std(ddof=1) / sqrt(n_samples)``, under key
     ``"total"``; and, for each block ``g`` of ``blocks`` (parameter names of ``op``), the trace of
     the diagonal block ``H_gg`` from the same products, ``E[v_g^T (H v)_g] = tr H_gg``."""
     if n_samples < 2:
         raise InvalidArgumentError(f"n_samples must be at least 2 for a standard error (got {n_samples})")
-    offsets = dict(zip(op.names, np.cumsum([0] + op.sizes[:-1]).tolist()))
-    index = {"total": torch.arange(op.numel)}
-    for block, names in (blocks or {}).items():
-        index[block] = torch.cat([torch.arange(offsets[n], offsets[n] + size)
-                                  for n, size in zip(op.names, op.sizes) if n in names])
+    index = _block_index(op, blocks)
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    samples: dict[str, list[float]] = {block: [] for block in index}
+    samples: dict[str, list[float]] = {}
     for _ in range(n_samples):
-        v = torch.randint(0, 2, (op.numel,), generator=generator).double().mul_(2).sub_(1)
-        product = v * op(v.to(device=op.device, dtype=op.dtype)).double().cpu()
-        for block, idx in index.items():
-            samples[block].append(float(product[idx].sum()))
+        v = _rademacher(op.numel, generator).to(op.device)
+        for block, value in _block_sums(v * op(v.to(op.dtype)).double(), index).items():
+            samples.setdefault(block, []).append(value)
     return {block: (float(np.mean(values)), float(np.std(values, ddof=1) / math.sqrt(n_samples)))
+            for block, values in samples.items()}
+
+
+def hutchpp_split(n_products: int) -> tuple[int, int]:
+    """``(sketch, samples)`` of a Hutch++ run of ``n_products`` products: ``sketch`` columns of
+    ``S`` (each costs two products, ``H S`` and ``H Q``) and at least 2 Hutchinson samples."""
+    if n_products < 2:
+        raise InvalidArgumentError(f"Hutch++ needs at least 2 products for a standard error (got {n_products})")
+    sketch = max(0, (n_products - 2) // 3) if n_products < 8 else n_products // 3
+    return sketch, n_products - 2 * sketch
+
+
+def hutchpp_trace(
+    op: HessianOperator, n_products: int = 32, seed: int = 0, blocks: dict[str, list[str]] | None = None
+) -> Traces:
+    """Hutch++'s estimate of ``tr H`` and of every block trace ``tr H_gg`` of ``blocks``, with the
+    standard error of its random part, ``std(ddof=1) / sqrt(samples)``, from ``n_products``
+    products: ``sketch`` for ``H S``, ``sketch`` for ``H Q`` and the rest for Hutchinson samples on
+    ``(I - QQ^T) H (I - QQ^T)`` (:func:`hutchpp_split`). Seeded; float64 on ``op``'s device."""
+    sketch, n_samples = hutchpp_split(n_products)
+    index = _block_index(op, blocks)
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    exact = {block: 0.0 for block in ["total", *index]}
+    Q = torch.zeros(op.numel, 0, dtype=torch.float64, device=op.device)
+    if sketch:
+        Y = torch.stack([op(_rademacher(op.numel, generator).to(op.device, op.dtype)).double() for _ in range(sketch)], dim=1)
+        Q = torch.linalg.qr(Y).Q
+        del Y
+        HQ = torch.stack([op(q.to(op.dtype)).double() for q in Q.T], dim=1)
+        deflated = HQ - Q @ (Q.T @ HQ)
+        for block, value in _block_sums((Q * (HQ + deflated)).sum(dim=1), index).items():
+            exact[block] = value
+        del HQ, deflated
+    samples: dict[str, list[float]] = {}
+    for _ in range(n_samples):
+        v = _rademacher(op.numel, generator).to(op.device)
+        w = v - Q @ (Q.T @ v)
+        hw = op(w.to(op.dtype)).double()
+        for block, value in _block_sums(w * (hw - Q @ (Q.T @ hw)), index).items():
+            samples.setdefault(block, []).append(value)
+    return {block: (exact[block] + float(np.mean(values)), float(np.std(values, ddof=1) / math.sqrt(n_samples)))
             for block, values in samples.items()}
 
 

@@ -168,7 +168,7 @@ def analyze(ctx: AnalysisContext) -> AnalyzerOutput:
     running = _running_stats(model)
     with preserved(model), torch.no_grad():
         model.train()
-        with capture(model, storage="device", preserve=False) as cap:
+        with capture(model, sites=ctx.sites, storage="device", preserve=False) as cap:
             for inputs, _ in ctx.track(ctx.batches, "stats", total=len(ctx.batches)):
                 model(inputs)
     tables = stats_tables(cap.records, model, running)

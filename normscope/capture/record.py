@@ -8,7 +8,7 @@ import torch
 
 from normscope.registry import Layout, affine_like, normalize_rows, partition_moments, to_rows
 
-REDUCTION_KEYS = ("n", "sum_x", "sum_x2", "sum_z", "sum_z2", "sum_g", "sum_g2", "sum_gz")
+REDUCTION_KEYS = ("n", "mean", "var", "scale", "sum_x", "sum_x2", "sum_z", "sum_z2", "sum_g", "sum_g2", "sum_gz")
 
 
 @dataclass
@@ -86,46 +86,72 @@ def gradient_wrt_z(dy: torch.Tensor, layout: Layout, dtype: torch.dtype | None) 
     return dy * (gamma.to(dy.dtype) + layout.weight_offset)
 
 
-def _partition_sum(t: torch.Tensor, layout: Layout) -> torch.Tensor:
-    """Per-partition sums of ``t``, accumulated in float64 without reshaping copies."""
-    if layout.rule == "channel":
-        return t.sum(dim=[0, *range(2, t.dim())], dtype=torch.float64)
-    return to_rows(t, layout).sum(dim=1, dtype=torch.float64)
+def _partition_view(t: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """``t`` as ``(outer, partitions, inner)`` with the items of a partition on dims 0 and 2: a view
+    of a contiguous per-channel (N, C, ...) tensor, else the ``(1, P, items)`` rows."""
+    if layout.rule == "channel" and t.dim() >= 2 and t.is_contiguous():
+        return t.view(t.shape[0], t.shape[1], -1)
+    return to_rows(t, layout).contiguous().unsqueeze(0)
 
 
-def _moments_from_sums(n: torch.Tensor, sum_x: torch.Tensor, sum_x2: torch.Tensor, layout: Layout):
-    """Per-partition ``(shift, scale)`` of :func:`partition_moments` from the sums of x and x^2."""
+def _sum(v: torch.Tensor) -> torch.Tensor:
+    """Sum of a ``(outer, P, inner)`` view over dims 0 and 2: contiguous inner sums in the
+    tensor's dtype (torch's cascade summation), then the outer sum in float64."""
+    return v.sum(2).sum(0, dtype=torch.float64)
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``sum(a * b)`` of two ``(outer, P, inner)`` views over dims 0 and 2, without forming ``a * b``."""
+    return torch.linalg.vecdot(a, b).sum(0, dtype=torch.float64)
+
+
+def _shift_scale(n: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, layout: Layout) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-partition ``(shift, scale)`` of :func:`partition_moments` from the mean and variance of x."""
     if layout.rule == "weight":
-        return torch.zeros_like(sum_x), sum_x2.sqrt()
+        return torch.zeros_like(mean), torch.sqrt(n * (var + mean * mean))
     if not layout.batch_stats:
-        mean, var = layout.running_mean.double(), layout.running_var.double()
-        repeat = n.shape[0] // mean.shape[0]
-        return mean.repeat(repeat), torch.sqrt(var.repeat(repeat) + layout.eps)
+        rm, rv = (t.detach().to(mean.device, torch.float64) for t in (layout.running_mean, layout.running_var))
+        repeat = n.shape[0] // rm.shape[0]
+        return rm.repeat(repeat), torch.sqrt(rv.repeat(repeat) + layout.eps)
     if layout.kind.centered:
-        mean = sum_x / n
-        return mean, torch.sqrt((sum_x2 / n - mean * mean).clamp_min(0) + layout.eps)
-    return torch.zeros_like(sum_x), torch.sqrt(sum_x2 / n + layout.eps)
+        return mean, torch.sqrt(var + layout.eps)
+    return torch.zeros_like(mean), torch.sqrt(var + mean * mean + layout.eps)
 
 
 def reduce_record(record: SiteRecord) -> None:
-    """Replace the record's tensors by per-partition sums over items, accumulated in float64:
-    ``n``, sums of ``x``, ``x^2``, ``z``, ``z^2`` and, after backward, of ``g``, ``g^2``, ``g z``.
+    """Replace the record's tensors by per-partition sums over items (MATH.md §1-2):
+    ``n``, ``mean``, ``var`` (biased), ``scale`` (the normalizer s) and the sums of ``x``, ``x^2``, ``z``, ``z^2`` and, after
+    backward, of ``g``, ``g^2``, ``g z``.
 
-    The sums of z follow from those of x without forming z (``z = (x - shift) / scale``):
-    ``sum z = (sum x - n shift) / scale``, ``sum z^2 = (sum x^2 - 2 shift sum x + n shift^2) / scale^2``,
-    ``sum g z = (sum g x - shift sum g) / scale``; the variance is ``sum x^2 / n - mean^2`` in
-    float64, exact for float64 inputs and to float64 rounding of the float32 values otherwise.
+    Two passes over x (the sums, then ``c = x - mean`` and ``sum c^2``: no cancellation of
+    ``sum x^2 - n mean^2``) and three over dL/dy (``sum dy``, ``sum dy^2``, ``sum dy c``, dot
+    products that form no product tensor). Partial sums over the contiguous items run in the
+    input's dtype with torch's cascade summation; the outer sums and everything after are float64
+    (float64 inputs: float64 throughout). For per-channel partitions ``gamma`` is factored out
+    (``sum g = gamma sum dy``, ...); other layouts form ``g = (gamma + offset) dL/dy`` once.
+    The sums of z follow in closed form with ``z = (x - shift) / scale``:
+    ``sum z = n (mean - shift) / scale``, ``sum z^2 = n (var + (mean - shift)^2) / scale^2``,
+    ``sum g z = (sum g c + (mean - shift) sum g) / scale``.
     """
     x, layout = record.x, record.layout
-    sum_x, sum_x2 = _partition_sum(x, layout), _partition_sum(x * x, layout)
-    n = torch.full_like(sum_x, x.numel() / sum_x.numel())
-    shift, scale = _moments_from_sums(n, sum_x, sum_x2, layout)
-    red = {"n": n, "sum_x": sum_x, "sum_x2": sum_x2, "sum_z": (sum_x - n * shift) / scale,
-           "sum_z2": (sum_x2 - 2 * shift * sum_x + n * shift * shift) / scale**2}
+    v = _partition_view(x, layout)
+    n = torch.full((v.shape[1],), float(v.shape[0] * v.shape[2]), dtype=torch.float64, device=x.device)
+    mean = _sum(v) / n
+    centered = v - mean.to(v.dtype)[None, :, None]
+    var = _dot(centered, centered) / n
+    shift, scale = _shift_scale(n, mean, var, layout)
+    offset = mean - shift
+    red = {"n": n, "mean": mean, "var": var, "scale": scale, "sum_x": n * mean, "sum_x2": n * (var + mean * mean),
+           "sum_z": n * offset / scale, "sum_z2": n * (var + offset * offset) / scale**2}
     if record.dy is not None:
-        g = gradient_wrt_z(record.dy, layout, None)
-        sum_g = _partition_sum(g, layout)
-        red.update(sum_g=sum_g, sum_g2=_partition_sum(g * g, layout),
-                   sum_gz=(_partition_sum(g * x, layout) - shift * sum_g) / scale)
-    record.reductions = {k: v.cpu() for k, v in red.items()}
+        per_channel = layout.rule == "channel" and layout.weight is not None
+        dy = record.dy if per_channel else gradient_wrt_z(record.dy, layout, None)
+        u = dy.contiguous().view(v.shape) if v.shape[0] > 1 else to_rows(dy, layout).contiguous().unsqueeze(0)
+        sum_g, sum_g2, sum_gc = _sum(u), _dot(u, u), _dot(u, centered)
+        if per_channel:
+            gamma = layout.weight.detach().to(torch.float64).reshape(-1) + layout.weight_offset
+            sum_g, sum_g2, sum_gc = gamma * sum_g, gamma * gamma * sum_g2, gamma * sum_gc
+        red.update(sum_g=sum_g, sum_g2=sum_g2, sum_gz=(sum_gc + offset * sum_g) / scale)
+    stacked = torch.stack(list(red.values())).cpu()
+    record.reductions = dict(zip(red, stacked.unbind(0)))
     record.x = record.y = record.dy = record.dx = None

@@ -204,7 +204,7 @@ class Capture:
         protected = record.grad_enabled and x.requires_grad
         record.x = x.detach() if self.storage == "reductions" or (protected and self.storage == "device") else self._keep(x)
         self.records.append(record)
-        if record.grad_enabled and x.requires_grad:
+        if record.grad_enabled and x.requires_grad and self.storage != "reductions":
             self._awaiting_dx.add(id(record))
             x = x.view_as(x)
             x.register_hook(self._dx_hook(record))

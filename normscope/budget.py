@@ -1,0 +1,170 @@
+"""A time budget for an analysis: unit costs measured once, work planned and cut from them.
+
+The analysis gets ``seconds`` in all (:data:`DEFAULT_BUDGET`, about two minutes; ``None`` is no
+limit). Each analyzer receives a share of what is left (:meth:`Budget.share`, weighted by
+:data:`WEIGHTS`, so time an analyzer does not use passes to the next). Before a stage, an
+analyzer asks :meth:`Budget.allows` whether the stage's units (``forward``, ``gradient``,
+``hvp``, ``example_chunk``: one chunk of per-example gradients) fit in what is left at their
+measured cost; a stage that does not fit is recorded in :attr:`Budget.cuts` with the reason, and
+the analyzer returns the tables it finished. Unit costs are measured on the first use
+(:meth:`Budget.cost` with a ``measure`` function) or injected (``costs=``, for tests).
+
+``clock="planned"`` makes the elapsed time the sum of the costs charged with :meth:`spend`
+instead of wall time, so that plans and cuts are reproducible (tests).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from normscope.errors import InvalidArgumentError
+
+DEFAULT_BUDGET = 120.0
+UNITS = ("forward", "gradient", "hvp", "example_chunk")
+WEIGHTS = {"stats": 1.0, "gls": 2.0, "bias": 3.0, "descent": 4.0}
+
+
+@dataclass
+class Cut:
+    """One piece of planned work left out: by ``analyzer``, ``what`` and ``why``."""
+
+    analyzer: str
+    what: str
+    why: str
+
+
+class Budget:
+    """``seconds`` of work (``None``: unlimited) with shared unit ``costs`` in seconds.
+
+    Args:
+        seconds: the time this budget may spend; ``None`` for no limit.
+        costs: measured (or injected) seconds per unit, shared with every :meth:`share`.
+        clock: ``time.monotonic`` (wall time) or ``"planned"`` (the sum of :meth:`spend` charges).
+        name: the analyzer a share belongs to (``"analysis"`` for the whole run).
+
+    Attributes:
+        cuts: what was left out and why (:class:`Cut`), shared with the parent budget.
+        charged: seconds charged with :meth:`spend` to this budget.
+    """
+
+    def __init__(
+        self,
+        seconds: float | None = DEFAULT_BUDGET,
+        costs: dict[str, float] | None = None,
+        clock: Callable[[], float] | str = time.monotonic,
+        name: str = "analysis",
+        _parent: "Budget | None" = None,
+    ) -> None:
+        if seconds is not None and not (seconds > 0):
+            raise InvalidArgumentError(f"budget must be a positive number of seconds or None (got {seconds})")
+        self.costs = (costs if costs is not None else {}) if _parent is None else _parent.costs
+        unknown = set(self.costs) - set(UNITS)
+        if unknown:
+            raise InvalidArgumentError(f"unknown unit cost {sorted(unknown)[0]!r}; units are {', '.join(UNITS)}")
+        self.seconds, self.clock, self.name = seconds, clock, name
+        self.cuts: list[Cut] = [] if _parent is None else _parent.cuts
+        self._ledger = [0.0] if _parent is None else _parent._ledger
+        self.charged = 0.0
+        self._start = self._now()
+
+    def _now(self) -> float:
+        return self._ledger[0] if self.clock == "planned" else self.clock()
+
+    @property
+    def limited(self) -> bool:
+        return self.seconds is not None and math.isfinite(self.seconds)
+
+    def elapsed(self) -> float:
+        """Seconds spent since this budget (or share) started."""
+        return self._now() - self._start
+
+    def remaining(self) -> float:
+        """Seconds left (``inf`` when unlimited, never below 0)."""
+        return math.inf if not self.limited else max(0.0, self.seconds - self.elapsed())
+
+    def cost(self, unit: str, measure: Callable[[], float] | None = None) -> float:
+        """The seconds one ``unit`` costs: injected, measured before, or measured now by ``measure``
+        (and kept for every share); 0 when unknown and not measurable."""
+        if unit not in UNITS:
+            raise InvalidArgumentError(f"unknown unit {unit!r}; units are {', '.join(UNITS)}")
+        if unit not in self.costs and measure is not None:
+            self.costs[unit] = float(measure())
+        return self.costs.get(unit, 0.0)
+
+    def price(self, units: dict[str, float]) -> float:
+        """The seconds of ``{unit: count}`` at the known unit costs."""
+        return sum(self.cost(unit) * count for unit, count in units.items())
+
+    def spend(self, unit: str, count: float = 1) -> None:
+        """Charge ``count`` units (advances a ``"planned"`` clock; recorded in ``charged``)."""
+        seconds = self.cost(unit) * count
+        self.charged += seconds
+        self._ledger[0] += seconds
+
+    def affordable(self, unit: str, wanted: int, reserve: float = 0.0) -> int:
+        """How many of ``wanted`` units fit in what is left after ``reserve`` seconds."""
+        if not self.limited:
+            return wanted
+        each = self.cost(unit)
+        if each <= 0:
+            return wanted
+        return max(0, min(wanted, int((self.remaining() - reserve) // each)))
+
+    def allows(self, what: str, units: dict[str, float]) -> bool:
+        """Whether a stage of ``units`` fits in what is left; if not, record the cut and say no."""
+        needed = self.price(units)
+        if needed <= self.remaining():
+            return True
+        self.cut(what, f"needs about {needed:.3g} s, {self.remaining():.3g} s of the {self.seconds:.3g} s left")
+        return False
+
+    def cut(self, what: str, why: str) -> None:
+        """Record that ``what`` was left out because of ``why``."""
+        self.cuts.append(Cut(self.name, what, why))
+
+    def share(self, name: str, pending: list[str]) -> "Budget":
+        """The budget of analyzer ``name`` when ``pending`` (``name`` first) are still to run: its
+        :data:`WEIGHTS` share of the time left. Costs, clock and cuts are shared with this budget."""
+        seconds = None
+        if self.limited:
+            weights = [WEIGHTS.get(n, 1.0) for n in pending]
+            seconds = max(self.remaining() * WEIGHTS.get(name, 1.0) / sum(weights), 1e-9)
+        return Budget(seconds, clock=self.clock, name=name, _parent=self)
+
+    def report(self) -> dict:
+        """JSON-safe account: budget, elapsed, unit costs and every cut."""
+        return {
+            "seconds": self.seconds,
+            "elapsed": self.elapsed(),
+            "clock": "planned" if self.clock == "planned" else "wall",
+            "unit_costs": dict(self.costs),
+            "cuts": [{"analyzer": c.analyzer, "what": c.what, "why": c.why} for c in self.cuts],
+        }
+
+
+def as_budget(budget: "Budget | float | None") -> Budget:
+    """A :class:`Budget` from seconds (``None`` or ``0``: unlimited) or a given budget."""
+    if isinstance(budget, Budget):
+        return budget
+    if budget is None or budget == 0 or budget == math.inf:
+        return Budget(None)
+    return Budget(float(budget))
+
+
+def seconds_of(fn: Callable[[], object], repeats: int = 1) -> float:
+    """Wall seconds of ``fn()`` (the fastest of ``repeats`` calls, CUDA synchronized)."""
+    import torch
+
+    best = math.inf
+    for _ in range(repeats):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return best

@@ -1,0 +1,1 @@
+"""Training-framework integrations of :class:`normscope.Monitor` (optional extras)."""

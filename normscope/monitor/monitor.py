@@ -1,0 +1,165 @@
+"""``normscope.Monitor``: watch the normalization sites of a model while it trains."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from normscope.capture import capture
+from normscope.errors import InvalidArgumentError
+from normscope.monitor.curvature import MODEL_SITE, curvature_rows
+from normscope.monitor.metrics import running_stats, step_rows
+from normscope.monitor.store import RecordStore
+
+TENSORBOARD_DIR = "_tensorboard"  # "_": Parquet readers of the run folder skip it
+
+
+class Monitor:
+    """Context manager around a training loop that records normalization diagnostics per step.
+
+    Every ``every``-th call of :meth:`step`, the step's own forward and backward run under
+    :func:`normscope.capture` with ``storage="reductions"`` (no extra pass): per-site norm
+    statistics and gradient least squares (:mod:`normscope.monitor.metrics`). Every
+    ``every_curvature``-th step, on that step's batch: a_crit per layer against the lr, lambda_max
+    and the trace (:mod:`normscope.monitor.curvature`); this needs the batch, passed to
+    :meth:`step`. Rows ``(step, rank, site, metric, value)`` go to a Parquet dataset in ``out``
+    (``pandas.read_parquet(out)``), flushed as complete files every ``flush_seconds`` and on exit,
+    and, with ``tensorboard=True``, to ``out/_tensorboard`` as ``normscope/<metric>/<site>``.
+
+    The monitor never changes training: the capture keeps only sums, the curvature works on a
+    private copy with the random state forked, and nothing is written to parameters, buffers,
+    ``.grad`` or the optimizer.
+
+    Args:
+        model: the module being trained (the one whose forward runs inside :meth:`step`).
+        out: the run folder. Created if missing.
+        every: statistics and GLS every ``every`` steps (0: never). Default: 10.
+        every_curvature: curvature every ``m`` steps (``None``: never). Default: None.
+        optimizer: read its learning rate, and check its update direction, on curvature steps.
+        lr: the learning rate to check against when no optimizer is given.
+        loss_fn: ``loss_fn(model(inputs), targets)`` for the curvature. Default: cross-entropy.
+        sites, kinds: which sites to record (as in :func:`normscope.capture`).
+        functional: also record functional norm calls (costs a Python dispatch per torch call).
+            Default: False.
+        curvature_layers: fnmatch patterns on layer names whose a_crit to compute (one
+            Hessian-vector product each). Default: all layers.
+        curvature_samples: Hutchinson products for the trace. Default: 4.
+        tensorboard: also write TensorBoard scalars. Default: False.
+        flush_seconds: write buffered rows at most this often (0: every recorded step). Default: 10.
+        rank: the process rank written with each row (see :mod:`normscope.monitor.distributed`).
+
+    Example:
+        >>> with normscope.Monitor(model, out="runs/m1", every=10, every_curvature=100, optimizer=opt) as monitor:
+        ...     for x, y in loader:
+        ...         with monitor.step((x, y)):
+        ...             F.cross_entropy(model(x), y).backward()
+        ...         opt.step(); opt.zero_grad()
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        out: str | os.PathLike,
+        every: int = 10,
+        every_curvature: int | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+        lr: float | None = None,
+        loss_fn: Callable = F.cross_entropy,
+        sites: str | Iterable[str] | None = None,
+        kinds: str | Iterable[str] | None = None,
+        functional: bool = False,
+        curvature_layers: str | Iterable[str] | None = None,
+        curvature_samples: int = 4,
+        tensorboard: bool = False,
+        flush_seconds: float = 10.0,
+        rank: int = 0,
+    ) -> None:
+        if every < 0 or (every_curvature is not None and every_curvature < 1):
+            raise InvalidArgumentError(f"every must be >= 0 and every_curvature >= 1 (got {every}, {every_curvature})")
+        self.model, self.out = model, Path(out)
+        self.every, self.every_curvature = every, every_curvature
+        self.optimizer, self.lr, self.loss_fn = optimizer, lr, loss_fn
+        self.sites, self.kinds, self.functional = sites, kinds, functional
+        self.curvature_layers, self.curvature_samples = curvature_layers, curvature_samples
+        self.tensorboard, self.flush_seconds, self.rank = tensorboard, flush_seconds, rank
+        self.steps = 0
+        self.store: RecordStore | None = None
+        self._writer = None
+
+    # -- context ---------------------------------------------------------------------------
+    def __enter__(self) -> "Monitor":
+        self.store = RecordStore(self.out, self.flush_seconds, self.rank)
+        if self.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(log_dir=str(self.out / TENSORBOARD_DIR / f"rank{self.rank}"))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Write what is buffered and close TensorBoard."""
+        if self.store is not None:
+            self.store.flush()
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    # -- one step --------------------------------------------------------------------------
+    def wants_stats(self, step: int) -> bool:
+        return self.every > 0 and step % self.every == 0
+
+    def wants_curvature(self, step: int) -> bool:
+        return self.every_curvature is not None and step % self.every_curvature == 0
+
+    @contextlib.contextmanager
+    def step(self, batch: tuple | None = None, loss_fn: Callable | None = None, step: int | None = None) -> Iterator[None]:
+        """Wrap one training step's forward and backward.
+
+        ``batch``: ``(inputs, targets)`` of the step, needed on curvature steps (the curvature is
+        measured on this batch, at the parameters before the optimizer's step). ``loss_fn``
+        overrides the monitor's for this step. ``step``: the step number to record (default: the
+        count of calls so far, from 0).
+        """
+        if self.store is None:
+            raise InvalidArgumentError("use the monitor as a context manager: with normscope.Monitor(...) as monitor")
+        index = self.steps if step is None else int(step)
+        self.steps += 1
+        curvature, stats = self.wants_curvature(index), self.wants_stats(index)
+        lr = self.current_lr()
+        if (curvature or stats) and lr is not None:
+            self.record(index, [(MODEL_SITE, "lr", lr)])
+        if curvature:
+            if batch is None:
+                raise InvalidArgumentError(f"step {index} measures curvature (every_curvature={self.every_curvature}): "
+                                           "pass the batch, monitor.step((inputs, targets))")
+            self.record(index, curvature_rows(self.model, batch[0], batch[1], loss_fn or self.loss_fn, self.optimizer,
+                                              lr, self.curvature_layers, self.curvature_samples, seed=index))
+        if not stats:
+            yield
+            return
+        running = running_stats(self.model)
+        with capture(self.model, sites=self.sites, kinds=self.kinds, storage="reductions",
+                     functional=self.functional, preserve=False) as cap:
+            yield
+        self.record(index, step_rows(cap.records, running))
+
+    def current_lr(self) -> float | None:
+        """The optimizer's learning rate (first parameter group), else the monitor's ``lr``."""
+        if self.optimizer is not None:
+            return float(self.optimizer.param_groups[0]["lr"])
+        return self.lr
+
+    def record(self, step: int, rows: list[tuple[str, str, float]]) -> None:
+        """Append rows of one step to the dataset (and TensorBoard)."""
+        self.store.append(step, rows)
+        if self._writer is not None:
+            for site, metric, value in rows:
+                self._writer.add_scalar(f"normscope/{metric}/{site}", value, step)

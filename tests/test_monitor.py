@@ -1,0 +1,231 @@
+"""normscope.Monitor: training unchanged, rows equal to a snapshot analysis, crash safety, cadences."""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+import normscope
+from normscope.analyzers.gls import gls_tables
+from normscope.analyzers.stats import stats_tables
+from normscope.capture import capture
+from normscope.models import MLP, build_model
+from normscope.monitor.metrics import DRIFT_METRICS, GLS_METRICS, STATS_METRICS, running_stats
+
+
+def _state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    out = {f"p:{n}": p.detach().clone() for n, p in model.named_parameters()}
+    out.update({f"b:{n}": b.detach().clone() for n, b in model.named_buffers()})
+    for i, state in enumerate(optimizer.state.values()):
+        out.update({f"o{i}:{k}": v.clone() for k, v in state.items() if isinstance(v, torch.Tensor)})
+    out["rng"] = torch.get_rng_state()
+    return out
+
+
+def _train(digits, out=None, steps=6, **monitor_kwargs) -> dict[str, torch.Tensor]:
+    """SGD with momentum on an MLP with BatchNorm and dropout; the batch order is drawn from the
+    global generator each step, so any draw by the monitor would change the run."""
+    x, y = digits
+    torch.manual_seed(0)
+    model = nn.Sequential(build_model("mlp_bn"), nn.Dropout(0.2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    monitor = normscope.Monitor(model, out, optimizer=optimizer, flush_seconds=0, **monitor_kwargs) if out else None
+    with monitor or torch.enable_grad():
+        for _ in range(steps):
+            pick = torch.randperm(x.shape[0])[:32]
+            batch = (x[pick], y[pick])
+            with monitor.step(batch) if monitor else torch.enable_grad():
+                F.cross_entropy(model(batch[0]), batch[1]).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    return _state(model, optimizer)
+
+
+def assert_bit_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"changed by the monitor: {different}"
+
+
+def test_plain_loop_training_is_bit_identical(digits32, tmp_path):
+    plain = _train(digits32)
+    watched = _train(digits32, tmp_path / "run", every=1, every_curvature=3, curvature_layers="*.net.1")
+    assert_bit_identical(plain, watched)
+    rows = pd.read_parquet(tmp_path / "run")
+    assert set(rows["step"]) == set(range(6)) and {"lambda_max", "r2_mean", "mean_drift_mean"} <= set(rows["metric"])
+
+
+def test_rows_equal_a_snapshot_analysis_of_the_same_step(digits64, tmp_path):
+    x, y = digits64
+    model = build_model("resnet_bn").double().train()
+    with torch.no_grad():  # move the running statistics away from their initial values
+        model(x * 2 + 0.5)
+    before = copy.deepcopy(model)
+    with normscope.Monitor(model, tmp_path / "run", every=1) as monitor:
+        with monitor.step():
+            F.cross_entropy(model(x), y).backward()
+    rows = pd.read_parquet(tmp_path / "run").set_index(["site", "metric"])["value"]
+    running = running_stats(before)
+    with capture(before, storage="device", preserve=False) as cap:
+        F.cross_entropy(before(x), y).backward()
+    gls = gls_tables(cap)["gls_sites"].set_index("site")
+    stats = stats_tables(cap.records, before, running)["stats_sites"].set_index("site")
+    assert len(gls) == 10 and (stats["mean_drift_mean"] > 0.05).all()
+    for site in gls.index:
+        for metric in (*GLS_METRICS, *STATS_METRICS, *DRIFT_METRICS):
+            assert math.isclose(rows[(site, metric)], gls.loc[site, metric] if metric in GLS_METRICS else stats.loc[site, metric],
+                                rel_tol=1e-9, abs_tol=1e-12), (site, metric)
+
+
+def test_float32_rows_match_the_float64_snapshot_closely(digits32, tmp_path):
+    x, y = digits32
+    model = build_model("cnn_gn").train()
+    twin = copy.deepcopy(model).double()
+    with normscope.Monitor(model, tmp_path / "run", every=1) as monitor:
+        with monitor.step():
+            F.cross_entropy(model(x), y).backward()
+    rows = pd.read_parquet(tmp_path / "run").set_index(["site", "metric"])["value"]
+    with capture(twin, storage="device", preserve=False) as cap:
+        F.cross_entropy(twin(x.double()), y).backward()
+    gls = gls_tables(cap)["gls_sites"].set_index("site")
+    for site in gls.index:
+        for metric in ("r2_mean", "r2_pooled", "beta_mean", "naive_gap"):
+            assert math.isclose(rows[(site, metric)], gls.loc[site, metric], rel_tol=1e-4, abs_tol=1e-6), (site, metric)
+
+
+def _dense_curvature(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
+    """The loss Hessian over all parameters by torch.autograd.functional.hessian (batch statistics)."""
+    net = copy.deepcopy(model)
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm1d):
+            m.track_running_stats = False
+    names = [n for n, _ in net.named_parameters()]
+    shapes = [p.shape for _, p in net.named_parameters()]
+    flat = torch.cat([p.detach().reshape(-1) for _, p in net.named_parameters()])
+
+    def loss(theta: torch.Tensor) -> torch.Tensor:
+        params, start = {}, 0
+        for n, s in zip(names, shapes):
+            params[n] = theta[start:start + s.numel()].reshape(s)
+            start += s.numel()
+        return F.cross_entropy(functional_call(net, params, (x,)), y)
+
+    grad = torch.autograd.functional.jacobian(loss, flat)
+    hessian = torch.autograd.functional.hessian(loss, flat, vectorize=True)
+    sizes = {n: s.numel() for n, s in zip(names, shapes)}
+    return names, sizes, grad, hessian
+
+
+def test_curvature_rows_equal_a_dense_hessian(digits64, tmp_path):
+    x, y = digits64[0][:32], digits64[1][:32]
+    torch.manual_seed(0)
+    model = MLP(width=4, depth=1).double().train()
+    with normscope.Monitor(model, tmp_path / "run", every=0, every_curvature=1, lr=0.3, curvature_samples=64) as monitor:
+        with monitor.step((x, y)):
+            F.cross_entropy(model(x), y).backward()
+    rows = pd.read_parquet(tmp_path / "run").set_index(["site", "metric"])["value"]
+    names, sizes, g, h = _dense_curvature(model, x, y)
+    eig = torch.linalg.eigvalsh(h)
+    assert math.isclose(rows[("model", "lambda_max")], float(eig[-1]), rel_tol=1e-4)
+    assert math.isclose(rows[("model", "stability_limit")], 2 / float(eig[-1]), rel_tol=1e-4)
+    assert abs(rows[("model", "trace")] - float(h.trace())) < 4 * rows[("model", "trace_stderr")]
+    d = -g
+    assert math.isclose(rows[("model", "a_crit")], float(2 * d @ d / (d @ h @ d)), rel_tol=1e-8)
+    offsets = np.cumsum([0] + list(sizes.values()))
+    for layer in ("net.1", "net.4"):
+        idx = torch.cat([torch.arange(offsets[i], offsets[i + 1]) for i, n in enumerate(names) if n.rpartition(".")[0] == layer])
+        dg, hg = d[idx], h[idx][:, idx]
+        a_crit = float(2 * dg @ dg / (dg @ hg @ dg))
+        assert math.isclose(rows[(layer, "a_crit")], a_crit, rel_tol=1e-8)
+        assert rows[(layer, "lr_below_a_crit")] == float(0.3 < a_crit)
+    assert rows[("model", "lr")] == 0.3
+
+
+CADENCE_SCRIPT = """
+import sys, torch, torch.nn.functional as F, normscope
+from normscope.data import load_digits
+from normscope.models import build_model
+x, y = load_digits()
+x, y = x[:32], y[:32]
+model = build_model("mlp_bn")
+optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+with normscope.Monitor(model, sys.argv[1], every=1, flush_seconds=0) as monitor:
+    step = 0
+    while True:
+        with monitor.step():
+            F.cross_entropy(model(x), y).backward()
+        optimizer.step(); optimizer.zero_grad()
+        step += 1
+        print(step, flush=True)
+"""
+
+
+def test_a_run_killed_with_sigkill_leaves_a_readable_dataset(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-c", CADENCE_SCRIPT, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stdout:
+            if int(line) >= 5:
+                break
+        time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    rows = pd.read_parquet(out)
+    steps = sorted(set(rows["step"]))
+    assert steps[:5] == [0, 1, 2, 3, 4] and steps == list(range(len(steps)))
+    per_step = rows.groupby("step").size()
+    assert (per_step == per_step.iloc[0]).all()
+
+
+def test_every_metric_has_a_series_for_every_site_and_cadence(digits32, tmp_path):
+    x, y = digits32
+    model = build_model("transformer_ln")
+    bn = build_model("mlp_bn")
+    for net, name in ((model, "ln"), (bn, "bn")):
+        optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
+        with normscope.Monitor(net, tmp_path / name, every=2, every_curvature=3, optimizer=optimizer,
+                               curvature_layers=["norm", "net.1"]) as monitor:
+            for _ in range(7):
+                with monitor.step((x[:16], y[:16])):
+                    F.cross_entropy(net(x[:16]), y[:16]).backward()
+                optimizer.step()
+                optimizer.zero_grad()
+    for name, sites, metrics in (("ln", 5, GLS_METRICS + STATS_METRICS), ("bn", 2, GLS_METRICS + STATS_METRICS + DRIFT_METRICS)):
+        rows = pd.read_parquet(tmp_path / name)
+        norm = rows[rows["site"] != "model"]
+        norm = norm[norm["metric"].isin(metrics)]
+        assert norm["site"].nunique() == sites
+        for site, part in norm.groupby("site"):
+            for metric in metrics:
+                assert sorted(part.loc[part["metric"] == metric, "step"]) == [0, 2, 4, 6], (name, site, metric)
+        model_rows = rows[rows["site"] == "model"]
+        for metric in ("lambda_max", "stability_limit", "trace", "a_crit"):
+            assert sorted(model_rows.loc[model_rows["metric"] == metric, "step"]) == [0, 3, 6], (name, metric)
+        assert sorted(model_rows.loc[model_rows["metric"] == "lr", "step"]) == [0, 2, 3, 4, 6]
+        assert np.isfinite(rows.loc[rows["metric"].isin(["r2_mean", "lambda_max"]), "value"]).all()
+
+
+def test_curvature_step_without_a_batch_is_a_clear_error(tmp_path):
+    model = build_model("mlp_bn")
+    with normscope.Monitor(model, tmp_path / "run", every_curvature=1) as monitor:
+        with pytest.raises(normscope.errors.InvalidArgumentError, match="pass the batch"):
+            with monitor.step():
+                pass

@@ -130,7 +130,7 @@ def render_html(result: AnalysisResult, compare: dict[str, pd.DataFrame] | None 
         sites_overview=_overview_table(overview),
         top_findings=_top_findings(records),
         overview=_overview(meta),
-        model_findings=[str(s) for s in result.findings.get("model", [])],
+        model_findings=[str(s) for key, items in result.findings.items() if key not in {spec.key for spec in SECTIONS} for s in items],
         sites=_rows_table("sites", meta.get("sites")),
         unrecognized=_rows_table("unrecognized", meta.get("unrecognized")),
         sections=sections,

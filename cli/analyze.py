@@ -19,6 +19,7 @@ from normscope.budget import DEFAULT_BUDGET
 from normscope.checkpoint import call_user, import_attribute, load_model
 from normscope.data import DIGITS
 from normscope.cli.boundary import boundary, warn
+from normscope.cli.options import flag, option
 from normscope.cli.summary import print_summary
 from normscope.errors import DataShapeError, UnknownNameError
 from normscope.models import DEFAULT_MODEL, MODELS
@@ -38,14 +39,14 @@ def analyze(
         Optional[Path],
         typer.Argument(help="A .pt/.pth/.safetensors file; omit it to analyze the built-in default trained on digits.", show_default=False),
     ] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder.  [default: normscope-out/<UTC time>]", show_default=False)] = None,
+    out: Annotated[Optional[Path], option("--out", "-o", help="Output folder.", default_text="normscope-out/<UTC time>")] = None,
     model: Annotated[
         Optional[str],
         typer.Option("--model", "-m", help=f"Built-in model ({', '.join(MODELS)}) or package.module:factory.", show_default=False),
     ] = None,
-    trust: Annotated[bool, typer.Option("--trust", help="Allow loading a whole pickled model (runs code from the file).")] = False,
+    trust: Annotated[bool, flag("--trust", "Allow loading a whole pickled model (runs code from the file).")] = False,
     analyzers: Annotated[
-        Optional[str], typer.Option("--analyzers", "-a", help="Comma-separated: stats,gls,bias,descent.  [default: all]", show_default=False)
+        Optional[str], option("--analyzers", "-a", help="Comma-separated: stats,gls,bias,descent.", default_text="all")
     ] = None,
     data: Annotated[
         str, typer.Option("--data", help="'digits' (N, 1, 8, 8), 'digits-flat' (N, 64; chosen by itself for a first Linear of 64 features) or package.module:loader.")
@@ -59,17 +60,17 @@ def analyze(
     device: Annotated[str, typer.Option("--device", help="'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:N'.")] = "auto",
     seed: Annotated[int, typer.Option("--seed", help="Seed of the batch order and of every random choice.")] = 0,
     lr: Annotated[
-        Optional[float], typer.Option("--lr", help="Learning rate to check step sizes against.  [default: the built-in's training lr]", show_default=False)
+        Optional[float], option("--lr", help="Learning rate to check step sizes against.", default_text="the built-in's training lr")
     ] = None,
     budget: Annotated[
         float, typer.Option("--budget", min=0, help="Seconds the analyzers may spend in all; work is planned and cut to fit (0: no limit).")
     ] = DEFAULT_BUDGET,
-    quick: Annotated[bool, typer.Option("--quick/--full", help="The analyzers' small default settings, or their full settings (within --budget).")] = True,
+    quick: Annotated[bool, typer.Option("--quick/--full", help="The analyzers' small default settings, or their full settings (within --budget).", metavar="")] = True,
     sites: Annotated[
-        Optional[str], typer.Option("--sites", help="fnmatch pattern on site and module names restricting the work, e.g. '*bn*'.  [default: all]", show_default=False)
+        Optional[str], option("--sites", help="fnmatch pattern on site and module names restricting the work, e.g. '*bn*'.", default_text="all")
     ] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing non-empty output folder.")] = False,
-    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
+    overwrite: Annotated[bool, flag("--overwrite", "Replace an existing non-empty output folder.")] = False,
+    debug: Annotated[bool, flag("--debug", "Show tracebacks.")] = False,
 ) -> None:
     """Analyze every normalization site of a model and write tables, summary.json and report.html."""
     console = Console(stderr=True)
@@ -110,7 +111,7 @@ def analyze(
         with console.status("writing tables and report"):
             result.save(out, overwrite=overwrite)
         outcome.written = out
-        print_summary(result, out, Console())
+        print_summary(result, out, Console(), elapsed=time.perf_counter() - started)
         for message in result.meta["analyzer_errors"].values():
             warn(message)
         typer.echo(str(out))

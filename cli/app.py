@@ -17,6 +17,7 @@ import normscope
 from normscope.cli.analyze import analyze
 from normscope.cli.boundary import EXIT_INTERNAL, EXIT_INTERRUPTED, fail, install_signal_handlers
 from normscope.cli.compare import compare
+from normscope.cli.recalibrate import recalibrate
 from normscope.cli.report import report
 from normscope.cli.sites import sites
 from normscope.cli.train import train
@@ -78,6 +79,7 @@ app.command("analyze")(analyze)
 app.command("sites")(sites)
 app.command("report")(report)
 app.command("compare")(compare)
+app.command("recalibrate")(recalibrate)
 app.command("train")(train)
 
 

@@ -18,6 +18,7 @@ from normscope.api import progress_bars
 from normscope.checkpoint import import_attribute, load_model
 from normscope.cli.analyze import default_out, load_data, resolve_device
 from normscope.cli.boundary import boundary
+from normscope.cli.options import flag, option
 from normscope.compare import DEFAULT_OPS, Data, compare as run_compare, default_data, parse_variants
 from normscope.errors import DataShapeError, InvalidArgumentError, UnknownNameError
 from normscope.models import MODELS
@@ -48,11 +49,11 @@ def compare(
     seeds: Annotated[int, typer.Option("--seeds", min=1, help="Seeds per variant (seed, seed+1, ...): mean ± std, and a winner only beyond the spread.")] = 1,
     data: Annotated[str, typer.Option("--data", help="'digits', 'digits-flat' (N, 64), or package.module:loader as for analyze (the last 20% of its examples are the test split; or it returns train_x, train_y, test_x, test_y).")] = "digits",
     loss: Annotated[str, typer.Option("--loss", help="'cross_entropy', 'mse' or package.module:function(outputs, targets).")] = "cross_entropy",
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder.  [default: normscope-out/<UTC time>]", show_default=False)] = None,
+    out: Annotated[Optional[Path], option("--out", "-o", help="Output folder.", default_text="normscope-out/<UTC time>")] = None,
     device: Annotated[str, typer.Option("--device", help="'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:N'.")] = "auto",
-    trust: Annotated[bool, typer.Option("--trust", help="Allow loading a whole pickled model (runs code from the file).")] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing non-empty output folder.")] = False,
-    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
+    trust: Annotated[bool, flag("--trust", "Allow loading a whole pickled model (runs code from the file).")] = False,
+    overwrite: Annotated[bool, flag("--overwrite", "Replace an existing non-empty output folder.")] = False,
+    debug: Annotated[bool, flag("--debug", "Show tracebacks.")] = False,
 ) -> None:
     """Train each normalization variant in place of the model's norm layers on the same data, seeds and
     budget, at each batch size, and write curves, per-run and per-variant tables (OUT/tables/compare_*)."""

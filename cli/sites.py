@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -11,13 +12,15 @@ from rich.console import Console
 from rich.table import Table
 
 from normscope.analyzers import no_progress
-from normscope.api import check_fit, floating_dtype, make_loader, model_device, take_batches
+from normscope.api import check_fit, floating_dtype, make_loader, model_device, site_row, take_batches
 from normscope.capture import find_sites, find_unrecognized
 from normscope.checkpoint import build_from_spec, load_model
 from normscope.cli.analyze import LOSS_HELP, load_data
 from normscope.cli.boundary import boundary
+from normscope.cli.options import flag
 from normscope.data import digits_form
 from normscope.errors import DataShapeError, NoNormSitesError
+from normscope.findings import plural
 from normscope.losses import resolve as resolve_loss
 from normscope.models import DEFAULT_MODEL, MODELS
 
@@ -30,12 +33,13 @@ def sites(
         Optional[str],
         typer.Option("--model", "-m", help=f"Built-in model ({', '.join(MODELS)}) or package.module:factory.", show_default=False),
     ] = None,
-    trust: Annotated[bool, typer.Option("--trust", help="Allow loading a whole pickled model (runs code from the file).")] = False,
+    trust: Annotated[bool, flag("--trust", "Allow loading a whole pickled model (runs code from the file).")] = False,
     data: Annotated[
         str, typer.Option("--data", help="Data for one forward pass that finds functional calls: 'digits', 'digits-flat' or package.module:loader.")
     ] = "digits",
     loss: Annotated[Optional[str], typer.Option("--loss", help=LOSS_HELP, show_default=False)] = None,
-    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
+    json_output: Annotated[bool, flag("--json", "Print the sites as JSON (full names, kinds, module types) instead of a table.")] = False,
+    debug: Annotated[bool, flag("--debug", "Show tracebacks.")] = False,
 ) -> None:
     """List the normalization sites (modules and functional calls), their kinds, unrecognized norm-like modules and unverified sites."""
     console = Console()
@@ -53,9 +57,18 @@ def sites(
         except (DataShapeError, NoNormSitesError) as error:
             found = find_sites(net)
             note = f"modules only: functional calls need a forward pass, which failed ({error})"
-    table = Table(title=f"{len(found)} normalization sites of {type(net).__name__}", caption=note)
+    if json_output:
+        typer.echo(json.dumps({"model": type(net).__name__, "note": note, "sites": [site_row(site) for site in found],
+                               "unrecognized": [{"name": p, "module_type": c} for p, c in unrecognized],
+                               "unverified": [{"name": c.site, "module_type": c.module_type, "reading": f"{c.kind}/{c.rule}",
+                                               "compared": c.compared} for c in unverified]}, indent=2))
+        return
+    longest = max((len(s.name) for s in found), default=0)
+    if not console.is_terminal:
+        console = Console(width=max(console.width, longest + 50))
+    table = Table(title=f"{plural(len(found), 'normalization site')} of {type(net).__name__}", caption=note)
     for column in ("site", "kind", "module type", "functional"):
-        table.add_column(column)
+        table.add_column(column, overflow="fold", no_wrap=False, min_width=len(max((s.name for s in found), key=len, default="")) if column == "site" else None)
     for site in found:
         table.add_row(site.name, str(getattr(site.kind, "name", site.kind)), site.module_type, "yes" if site.functional else "")
     console.print(table)

@@ -10,13 +10,14 @@ import types
 
 __version__ = "0.1.0"
 
-__all__ = ["Monitor", "analyze", "capture", "find_sites", "find_unrecognized", "register_norm"]
+__all__ = ["Monitor", "analyze", "capture", "find_sites", "find_unrecognized", "recalibrate", "register_norm"]
 
 _HOMES = {
     "Monitor": "normscope.monitor",
     "analyze": "normscope.api",
     "find_sites": "normscope.capture",
     "find_unrecognized": "normscope.capture",
+    "recalibrate": "normscope.recalibration",
     "register_norm": "normscope.registry",
 }
 

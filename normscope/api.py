@@ -34,6 +34,7 @@ from normscope.data import DIGITS, digits_form, digits_loader, load_digits
 from normscope.determinism import random_layers as deterministic
 from normscope.errors import AnalyzerError, DataShapeError, NoNormSitesError, NormscopeError, UnknownNameError
 from normscope.guard import grad_enabled, preserved
+from normscope.overview import attach as attach_overview
 from normscope.result import AnalysisResult
 
 T = TypeVar("T")
@@ -170,6 +171,7 @@ def analyze(
         "budget": ctx.budget.report(),
         "seconds": {**timings, "total": time.perf_counter() - started},
     }
+    attach_overview(result)
     return result
 
 

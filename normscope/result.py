@@ -44,11 +44,36 @@ class AnalysisResult:
     headline: dict[str, dict] = field(default_factory=dict)
     meta: dict = field(default_factory=dict)
 
+    @property
+    def findings_table(self) -> pd.DataFrame:
+        """Every finding as a record (severity, site, metric, value, threshold, table, sentence),
+        most severe first: the ``findings`` table (see :mod:`normscope.findings`)."""
+        return self.tables.get("findings", pd.DataFrame())
+
+    @property
+    def overview(self) -> pd.DataFrame:
+        """One row per normalization site: the ``sites_overview`` table (see :mod:`normscope.overview`)."""
+        return self.tables.get("sites_overview", pd.DataFrame())
+
     def summary(self) -> dict[str, Any]:
-        """``summary.json``'s content: headline, findings, meta and the table names, JSON-safe."""
+        """``summary.json``'s content: headline, findings (sentences and records), meta and the
+        table names, JSON-safe."""
+        records = self.findings_table.to_dict("records") if len(self.findings_table) else []
         return to_plain(
-            {"headline": self.headline, "findings": self.findings, "meta": self.meta, "tables": sorted(self.tables)}
+            {"headline": self.headline, "findings": self.findings, "finding_records": records, "meta": self.meta,
+             "tables": sorted(self.tables)}
         )
+
+    def __repr__(self) -> str:
+        """One short line: the model, the number of sites, tables and findings by severity."""
+        model = (self.meta or {}).get("model") or {}
+        name = model.get("name") or model.get("class") or "model" if isinstance(model, dict) else str(model)
+        table = self.findings_table
+        counts = table["severity"].value_counts().to_dict() if len(table) else {}
+        severity = ", ".join(f"{counts[s]} {s}" for s in ("critical", "warning", "note", "ok") if counts.get(s))
+        total = sum(len(v) for v in self.findings.values())
+        return (f"AnalysisResult({name}: {len((self.meta or {}).get('sites', []))} sites, {len(self.tables)} tables, "
+                f"{total} findings{f' ({severity})' if severity else ''}; see .overview, .findings_table, .tables)")
 
     def save(self, out: Path | str, overwrite: bool = False) -> Path:
         """Write the output folder ``out`` atomically and return its path.

@@ -1,6 +1,6 @@
 """Estimator bias: how far minibatch and per-example gradients are from the population gradient.
 
-Seed 004 (§2, §2.2) casts BatchNorm as an approximation of normalizing with moments over the
+"Extreme Normalization" (under review) (§2, §2.2) casts BatchNorm as an approximation of normalizing with moments over the
 whole data set; minibatch estimates of that population gradient g* are biased because a product
 of per-example Jacobian estimates is not the product of the Jacobians. This analyzer computes g*
 (:mod:`normscope.analyzers.population_gradient`), draws R random minibatches of each size B
@@ -9,9 +9,9 @@ of per-example Jacobian estimates is not the product of the Jacobians. This anal
 
 * ``batchnorm``: forward and backward through the minibatch moments;
 * ``per_example``: :class:`~normscope.ops.population.PopulationNorm` with microbatch 1 and its
-  EMAs at the population moments (seed 004 §3.1), per-example gradients averaged;
+  EMAs at the population moments ("Extreme Normalization" (under review) §3.1), per-example gradients averaged;
 * ``microbatch``: the same with microbatches of k (the seed's improved batch renormalization);
-* ``two_stage``: :func:`~normscope.ops.two_stage.two_stage_gradient` (seed 004 §3.2);
+* ``two_stage``: :func:`~normscope.ops.two_stage.two_stage_gradient` ("Extreme Normalization" (under review) §3.2);
 * ``batch_renorm``: :class:`~normscope.ops.renorm.BatchRenorm` (Ioffe 2017) with running
   statistics at the population moments;
 * ``control``: per-example gradients of the eval-mode model (no interaction between examples),
@@ -41,11 +41,13 @@ from normscope.analyzers.population_gradient import (
     streamed_population_gradient,
 )
 from normscope.errors import InvalidArgumentError, UnknownNameError
+from normscope.findings import Finding, plural
 from normscope.guard import preserved
 from normscope.ops.norm_sites import norm_sites, parameters
 from normscope.ops.population import PopulationNorm
 from normscope.ops.renorm import BatchRenorm
 from normscope.ops.swap import swap_norms
+from normscope.rules import bias_findings, log_log_fit, measurable, single_value_sites, two_stage_finding
 from normscope.ops.two_stage import two_stage_gradient
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -188,16 +190,6 @@ def bias_statistics(samples: Tensor, target: Tensor, level: float = 0.95, total_
         abs_bias_hi=absolute(float(u) + t * se_u),
         zero_gradient=zero,
     )
-
-
-def log_log_slope(batch_sizes: np.ndarray, rel_bias: np.ndarray) -> tuple[float, float]:
-    """Least-squares fit ``log rel_bias = slope * log B + intercept`` over the positive biases
-    (seed 004 expects a slope near -1 for BatchNorm); NaN with fewer than two points."""
-    keep = np.isfinite(rel_bias) & (rel_bias > 0)
-    if keep.sum() < 2:
-        return math.nan, math.nan
-    fit = stats.linregress(np.log(batch_sizes[keep]), np.log(rel_bias[keep]))
-    return float(fit.slope), float(fit.intercept)
 
 
 # ---------------------------------------------------------------- estimators
@@ -361,7 +353,7 @@ def jacobian_product_bias(
     chunk_size: int | None = 64,
     target: PopulationGradient | None = None,
 ) -> pd.DataFrame:
-    """The ``bias_jacobian`` table (seed 004 §2.2, MATH.md §4): the two-stage estimate at B = N
+    """The ``bias_jacobian`` table ("Extreme Normalization" (under review) §2.2, MATH.md §4): the two-stage estimate at B = N
     with the EMAs at the population moments and r = 1 against g*,
     ``jacobian_product_gap = ||g_two-stage - g*||``, ``relative_gap = gap / ||g*||``. The gap is
     the mean of per-example Jacobian products minus the product of mean Jacobians: zero (to
@@ -382,12 +374,15 @@ def jacobian_product_bias(
 
 
 def slopes(table: pd.DataFrame) -> pd.DataFrame:
-    """The ``bias_slopes`` table: :func:`log_log_slope` per estimator and group."""
+    """The ``bias_slopes`` table: per estimator and group the log-log slope of the bias against B
+    with its 95% interval, fitted on the measurable points only (:func:`normscope.rules.log_log_fit`,
+    three or more needed; NaN otherwise)."""
+    keep = table["measurable"] if "measurable" in table.columns else measurable(table)
     rows = []
     for (estimator, group), part in table.groupby(["estimator", "group"], sort=False):
-        slope, intercept = log_log_slope(part["batch_size"].to_numpy(float), part["rel_bias"].to_numpy(float))
-        rows.append({"estimator": estimator, "group": group, "slope": slope, "intercept": intercept})
-    return pd.DataFrame(rows, columns=["estimator", "group", "slope", "intercept"])
+        fit = log_log_fit(part["batch_size"].to_numpy(float), part["rel_bias"].to_numpy(float), keep[part.index].to_numpy())
+        rows.append({"estimator": estimator, "group": group, **fit})
+    return pd.DataFrame(rows, columns=["estimator", "group", "slope", "intercept", "slope_lo", "slope_hi", "n_points"])
 
 
 def _data(ctx: AnalysisContext, limit: int | None) -> tuple:
@@ -404,70 +399,37 @@ def _data(ctx: AnalysisContext, limit: int | None) -> tuple:
     return data
 
 
-def _findings(table: pd.DataFrame, slope_table: pd.DataFrame, jacobian: pd.DataFrame, g_star: PopulationGradient, n: int) -> list[str]:
+def _findings(table: pd.DataFrame, slope_table: pd.DataFrame, jacobian: pd.DataFrame, g_star: PopulationGradient, n: int,
+              single_value: list[str]) -> list[Finding]:
     total = table[table["group"] == "total"]
-    out = []
+    out = bias_findings(table, slope_table, LABELS)
     smallest = total["batch_size"].min()
-    for estimator in total["estimator"].unique():
-        rows = total[total["estimator"] == estimator].sort_values("batch_size")
-        first, last = rows.iloc[0], rows.iloc[-1]
-        label = LABELS[estimator]
-        target = "its own full-data gradient" if estimator == "control" else "the population gradient g*"
-        if first["rel_bias_lo"] > 0:
-            text = (
-                f"{label} at batch {int(first['batch_size'])} is {first['rel_bias']:.0%} biased "
-                f"(95% CI {first['rel_bias_lo']:.0%} to {first['rel_bias_hi']:.0%}) relative to {target}"
-            )
-        else:
-            text = (
-                f"{label} at batch {int(first['batch_size'])} shows no bias measurable above Monte-Carlo noise at "
-                f"{int(first['repeats'])} repeats relative to {target} (estimate {first['rel_bias']:.0%}, "
-                f"95% CI 0% to {first['rel_bias_hi']:.0%})"
-            )
-        if len(rows) > 1:
-            text += f"; at batch {int(last['batch_size'])} {last['rel_bias']:.0%}"
-        slope = slope_table[(slope_table["estimator"] == estimator) & (slope_table["group"] == "total")]["slope"]
-        if len(slope) and np.isfinite(slope.iloc[0]) and estimator != "control":
-            text += f" (log-log slope against B {slope.iloc[0]:.2f}"
-            text += "; seed 004 expects about -1)" if estimator == "batchnorm" else ")"
-        out.append(text + ".")
-    if smallest is not None and len(out) > 1:
-        best = total[(total["batch_size"] == smallest) & (total["estimator"] != "control")].sort_values("mse")
-        if len(best):
-            out.append(
-                f"At batch {int(smallest)} the estimator with the smallest error (bias^2 + variance) is "
-                f"{LABELS[best.iloc[0]['estimator']].lower()}."
-            )
+    best = total[(total["batch_size"] == smallest) & (total["estimator"] != "control")].sort_values("mse")
+    if len(best):
+        row = best.iloc[0]
+        out.append(Finding(f"At batch size {int(smallest)} the estimator with the smallest error (bias² + variance) is "
+                           f"{LABELS[row['estimator']].lower()}.", "bias", "note", site=row["estimator"], metric="mse",
+                           value=row["mse"], table="bias_estimators", where={"batch_size": int(smallest), "group": "total"}, statistic="min"))
     zero = sorted(set(table.loc[table["zero_gradient"] & (table["estimator"] != "control"), "group"]))
     if zero:
         largest = table.loc[table["group"].isin(zero), "abs_bias"].max()
-        out.append(
-            f"{len(zero)} parameter group(s) have a zero population gradient (||g*_g|| below sqrt(eps) of ||g*||): "
+        out.append(Finding(
+            f"{plural(len(zero), 'parameter group')} {'has' if len(zero) == 1 else 'have'} a zero population gradient: "
             f"{', '.join(zero[:6])}{', ...' if len(zero) > 6 else ''}. A normalization after them removes their effect "
-            "(scale-invariant, e.g. the bias of a layer feeding a BatchNorm), so they are not biased: their relative "
-            f"figures are NaN, and the largest absolute bias among them is {largest:.2g}."
-        )
-    row = jacobian.iloc[0]
-    out.append(
-        f"Two-stage backprop on all {n} examples misses g* by {row['relative_gap']:.2%}: the Jacobian-product bias of "
-        f"{int(row['n_norm_layers'])} normalization level(s) in series (exactly 0 with one level)."
-    )
-    noisiest = total[total["batch_size"] == smallest].sort_values("variance").iloc[-1]
-    out.append(
-        f"g* has norm {float(total['target_norm'].iloc[0]):.3g} at population loss {g_star.loss:.3g}; the noise "
-        f"tr Cov of one {LABELS[noisiest['estimator']].lower()} gradient at batch {int(smallest)} is "
-        f"{noisiest['variance']:.3g} times ||g*||^2, which sets how small a bias the repeats can resolve."
-    )
-    out.append(
-        f"g* was computed {g_star.method} over {n} examples in {g_star.passes} pass(es)"
-        + (f" (2L + 1 with L = {g_star.levels} normalization levels in series: moments level by level, then the "
-           "gradient back through them)." if g_star.method == "streamed" else ".")
-    )
+            "(e.g. the bias of a layer feeding a BatchNorm), so they have no relative bias (shown as –); the largest absolute "
+            f"bias among them is {largest:.2g}.", "bias", "note", metric="abs_bias", value=largest, table="bias_estimators",
+            where={"zero_gradient": True}, statistic="max"))
+    out.append(two_stage_finding(jacobian, n, single_value))
+    out.append(Finding(
+        f"The population gradient was computed {g_star.method} over {plural(n, 'example')} in {plural(g_star.passes, 'pass', 'passes')}"
+        + (f" (2L + 1 with L = {g_star.levels} normalization levels in series)." if g_star.method == "streamed" else "."),
+        "bias", "note", metric="target_norm", value=float(total["target_norm"].iloc[0]), table="bias_estimators",
+        where={"estimator": total["estimator"].iloc[0], "batch_size": int(smallest), "group": "total"}))
     return out
 
 
 def analyze(ctx: AnalysisContext) -> AnalyzerOutput:
-    """Estimator bias against the population gradient (seed 004 §2–3, MATH.md §4).
+    """Estimator bias against the population gradient ("Extreme Normalization" (under review) §2–3, MATH.md §4).
 
     Options (``ctx.options``, prefix ``bias_``): ``batch_sizes``, ``repeats``, ``examples``,
     ``estimators``, ``dtype`` (float64), ``microbatch`` (2), ``r_m``, ``r_v``, ``f_max``,
@@ -504,6 +466,7 @@ def analyze(ctx: AnalysisContext) -> AnalyzerOutput:
         track=ctx.track,
         target=target,
     )
+    table["measurable"] = measurable(table)
     slope_table = slopes(table)
     full_batch = g_star if g_star.method == "full-batch" else None
     jacobian = jacobian_product_bias(work, inputs, targets, ctx.loss_fn, int(opts.get("chunk_size", 64)), full_batch)
@@ -520,6 +483,6 @@ def analyze(ctx: AnalysisContext) -> AnalyzerOutput:
         headline["bias_batchnorm_slope"] = float(slope.iloc[0])
     return AnalyzerOutput(
         tables={"bias_estimators": table, "bias_slopes": slope_table, "bias_jacobian": jacobian},
-        findings=_findings(table, slope_table, jacobian, g_star, n),
+        findings=_findings(table, slope_table, jacobian, g_star, n, single_value_sites(work, inputs)),
         headline=headline,
     )

@@ -1,6 +1,6 @@
 """Hessian-vector products of a model's loss on one batch, by the faster of two backends.
 
-MATH.md §5 (seed 003): the descent check needs ``d^T H d`` and the spectrum needs ``H v`` for the
+MATH.md §5 (Deshmukh, "Batch Norm" (notes, 2020)): the descent check needs ``d^T H d`` and the spectrum needs ``H v`` for the
 Hessian ``H`` of the minibatch loss ``L(theta) = loss_fn(f(x; theta), y)`` with respect to all
 parameters, or to one parameter group (then ``H`` is that group's diagonal block ``H_gg``).
 
@@ -46,7 +46,7 @@ BACKEND_CACHE: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDic
 
 class BatchLoss:
     """The loss of a private copy of ``model`` on one batch, as a function of its parameters
-    (the minibatch loss of seed 003's Taylor expansion, MATH.md §5).
+    (the minibatch loss of Deshmukh's (2020) Taylor expansion, MATH.md §5).
 
     ``L(theta) = loss_fn(functional_call(copy, theta, x), y)``. In ``mode="train"`` the copy's
     BatchNorms normalize with batch statistics and update no running statistics; in

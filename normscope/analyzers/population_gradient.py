@@ -1,4 +1,4 @@
-"""The population gradient g* (seed 004 §2, MATH.md §4): BatchNorm with moments over the whole data.
+"""The population gradient g* ("Extreme Normalization" (under review) §2, MATH.md §4): BatchNorm with moments over the whole data.
 
 Every BatchNorm-style site normalizes with the mean and biased variance of its input over all N
 examples (and positions) and the gradient flows through those moments. When the data fits in
@@ -61,7 +61,7 @@ def _shared(module: nn.Module, x: Tensor, mean: Tensor, var: Tensor) -> Tensor:
 def population_gradient(
     model: nn.Module, inputs: Tensor, targets: Tensor, loss_fn: LossFn = F.cross_entropy
 ) -> PopulationGradient:
-    """g* for data that fits in memory: one forward-backward of all N examples (seed 004 §2).
+    """g* for data that fits in memory: one forward-backward of all N examples ("Extreme Normalization" (under review) §2).
 
     .. math:: g^* = \\nabla_W \\, \\mathbb{E}_n L\\big(f(D_n; W, \\mu(W), \\nu(W))\\big),\\quad
               \\mu = \\mathbb{E}_{n,i} x,\\; \\nu = \\mathbb{E}_{n,i} (x - \\mu)^2
@@ -151,7 +151,7 @@ def streamed_population_gradient(
 ) -> PopulationGradient:
     """g* from an iterable of ``(inputs, targets)`` chunks (:mod:`normscope.batch` pairs), one chunk of activations in memory.
 
-    Reverse mode over the S-graph of seed 004 §2.1. Sites are grouped into levels (L = sites in
+    Reverse mode over the S-graph of "Extreme Normalization" (under review) §2.1. Sites are grouped into levels (L = sites in
     series; parallel sites such as a ResNet shortcut share a level). Passes over the data:
 
     1. L forward passes, one per level in order: the population moments of that level's sites,

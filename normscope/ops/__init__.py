@@ -1,7 +1,7 @@
 """Normalization ops from the seeds, swappable into any model in place of its BatchNorms.
 
 This module is the one list of normscope's ops. Population normalization, two-stage backprop and
-inference folding (seed 004) are imported on first access, so that importing the ops stays cheap.
+inference folding ("Extreme Normalization" (under review)) are imported on first access, so that importing the ops stays cheap.
 """
 
 from __future__ import annotations

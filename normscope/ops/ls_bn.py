@@ -1,7 +1,7 @@
-"""Least-squares-regularized BatchNorm (seed 002 §4.2 and Appendix C; MATH.md §2).
+"""Least-squares-regularized BatchNorm ("Normalization Gradients are Least-Squares Residuals" (ICLR 2019 submission) §4.2 and Appendix C; MATH.md §2).
 
 The forward pass is BatchNorm's. The backward pass, which keeps the residual of a least-squares
-fit of ``g = dL/dz`` on ``z`` per channel (seed 002 Theorem 1), fits on the batch plus two
+fit of ``g = dL/dz`` on ``z`` per channel ("Normalization Gradients are Least-Squares Residuals" (ICLR 2019 submission) Theorem 1), fits on the batch plus two
 virtual items at ``z = +1`` and ``z = -1`` with virtual gradients ``alpha* + beta*`` and
 ``alpha* - beta*``, each with weight ``w`` batch items:
 
@@ -32,7 +32,7 @@ from normscope.ops.base import ChannelNorm, channel_view, mean_var, reduce_dims,
 def regularized_moments(
     alpha: Tensor, beta: Tensor, alpha_star: Tensor, beta_star: Tensor, batch_size: int, weight: float
 ) -> tuple[Tensor, Tensor]:
-    """The fit of ``g`` on ``z`` with the two virtual items appended (seed 002 App. C, eqs. 53-54).
+    """The fit of ``g`` on ``z`` with the two virtual items appended ("Normalization Gradients are Least-Squares Residuals" (ICLR 2019 submission) App. C, eqs. 53-54).
 
     Returns ``((N alpha + 2 w alpha*) / (N + 2 w), (N beta + 2 w beta*) / (N + 2 w))``: the
     weighted means of ``g`` and ``g z`` over the batch and the items ``(z, g) = (+1, alpha* + beta*)``,
@@ -77,7 +77,7 @@ class _RegularizedNormalize(torch.autograd.Function):
 
 
 class LSBatchNorm(ChannelNorm):
-    """Least-squares-regularized BatchNorm (seed 002 Appendix C), a drop-in for ``BatchNorm1d/2d/3d``.
+    """Least-squares-regularized BatchNorm ("Normalization Gradients are Least-Squares Residuals" (ICLR 2019 submission) Appendix C), a drop-in for ``BatchNorm1d/2d/3d``.
 
     .. math::
         y = \\gamma \\frac{x - \\mu_B}{\\sqrt{\\sigma_B^2 + \\epsilon}} + \\beta, \\qquad

@@ -1,6 +1,6 @@
 """BatchNorm-style sites of a model and a way to recompute their outputs with chosen moments.
 
-The two-stage estimator (seed 004 §3.2) and the population gradient (seed 004 §2, MATH.md §4)
+The two-stage estimator ("Extreme Normalization" (under review) §3.2) and the population gradient ("Extreme Normalization" (under review) §2, MATH.md §4)
 need each normalization site to normalize with moments that are not its own batch moments:
 leaf tensors, population moments, or the second tower's aggregated moments. :func:`override`
 does that with forward hooks that replace the site's output by ``fn(site, x)``, without

@@ -1,4 +1,4 @@
-"""Two-stage backpropagation (seed 004 §3.2) and its two-tower form (seed 004 §3.4).
+"""Two-stage backpropagation ("Extreme Normalization" (under review) §3.2) and its two-tower form ("Extreme Normalization" (under review) §3.4).
 
 Every BatchNorm-style site normalizes with its EMA moments mu-bar, nu-bar (``running_mean``,
 ``running_var``; a torch BatchNorm counts as a PopulationNorm with r = 1 and no caps).
@@ -65,7 +65,7 @@ def _ema(module: nn.Module) -> tuple[Tensor, Tensor]:
 
 
 def _second_moment_scale(module: nn.Module, var: Tensor, batch_var: Tensor) -> Tensor:
-    """``r_v min((nu-bar + eps) / (E_b nu_b + eps), f_max)`` of nu-double-dagger (seed 004 §3.2)."""
+    """``r_v min((nu-bar + eps) / (E_b nu_b + eps), f_max)`` of nu-double-dagger ("Extreme Normalization" (under review) §3.2)."""
     opt = site_options(module)
     return opt.r_v * ((var + opt.eps) / (batch_var + opt.eps)).clamp(max=opt.f_max)
 
@@ -90,7 +90,7 @@ def two_stage_gradient(
     loss_fn: LossFn = F.cross_entropy,
     chunk_size: int | None = None,
 ) -> TwoStageResult:
-    """The two-stage gradient estimate of seed 004 §3.2 for one minibatch, chunk by chunk.
+    """The two-stage gradient estimate of "Extreme Normalization" (under review) §3.2 for one minibatch, chunk by chunk.
 
     .. math:: \\hat g = g^W + h^W,\\quad h^W = \\nabla_W \\sum_{sites}
               \\big(r_m g^\\mu \\cdot \\mathbb{E}_b \\mu_b + c\\, g^\\nu \\cdot \\mathbb{E}_b \\nu_b\\big)
@@ -163,7 +163,7 @@ def two_stage_gradient(
 def two_tower_gradient(
     model: nn.Module, inputs: Tensor, targets: Tensor, loss_fn: LossFn = F.cross_entropy
 ) -> dict[str, Tensor]:
-    """The two-tower construction of seed 004 §3.4 and Algorithm 1, in one backward pass.
+    """The two-tower construction of "Extreme Normalization" (under review) §3.4 and Algorithm 1, in one backward pass.
 
     Tower 1 normalizes each example with its own moments (ScaleGrad to ``mu_b``, ``nu_b``);
     ``mu‡ = ScaleGrad(mu-bar, E_b mu_b, r_m)`` and
@@ -209,7 +209,7 @@ def two_stage_step(
 ) -> float:
     """A training step's backward with two-stage backprop: adds the estimate to each ``.grad``
     (as ``loss.backward()`` would) and moves every site's EMAs towards ``E_b mu_b``, ``E_b nu_b``
-    with the site's momentum (seed 004 Alg. 1, UpdateEMA). Returns the minibatch loss.
+    with the site's momentum ("Extreme Normalization" (under review) Alg. 1, UpdateEMA). Returns the minibatch loss.
     """
     result = two_stage_gradient(model, inputs, targets, loss_fn, chunk_size)
     with torch.no_grad():

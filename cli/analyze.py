@@ -16,8 +16,10 @@ from torch.utils.data import DataLoader
 from normscope.api import Data, analyzer_names
 from normscope.api import analyze as run_analysis
 from normscope.budget import DEFAULT_BUDGET
-from normscope.checkpoint import import_attribute, load_model
-from normscope.cli.boundary import boundary
+from normscope.checkpoint import call_user, import_attribute, load_model
+from normscope.data import DIGITS
+from normscope.cli.boundary import boundary, warn
+from normscope.cli.options import flag, option
 from normscope.cli.summary import print_summary
 from normscope.errors import DataShapeError, UnknownNameError
 from normscope.models import DEFAULT_MODEL, MODELS
@@ -26,6 +28,10 @@ from normscope.train import train_reference
 
 DEFAULT_OUT_ROOT = Path("normscope-out")
 TRAIN_LR = inspect.signature(train_reference).parameters["lr"].default
+LOSS_HELP = (
+    "cross_entropy, mse, lm (next-token), model (the model's own .loss from the batch's labels) or "
+    "package.module:function.  [default: cross_entropy with targets, lm for token ids]"
+)
 
 
 def analyze(
@@ -33,36 +39,42 @@ def analyze(
         Optional[Path],
         typer.Argument(help="A .pt/.pth/.safetensors file; omit it to analyze the built-in default trained on digits.", show_default=False),
     ] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder.  [default: normscope-out/<UTC time>]", show_default=False)] = None,
+    out: Annotated[Optional[Path], option("--out", "-o", help="Output folder.", default_text="normscope-out/<UTC time>")] = None,
     model: Annotated[
         Optional[str],
         typer.Option("--model", "-m", help=f"Built-in model ({', '.join(MODELS)}) or package.module:factory.", show_default=False),
     ] = None,
-    trust: Annotated[bool, typer.Option("--trust", help="Allow loading a whole pickled model (runs code from the file).")] = False,
+    trust: Annotated[bool, flag("--trust", "Allow loading a whole pickled model (runs code from the file).")] = False,
     analyzers: Annotated[
-        Optional[str], typer.Option("--analyzers", "-a", help="Comma-separated: stats,gls,bias,descent.  [default: all]", show_default=False)
+        Optional[str], option("--analyzers", "-a", help="Comma-separated: stats,gls,bias,descent.", default_text="all")
     ] = None,
-    data: Annotated[str, typer.Option("--data", help="'digits' or package.module:loader (a DataLoader or a function returning one).")] = "digits",
+    data: Annotated[
+        str, typer.Option("--data", help="'digits' (N, 1, 8, 8), 'digits-flat' (N, 64; chosen by itself for a first Linear of 64 features) or package.module:loader.")
+    ] = "digits",
+    loss: Annotated[Optional[str], typer.Option("--loss", help=LOSS_HELP, show_default=False)] = None,
+    random_layers: Annotated[
+        str, typer.Option("--random-layers", help="Dropout during the analyses: off, fixed (on, fixed masks) or on.")
+    ] = "off",
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Minibatch size.")] = 128,
     batches: Annotated[int, typer.Option("--batches", min=1, help="Minibatches for the per-step analyses.")] = 4,
     device: Annotated[str, typer.Option("--device", help="'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:N'.")] = "auto",
     seed: Annotated[int, typer.Option("--seed", help="Seed of the batch order and of every random choice.")] = 0,
     lr: Annotated[
-        Optional[float], typer.Option("--lr", help="Learning rate to check step sizes against.  [default: the built-in's training lr]", show_default=False)
+        Optional[float], option("--lr", help="Learning rate to check step sizes against.", default_text="the built-in's training lr")
     ] = None,
     budget: Annotated[
         float, typer.Option("--budget", min=0, help="Seconds the analyzers may spend in all; work is planned and cut to fit (0: no limit).")
     ] = DEFAULT_BUDGET,
-    quick: Annotated[bool, typer.Option("--quick/--full", help="The analyzers' small default settings, or their full settings (within --budget).")] = True,
+    quick: Annotated[bool, typer.Option("--quick/--full", help="The analyzers' small default settings, or their full settings (within --budget).", metavar="")] = True,
     sites: Annotated[
-        Optional[str], typer.Option("--sites", help="fnmatch pattern on site and module names restricting the work, e.g. '*bn*'.  [default: all]", show_default=False)
+        Optional[str], option("--sites", help="fnmatch pattern on site and module names restricting the work, e.g. '*bn*'.", default_text="all")
     ] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing non-empty output folder.")] = False,
-    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
+    overwrite: Annotated[bool, flag("--overwrite", "Replace an existing non-empty output folder.")] = False,
+    debug: Annotated[bool, flag("--debug", "Show tracebacks.")] = False,
 ) -> None:
     """Analyze every normalization site of a model and write tables, summary.json and report.html."""
     console = Console(stderr=True)
-    with boundary(debug):
+    with boundary(debug) as outcome:
         names = None if analyzers is None else analyzer_names(analyzers)
         target = resolve_device(device)
         out = default_out() if out is None else out
@@ -81,6 +93,8 @@ def analyze(
             batches=batches,
             device=target,
             seed=seed,
+            loss_fn=loss,
+            random_layers=random_layers,
             lr=TRAIN_LR if lr is None and builtin else lr,
             progress=True,
             budget=budget,
@@ -96,12 +110,13 @@ def analyze(
         result.meta["seconds"]["load_model"] = loading
         with console.status("writing tables and report"):
             result.save(out, overwrite=overwrite)
-    print_summary(result, out, Console())
-    for message in result.meta["analyzer_errors"].values():
-        typer.echo(f"normscope: warning: {message}", err=True)
-    typer.echo(str(out))
-    if "interrupted" in result.meta["analyzer_errors"]:
-        raise typer.Exit(130)
+        outcome.written = out
+        print_summary(result, out, Console(), elapsed=time.perf_counter() - started)
+        for message in result.meta["analyzer_errors"].values():
+            warn(message)
+        typer.echo(str(out))
+        if "interrupted" in result.meta["analyzer_errors"]:
+            raise typer.Exit(130)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -128,20 +143,26 @@ def default_out() -> Path:
 
 
 def load_data(spec: str, batch_size: int) -> Data:
-    """``digits`` is ``None`` (the API's default); ``package.module:loader`` names a DataLoader, an
-    ``(inputs, targets)`` tuple, or a function returning one (given ``batch_size`` if it takes it)."""
+    """``digits`` is ``None`` (the API's default: the digits, flat for a model whose first layer
+    is a Linear of 64 features), ``digits-flat`` the (N, 64) digits; ``package.module:loader``
+    names a DataLoader, a whole batch (tuple or dict of tensors), or a function returning one
+    (given ``batch_size`` if it takes it)."""
     if spec.strip().lower() == "digits":
         return None
+    if spec.strip().lower() in DIGITS:
+        return spec.strip().lower()
     module_name, _, attribute = spec.partition(":")
     if not module_name or not attribute:
-        raise UnknownNameError("--data", spec, ["digits", "package.module:loader"])
+        raise UnknownNameError("--data", spec, [*DIGITS, "package.module:loader"])
     found = import_attribute(module_name, attribute, spec, "--data")
     if callable(found) and not isinstance(found, DataLoader):
         takes_batch_size = "batch_size" in inspect.signature(found).parameters
-        found = found(batch_size=batch_size) if takes_batch_size else found()
-    if isinstance(found, DataLoader) or (isinstance(found, (tuple, list)) and len(found) == 2):
+        found = call_user(found, spec, "--data", **({"batch_size": batch_size} if takes_batch_size else {}))
+    if isinstance(found, (DataLoader, tuple, list, dict)):
         return found
-    raise DataShapeError(f"--data {spec} gave a {type(found).__name__}; it must give a DataLoader or an (inputs, targets) tuple")
+    raise DataShapeError(
+        f"--data {spec} gave a {type(found).__name__}; it must give a DataLoader, an (inputs, targets) tuple or a dict of tensors"
+    )
 
 
 def model_name(checkpoint: Path | None, model: str | None) -> str:

@@ -1,4 +1,8 @@
-"""``normscope report DIR``: rebuild ``DIR/report.html`` from the saved tables."""
+"""``normscope report DIR``: rebuild ``DIR/report.html`` from the saved tables.
+
+``DIR`` is an output folder of ``normscope analyze`` (with ``--compare``, the tables of a
+``normscope compare`` folder are added) or a ``normscope compare`` folder on its own.
+"""
 
 from __future__ import annotations
 
@@ -8,27 +12,31 @@ from typing import Annotated, Optional
 import typer
 
 from normscope.cli.boundary import boundary
+from normscope.cli.options import flag
 from normscope.errors import OutputError
 from normscope.reports.timeseries import is_run_folder, render_run
-from normscope.result import REPORT_FILE, TABLES_DIR, AnalysisResult, read_tables
+from normscope.result import REPORT_FILE, SUMMARY_FILE, TABLES_DIR, AnalysisResult, read_tables
 
 COMPARE_PREFIX = "compare_"
 
 
 def report(
-    folder: Annotated[Path, typer.Argument(help="An output folder of normscope analyze, or a normscope.Monitor run folder.", show_default=False)],
+    folder: Annotated[Path, typer.Argument(help="An output folder of normscope analyze or normscope compare, or a normscope.Monitor run folder.", show_default=False)],
     compare: Annotated[
         Optional[Path], typer.Option("--compare", help="An output folder of normscope compare to include.", show_default=False)
     ] = None,
-    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
+    debug: Annotated[bool, flag("--debug", "Show tracebacks.")] = False,
 ) -> None:
     """Rebuild report.html in FOLDER from its tables and summary.json (and --compare results)."""
     with boundary(debug):
         if is_run_folder(folder):
             typer.echo(str(render_run(folder)))
             return
-        result = AnalysisResult.load(folder)
-        extra = None if compare is None else compare_tables(compare)
+        if not (folder / SUMMARY_FILE).is_file() and compare is None and (folder / TABLES_DIR).is_dir():
+            result, extra = AnalysisResult(meta={"model": {"name": f"comparison in {folder.name}"}}), compare_tables(folder)
+        else:
+            result = AnalysisResult.load(folder)
+            extra = None if compare is None else compare_tables(compare)
         path = result.to_html(folder / REPORT_FILE, compare=extra)
     typer.echo(str(path))
 

@@ -6,17 +6,22 @@ from collections import Counter
 from pathlib import Path
 
 from rich.console import Console, Group
+from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 
+from normscope.findings import number
+from normscope.reports.glossary import headline_label
 from normscope.result import AnalysisResult
 
 MAX_FINDINGS = 1
+MAX_SEVERE = 5
 MAX_FIGURES = 4
 
 
-def print_summary(result: AnalysisResult, out: Path, console: Console) -> None:
-    """Model, sites, data and timing; then per analyzer its headline figures and top findings."""
+def print_summary(result: AnalysisResult, out: Path, console: Console, elapsed: float | None = None) -> None:
+    """Model, sites, data and timing (``elapsed``: the whole command, loading and writing
+    included); the most severe findings; then per analyzer its headline figures and top finding."""
     meta = result.meta
     kinds = Counter(site["kind"] for site in meta.get("sites", []))
     data = meta.get("data", {})
@@ -24,21 +29,30 @@ def print_summary(result: AnalysisResult, out: Path, console: Console) -> None:
     overview.add_row("model", f"{meta['model'].get('name') or meta['model']['class']} ({meta['model']['parameters']:,} parameters)")
     overview.add_row("sites", ", ".join(f"{count} {kind}" for kind, count in kinds.items()))
     overview.add_row("data", f"{data.get('source')}: {data.get('batches')} batches of {data.get('batch_size')} on {meta.get('device')}")
-    overview.add_row("time", f"{meta['seconds']['total']:.1f} s")
+    analysis = meta["seconds"]["total"]
+    overview.add_row("time", f"{elapsed:.1f} s in all (analysis {analysis:.1f} s; the rest loading the model and data and writing)"
+                     if elapsed is not None else f"{analysis:.1f} s")
     overview.add_row("output", f"{out} (open {out / 'report.html'} for everything)")
     parts = [overview]
+    severe = result.findings_table
+    severe = severe[severe["severity"].isin(("critical", "warning"))].head(MAX_SEVERE) if len(severe) else severe
+    if len(severe):
+        verdicts = Table(title="most severe findings", title_justify="left", show_header=False, box=None, padding=(0, 2))
+        for _, row in severe.iterrows():
+            verdicts.add_row(f"[{'red' if row['severity'] == 'critical' else 'yellow'}]{row['severity']}[/]", escape(row["sentence"]))
+        parts.append(verdicts)
     for name in list(result.headline) + [n for n in result.findings if n not in result.headline]:
         figures = Table(title=name, title_justify="left", show_header=False, box=None, padding=(0, 2))
         for key, value in list(result.headline.get(name, {}).items())[:MAX_FIGURES]:
-            figures.add_row(key, format_value(value))
+            figures.add_row(headline_label(key), format_value(value))
         for sentence in result.findings.get(name, [])[:MAX_FINDINGS]:
-            figures.add_row("•", sentence)
+            figures.add_row("•", escape(str(sentence)))
         parts.append(figures)
     console.print(Panel(Group(*parts), title="normscope analyze", expand=False))
 
 
 def format_value(value: object) -> str:
-    """Numbers to 4 significant digits, everything else as text."""
+    """Numbers to 4 significant digits (``not measured`` for NaN), everything else as text."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return str(value)
-    return f"{value:.4g}"
+    return number(value, 4)

@@ -8,30 +8,37 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import inspect
 import itertools
 import platform
 import time
 from datetime import datetime, timezone
-from typing import Callable, Iterable, Iterator, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.data import DataLoader, TensorDataset
 
 import normscope
+from normscope.batch import Batch, check_keys, describe, first_argument, forward, split, to_device
+from normscope.batch import size as batch_size_of
+from normscope.losses import Loss, default_for, describe_outputs, fitting_presets
+from normscope.losses import resolve as resolve_loss
 from normscope.analyzers import ANALYZERS, AnalysisContext, AnalyzerOutput, get_analyzer, no_progress
 from normscope.budget import DEFAULT_BUDGET, Budget, as_budget
 from normscope.capture import capture
+from normscope.capture.verify import Verification
 from normscope.checkpoint import first_line, nonfinite_weights
-from normscope.data import digits_loader, load_digits
+from normscope.data import DIGITS, digits_form, digits_loader, load_digits
+from normscope.determinism import random_layers as deterministic
 from normscope.errors import AnalyzerError, DataShapeError, NoNormSitesError, NormscopeError, UnknownNameError
 from normscope.guard import grad_enabled, preserved
+from normscope.overview import attach as attach_overview
 from normscope.result import AnalysisResult
 
 T = TypeVar("T")
-Data = DataLoader | tuple[torch.Tensor, torch.Tensor] | None
-Batch = tuple[torch.Tensor, torch.Tensor]
+Data = DataLoader | tuple | dict | torch.Tensor | None
 
 
 def analyze(
@@ -42,12 +49,13 @@ def analyze(
     batches: int = 4,
     device: str | torch.device | None = None,
     seed: int = 0,
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    loss_fn: str | Callable | Loss | None = None,
     lr: float | None = None,
     progress: bool = False,
     budget: float | Budget | None = DEFAULT_BUDGET,
     quick: bool = True,
     sites: str | Sequence[str] | None = None,
+    random_layers: str = "off",
 ) -> AnalysisResult:
     """Analyze the normalization sites of ``model`` on ``data`` and return tables and findings.
 
@@ -57,15 +65,19 @@ def analyze(
 
     Args:
         model: any ``nn.Module`` with normalization layers (modules or functional calls).
-        data: a DataLoader of ``(inputs, targets)``, an ``(inputs, targets)`` tuple of tensors,
-            or ``None`` for the digits' training split. Default: None.
+        data: a DataLoader, or the whole data as one batch, in any form of
+            :mod:`normscope.batch` (``(inputs, targets)``, a dict of tensors passed to ``forward``
+            as keyword arguments, ``(dict, targets)``, ``(x1, ..., xk, targets)``), or ``None``
+            for the digits' training split. Default: None.
         analyzers: names (list or comma-separated) among ``stats, gls, bias, descent``;
             ``None`` runs all, skipping those that do not apply. Default: None.
         batch_size: minibatch size for ``None`` or tuple data. Default: 128.
         batches: how many minibatches the per-step analyses use. Default: 4.
         device: where to run; ``None`` keeps the model's device. Default: None.
         seed: seed of the batch order and of every random choice. Default: 0.
-        loss_fn: ``loss_fn(outputs, targets) -> scalar``. Default: cross-entropy.
+        loss_fn: a preset (``cross_entropy``, ``mse``, ``lm``, ``model``; :mod:`normscope.losses`),
+            ``"package.module:function"`` or a callable ``fn(outputs, targets) -> scalar``.
+            Default: ``cross_entropy`` for batches with targets, ``lm`` for token ids without.
         lr: the learning rate to check step sizes against (descent analyzer). Default: None.
         progress: show Rich progress bars on a terminal, one log line per stage elsewhere
             (both on stderr). Default: False.
@@ -76,32 +88,37 @@ def analyze(
         quick: the analyzers' small default settings; ``False`` is their full settings (still
             within ``budget``). Default: True.
         sites: fnmatch pattern(s) on site and module names restricting the work. Default: all.
+        random_layers: dropout during the analyses: ``off``, ``fixed`` (on, with fixed masks) or
+            ``on`` (:mod:`normscope.determinism`); normalization layers keep each analysis's
+            mode. Said in ``meta["random_layers"]``. Default: ``off``.
 
     Raises:
-        DataShapeError: the data is not ``(inputs, targets)`` or does not fit the model or loss.
+        DataShapeError: the data is in no accepted form or does not fit the model or loss.
         NoNormSitesError: no normalization site ran in the forward pass.
         UnknownNameError: an analyzer name is not registered.
         AnalyzerError: none of the requested analyzers could run.
     """
     names = analyzer_names(analyzers)
-    loss_fn = F.cross_entropy if loss_fn is None else loss_fn
+    loss = resolve_loss(loss_fn)
     home = model_device(model)
     target = home if device is None else torch.device(device)
-    work = model if home == target else copy.deepcopy(model).to(target)
+    inner = model.module if isinstance(model, nn.DataParallel) else model  # torch.func refuses the wrapper
+    work = inner if home == target else copy.deepcopy(inner).to(target)
     dtype = floating_dtype(work)
     started = time.perf_counter()
     with preserved(model), grad_enabled(), progress_bars(progress) as track:
         seed_generators(seed, target)
         data = usable_outside_inference(data)
-        loader, dataset, data_source = make_loader(data, batch_size, seed)
-        chosen = take_batches(loader, batches, target, dtype, track)
-        ran, unrecognized = check_fit(work, chosen[0], loss_fn)
+        loader, dataset, data_source = make_loader(digits_form(work) if data is None else data, batch_size, seed)
+        chosen = take_batches(loader, batches, target, dtype, track, loss)
+        loss = loss or default_for(_raw(chosen[0]))
+        ran, unrecognized, unverified = check_fit(work, chosen[0], loss)
         ctx = AnalysisContext(
             model=work,
             batches=chosen,
-            dataset=None if dataset is None else to_device(dataset, target, dtype),
+            dataset=None if dataset is None else to_device(loss.batch(dataset), target, dtype),
             loader=loader,
-            loss_fn=loss_fn,
+            loss_fn=loss,
             lr=lr,
             seed=seed,
             track=track,
@@ -109,7 +126,8 @@ def analyze(
             budget=as_budget(budget),
             sites=sites,
         )
-        outputs, errors, timings = run_analyzers(ctx, names, track, explicit=analyzers is not None)
+        with deterministic(random_layers, seed) as randomness:
+            outputs, errors, timings = run_analyzers(ctx, names, track, explicit=analyzers is not None)
     result = AnalysisResult()
     for name, output in outputs.items():
         result.tables.update(output.tables)
@@ -118,6 +136,10 @@ def analyze(
     model_findings = nonfinite_weights(work) + [
         f"{path} ({cls}) looks like a normalization layer but is not recognized; register it with normscope.register_norm"
         for path, cls in unrecognized
+    ] + [
+        f"{check.site} ({check.module_type}) is unverified and left out of every analysis: its reading does not "
+        f"reproduce its output ({check.compared}); register it with normscope.register_norm"
+        for check in unverified
     ]
     if model_findings:
         result.findings["model"] = model_findings
@@ -129,17 +151,19 @@ def analyze(
         "model": {"class": type(model).__name__, "parameters": sum(p.numel() for p in model.parameters())},
         "sites": [site_row(site) for site in ran],
         "unrecognized": [{"name": path, "module_type": cls} for path, cls in unrecognized],
+        "unverified": [check.as_dict() for check in unverified],
         "data": {
             "source": data_source,
-            "batch_size": int(chosen[0][0].shape[0]),
+            "batch_size": batch_size_of(chosen[0][0]),
             "batches": len(chosen),
-            "input_shape": list(chosen[0][0].shape[1:]),
-            "examples": None if dataset is None else int(dataset[0].shape[0]),
+            "input_shape": input_shape(chosen[0][0]),
+            "examples": None if dataset is None else batch_size_of(split(dataset)[0]),
         },
         "device": str(target),
         "seed": seed,
         "lr": lr,
-        "loss_fn": getattr(loss_fn, "__name__", type(loss_fn).__name__),
+        "loss_fn": loss.name,
+        "random_layers": randomness.describe(),
         "analyzers": list(outputs),
         "analyzer_errors": errors,
         "settings": "quick" if quick else "full",
@@ -147,6 +171,7 @@ def analyze(
         "budget": ctx.budget.report(),
         "seconds": {**timings, "total": time.perf_counter() - started},
     }
+    attach_overview(result)
     return result
 
 
@@ -159,10 +184,10 @@ def seed_generators(seed: int, device: torch.device) -> None:
 
 
 def usable_outside_inference(data: Data) -> Data:
-    """``(inputs, targets)`` created under ``torch.inference_mode()`` cloned into normal tensors
+    """Whole-data batches (tuples, dicts) created under ``torch.inference_mode()`` cloned into normal tensors
     (autograd cannot save inference tensors); everything else unchanged."""
-    if isinstance(data, (tuple, list)) and any(isinstance(t, torch.Tensor) and t.is_inference() for t in data):
-        return type(data)(t.clone() if isinstance(t, torch.Tensor) else t for t in data)
+    if isinstance(data, (tuple, list, dict, torch.Tensor)):
+        return tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) and t.is_inference() else t, data)
     return data
 
 
@@ -191,39 +216,70 @@ def floating_dtype(model: nn.Module) -> torch.dtype:
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
-def make_loader(data: Data, batch_size: int, seed: int) -> tuple[DataLoader, Batch | None, str]:
-    """``(loader, whole data set or None, description)`` for any accepted form of ``data``."""
-    if data is None:
-        return digits_loader(batch_size=batch_size, seed=seed, split="train"), load_digits(split="train"), "digits"
+def make_loader(data: Data, batch_size: int, seed: int) -> tuple[DataLoader, Any, str]:
+    """``(loader, whole data set as one raw batch or None, description)`` for any accepted
+    ``data``: a DataLoader, a whole data set as one batch (``(inputs, targets)`` tensors, a dict
+    of tensors, or any form of :mod:`normscope.batch`), or ``None`` for the digits."""
+    if data is None or data in DIGITS:
+        flat = data == "digits-flat"
+        loader = digits_loader(batch_size=batch_size, seed=seed, split="train", flat=flat)
+        return loader, load_digits(split="train", flat=flat), data or "digits"
     if isinstance(data, DataLoader):
         tensors = getattr(data.dataset, "tensors", None)
-        dataset = tensors if isinstance(data.dataset, TensorDataset) and len(tensors) == 2 else None
+        dataset = tuple(tensors) if isinstance(data.dataset, TensorDataset) and len(tensors) >= 2 else None
         return data, dataset, f"DataLoader({type(data.dataset).__name__})"
-    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
-        inputs, targets = data
-        if inputs.shape[0] != targets.shape[0]:
+    if isinstance(data, (tuple, list, dict, torch.Tensor)):
+        whole = split(data)
+        counts = sorted({int(t.shape[0]) if t.dim() else 0 for t in tree_flatten(whole)[0] if isinstance(t, torch.Tensor)})
+        if len(counts) > 1:
             raise DataShapeError(
-                f"data has {inputs.shape[0]} inputs but {targets.shape[0]} targets; pass (inputs, targets) of equal length"
+                f"data {describe(data)} has tensors of {' and '.join(map(str, counts))} examples; "
+                "pass inputs and targets of equal length"
             )
+        n = counts[0]
         generator = torch.Generator().manual_seed(seed)
-        loader = DataLoader(TensorDataset(inputs, targets), batch_size=batch_size, shuffle=True, generator=generator)
-        return loader, (inputs, targets), f"tensors {tuple(inputs.shape)}"
+        loader = DataLoader(WholeBatch(data, n), batch_size=batch_size, shuffle=True, generator=generator,
+                            collate_fn=WholeBatch.collate)
+        return loader, data, f"tensors {describe(whole[0])}"
     raise DataShapeError(
-        f"data must be a DataLoader, an (inputs, targets) tuple of tensors or None for the digits (got {type(data).__name__})"
+        f"data must be a DataLoader, an (inputs, targets) tuple of tensors, a dict of tensors or None for the digits "
+        f"(got {type(data).__name__})"
     )
 
 
-def take_batches(loader: DataLoader, count: int, device: torch.device, dtype: torch.dtype, track: Callable) -> list[Batch]:
-    """The first ``count`` ``(inputs, targets)`` batches of ``loader`` on ``device``."""
+class WholeBatch(torch.utils.data.Dataset):
+    """The examples of one whole-data batch (any form of :mod:`normscope.batch`), served by index."""
+
+    def __init__(self, data: Any, n: int) -> None:
+        self.data, self.n = data, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> int:
+        return index
+
+    def __getitems__(self, indices: list[int]) -> Any:
+        index = torch.as_tensor(indices, dtype=torch.long)
+        return tree_map(lambda t: t[index] if isinstance(t, torch.Tensor) else t, self.data)
+
+    @staticmethod
+    def collate(batch: Any) -> Any:
+        return batch
+
+
+def take_batches(
+    loader: DataLoader, count: int, device: torch.device, dtype: torch.dtype, track: Callable, loss: Loss | None = None
+) -> list[Batch]:
+    """The first ``count`` batches of ``loader`` as ``(inputs, targets)`` for ``loss``
+    (:meth:`normscope.losses.Loss.batch`; ``None``: :func:`normscope.losses.default_for` the
+    first batch) on ``device``, floating inputs cast to ``dtype``."""
     if count < 1:
         raise DataShapeError(f"batches must be at least 1 (got {count})")
     chosen = []
-    for batch in track(loader, "loading batches", count):
-        if not (isinstance(batch, (tuple, list)) and len(batch) == 2 and all(isinstance(t, torch.Tensor) for t in batch)):
-            raise DataShapeError(
-                f"data must yield (inputs, targets) pairs of tensors (got {type(batch).__name__}); wrap it to return (x, y)"
-            )
-        chosen.append(to_device(batch, device, dtype))
+    for raw in track(loader, "loading batches", count):
+        loss = loss or default_for(raw)
+        chosen.append(to_device(loss.batch(raw), device, dtype))
         if len(chosen) == count:
             break
     if not chosen:
@@ -231,46 +287,78 @@ def take_batches(loader: DataLoader, count: int, device: torch.device, dtype: to
     return chosen
 
 
-def to_device(batch: Sequence[torch.Tensor], device: torch.device, dtype: torch.dtype) -> Batch:
-    """``(inputs, targets)`` on ``device``, floating inputs cast to the model's dtype."""
-    inputs, targets = batch
-    inputs = inputs.to(device=device, dtype=dtype if inputs.is_floating_point() else inputs.dtype)
-    return inputs, targets.to(device)
-
-
-def check_fit(model: nn.Module, batch: Batch, loss_fn: Callable) -> tuple[list, list[tuple[str, str]]]:
-    """Run one eval-mode forward on ``batch`` under capture; return the sites that ran and the
-    unrecognized norm-like modules.
+def check_fit(model: nn.Module, batch: Batch, loss_fn: Callable) -> tuple[list, list[tuple[str, str]], list[Verification]]:
+    """Run one eval-mode forward on ``batch`` under capture; return the verified sites that ran,
+    the unrecognized norm-like modules and the unverified sites (:mod:`normscope.capture.verify`).
 
     Raises:
-        DataShapeError: the model or the loss rejects the batch.
+        DataShapeError: the model or the loss rejects the batch (the message names what fits).
         NoNormSitesError: no normalization site ran.
     """
     inputs, targets = batch
+    check_keys(model, inputs)
     with preserved(model), torch.no_grad(), capture(model, storage="cpu") as cap:
         model.eval()
         try:
-            outputs = model(inputs)
+            outputs = forward(model, inputs)
         except Exception as error:
+            first = first_argument(model)
+            lacks = f"; the dict batch lacks {first}" if isinstance(inputs, dict) and first and first not in inputs else ""
+            hint = " (the digits are (N, 1, 8, 8); --data digits-flat gives (N, 64))" if _digits_images(inputs) else ""
             raise DataShapeError(
-                f"inputs of shape {tuple(inputs.shape)} do not fit {type(model).__name__} "
-                f"({type(error).__name__}: {first_line(error)}); pass data the model accepts"
+                f"inputs of shape {describe(inputs)} do not fit {type(model).__name__} "
+                f"({type(error).__name__}: {first_line(error)}){lacks}; pass data the model accepts{hint}"
             ) from error
         try:
             loss = loss_fn(outputs, targets)
         except Exception as error:
-            shape = tuple(outputs.shape) if isinstance(outputs, torch.Tensor) else type(outputs).__name__
+            name = getattr(loss_fn, "__name__", type(loss_fn).__name__)
+            fits = fitting_presets(outputs, _raw(batch), "labels" in _forward_arguments(model))
+            fit = f"presets that fit: {', '.join(fits)}" if fits else "no preset fits; pass a package.module:function loss"
             raise DataShapeError(
-                f"model outputs {shape} and targets {tuple(targets.shape)} do not fit the loss "
-                f"({type(error).__name__}: {first_line(error)}); pass matching targets or a loss_fn"
+                f"loss {name} does not fit model outputs {describe_outputs(outputs)} and targets {describe(targets)} "
+                f"({type(error).__name__}: {first_line(error)}); {fit}"
             ) from error
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
         raise DataShapeError("loss_fn must return a scalar tensor; reduce it with a mean")
     if not cap.sites:
         unknown = ", ".join(f"{path} ({cls})" for path, cls in cap.unrecognized)
         hint = f"; norm-like modules not recognized: {unknown} (register them with normscope.register_norm)" if unknown else ""
+        if cap.unverified:
+            hint += "; unverified (reading does not reproduce the output): " + ", ".join(c.site for c in cap.unverified)
         raise NoNormSitesError(f"{type(model).__name__} has no normalization layer that normscope can analyze{hint}")
-    return list(cap.sites), list(cap.unrecognized)
+    return list(cap.sites), list(cap.unrecognized), list(cap.unverified)
+
+
+def _digits_images(inputs: Any) -> bool:
+    return isinstance(inputs, torch.Tensor) and tuple(inputs.shape[1:]) == (1, 8, 8)
+
+
+def _raw(batch: Batch) -> Any:
+    """A raw batch equivalent to ``batch`` for any loss (labels back in a dict batch, the
+    ``lm`` preset's tokens back to inputs)."""
+    inputs, targets = batch
+    if isinstance(targets, dict):
+        targets = targets.get("labels")
+    if isinstance(inputs, dict):
+        return {**inputs, "labels": targets} if isinstance(targets, torch.Tensor) else dict(inputs)
+    return inputs if targets is None or targets is inputs else (inputs, targets)
+
+
+def _forward_arguments(model: nn.Module) -> list[str]:
+    try:
+        return list(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        return []
+
+
+def input_shape(inputs: Any) -> list | dict:
+    """Per-example shape of the inputs (a dict of shapes for a dict batch)."""
+    if isinstance(inputs, torch.Tensor):
+        return list(inputs.shape[1:])
+    if isinstance(inputs, dict):
+        return {k: list(v.shape[1:]) for k, v in inputs.items() if isinstance(v, torch.Tensor)}
+    return [list(t.shape[1:]) for t in inputs if isinstance(t, torch.Tensor)]
 
 
 def site_row(site) -> dict:

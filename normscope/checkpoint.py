@@ -6,29 +6,34 @@ Accepted, in order of preference:
   a built-in name from :mod:`normscope.models` or ``package.module:factory`` for the user's own;
 * a dict as training scripts save it, with the weights under ``state_dict``, ``model`` or
   ``model_state_dict`` (``module.`` / ``_orig_mod.`` prefixes of DataParallel and
-  ``torch.compile`` are removed);
+  ``torch.compile`` are removed, in any order, when that makes the keys fit the model);
 * a whole pickled module, only with ``trust=True``: full unpickling runs code from the file.
 
 Files are always opened with ``torch.load(weights_only=True)`` first, which never runs code
-from the file. Every failure raises a :mod:`normscope.errors` class whose message names the
+from the file, and zip archives are checked against their CRC-32s first (the legacy format and
+safetensors have no checksum: a flipped bit in their tensor data loads silently). Every failure raises a :mod:`normscope.errors` class whose message names the
 problem and what to do in one line.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import io
+import os
 import pickle
 import re
 import struct
 import sys
+import warnings
 import zipfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from torch import nn
 
-from normscope.errors import CheckpointError, ModelImportError, UntrustedPickleError
+from normscope.errors import CheckpointError, ModelImportError, NormscopeWarning, UntrustedPickleError
 from normscope.models import DEFAULT_MODEL, MODELS, build_model
 
 STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model")
@@ -89,8 +94,7 @@ def read_checkpoint(path: Path, trust: bool = False) -> Any:
     if path.suffix == ".safetensors" or looks_like_safetensors(path, head):
         return read_safetensors(path)
     if head.startswith(ZIP_MAGIC):
-        if not zipfile.is_zipfile(path):
-            raise CheckpointError(f"checkpoint {path} is truncated or corrupted (incomplete zip archive); re-save or re-download it")
+        verify_zip(path)
     elif not head or head[0] != PICKLE_PROTOCOL_OPCODE:
         raise CheckpointError(
             f"{path} is not a PyTorch checkpoint (expected a file written by torch.save or safetensors)"
@@ -98,10 +102,12 @@ def read_checkpoint(path: Path, trust: bool = False) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
+        if "Unsupported global" not in str(error):
+            raise corrupted(path, error) from error
         if not trust:
             raise UntrustedPickleError(untrusted_message(path, str(error))) from error
-    except (EOFError, RuntimeError, OSError) as error:
-        raise CheckpointError(f"checkpoint {path} is truncated or corrupted ({first_line(error)}); re-save or re-download it") from error
+    except Exception as error:  # weights-only loading runs no code: any failure is a bad file
+        raise corrupted(path, error) from error
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except (ImportError, AttributeError) as error:
@@ -109,6 +115,29 @@ def read_checkpoint(path: Path, trust: bool = False) -> Any:
             f"{path} is a pickled model whose code cannot be imported ({first_line(error)}); "
             "make its package importable, or save model.state_dict() and pass --model"
         ) from error
+    except Exception as error:
+        raise corrupted(path, error) from error
+
+
+def corrupted(path: Path, error: BaseException) -> CheckpointError:
+    """The one-line error for a file that is truncated or damaged."""
+    return CheckpointError(
+        f"checkpoint {path} is truncated or corrupted ({type(error).__name__}: {first_line(error)}); re-save or re-download it"
+    )
+
+
+def verify_zip(path: Path) -> None:
+    """Check a zip checkpoint's structure and every member's CRC-32 (torch.save writes them), so
+    a flipped bit anywhere in the archive is an error instead of silently different weights."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except Exception as error:
+        raise CheckpointError(
+            f"checkpoint {path} is truncated or corrupted (incomplete zip archive: {first_line(error)}); re-save or re-download it"
+        ) from error
+    if bad is not None:
+        raise CheckpointError(f"checkpoint {path} is corrupted (checksum mismatch in {bad}); re-save or re-download it")
 
 
 def looks_like_safetensors(path: Path, head: bytes) -> bool:
@@ -130,11 +159,11 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
     try:
         return load_file(str(path), device="cpu")
-    except SafetensorError as error:
+    except Exception as error:  # safetensors runs no code: any failure is a bad file
         message = str(error)
         if "incomplete" in message or "not fully covered" in message:
             raise CheckpointError(f"checkpoint {path} is truncated (incomplete safetensors data); re-save or re-download it") from error
-        raise CheckpointError(f"{path} is not a valid safetensors file ({first_line(error)})") from error
+        raise CheckpointError(f"{path} is not a valid safetensors file ({type(error).__name__}: {first_line(error)})") from error
 
 
 def untrusted_message(path: Path, torch_message: str) -> str:
@@ -155,13 +184,13 @@ def extract_state_dict(content: Any, path: Path) -> Mapping[str, torch.Tensor] |
             "save model.state_dict() or a dict with a 'state_dict' key"
         )
     if content and all(isinstance(v, torch.Tensor) for v in content.values()):
-        return strip_wrapper_prefixes(content)
+        return dict(content)
     for key in STATE_DICT_KEYS:
         inner = content.get(key)
         if isinstance(inner, nn.Module):
             return inner
         if isinstance(inner, Mapping) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
-            return strip_wrapper_prefixes(inner)
+            return dict(inner)
     keys = ", ".join(map(str, list(content)[:MAX_NAMED_KEYS])) or "none"
     raise CheckpointError(
         f"{path} is a dict without weights under {', '.join(map(repr, STATE_DICT_KEYS))} (its keys: {keys}); "
@@ -169,13 +198,29 @@ def extract_state_dict(content: Any, path: Path) -> Mapping[str, torch.Tensor] |
     )
 
 
-def strip_wrapper_prefixes(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Remove a ``module.`` or ``_orig_mod.`` prefix that every key carries."""
-    result = dict(state_dict)
-    for prefix in WRAPPER_PREFIXES:
-        if result and all(key.startswith(prefix) for key in result):
-            result = {key[len(prefix):]: value for key, value in result.items()}
-    return result
+def unwrapped_candidates(state_dict: Mapping[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    """``state_dict`` and every form of it with ``module.`` / ``_orig_mod.`` prefixes (shared by
+    all keys) removed, in any order, fewest removals first."""
+    found = [dict(state_dict)]
+    for keys in found:
+        for prefix in WRAPPER_PREFIXES:
+            if keys and all(key.startswith(prefix) for key in keys):
+                stripped = {key[len(prefix):]: value for key, value in keys.items()}
+                if all(set(stripped) != set(other) for other in found):
+                    found.append(stripped)
+    return found
+
+
+def fit_keys(state_dict: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The form of ``state_dict`` (see :func:`unwrapped_candidates`) whose keys fit ``expected``;
+    when none fits, the one sharing most keys (so the error names the real differences). A
+    missing ``num_batches_tracked`` is filled from the model, as ``torch`` tolerates it."""
+    candidates = unwrapped_candidates(state_dict)
+    for candidate in candidates:
+        missing = set(expected) - set(candidate)
+        if set(candidate) <= set(expected) and all(key.endswith("num_batches_tracked") for key in missing):
+            return {**{key: expected[key] for key in missing}, **candidate}
+    return max(candidates, key=lambda candidate: len(set(candidate) & set(expected)))
 
 
 def build_from_spec(spec: str) -> nn.Module:
@@ -186,26 +231,71 @@ def build_from_spec(spec: str) -> nn.Module:
     if not module_name or not attribute:
         raise ModelImportError(f"--model {spec!r} is not of the form package.module:factory")
     factory = import_attribute(module_name, attribute, spec, "--model")
-    try:
-        model = factory() if callable(factory) and not isinstance(factory, nn.Module) else factory
-    except Exception as error:
-        raise ModelImportError(f"--model {spec}: calling {attribute}() failed ({type(error).__name__}: {first_line(error)})") from error
+    model = call_user(factory, spec, "--model") if callable(factory) and not isinstance(factory, nn.Module) else factory
     if not isinstance(model, nn.Module):
         raise ModelImportError(f"--model {spec} returned a {type(model).__name__}, not a torch.nn.Module")
     return model
 
 
-def import_attribute(module_name: str, attribute: str, spec: str, option: str) -> Any:
-    """``getattr(import_module(module_name), attribute)``, importing from the working directory too."""
-    if "" not in sys.path:
-        sys.path.insert(0, "")
+@contextlib.contextmanager
+def user_code_scope(spec: str) -> Iterator[None]:
+    """Import and call the user's ``--model``/``--data`` code with the working directory on
+    ``sys.path`` and ``sys.argv`` set to ``[spec]``, both put back afterwards: modules imported
+    later (Jinja2 for the report, ...) are never looked up in the working directory, and a module
+    that parses ``sys.argv`` at import does not see normscope's options."""
+    saved_argv, cwd = sys.argv, os.getcwd()
+    inserted = cwd not in sys.path and "" not in sys.path
+    if inserted:
+        sys.path.insert(0, cwd)
+    sys.argv = [spec]
     try:
-        module = importlib.import_module(module_name)
-    except Exception as error:
-        raise ModelImportError(
-            f"{option} {spec}: cannot import module {module_name!r} ({type(error).__name__}: {first_line(error)}); "
-            "check the name and that it is importable from the current directory"
-        ) from error
+        yield
+    finally:
+        sys.argv = saved_argv
+        if inserted and cwd in sys.path:
+            sys.path.remove(cwd)
+
+
+@contextlib.contextmanager
+def contained_exit() -> Iterator[io.StringIO]:
+    """Hold what the body prints on stderr: replayed when it succeeds, kept for the error
+    message when it raises (argparse prints its usage before ``SystemExit``)."""
+    held = io.StringIO()
+    with contextlib.redirect_stderr(held):
+        yield held
+    sys.stderr.write(held.getvalue())
+
+
+def printed(held: io.StringIO) -> str:
+    """``; it printed: LAST LINE`` of what user code wrote to stderr, or nothing."""
+    lines = [line.strip() for line in held.getvalue().splitlines() if line.strip()]
+    return f"; it printed: {lines[-1]}" if lines else ""
+
+
+def call_user(function: Callable[..., Any], spec: str, option: str, **kwargs: Any) -> Any:
+    """``function(**kwargs)`` inside :func:`user_code_scope`; any failure (``SystemExit`` too)
+    becomes :class:`ModelImportError`."""
+    with user_code_scope(spec), contained_exit() as held:
+        try:
+            return function(**kwargs)
+        except (Exception, SystemExit) as error:
+            name = getattr(function, "__name__", type(function).__name__)
+            raise ModelImportError(
+                f"{option} {spec}: calling {name}() failed ({type(error).__name__}: {first_line(error)}{printed(held)})"
+            ) from error
+
+
+def import_attribute(module_name: str, attribute: str, spec: str, option: str) -> Any:
+    """``getattr(import_module(module_name), attribute)``, importing from the working directory
+    too (only while importing, see :func:`user_code_scope`)."""
+    with user_code_scope(spec), contained_exit() as held:
+        try:
+            module = importlib.import_module(module_name)
+        except (Exception, SystemExit) as error:
+            raise ModelImportError(
+                f"{option} {spec}: cannot import module {module_name!r} ({type(error).__name__}: {first_line(error)}{printed(held)}); "
+                "check the name and that it is importable from the current directory"
+            ) from error
     try:
         return getattr(module, attribute)
     except AttributeError as error:
@@ -213,8 +303,10 @@ def import_attribute(module_name: str, attribute: str, spec: str, option: str) -
 
 
 def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], path: Path) -> None:
-    """Copy ``state_dict`` into ``model``, naming missing, unexpected and mis-shaped keys on mismatch."""
+    """Copy ``state_dict`` into ``model``, naming missing, unexpected and mis-shaped keys on
+    mismatch; complex weights for real parameters are refused, other dtype casts are warned of."""
     expected = model.state_dict()
+    state_dict = fit_keys(state_dict, expected)
     missing = [key for key in expected if key not in state_dict]
     unexpected = [key for key in state_dict if key not in expected]
     misshaped = [
@@ -222,9 +314,11 @@ def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], path:
         for key in expected
         if key in state_dict and tuple(state_dict[key].shape) != tuple(expected[key].shape)
     ]
+    complex_into_real = [key for key in expected if key in state_dict and state_dict[key].is_complex() and not expected[key].is_complex()]
     problems = [
         f"{label}: {', '.join(keys[:MAX_NAMED_KEYS])}{' ...' if len(keys) > MAX_NAMED_KEYS else ''}"
-        for label, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", misshaped))
+        for label, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", misshaped),
+                            ("complex values for real tensors", complex_into_real))
         if keys
     ]
     if problems:
@@ -232,6 +326,9 @@ def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], path:
             f"state dict in {path} does not fit {type(model).__name__} ({'; '.join(problems)}); "
             "check that --model matches the checkpoint"
         )
+    casts = sorted({f"{state_dict[key].dtype} to {expected[key].dtype}" for key in expected if state_dict[key].dtype != expected[key].dtype})
+    if casts:
+        warnings.warn(NormscopeWarning(f"weights in {path} were cast from {', '.join(casts)} to fit {type(model).__name__}"), stacklevel=2)
     model.load_state_dict(state_dict, strict=True)
 
 

@@ -53,3 +53,7 @@ class OutputError(NormscopeError, OSError):
 
 class InvalidArgumentError(NormscopeError, ValueError):
     """An argument is outside its valid range (the message names the value and the range)."""
+
+
+class NormscopeWarning(UserWarning):
+    """Something the user should know that does not stop the run (the CLI prints it as one line)."""

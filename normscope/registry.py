@@ -19,10 +19,12 @@ rule                one partition per                                       used
 ``weight``          output unit of a weight ``v``, over the other dims      weight norm
 ==================  ======================================================  ============
 
-Classes are looked up along their MRO, so subclasses of torch's norms are recognised. Custom
-classes are added with :func:`register_norm`; classes of third-party libraries are recognised
-by structure where that is unambiguous (:func:`recognize`), and norm-like classes that are not
-are reported by :func:`looks_like_norm`.
+Readings are per instance: classes added with :func:`register_norm` come first (along the MRO),
+then a module's own ``data_format`` (a ConvNeXt LayerNorm subclasses ``nn.LayerNorm`` but its
+channels-first instances normalize over dim 1), then torch's norm classes along the MRO, then
+structural rules for third-party classes (:func:`recognize`). Norm-like classes that are not
+recognised are reported by :func:`looks_like_norm`, and every reading is checked against the
+site's actual output when it first runs (:mod:`normscope.capture.verify`).
 """
 
 from __future__ import annotations
@@ -224,6 +226,9 @@ _REGISTRY: dict[type, Recognized] = {
 }
 
 
+_REGISTERED: set[type] = set()
+
+
 def register_norm(
     cls: type[nn.Module],
     kind: str,
@@ -233,7 +238,7 @@ def register_norm(
     bias: str | None = "bias",
     normalized_ndim: int = 1,
     groups: str | int = 1,
-    channels_first: bool = False,
+    channels_first: bool | Callable[[nn.Module], bool] = False,
     weight_offset: float = 0.0,
     overwrite: bool = False,
 ) -> None:
@@ -245,7 +250,9 @@ def register_norm(
         eps, weight, bias: attribute names of eps and the affine parameters (``None``: absent).
         normalized_ndim: trailing dims normalized by layer/RMS norms. Default: 1.
         groups: number of groups, or the attribute holding it (group norms). Default: 1.
-        channels_first: the layer norm normalizes over dim 1 (ConvNeXt). Default: False.
+        channels_first: the layer norm normalizes over dim 1 (ConvNeXt); a function of the
+            module for a per-instance layout, e.g. ``lambda m: m.data_format == "channels_first"``.
+            Default: False.
         weight_offset: 1.0 for norms that scale by ``1 + weight``. Default: 0.
         overwrite: replace an existing entry for ``cls`` instead of raising. Default: False.
 
@@ -257,11 +264,11 @@ def register_norm(
     if cls in _REGISTRY and not overwrite:
         raise NormscopeError(f"{cls.__name__} is already registered; pass overwrite=True to replace it")
     norm_kind = KINDS[kind]
-    rule = "sample_channel" if channels_first else norm_kind.rule
 
     def layout(m: nn.Module, x: torch.Tensor) -> Layout:
+        first = channels_first(m) if callable(channels_first) else channels_first
         base = Layout(
-            norm_kind, rule, _eps(getattr(m, eps, None), x.dtype),
+            norm_kind, "sample_channel" if first else norm_kind.rule, _eps(getattr(m, eps, None), x.dtype),
             getattr(m, weight) if weight else None, getattr(m, bias) if bias else None,
             weight_offset=weight_offset, normalized_ndim=normalized_ndim,
             groups=groups if isinstance(groups, int) else int(getattr(m, groups)),
@@ -271,11 +278,14 @@ def register_norm(
         return base
 
     _REGISTRY[cls] = Recognized(norm_kind, layout)
+    _REGISTERED.add(cls)
 
 
 def unregister_norm(cls: type[nn.Module]) -> None:
     """Remove a class added with :func:`register_norm` (built-in kinds cannot be removed)."""
-    _REGISTRY.pop(cls, None)
+    if cls in _REGISTERED:
+        _REGISTRY.pop(cls, None)
+        _REGISTERED.discard(cls)
 
 
 def _scales_by_one_plus_weight(cls: type) -> bool:
@@ -291,16 +301,40 @@ def _norm_param(m: nn.Module, name: str) -> torch.Tensor | None:
     return p if isinstance(p, torch.Tensor) else None
 
 
+def _data_format_layernorm(module: nn.Module) -> Recognized | None:
+    """A module with ``data_format`` in (``channels_first``, ``channels_last``),
+    ``normalized_shape`` and ``eps`` is a (ConvNeXt) LayerNorm over dim 1 or the trailing dims,
+    read per instance."""
+    if getattr(module, "data_format", None) not in ("channels_first", "channels_last"):
+        return None
+    if not (hasattr(module, "normalized_shape") and hasattr(module, "eps")):
+        return None
+
+    def layout(m: nn.Module, x: torch.Tensor) -> Layout:
+        first = m.data_format == "channels_first"
+        ndim = 1 if first else len(tuple(m.normalized_shape)) if isinstance(m.normalized_shape, (tuple, list, torch.Size)) else 1
+        return Layout(KINDS["layernorm"], "sample_channel" if first else "sample_last", float(m.eps),
+                      _norm_param(m, "weight"), _norm_param(m, "bias"), normalized_ndim=ndim)
+
+    return Recognized(KINDS["layernorm"], layout)
+
+
 def recognize(module: nn.Module) -> Recognized | None:
-    """How to read ``module``: registry first (along the MRO), then structure.
+    """How to read ``module``: :func:`register_norm` entries (along the MRO), then the module's
+    ``data_format``, then torch's norm classes (along the MRO), then structure.
 
     Structural rules, each unambiguous: a module with ``variance_epsilon`` and a 1-D weight and no
     bias is a Llama-style RMSNorm; a class named ``*RMSNorm`` with ``eps`` and a 1-D weight is an
-    RMSNorm, scaled by ``1 + weight`` when its ``forward`` says so; a module with ``data_format``
-    in (``channels_first``, ``channels_last``), ``normalized_shape`` and ``eps`` is a (ConvNeXt)
-    LayerNorm over dim 1 or the last dim.
+    RMSNorm, scaled by ``1 + weight`` when its ``forward`` says so.
     """
-    for cls in type(module).__mro__:
+    mro = type(module).__mro__
+    registered = next((cls for cls in mro if cls in _REGISTERED), None)
+    if registered is not None:
+        return _REGISTRY[registered]
+    by_format = _data_format_layernorm(module)
+    if by_format is not None:
+        return by_format
+    for cls in mro:
         if cls in _REGISTRY:
             return _REGISTRY[cls]
     weight = _norm_param(module, "weight")
@@ -314,11 +348,6 @@ def recognize(module: nn.Module) -> Recognized | None:
         offset = 1.0 if _scales_by_one_plus_weight(type(module)) else 0.0
         return Recognized(KINDS["rmsnorm"], lambda m, x: Layout(
             KINDS["rmsnorm"], "sample_last", float(m.eps), m.weight, None, weight_offset=offset))
-    data_format = getattr(module, "data_format", None)
-    if data_format in ("channels_first", "channels_last") and hasattr(module, "normalized_shape") and hasattr(module, "eps"):
-        rule = "sample_channel" if data_format == "channels_first" else "sample_last"
-        return Recognized(KINDS["layernorm"], lambda m, x: Layout(
-            KINDS["layernorm"], rule, float(m.eps), _norm_param(m, "weight"), _norm_param(m, "bias")))
     return None
 
 

@@ -3,7 +3,8 @@
 An output folder holds ``tables/NAME.csv`` and ``tables/NAME.parquet`` for every table (see
 ``docs/tables.md``), ``summary.json`` (headline figures, findings and metadata) and
 ``report.html``. :meth:`AnalysisResult.save` writes it atomically; :meth:`AnalysisResult.load`
-reads it back (tables from Parquet, which keeps the dtypes).
+reads it back (tables from Parquet, which keeps the dtypes). Staging, concurrency and clean-up
+are :mod:`normscope.output`'s.
 """
 
 from __future__ import annotations
@@ -11,18 +12,16 @@ from __future__ import annotations
 import html
 import json
 import math
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from normscope.checkpoint import first_line
 from normscope.errors import OutputError
+from normscope.output import check_out_path, exists, write_folder_atomic, write_text_atomic
 
 SUMMARY_FILE = "summary.json"
 REPORT_FILE = "report.html"
@@ -45,11 +44,36 @@ class AnalysisResult:
     headline: dict[str, dict] = field(default_factory=dict)
     meta: dict = field(default_factory=dict)
 
+    @property
+    def findings_table(self) -> pd.DataFrame:
+        """Every finding as a record (severity, site, metric, value, threshold, table, sentence),
+        most severe first: the ``findings`` table (see :mod:`normscope.findings`)."""
+        return self.tables.get("findings", pd.DataFrame())
+
+    @property
+    def overview(self) -> pd.DataFrame:
+        """One row per normalization site: the ``sites_overview`` table (see :mod:`normscope.overview`)."""
+        return self.tables.get("sites_overview", pd.DataFrame())
+
     def summary(self) -> dict[str, Any]:
-        """``summary.json``'s content: headline, findings, meta and the table names, JSON-safe."""
+        """``summary.json``'s content: headline, findings (sentences and records), meta and the
+        table names, JSON-safe."""
+        records = self.findings_table.to_dict("records") if len(self.findings_table) else []
         return to_plain(
-            {"headline": self.headline, "findings": self.findings, "meta": self.meta, "tables": sorted(self.tables)}
+            {"headline": self.headline, "findings": self.findings, "finding_records": records, "meta": self.meta,
+             "tables": sorted(self.tables)}
         )
+
+    def __repr__(self) -> str:
+        """One short line: the model, the number of sites, tables and findings by severity."""
+        model = (self.meta or {}).get("model") or {}
+        name = model.get("name") or model.get("class") or "model" if isinstance(model, dict) else str(model)
+        table = self.findings_table
+        counts = table["severity"].value_counts().to_dict() if len(table) else {}
+        severity = ", ".join(f"{counts[s]} {s}" for s in ("critical", "warning", "note", "ok") if counts.get(s))
+        total = sum(len(v) for v in self.findings.values())
+        return (f"AnalysisResult({name}: {len((self.meta or {}).get('sites', []))} sites, {len(self.tables)} tables, "
+                f"{total} findings{f' ({severity})' if severity else ''}; see .overview, .findings_table, .tables)")
 
     def save(self, out: Path | str, overwrite: bool = False) -> Path:
         """Write the output folder ``out`` atomically and return its path.
@@ -74,7 +98,7 @@ class AnalysisResult:
             (staging / REPORT_FILE).write_text(render_page(self), encoding="utf-8")
 
         try:
-            write_folder_atomic(out, write)
+            write_folder_atomic(out, write, overwrite=overwrite)
         except OutputError:
             raise
         except Exception as error:
@@ -109,7 +133,10 @@ class AnalysisResult:
         """Write the self-contained HTML report to ``path`` (atomically) and return the path;
         ``compare`` adds the ``compare_*`` tables of ``normscope compare``."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise OutputError(f"cannot create {path.parent} ({error.strerror or error}); choose another path") from error
         write_text_atomic(path, render_page(self, compare))
         return path
 
@@ -148,57 +175,11 @@ def read_tables(folder: Path) -> dict[str, pd.DataFrame]:
 
 
 def refuse_nonempty(out: Path, overwrite: bool) -> None:
-    """Raise :class:`OutputError` if ``out`` exists and is not an empty folder, unless ``overwrite``."""
-    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
+    """Raise :class:`OutputError` if ``out`` is not a usable output path (``.``, ``..``, a name
+    too long), or exists and is not an empty folder, unless ``overwrite``."""
+    check_out_path(out)
+    if exists(out) and not overwrite and (not out.is_dir() or any(out.iterdir())):
         raise OutputError(f"output folder {out} already exists and is not empty; choose another --out or pass --overwrite")
-
-
-def write_folder_atomic(out: Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(staging)`` on a temporary folder beside ``out``, then rename it to ``out``
-    (see :func:`move_into_place`); on an error or an interrupt the temporary folder is removed
-    and the exception propagates.
-
-    Raises:
-        OutputError: the temporary folder cannot be created.
-    """
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    except OSError as error:
-        raise OutputError(f"cannot create output folder {out} ({error.strerror or error}); choose another --out") from error
-    try:
-        write(staging)
-        move_into_place(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-
-
-def move_into_place(staging: Path, out: Path) -> None:
-    """Rename ``staging`` to ``out``; an existing ``out`` is replaced only after that succeeded."""
-    if not out.exists():
-        os.replace(staging, out)
-        return
-    if out.is_dir() and not any(out.iterdir()):
-        out.rmdir()
-        os.replace(staging, out)
-        return
-    retired = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-    os.replace(out, retired / out.name)
-    os.replace(staging, out)
-    shutil.rmtree(retired, ignore_errors=True)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path`` and rename it over ``path``."""
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def to_plain(value: Any) -> Any:

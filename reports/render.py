@@ -1,8 +1,10 @@
 """One self-contained HTML page from an :class:`~normscope.result.AnalysisResult`.
 
-:func:`render_html` lays out one section per analyzer (and one for the ops comparison): the
-analyzer's findings in plain words, its headline figures, its figures (``reports/figures.py``)
-as base64 PNG and its summary tables, sortable by a click on a header. CSS and JavaScript are
+:func:`render_html` opens with the answer: the per-site overview (``sites_overview``, one row per
+normalization layer with a coloured verdict) and the most severe findings. Below it, one section
+per analyzer (and one for the ops comparison): the analyzer's findings in plain words, its
+headline cards, its figures (``reports/figures.py``) as base64 PNG and its summary tables,
+sortable by a click on a header; then a glossary and the references. CSS and JavaScript are
 inline, so the page opens from disk with no network. Templates live in ``reports/templates``.
 """
 
@@ -15,11 +17,15 @@ from dataclasses import dataclass, field
 import jinja2
 import pandas as pd
 
-from normscope.reports.figures import RenderedFigure, render_figures
+from normscope.findings import SEVERITIES, Finding, findings_table, percent
+from normscope.overview import sites_overview
+from normscope.reports.figures import RenderedFigure, quiet, render_figures
 from normscope.reports.findings import derived_findings
+from normscope.reports.glossary import GLOSSARY, OVERVIEW_HEADERS, REFERENCES, headline_label
 from normscope.result import AnalysisResult
 
 MAX_ROWS = 200
+TOP_FINDINGS = 5
 
 
 @dataclass(frozen=True)
@@ -47,7 +53,8 @@ SECTIONS: tuple[SectionSpec, ...] = (
         "gls",
         "Gradient least squares",
         "Backpropagation through a normalization keeps the residual of a least-squares fit of "
-        "g = dL/dz on z per partition (seed 002): how much of the incoming gradient each site explains away.",
+        "g = dL/dz on z per partition (\"Normalization Gradients are Least-Squares Residuals\", ICLR 2019 submission): "
+        "how much of the incoming gradient each site explains away.",
         ("gls_sites", "gls_kinds", "gls_two_step", "gls_whatif"),
         "not run: select it with `normscope analyze --analyzers gls`.",
     ),
@@ -55,7 +62,7 @@ SECTIONS: tuple[SectionSpec, ...] = (
         "bias",
         "Estimator bias",
         "How far minibatch and per-example gradient estimates are from the population gradient g*, "
-        "the gradient with moments over the whole data set (seed 004).",
+        "the gradient with moments over the whole data set (\"Extreme Normalization\", under review).",
         ("bias_slopes", "bias_jacobian", "bias_estimators"),
         "not run: select it with `normscope analyze --analyzers bias`.",
         {"bias_slopes": "group == 'total'", "bias_estimators": "group == 'total'"},
@@ -64,7 +71,7 @@ SECTIONS: tuple[SectionSpec, ...] = (
         "descent",
         "Second-order descent",
         "Whether the gradient step is a descent step of the local quadratic model, the curvature "
-        "spectrum, and the scale invariance of the weights that feed a normalization (seeds 003 and 001).",
+        "spectrum, and the scale invariance of the weights that feed a normalization (Santurkar et al. 2018; Kohler et al. 2018).",
         ("descent_directions", "descent_trace", "descent_scale_invariance", "descent_reparam"),
         "not run: select it with `normscope analyze --analyzers descent`.",
     ),
@@ -98,8 +105,8 @@ class Section:
     intro: str
     ran: bool
     not_run: str
-    findings: list[str] = field(default_factory=list)
-    headline: list[tuple[str, str]] = field(default_factory=list)
+    findings: list[tuple[str, str]] = field(default_factory=list)
+    headline: list[tuple[str, str, str]] = field(default_factory=list)
     figures: list[RenderedFigure] = field(default_factory=list)
     tables: list[HtmlTable] = field(default_factory=list)
     other_tables: list[tuple[str, int]] = field(default_factory=list)
@@ -110,16 +117,52 @@ def render_html(result: AnalysisResult, compare: dict[str, pd.DataFrame] | None 
     self-contained HTML page: figures as base64 PNG, CSS and JavaScript inline."""
     tables = {**result.tables, **(compare or {})}
     meta = result.meta or {}
-    sections = [_section(spec, result, tables) for spec in SECTIONS]
+    fresh = any(isinstance(f, Finding) for items in result.findings.values() for f in items)
+    records = findings_table(result.findings) if fresh or "findings" not in tables else tables["findings"]
+    overview = tables.get("sites_overview")
+    if (fresh or overview is None) and meta.get("sites"):
+        overview = sites_overview(tables, records, meta.get("sites"))
+    with quiet():
+        sections = [_section(spec, result, tables, records) for spec in SECTIONS]
     template = _environment().get_template("report.html.j2")
     return template.render(
         title=_model_name(meta),
+        sites_overview=_overview_table(overview),
+        top_findings=_top_findings(records),
         overview=_overview(meta),
-        model_findings=[str(s) for s in result.findings.get("model", [])],
+        model_findings=[str(s) for key, items in result.findings.items() if key not in {spec.key for spec in SECTIONS} for s in items],
         sites=_rows_table("sites", meta.get("sites")),
         unrecognized=_rows_table("unrecognized", meta.get("unrecognized")),
         sections=sections,
+        glossary=GLOSSARY,
+        references=[text for _, text in REFERENCES],
     )
+
+
+def _top_findings(records: pd.DataFrame) -> list[tuple[str, str, str]]:
+    """The most severe findings as ``(severity, analyzer, sentence)``: the critical and warning
+    ones (up to :data:`TOP_FINDINGS`), filled up to three with notes."""
+    if records is None or records.empty:
+        return []
+    ranked = records.sort_values("rank", kind="stable")
+    severe = ranked[ranked["severity"].isin(("critical", "warning"))].head(TOP_FINDINGS)
+    if len(severe) < 3:
+        verdicts = ranked[(ranked["severity"] == "ok") & ranked["analyzer"].isin(("stats", "descent"))]
+        severe = pd.concat([severe, verdicts, ranked[ranked["severity"] == "note"]]).head(3)
+    return [(str(r["severity"]), str(r["analyzer"]), str(r["sentence"])) for _, r in severe.iterrows()]
+
+
+def _overview_table(overview: pd.DataFrame | None) -> HtmlTable | None:
+    """``sites_overview`` with readable headers; the verdict cell carries the severity."""
+    if overview is None or overview.empty:
+        return None
+    shown = overview[[c for c in OVERVIEW_HEADERS if c in overview.columns]]
+    rows = []
+    for (_, record), severity in zip(shown.iterrows(), overview["severity"]):
+        cells = [_cell(v, digits=3) for v in record]
+        rank = str(SEVERITIES.index(severity)) if severity in SEVERITIES else ""
+        rows.append([(text, rank, severity) if column == "verdict" else (text, key, "") for (text, key), column in zip(cells, shown.columns)])
+    return HtmlTable("sites_overview", [OVERVIEW_HEADERS[c] for c in shown.columns], rows, len(overview))
 
 
 def _environment() -> jinja2.Environment:
@@ -133,7 +176,7 @@ def _environment() -> jinja2.Environment:
     return env
 
 
-def _section(spec: SectionSpec, result: AnalysisResult, tables: dict[str, pd.DataFrame]) -> Section:
+def _section(spec: SectionSpec, result: AnalysisResult, tables: dict[str, pd.DataFrame], records: pd.DataFrame) -> Section:
     own = {name: t for name, t in tables.items() if name.startswith(spec.key + "_")}
     meta = result.meta or {}
     ran = bool(own) or spec.key in result.findings or spec.key in result.headline or spec.key in meta.get("analyzers", ())
@@ -141,12 +184,37 @@ def _section(spec: SectionSpec, result: AnalysisResult, tables: dict[str, pd.Dat
     section = Section(spec.key, spec.title, spec.intro, ran, str(error) if error else spec.how_to_run)
     if not ran:
         return section
-    section.findings = [str(s) for s in result.findings.get(spec.key, [])] or derived_findings(spec.key, tables)
-    section.headline = [(str(k), _text(v)) for k, v in result.headline.get(spec.key, {}).items()]
+    severity = dict(zip(records["sentence"], records["severity"])) if len(records) else {}
+    sentences = [str(s) for s in result.findings.get(spec.key, [])] or derived_findings(spec.key, tables)
+    section.findings = [(severity.get(s, "note"), s) for s in sentences]
+    section.headline = [_card(str(k), v, tables) for k, v in result.headline.get(spec.key, {}).items()]
     section.figures = render_figures(spec.key, tables)
     section.tables = [_html_table(name, own[name], spec.views.get(name, "")) for name in spec.tables if name in own and not own[name].empty]
     section.other_tables = [(name, len(t)) for name, t in sorted(own.items()) if name not in spec.tables or t.empty]
     return section
+
+
+def _card(key: str, value: object, tables: dict[str, pd.DataFrame]) -> tuple[str, str, str]:
+    """A headline card ``(label, value, interval)``; a bias card says whether the bias is
+    measurable and carries its 95% interval from ``bias_estimators``."""
+    label, text, interval = headline_label(key), _text(value), ""
+    prefix = "bias_batchnorm_b"
+    bias = tables.get("bias_estimators")
+    if key.startswith(prefix) and key[len(prefix):].isdigit() and bias is not None and "rel_bias_lo" in bias.columns:
+        row = bias[(bias["estimator"] == "batchnorm") & (bias["batch_size"] == int(key[len(prefix):])) & (bias["group"] == "total")]
+        if len(row):
+            row = row.iloc[0]
+            interval = f"95% interval {percent(row['rel_bias_lo'])} to {percent(row['rel_bias_hi'])}"
+            measured = bool(row["measurable"]) if "measurable" in row else row["rel_bias_lo"] > 0
+            text = percent(row["rel_bias"]) if measured else "not measurable"
+    elif key == "bias_batchnorm_slope" and bias is not None:
+        slopes = tables.get("bias_slopes")
+        row = slopes[(slopes["estimator"] == "batchnorm") & (slopes["group"] == "total")] if slopes is not None else []
+        if len(row) and "slope_lo" in row.columns:
+            interval = (f"95% interval {_cell(row['slope_lo'].iloc[0])[0]} to {_cell(row['slope_hi'].iloc[0])[0]}"
+                        if math.isfinite(row["slope"].iloc[0]) else f"needs 3 measurable batch sizes, has {int(row['n_points'].iloc[0])}")
+            text = text if math.isfinite(row["slope"].iloc[0]) else "no slope"
+    return label, text, interval
 
 
 def _html_table(name: str, table: pd.DataFrame, view: str = "") -> HtmlTable:
@@ -164,7 +232,7 @@ def _html_table(name: str, table: pd.DataFrame, view: str = "") -> HtmlTable:
     return HtmlTable(name, [str(c) for c in table.columns], rows, len(table), view)
 
 
-def _cell(value: object) -> tuple[str, str]:
+def _cell(value: object, digits: int = 4) -> tuple[str, str]:
     """Display text and sort key of one value (numbers sort numerically, missing values last)."""
     if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
         return "–", ""
@@ -176,7 +244,7 @@ def _cell(value: object) -> tuple[str, str]:
         value = float(value)
         if math.isinf(value):
             return ("∞" if value > 0 else "−∞"), ("Infinity" if value > 0 else "-Infinity")
-        return f"{value:.4g}", repr(value)
+        return f"{value:.{digits}g}", repr(value)
     return str(value), str(value)
 
 
@@ -199,6 +267,7 @@ def _overview(meta: dict) -> list[tuple[str, str]]:
     """The metadata entries shown as (label, text) pairs; lists of sites and analyzer errors are
     shown elsewhere."""
     elsewhere = {"sites", "unrecognized", "analyzer_errors"}
+    meta = {k: v for k, v in meta.items() if k != "seed"} | ({"random seed": meta["seed"]} if "seed" in meta else {})
     return [(str(k).replace("_", " "), _text(v)) for k, v in meta.items() if k not in elsewhere and v not in (None, "", [], {})]
 
 

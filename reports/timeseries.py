@@ -39,11 +39,12 @@ def is_run_folder(folder: Path) -> bool:
 
 
 def load_rows(folder: Path) -> pd.DataFrame:
-    """All rows of a run folder, rank 0 (or the lowest rank present), sorted by step."""
+    """The rows of rank 0 of a run folder (or of its lowest rank), sorted by step."""
     if not is_run_folder(folder):
         raise OutputError(f"{folder} has no part-*.parquet files: pass the out folder of a normscope.Monitor run")
     rows = pd.read_parquet(folder)
-    rows = rows[rows["rank"] == rows["rank"].min()]
+    ranks = rows.loc[rows["rank"] >= 0, "rank"]
+    rows = rows[rows["rank"] == (ranks.min() if len(ranks) else rows["rank"].min())]
     return rows.sort_values("step", kind="stable").reset_index(drop=True)
 
 

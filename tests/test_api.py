@@ -144,12 +144,16 @@ def test_data_that_does_not_fit_gives_a_clear_error():
     model = small_bn_net()
     with pytest.raises(DataShapeError, match=r"inputs of shape \(10, 3\) do not fit Sequential"):
         normscope.analyze(model, data=(torch.randn(10, 3), torch.zeros(10, dtype=torch.int64)), analyzers="stats")
-    with pytest.raises(DataShapeError, match=r"targets \(10, 4\) do not fit the loss"):
+    with pytest.raises(DataShapeError, match=r"loss cross_entropy does not fit model outputs Tensor \(10, 10\) and targets \(10, 4\)"):
         normscope.analyze(model, data=(torch.randn(10, 64), torch.zeros(10, 4, dtype=torch.int64)), analyzers="stats")
-    with pytest.raises(DataShapeError, match="10 inputs but 9 targets"):
+    with pytest.raises(DataShapeError, match="has tensors of 9 and 10 examples"):
         normscope.analyze(model, data=(torch.randn(10, 64), torch.zeros(9, dtype=torch.int64)), analyzers="stats")
-    with pytest.raises(DataShapeError, match="must be a DataLoader"):
+    with pytest.raises(DataShapeError, match=r"the batch \(10, 64\) has no targets; pass a loss"):
         normscope.analyze(model, data=torch.randn(10, 64), analyzers="stats")
+    with pytest.raises(DataShapeError, match="must be a DataLoader"):
+        normscope.analyze(model, data=object(), analyzers="stats")
+    with pytest.raises(DataShapeError, match="must hold tensors"):
+        normscope.analyze(model, data=[1, 2, 3], analyzers="stats")
 
 
 def test_no_sites_unknown_and_missing_analyzers(monkeypatch):

@@ -11,12 +11,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from normscope.rules import log_log_fit
 from normscope.analyzers import AnalysisContext, get_analyzer
 from normscope.analyzers.bias import (
     bias_statistics,
     estimator_bias,
     jacobian_product_bias,
-    log_log_slope,
     per_example_grads,
 )
 from normscope.analyzers.population_gradient import population_gradient, streamed_population_gradient
@@ -169,11 +169,15 @@ def test_jacobian_product_bias_zero_with_one_level_nonzero_with_two(digits) -> N
     assert conv["n_norm_layers"] == 9 and conv["relative_gap"] > 1e-3
 
 
-def test_log_log_slope_of_a_power_law() -> None:
+def test_log_log_fit_of_a_power_law_needs_three_measurable_points() -> None:
     b = np.array([2.0, 4.0, 8.0, 16.0])
-    slope, intercept = log_log_slope(b, 3.0 * b**-1.0)
-    assert slope == pytest.approx(-1.0) and intercept == pytest.approx(np.log(3.0))
-    assert np.isnan(log_log_slope(b, np.array([0.0, 0.0, 0.0, 1.0]))[0])
+    fit = log_log_fit(b, 3.0 * b**-1.0, np.ones(4, bool))
+    assert fit["slope"] == pytest.approx(-1.0) and fit["intercept"] == pytest.approx(np.log(3.0)) and fit["n_points"] == 4
+    assert fit["slope_lo"] == pytest.approx(-1.0) and fit["slope_hi"] == pytest.approx(-1.0)
+    noisy = log_log_fit(b, 3.0 * b**-1.0 * np.array([1.0, 1.3, 0.8, 1.1]), np.ones(4, bool))
+    assert noisy["slope_lo"] < noisy["slope"] < noisy["slope_hi"]
+    assert np.isnan(log_log_fit(b, 3.0 * b**-1.0, np.array([True, True, False, False]))["slope"])
+    assert np.isnan(log_log_fit(b, np.array([0.0, 0.0, 0.0, 1.0]), np.ones(4, bool))["slope"])
 
 
 def test_analyze_quick_on_the_default_model(digits) -> None:
@@ -197,7 +201,7 @@ def test_analyze_quick_on_the_default_model(digits) -> None:
         "bias_estimators": ["estimator", "batch_size", "group", "rel_bias", "rel_bias_lo", "rel_bias_hi",
                             "rel_bias_uncorrected", "variance", "cosine", "mse", "repeats", "abs_bias",
                             "zero_gradient"],
-        "bias_slopes": ["estimator", "group", "slope", "intercept"],
+        "bias_slopes": ["estimator", "group", "slope", "intercept", "slope_lo", "slope_hi", "n_points"],
         "bias_jacobian": ["n_norm_layers", "jacobian_product_gap", "relative_gap"],
     }
     for name, cols in columns.items():
@@ -207,7 +211,7 @@ def test_analyze_quick_on_the_default_model(digits) -> None:
     assert set(estimators["batch_size"]) == {4, 16, 64}
     assert set(estimators["group"]) == {"total", *[n for n, _ in model.named_parameters()]}
     assert seen == [("estimator bias", 18)]
-    assert any(f.startswith("BatchNorm at batch 4 ") for f in out.findings)
+    assert any(f.startswith("BatchNorm at batch size 4") for f in out.findings)
     assert any("zero population gradient" in f and "net.1.bias" in f for f in out.findings)
     assert out.headline["bias_examples"] == 256
     again = get_analyzer("bias")(ctx)

@@ -25,6 +25,7 @@ from normscope.analyzers.descent import (
 )
 from normscope.analyzers.hvp import BatchLoss, HessianOperator
 from normscope.data import load_digits
+from normscope.monitor.curvature import curvature_rows
 
 
 def small_bn_model() -> nn.Module:
@@ -137,6 +138,10 @@ def test_fresh_adam_at_lr_half_is_no_descent_step(problem):
     predicted_change = 0.5 * float(g @ d) + 0.125 * float(d @ H @ d)
     assert predicted_change > 0 and a_crit < 0.5 < 2 * float(d @ d) / float(d @ H @ d)
     assert row["lr_below_a_crit"] is False
+    monitored = {(site, metric): value for site, metric, value in
+                 curvature_rows(model, problem["x"], problem["y"], F.cross_entropy, optimizer, dtype=torch.float64)}
+    assert monitored[("model", "a_crit")] == pytest.approx(a_crit, rel=1e-9)
+    assert monitored[("model", "lr_below_a_crit")] == 0.0
     table = {"descent_directions": pd.DataFrame([row], columns=COLUMNS["descent_directions"]),
              **{name: pd.DataFrame(columns=cols) for name, cols in COLUMNS.items() if name != "descent_directions"}}
     sentence = findings(table, True, 0.5)[0]

@@ -282,7 +282,7 @@ def test_virtual_items_against_appended_batch(weight):
     torch.testing.assert_close(z_all[3:].detach(), torch.cat([torch.ones(weight, 4), -torch.ones(weight, 4)]).to(D))
     (dx,) = torch.autograd.grad((z_all * torch.cat([g, g_virtual])).sum(), x)
     z = ((x.detach() - mu) / sigma).T
-    alpha_w, beta_w = regularized_fit(z, g.T, alpha_star, beta_star, float(weight))
+    alpha_w, beta_w = regularized_fit(z, g.T, alpha_star, beta_star, float(weight), 3)
     torch.testing.assert_close(g.T - alpha_w - beta_w * z, (sigma * dx).T, rtol=0, atol=1e-13)
 
 

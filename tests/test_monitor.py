@@ -229,3 +229,23 @@ def test_curvature_step_without_a_batch_is_a_clear_error(tmp_path):
         with pytest.raises(normscope.errors.InvalidArgumentError, match="pass the batch"):
             with monitor.step():
                 pass
+
+
+def test_tensorboard_scalars_sit_beside_a_readable_dataset(digits32, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    x, y = digits32
+    model = build_model("mlp_bn")
+    with normscope.Monitor(model, tmp_path / "run", every=1, lr=0.1, tensorboard=True) as monitor:
+        for _ in range(2):
+            with monitor.step():
+                F.cross_entropy(model(x), y).backward()
+    rows = pd.read_parquet(tmp_path / "run")
+    events = EventAccumulator(str(tmp_path / "run" / "_tensorboard" / "rank0"))
+    events.Reload()
+    scalars = events.Tags()["scalars"]
+    assert "normscope/r2_mean/net.2" in scalars and "normscope/lr/model" in scalars
+    logged = [e.value for e in events.Scalars("normscope/r2_mean/net.2")]
+    expected = rows[(rows["site"] == "net.2") & (rows["metric"] == "r2_mean")].sort_values("step")["value"]
+    np.testing.assert_allclose(logged, expected, rtol=1e-6)

@@ -146,3 +146,37 @@ def test_arguments_repr_and_reset():
     norm.reset_running_stats()
     assert int(norm.grad_batches_tracked) == 0 and not norm.grad_moments.any()
     assert "virtual_weight=1.0" in repr(norm)
+
+
+def test_virtual_items_through_the_batch_statistics_would_be_batchnorm():
+    """Appendix C read without stop-gradient: x+- = mu +- sigma computed from the batch make the
+    concatenation's statistics and z+- constant in x, so the real items' gradient is BatchNorm's,
+    whatever the virtual gradients. LSBatchNorm holds the items constant and differs."""
+    torch.manual_seed(5)
+    x = torch.randn(3, 4, 2, dtype=torch.float64, requires_grad=True)
+    dy = torch.randn(3, 4, 2, dtype=torch.float64)
+    mu = x.mean(dim=(0, 2), keepdim=True)
+    sigma = x.var(dim=(0, 2), unbiased=False, keepdim=True).sqrt()
+    items = torch.cat([x, (mu + sigma).expand(2, -1, 2), (mu - sigma).expand(2, -1, 2)])
+    z = F.batch_norm(items, None, None, None, None, True, 0.0, 1e-200)
+    virtual = torch.randn(4, 4, 2, dtype=torch.float64)
+    (literal,) = torch.autograd.grad(z, x, torch.cat([dy, virtual]))
+    x_bn = x.detach().requires_grad_()
+    (plain,) = torch.autograd.grad(F.batch_norm(x_bn, None, None, None, None, True, 0.0, 1e-200), x_bn, dy)
+    torch.testing.assert_close(literal, plain, rtol=1e-9, atol=1e-10)
+
+
+def test_zero_start_of_the_running_gradient_moments():
+    torch.manual_seed(6)
+    norm = lsbn(3, eps=0.0, virtual_weight=2.0, grad_momentum=0.25, grad_init="zero")
+    assert norm.grad_momentum == 0.25 and LSBatchNorm(3).grad_momentum == 0.5  # the paper's grid, not 0.1
+    x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    dy = torch.randn_like(x)
+    norm(x).backward(dy)
+    g = dy * norm.weight.detach()
+    expected = appended_batch_gradient(x.detach(), g, torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64), 2)
+    torch.testing.assert_close(x.grad, expected, rtol=1e-9, atol=1e-10)
+    z = (x.detach() - x.detach().mean(0)) / x.detach().var(0, unbiased=False).sqrt()
+    torch.testing.assert_close(norm.grad_moments, 0.25 * torch.stack([g.mean(0), (g * z).mean(0)]))
+    with pytest.raises(Exception, match="grad_init"):
+        LSBatchNorm(3, grad_init="last")

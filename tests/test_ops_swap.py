@@ -7,10 +7,12 @@ import pytest
 import torch
 from torch import nn
 
-from normscope.errors import NoNormSitesError, UnknownNameError
+from normscope.errors import InvalidArgumentError, NoNormSitesError, UnknownNameError
 from normscope.guard import assert_unchanged, snapshot
 from normscope.models import build_model
 from normscope.ops import NORMS, BatchRenorm, MedianBatchNorm, create_norm, swap_norms
+from normscope.ops.layer_norm import TokenNorm
+from normscope.ops.swap import convert_layer_norm
 
 HAS_POPULATION = importlib.util.find_spec("normscope.ops.population") is not None
 SEED_004 = {"population", "microbatch"}
@@ -124,3 +126,68 @@ def test_ops_package_lists_every_public_name():
     assert not missing
     with pytest.raises(AttributeError, match="no attribute"):
         ops.not_an_op  # noqa: B018
+
+
+class MyBatchNorm(nn.BatchNorm1d):
+    """A user's BatchNorm subclass."""
+
+
+def test_a_batchnorm_subclass_is_swapped_in_as_given():
+    model = build_model("mlp_bn")
+    swapped = swap_norms(model, MyBatchNorm)
+    assert type(swapped.net[2]) is MyBatchNorm and type(swapped.net[5]) is MyBatchNorm
+    assert type(swap_norms(model, "bn").net[2]) is nn.BatchNorm1d  # "bn" keeps the model's own class
+    back = swap_norms(swapped, "bn")
+    assert type(back.net[2]) is MyBatchNorm
+
+
+def test_unknown_keyword_options_name_the_valid_ones():
+    model = build_model("mlp_bn")
+    with pytest.raises(InvalidArgumentError, match=r"takes no option 'rmaxx'.*rmax"):
+        swap_norms(model, "renorm", rmaxx=2.0)
+    with pytest.raises(InvalidArgumentError, match="microbatch"):
+        swap_norms(model, "bn", microbatch=2)
+    assert swap_norms(model, "renorm", rmax=2.0, ghost=2).net[2].ghost == 2
+
+
+def test_population_keeps_its_own_ema_rate():
+    model = build_model("mlp_bn")
+    assert swap_norms(model, "population").net[2].momentum == 0.2  # not BatchNorm's 0.1
+    assert swap_norms(model, "population", momentum=0.0).net[2].momentum == 0.0
+    assert swap_norms(model, "renorm").net[2].momentum == model.net[2].momentum
+
+
+@pytest.mark.parametrize("op,kind", [("rmsnorm", nn.RMSNorm), ("layernorm", nn.LayerNorm), ("bn_ln", TokenNorm), ("ln_bn", TokenNorm)])
+def test_layer_norm_sites_take_the_ops_that_apply(op, kind):
+    torch.manual_seed(3)
+    model = build_model("transformer_ln").double()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.LayerNorm):
+                m.weight.uniform_(0.5, 1.5)
+    state = snapshot(model)
+    swapped = swap_norms(model, op)
+    assert_unchanged(model, state)
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.LayerNorm)]
+    for name in names:
+        new, old = swapped.get_submodule(name), model.get_submodule(name)
+        assert isinstance(new, kind)
+        torch.testing.assert_close(new.weight, old.weight)
+    x = torch.rand(4, 1, 8, 8, dtype=torch.float64)
+    out = swapped.train()(x)
+    assert out.shape == (4, 10) and out.dtype == torch.float64
+    if op == "layernorm":
+        torch.testing.assert_close(swapped.eval()(x), model.eval()(x))
+
+
+def test_token_chain_is_the_chain_over_flattened_tokens():
+    torch.manual_seed(4)
+    norm = nn.LayerNorm(6).double()
+    new = convert_layer_norm(norm, "bn_ln")
+    x = torch.randn(3, 5, 6, dtype=torch.float64)
+    flat = x.reshape(15, 6)
+    bn = (flat - flat.mean(0)) / (flat.var(0, unbiased=False) + 1e-5).sqrt()
+    expected = ((bn - bn.mean(1, keepdim=True)) / (bn.var(1, unbiased=False, keepdim=True) + 1e-5).sqrt()).reshape(x.shape)
+    torch.testing.assert_close(new.train()(x), expected)
+    rms = swap_norms(build_model("transformer_rms"), "layernorm")
+    assert all(not isinstance(m, nn.RMSNorm) for m in rms.modules())

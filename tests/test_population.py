@@ -245,3 +245,34 @@ def test_cuda_agrees_with_cpu() -> None:
     g = torch.randn_like(y_cpu)
     torch.testing.assert_close(torch.autograd.grad(y_cuda, xc, g.cuda())[0].cpu(), torch.autograd.grad(y_cpu, xs, g)[0], rtol=0, atol=1e-12)
     torch.testing.assert_close(cuda.running_var.cpu(), cpu.running_var, rtol=0, atol=1e-12)
+
+
+def test_ema_only_steps_move_the_emas_and_leave_the_weights_unchanged() -> None:
+    """Seed 004 §5: warm-up and refresh steps update only the EMAs (rate 0.2 by default)."""
+    from normscope.ops.ema import EmaSchedule, ema_only_step, ema_schedule
+
+    torch.manual_seed(7)
+    model = nn.Sequential(nn.Linear(5, 4), PopulationNorm(4, rotation="hadamard", warmup=3, refresh=2, refresh_updates=4), nn.ReLU(), nn.Linear(4, 2)).to(DT).eval()
+    norm = model[1]
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    x = torch.randn(6, 5, dtype=DT)
+    mean0, var0 = norm.running_mean.clone(), norm.running_var.clone()
+    ema_only_step(model, lambda m: m(x))
+    u = model[0](x).detach()
+    torch.testing.assert_close(norm.running_mean, 0.8 * mean0 + 0.2 * u.mean(0))
+    torch.testing.assert_close(norm.running_var, 0.8 * var0 + 0.2 * (u - mean0).pow(2).mean(0))
+    for n, p in model.named_parameters():
+        assert torch.equal(p, params[n]) and p.grad is None
+    assert not model.training and not norm.training  # flags put back
+    schedule = ema_schedule(model)
+    assert schedule == EmaSchedule(3, 2, 4) and [schedule.after(k) for k in (1, 4, 5)] == [2, 2, 0] and schedule.total(10) == 11
+    assert ema_schedule(nn.Sequential(nn.BatchNorm1d(3))) == EmaSchedule()
+    assert PopulationNorm(3, rotation="none").rotation is None
+
+
+def test_paper_defaults() -> None:
+    norm = PopulationNorm(4)
+    assert (norm.momentum, norm.warmup, norm.refresh, norm.refresh_updates) == (0.2, 200, 50, 50)
+    assert (norm.microbatch, norm.r_m, norm.r_v, norm.f_max, norm.u_max) == (1, 1.0, 1.0, 2.0, 5.0)
+    with pytest.raises(InvalidArgumentError, match="warmup"):
+        PopulationNorm(4, warmup=-1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import io
 import json
 import os
 import re
@@ -16,6 +17,7 @@ import pandas as pd
 import pytest
 import torch
 from markupsafe import escape
+from torch import nn
 
 from normscope.analyzers import ANALYZERS, AnalysisContext, get_analyzer
 from normscope.api import analyze
@@ -24,6 +26,7 @@ from normscope.data import load_digits
 from normscope.models import build_model
 from normscope.reports.figures import FIGURES, missing_data, render_figures
 from normscope.reports.findings import compare_findings
+from normscope.reports.glossary import headline_label
 from normscope.reports.render import MAX_ROWS, SECTIONS, render_html
 from normscope.result import AnalysisResult, read_tables, write_tables
 
@@ -112,7 +115,7 @@ def test_sections_findings_and_headline(page, result):
         for finding in findings:
             assert str(escape(finding)) in page
     for label in result.headline["stats"]:
-        assert label.replace("_", " ") in page
+        assert str(escape(headline_label(label))) in page
 
 
 def test_tables_have_every_row_and_column(page, result, compare):
@@ -224,7 +227,13 @@ def test_report_in_headless_chromium(page, result, browser, tmp_path):
     errors = [entry for entry in browser.get_log("browser") if entry["level"] in ("SEVERE", "WARNING")]
     assert errors == []
     sections = browser.execute_script("return Array.from(document.querySelectorAll('section[data-section]'), s => s.id)")
-    assert sections == ["model"] + [spec.key for spec in SECTIONS]
+    assert sections == ["summary", "model"] + [spec.key for spec in SECTIONS] + ["glossary"]
+    browser.set_window_size(1280, 800)
+    top = browser.execute_script("return document.querySelector('table[data-table=\"sites_overview\"]').getBoundingClientRect()")
+    assert 0 < top["top"] and top["bottom"] <= 800, "the per-site overview lies within the first 800 px"
+    ARTIFACTS.mkdir(exist_ok=True)
+    assert browser.save_screenshot(str(ARTIFACTS / "report-first-screen.png"))
+    browser.set_window_size(1280, 1000)
     sizes = browser.execute_script(
         "return Array.from(document.images, i => [i.alt, i.complete, i.naturalWidth, i.naturalHeight, i.getBoundingClientRect().width])"
     )
@@ -245,8 +254,149 @@ def test_report_in_headless_chromium(page, result, browser, tmp_path):
         assert values == sorted(values, reverse=direction == "descending") and len(set(values)) > 1
         assert header.get_attribute("aria-sort") == direction
 
-    ARTIFACTS.mkdir(exist_ok=True)
     height = browser.execute_script("return document.documentElement.scrollHeight")
     browser.set_window_size(1280, height)
     browser.execute_script("window.scrollTo(0, 0)")
     assert browser.save_screenshot(str(ARTIFACTS / "report.png"))
+
+
+def test_every_finding_states_the_number_of_its_table(result):
+    """Each finding's value is the statistic of its table's column over the rows it names, and
+    the sentence has no ``nan``."""
+    from normscope.findings import findings_table, table_value
+
+    records = findings_table(result.findings)
+    checked = 0
+    for _, row in records.iterrows():
+        assert not re.search(r"\bnan\b", row["sentence"], re.IGNORECASE), row["sentence"]
+        if not row["table"]:
+            continue
+        value = table_value(result.tables, row["table"], row["where"], row["metric"], row["statistic"])
+        assert value == pytest.approx(row["value"], rel=1e-12, nan_ok=True), row["sentence"]
+        checked += 1
+    from normscope.findings import Finding
+
+    severe = [f for items in result.findings.values() for f in items if isinstance(f, Finding) and f.severity in ("critical", "warning")]
+    assert all(f.table for f in severe) and checked > 20
+    overview = result.overview
+    sites = result.tables["stats_sites"].set_index("site")
+    assert list(overview["site"]) == [s["name"] for s in result.meta["sites"]]
+    assert np.allclose(overview.set_index("site")["var_ratio"], sites["var_ratio_median"])
+
+
+class _Attention(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.dense = nn.Linear(width, width)
+        self.LayerNorm = nn.LayerNorm(width)
+
+    def forward(self, x):
+        return self.LayerNorm(x + self.dense(x))
+
+
+class _Layer(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.intermediate_dense = nn.Linear(width, width)
+        self.intermediate_batch_norm = nn.BatchNorm1d(width)
+        self.attention_output = _Attention(width)
+
+    def forward(self, x):
+        return self.attention_output(torch.relu(self.intermediate_batch_norm(self.intermediate_dense(x))))
+
+
+class HFStyleModel(nn.Module):
+    """Module paths as long as a Hugging Face model's (model.encoder.layer.N.attention_output.LayerNorm)."""
+
+    def __init__(self, width: int = 16, layers: int = 3) -> None:
+        super().__init__()
+        self.model = nn.Module()
+        self.model.embeddings = nn.Linear(64, width)
+        self.model.encoder = nn.Module()
+        self.model.encoder.layer = nn.ModuleList(_Layer(width) for _ in range(layers))
+        self.classifier = nn.Linear(width, 10)
+
+    def forward(self, x):
+        h = self.model.embeddings(x.flatten(1))
+        for layer in self.model.encoder.layer:
+            h = layer(h)
+        return self.classifier(h)
+
+
+def _axes_problems(fig) -> list[str]:
+    """Axes with no finite data artist, or squeezed to (almost) no width or height."""
+    problems = []
+    for ax in fig.axes:
+        if ax.get_label() == "<colorbar>":
+            continue
+        box = ax.get_position()
+        data = [a for a in ax.lines + ax.collections + ax.patches + ax.images if _finite_artist(a)]
+        if not data:
+            problems.append(f"{ax.get_title() or ax.get_xlabel()}: no finite artist")
+        if box.width < 0.05 or box.height < 0.05:
+            problems.append(f"{ax.get_title() or ax.get_xlabel()}: {box.width:.3f} x {box.height:.3f}")
+    return problems
+
+
+def _finite_artist(artist) -> bool:
+    if hasattr(artist, "get_xydata"):
+        xy = np.asarray(artist.get_xydata(), float)
+    elif hasattr(artist, "get_offsets") and len(artist.get_offsets()):
+        xy = np.asarray(artist.get_offsets(), float)
+    elif hasattr(artist, "get_paths") and artist.get_paths():
+        xy = np.concatenate([p.vertices for p in artist.get_paths()])
+    elif hasattr(artist, "get_width"):
+        xy = np.array([[artist.get_width(), artist.get_height()]], float)
+    else:
+        return False
+    return xy.size > 0 and bool(np.isfinite(xy).all(axis=-1).any())
+
+
+@pytest.fixture(scope="module")
+def long_names(data):
+    x, y, _, _ = data
+    model = HFStyleModel().double()
+    return analyze(model, data=(x, y), analyzers=["stats", "gls", "descent"], batch_size=64, batches=1, lr=0.1)
+
+
+def test_every_figure_has_finite_data_on_every_axes(result, compare, long_names):
+    from matplotlib.figure import Figure
+
+    from normscope.reports.figures import quiet
+
+    for tables in ({**result.tables, **compare}, long_names.tables):
+        for spec in FIGURES:
+            if missing_data(tables, spec.requires):
+                continue
+            with quiet():
+                fig = Figure(figsize=spec.size, layout="constrained")
+                spec.draw(tables, fig)
+                fig.savefig(io.BytesIO(), format="png")
+            assert fig.axes and _axes_problems(fig) == [], spec.key
+            assert min(fig.get_size_inches()) > 0
+
+
+def test_long_site_names_are_shortened_without_clashes():
+    from normscope.reports.figures import short_names
+
+    names = [f"model.encoder.layer.{i}.attention_output.LayerNorm" for i in range(12)]
+    short = short_names(names)
+    assert len(set(short)) == 12 and all(len(n) <= 28 for n in short) and short[3].startswith("3.")
+    assert short_names(["net.2", "net.5"]) == ["net.2", "net.5"]
+
+
+@pytest.mark.browser
+def test_long_hf_style_names_render_without_empty_figures(long_names, browser, tmp_path):
+    path = tmp_path / "long.html"
+    path.write_text(render_html(long_names), encoding="utf-8")
+    browser.set_window_size(1280, 800)
+    browser.get(path.as_uri())
+    top = browser.execute_script("return document.querySelector('table[data-table=\"sites_overview\"]').getBoundingClientRect().top")
+    assert 0 < top < 800
+    sizes = browser.execute_script("return Array.from(document.images, i => [i.alt, i.naturalWidth, i.naturalHeight, i.getBoundingClientRect().width])")
+    assert sizes and all(w > 0 and h > 0 and shown > 300 for _, w, h, shown in sizes), sizes
+    ARTIFACTS.mkdir(exist_ok=True)
+    assert browser.save_screenshot(str(ARTIFACTS / "report-long-names-first-screen.png"))
+    height = browser.execute_script("return document.documentElement.scrollHeight")
+    browser.set_window_size(1280, height)
+    assert browser.save_screenshot(str(ARTIFACTS / "report-long-names.png"))

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from normscope.batch import device as batch_device
 from normscope.budget import Budget
 from normscope.errors import UnknownNameError
 
@@ -42,11 +43,13 @@ class AnalysisContext:
 
     Attributes:
         model: the user's model, on ``device``.
-        batches: a few ``(inputs, targets)`` minibatches on ``device`` for per-step analyses.
+        batches: a few ``(inputs, targets)`` minibatches on ``device`` for per-step analyses, in
+            the forms of :mod:`normscope.batch` (move, slice and join them with its functions).
         dataset: the whole data set as ``(inputs, targets)`` on ``device`` when it fits, for
             analyzers that need full-data quantities (estimator bias); ``None`` otherwise.
         loader: the DataLoader the batches came from, for streamed computations.
-        loss_fn: ``loss_fn(outputs, targets) -> scalar``; cross-entropy by default.
+        loss_fn: ``loss_fn(outputs, targets) -> scalar`` (a :class:`normscope.losses.Loss` from
+            ``analyze``); cross-entropy by default.
         lr: the learning rate to check against (descent), if known.
         seed: seed for every random choice an analyzer makes.
         track: progress wrapper, ``track(iterable, description, total)``; a no-op by default.
@@ -71,7 +74,7 @@ class AnalysisContext:
 
     @property
     def device(self) -> torch.device:
-        return self.batches[0][0].device
+        return batch_device(self.batches[0][0])
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Estimator bias: how far minibatch and per-example gradients are from the population gradient.
 
-Seed 004 (§2, §2.2) casts BatchNorm as an approximation of normalizing with moments over the
+"Extreme Normalization" (under review) (§2, §2.2) casts BatchNorm as an approximation of normalizing with moments over the
 whole data set; minibatch estimates of that population gradient g* are biased because a product
 of per-example Jacobian estimates is not the product of the Jacobians. This analyzer computes g*
 (:mod:`normscope.analyzers.population_gradient`), draws R random minibatches of each size B
@@ -9,9 +9,9 @@ of per-example Jacobian estimates is not the product of the Jacobians. This anal
 
 * ``batchnorm``: forward and backward through the minibatch moments;
 * ``per_example``: :class:`~normscope.ops.population.PopulationNorm` with microbatch 1 and its
-  EMAs at the population moments (seed 004 §3.1), per-example gradients averaged;
+  EMAs at the population moments ("Extreme Normalization" (under review) §3.1), per-example gradients averaged;
 * ``microbatch``: the same with microbatches of k (the seed's improved batch renormalization);
-* ``two_stage``: :func:`~normscope.ops.two_stage.two_stage_gradient` (seed 004 §3.2);
+* ``two_stage``: :func:`~normscope.ops.two_stage.two_stage_gradient` ("Extreme Normalization" (under review) §3.2);
 * ``batch_renorm``: :class:`~normscope.ops.renorm.BatchRenorm` (Ioffe 2017) with running
   statistics at the population moments;
 * ``control``: per-example gradients of the eval-mode model (no interaction between examples),
@@ -32,9 +32,9 @@ import torch
 import torch.nn.functional as F
 from scipy import stats
 from torch import Tensor, nn
-from torch.func import functional_call, grad, vmap
-from torch.utils.data import DataLoader, TensorDataset
+from torch.func import grad, vmap
 
+from normscope import batch as batches
 from normscope.analyzers import AnalysisContext, AnalyzerOutput
 from normscope.analyzers.population_gradient import (
     PopulationGradient,
@@ -43,11 +43,13 @@ from normscope.analyzers.population_gradient import (
 )
 from normscope.budget import Budget, chunk_for_memory
 from normscope.errors import InvalidArgumentError, UnknownNameError
+from normscope.findings import Finding, plural
 from normscope.guard import preserved
 from normscope.ops.norm_sites import norm_sites, parameters
 from normscope.ops.population import PopulationNorm
 from normscope.ops.renorm import BatchRenorm
 from normscope.ops.swap import swap_norms
+from normscope.rules import bias_findings, log_log_fit, measurable, single_value_sites, two_stage_finding
 from normscope.ops.two_stage import two_stage_gradient
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -82,15 +84,16 @@ def per_example_grads(
     params = {name: p.detach() for name, p in parameters(model).items()}
     buffers = dict(model.named_buffers())
 
-    def loss_one(p: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
-        return loss_fn(functional_call(model, (p, buffers), (x.unsqueeze(0),)), y.unsqueeze(0))
+    def loss_one(p: dict[str, Tensor], x, y) -> Tensor:
+        return loss_fn(batches.forward(model, batches.unsqueeze(x), (p, buffers)), batches.unsqueeze(y))
 
-    per_example = vmap(grad(loss_one), in_dims=(None, 0, 0))
-    if len(inputs) <= chunk_size:
+    per_example = vmap(grad(loss_one), in_dims=(None, batches.example_dims(inputs), batches.example_dims(targets)))
+    n = batches.check_sliceable((inputs, targets))
+    if n <= chunk_size:
         return per_example(params, inputs, targets)
-    out = {name: p.new_empty((len(inputs), *p.shape)) for name, p in params.items()}
-    for start in range(0, len(inputs), chunk_size):
-        chunk = per_example(params, inputs[start : start + chunk_size], targets[start : start + chunk_size])
+    out = {name: p.new_empty((n, *p.shape)) for name, p in params.items()}
+    for start in range(0, n, chunk_size):
+        chunk = per_example(params, *batches.take((inputs, targets), slice(start, start + chunk_size)))
         for name, g in chunk.items():
             out[name][start : start + len(g)] = g
     return out
@@ -191,16 +194,6 @@ def bias_statistics(samples: Tensor, target: Tensor, level: float = 0.95, total_
     )
 
 
-def log_log_slope(batch_sizes: np.ndarray, rel_bias: np.ndarray) -> tuple[float, float]:
-    """Least-squares fit ``log rel_bias = slope * log B + intercept`` over the positive biases
-    (seed 004 expects a slope near -1 for BatchNorm); NaN with fewer than two points."""
-    keep = np.isfinite(rel_bias) & (rel_bias > 0)
-    if keep.sum() < 2:
-        return math.nan, math.nan
-    fit = stats.linregress(np.log(batch_sizes[keep]), np.log(rel_bias[keep]))
-    return float(fit.slope), float(fit.intercept)
-
-
 # ---------------------------------------------------------------- estimators
 
 
@@ -210,7 +203,7 @@ def _flat(grads: dict[str, Tensor], names: list[str]) -> Tensor:
 
 def _batch_grad(model: nn.Module, inputs: Tensor, targets: Tensor, loss_fn: LossFn) -> dict[str, Tensor]:
     params = parameters(model)
-    loss = loss_fn(model(inputs), targets)
+    loss = loss_fn(batches.forward(model, inputs), targets)
     return dict(zip(params, torch.autograd.grad(loss, list(params.values()), allow_unused=False)))
 
 
@@ -264,17 +257,17 @@ class _Estimators:
 
     def _per_example_flat(self, key: str, model: nn.Module, inputs: Tensor, targets: Tensor, idx: Tensor) -> Tensor:
         """Mean per-example gradient over ``idx``; all N cached when they fit in memory."""
-        size = len(inputs) * sum(p.numel() for p in parameters(model).values()) * inputs.element_size()
-        if size <= PER_EXAMPLE_MEMORY:
+        n, element_size = batches.size(inputs), next(iter(parameters(model).values())).element_size()
+        if n * sum(p.numel() for p in parameters(model).values()) * element_size <= PER_EXAMPLE_MEMORY:
             if key not in self.cache:
                 grads = per_example_grads(model, inputs, targets, self.loss_fn, self.chunk_size)
-                self.cache[key] = torch.cat([grads[n].reshape(len(inputs), -1) for n in self.names], dim=1)
+                self.cache[key] = torch.cat([grads[name].reshape(n, -1) for name in self.names], dim=1)
             return self.cache[key][idx].mean(dim=0)
-        grads = per_example_grads(model, inputs[idx], targets[idx], self.loss_fn, self.chunk_size)
+        grads = per_example_grads(model, *batches.take((inputs, targets), idx), self.loss_fn, self.chunk_size)
         return torch.cat([grads[n].reshape(len(idx), -1) for n in self.names], dim=1).mean(dim=0)
 
     def estimate(self, name: str, inputs: Tensor, targets: Tensor, idx: Tensor) -> Tensor:
-        x, y = inputs[idx], targets[idx]
+        x, y = batches.take((inputs, targets), idx)
         if name == "batchnorm":
             return _flat(_batch_grad(self.train_bn, x, y, self.loss_fn), self.names)
         if name == "per_example":
@@ -329,12 +322,12 @@ def estimator_bias(
     for name in estimators:
         if name not in ESTIMATORS:
             raise UnknownNameError("estimator", name, ESTIMATORS)
-    n = len(inputs)
+    n = batches.check_sliceable((inputs, targets))
     sizes = [b for b in batch_sizes if 2 <= b <= n]
     if not sizes:
         raise InvalidArgumentError(f"batch sizes {list(batch_sizes)} leave none in [2, {n}] (N = {n} examples)")
     with preserved(model):
-        work = copy.deepcopy(model).to(inputs.dtype).eval()
+        work = copy.deepcopy(model).to(batches.floating_dtype(inputs, model)).eval()
     g_star = target or population_gradient(work, inputs, targets, loss_fn)
     est = _Estimators(work, g_star, loss_fn, options or {})
     names = est.names
@@ -352,7 +345,7 @@ def estimator_bias(
                        f"each took up to {longest:.3g} s, {budget.remaining():.3g} s were left")
             break
         started = time.perf_counter()
-        samples = torch.stack([est.estimate(estimator, inputs, targets, idx.to(inputs.device)) for idx in draws[b]])
+        samples = torch.stack([est.estimate(estimator, inputs, targets, idx) for idx in draws[b]])
         reference = control_target if estimator == "control" else star
         total_norm = float(reference.double().norm())
         for group, part in groups.items():
@@ -372,7 +365,7 @@ def jacobian_product_bias(
     chunk_size: int | None = 64,
     target: PopulationGradient | None = None,
 ) -> pd.DataFrame:
-    """The ``bias_jacobian`` table (seed 004 §2.2, MATH.md §4): the two-stage estimate at B = N
+    """The ``bias_jacobian`` table ("Extreme Normalization" (under review) §2.2, MATH.md §4): the two-stage estimate at B = N
     with the EMAs at the population moments and r = 1 against g*,
     ``jacobian_product_gap = ||g_two-stage - g*||``, ``relative_gap = gap / ||g*||``. The gap is
     the mean of per-example Jacobian products minus the product of mean Jacobians: zero (to
@@ -380,7 +373,7 @@ def jacobian_product_bias(
     ``target``: the full-batch g* of this model on this data when already computed.
     """
     with preserved(model):
-        work = copy.deepcopy(model).to(inputs.dtype).eval()
+        work = copy.deepcopy(model).to(batches.floating_dtype(inputs, model)).eval()
     g_star = target or population_gradient(work, inputs, targets, loss_fn)
     _set_moments(work, g_star)
     names = list(g_star.grads)
@@ -393,92 +386,62 @@ def jacobian_product_bias(
 
 
 def slopes(table: pd.DataFrame) -> pd.DataFrame:
-    """The ``bias_slopes`` table: :func:`log_log_slope` per estimator and group."""
+    """The ``bias_slopes`` table: per estimator and group the log-log slope of the bias against B
+    with its 95% interval, fitted on the measurable points only (:func:`normscope.rules.log_log_fit`,
+    three or more needed; NaN otherwise)."""
+    keep = table["measurable"] if "measurable" in table.columns else measurable(table)
     rows = []
     for (estimator, group), part in table.groupby(["estimator", "group"], sort=False):
-        slope, intercept = log_log_slope(part["batch_size"].to_numpy(float), part["rel_bias"].to_numpy(float))
-        rows.append({"estimator": estimator, "group": group, "slope": slope, "intercept": intercept})
-    return pd.DataFrame(rows, columns=["estimator", "group", "slope", "intercept"])
+        fit = log_log_fit(part["batch_size"].to_numpy(float), part["rel_bias"].to_numpy(float), keep[part.index].to_numpy())
+        rows.append({"estimator": estimator, "group": group, **fit})
+    return pd.DataFrame(rows, columns=["estimator", "group", "slope", "intercept", "slope_lo", "slope_hi", "n_points"])
 
 
-def _data(ctx: AnalysisContext, limit: int | None) -> tuple[Tensor, Tensor]:
+def _data(ctx: AnalysisContext, limit: int | None) -> tuple:
     if ctx.dataset is not None:
-        inputs, targets = ctx.dataset
+        data = ctx.dataset
     elif ctx.loader is not None:
-        parts = [(x, y) for x, y in ctx.loader]
-        inputs, targets = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        split = getattr(ctx.loss_fn, "batch", batches.split)
+        data = batches.concat([batches.to_device(split(raw), ctx.device) for raw in ctx.loader])
     else:
-        inputs, targets = torch.cat([b[0] for b in ctx.batches]), torch.cat([b[1] for b in ctx.batches])
-    if limit is not None and len(inputs) > limit:
-        idx = torch.randperm(len(inputs), generator=torch.Generator().manual_seed(ctx.seed))[:limit].to(inputs.device)
-        inputs, targets = inputs[idx], targets[idx]
-    return inputs, targets
+        data = batches.concat(ctx.batches)
+    n = batches.size(data[0])
+    if limit is not None and n > limit:
+        data = batches.take(data, torch.randperm(n, generator=torch.Generator().manual_seed(ctx.seed))[:limit])
+    return data
 
 
-def _findings(table: pd.DataFrame, slope_table: pd.DataFrame, jacobian: pd.DataFrame, g_star: PopulationGradient, n: int) -> list[str]:
+def _findings(table: pd.DataFrame, slope_table: pd.DataFrame, jacobian: pd.DataFrame, g_star: PopulationGradient, n: int,
+              single_value: list[str]) -> list[Finding]:
     total = table[table["group"] == "total"]
-    out = []
+    out = bias_findings(table, slope_table, LABELS)
     smallest = total["batch_size"].min()
-    for estimator in total["estimator"].unique():
-        rows = total[total["estimator"] == estimator].sort_values("batch_size")
-        first, last = rows.iloc[0], rows.iloc[-1]
-        label = LABELS[estimator]
-        target = "its own full-data gradient" if estimator == "control" else "the population gradient g*"
-        if first["rel_bias_lo"] > 0:
-            text = (
-                f"{label} at batch {int(first['batch_size'])} is {first['rel_bias']:.0%} biased "
-                f"(95% CI {first['rel_bias_lo']:.0%} to {first['rel_bias_hi']:.0%}) relative to {target}"
-            )
-        else:
-            text = (
-                f"{label} at batch {int(first['batch_size'])} shows no bias measurable above Monte-Carlo noise at "
-                f"{int(first['repeats'])} repeats relative to {target} (estimate {first['rel_bias']:.0%}, "
-                f"95% CI 0% to {first['rel_bias_hi']:.0%})"
-            )
-        if len(rows) > 1:
-            text += f"; at batch {int(last['batch_size'])} {last['rel_bias']:.0%}"
-        slope = slope_table[(slope_table["estimator"] == estimator) & (slope_table["group"] == "total")]["slope"]
-        if len(slope) and np.isfinite(slope.iloc[0]) and estimator != "control":
-            text += f" (log-log slope against B {slope.iloc[0]:.2f}"
-            text += "; seed 004 expects about -1)" if estimator == "batchnorm" else ")"
-        out.append(text + ".")
-    if smallest is not None and len(out) > 1:
-        best = total[(total["batch_size"] == smallest) & (total["estimator"] != "control")].sort_values("mse")
-        if len(best):
-            out.append(
-                f"At batch {int(smallest)} the estimator with the smallest error (bias^2 + variance) is "
-                f"{LABELS[best.iloc[0]['estimator']].lower()}."
-            )
+    best = total[(total["batch_size"] == smallest) & (total["estimator"] != "control")].sort_values("mse")
+    if len(best):
+        row = best.iloc[0]
+        out.append(Finding(f"At batch size {int(smallest)} the estimator with the smallest error (bias² + variance) is "
+                           f"{LABELS[row['estimator']].lower()}.", "bias", "note", site=row["estimator"], metric="mse",
+                           value=row["mse"], table="bias_estimators", where={"batch_size": int(smallest), "group": "total"}, statistic="min"))
     zero = sorted(set(table.loc[table["zero_gradient"] & (table["estimator"] != "control"), "group"]))
     if zero:
         largest = table.loc[table["group"].isin(zero), "abs_bias"].max()
-        out.append(
-            f"{len(zero)} parameter group(s) have a zero population gradient (||g*_g|| below sqrt(eps) of ||g*||): "
+        out.append(Finding(
+            f"{plural(len(zero), 'parameter group')} {'has' if len(zero) == 1 else 'have'} a zero population gradient: "
             f"{', '.join(zero[:6])}{', ...' if len(zero) > 6 else ''}. A normalization after them removes their effect "
-            "(scale-invariant, e.g. the bias of a layer feeding a BatchNorm), so they are not biased: their relative "
-            f"figures are NaN, and the largest absolute bias among them is {largest:.2g}."
-        )
-    row = jacobian.iloc[0]
-    out.append(
-        f"Two-stage backprop on all {n} examples misses g* by {row['relative_gap']:.2%}: the Jacobian-product bias of "
-        f"{int(row['n_norm_layers'])} normalization level(s) in series (exactly 0 with one level)."
-    )
-    noisiest = total[total["batch_size"] == smallest].sort_values("variance").iloc[-1]
-    out.append(
-        f"g* has norm {float(total['target_norm'].iloc[0]):.3g} at population loss {g_star.loss:.3g}; the noise "
-        f"tr Cov of one {LABELS[noisiest['estimator']].lower()} gradient at batch {int(smallest)} is "
-        f"{noisiest['variance']:.3g} times ||g*||^2, which sets how small a bias the repeats can resolve."
-    )
-    out.append(
-        f"g* was computed {g_star.method} over {n} examples in {g_star.passes} pass(es)"
-        + (f" (2L + 1 with L = {g_star.levels} normalization levels in series: moments level by level, then the "
-           "gradient back through them)." if g_star.method == "streamed" else ".")
-    )
+            "(e.g. the bias of a layer feeding a BatchNorm), so they have no relative bias (shown as –); the largest absolute "
+            f"bias among them is {largest:.2g}.", "bias", "note", metric="abs_bias", value=largest, table="bias_estimators",
+            where={"zero_gradient": True}, statistic="max"))
+    out.append(two_stage_finding(jacobian, n, single_value))
+    out.append(Finding(
+        f"The population gradient was computed {g_star.method} over {plural(n, 'example')} in {plural(g_star.passes, 'pass', 'passes')}"
+        + (f" (2L + 1 with L = {g_star.levels} normalization levels in series)." if g_star.method == "streamed" else "."),
+        "bias", "note", metric="target_norm", value=float(total["target_norm"].iloc[0]), table="bias_estimators",
+        where={"estimator": total["estimator"].iloc[0], "batch_size": int(smallest), "group": "total"}))
     return out
 
 
 def analyze(ctx: AnalysisContext) -> AnalyzerOutput:
-    """Estimator bias against the population gradient (seed 004 §2–3, MATH.md §4).
+    """Estimator bias against the population gradient ("Extreme Normalization" (under review) §2–3, MATH.md §4).
 
     Options (``ctx.options``, prefix ``bias_``): ``batch_sizes``, ``repeats``, ``examples``,
     ``estimators``, ``dtype`` (float64), ``microbatch`` (2), ``r_m``, ``r_v``, ``f_max``,
@@ -494,15 +457,15 @@ def analyze(ctx: AnalysisContext) -> AnalyzerOutput:
     opts = {k[len("bias_"):]: v for k, v in ctx.options.items() if k.startswith("bias_")}
     dtype = getattr(torch, str(opts.get("dtype", "float64")).replace("torch.", ""))
     inputs, targets = _data(ctx, opts.get("examples", defaults["examples"]))
-    inputs = inputs.to(device=ctx.device, dtype=dtype)
-    targets = targets.to(ctx.device)
-    n = len(inputs)
+    inputs, targets = batches.to_device((inputs, targets), ctx.device, dtype)
+    n = batches.size(inputs)
     target = None
     with preserved(ctx.model):
         work = copy.deepcopy(ctx.model).to(dtype).eval()
     opts.setdefault("chunk_size", chunk_for_memory(sum(p.numel() for p in work.parameters()), inputs.element_size()))
     if n > FULL_BATCH_MAX:
-        chunks = DataLoader(TensorDataset(inputs, targets), batch_size=int(opts.get("chunk_size", 64)) * 8)
+        step = int(opts.get("chunk_size", 64)) * 8
+        chunks = [batches.take((inputs, targets), slice(start, start + step)) for start in range(0, n, step)]
         target = streamed_population_gradient(work, chunks, ctx.loss_fn)
     table, g_star = estimator_bias(
         work,
@@ -518,6 +481,7 @@ def analyze(ctx: AnalysisContext) -> AnalyzerOutput:
         target=target,
         budget=ctx.budget,
     )
+    table["measurable"] = measurable(table)
     slope_table = slopes(table)
     full_batch = g_star if g_star.method == "full-batch" else None
     jacobian = jacobian_product_bias(work, inputs, targets, ctx.loss_fn, int(opts.get("chunk_size", 64)), full_batch)
@@ -534,6 +498,6 @@ def analyze(ctx: AnalysisContext) -> AnalyzerOutput:
         headline["bias_batchnorm_slope"] = float(slope.iloc[0])
     return AnalyzerOutput(
         tables={"bias_estimators": table, "bias_slopes": slope_table, "bias_jacobian": jacobian},
-        findings=_findings(table, slope_table, jacobian, g_star, n),
+        findings=_findings(table, slope_table, jacobian, g_star, n, single_value_sites(work, inputs)),
         headline=headline,
     )

@@ -1,4 +1,4 @@
-"""Second-order descent check (seed 003, MATH.md §5) and BN as reparameterization (seed 001, §6).
+"""Second-order descent check (Deshmukh, "Batch Norm" (notes, 2020), MATH.md §5) and BN as reparameterization (Deb, "Batch Normalization" (notes), §6).
 
 Along a direction ``d`` the quadratic model of the minibatch loss is::
 
@@ -12,7 +12,7 @@ optimizer's update divided by its lr), so the actual step is ``lr * d`` and it i
 the layer's own parameters) and in total, in training mode (batch statistics) and eval mode
 (running statistics); compares the quadratic model with the real loss along ``d``; checks the
 scale invariance of weights that feed a BatchNorm; and, with :mod:`~normscope.analyzers.spectrum`
-and :mod:`~normscope.analyzers.reparam`, reports the curvature spectrum and seed 001's
+and :mod:`~normscope.analyzers.reparam`, reports the curvature spectrum and Deb's
 reparameterization. Tables: ``descent_*`` in ``docs/tables.md``.
 """
 
@@ -34,6 +34,8 @@ from normscope.analyzers.hvp import MODES, BatchLoss, HessianOperator
 from normscope.analyzers.reparam import no_grad_forward, reparam_check
 from normscope.analyzers.spectrum import hutchpp_split, krylov_trace, lanczos
 from normscope.budget import Budget, seconds_of
+from normscope.findings import Finding
+from normscope.rules import descent_findings, descent_verdicts
 from normscope.errors import InvalidArgumentError
 
 COLUMNS = {
@@ -48,6 +50,7 @@ COLUMNS = {
 }
 DEFAULT_LR = 0.1
 PARTING_THRESHOLD = 0.1
+REFINE_STEPS = 8
 SCALES = (1.0, 0.5, 2.0)
 QUICK = {"k": 3, "layer_k": 1, "layer_spectra": 3, "trace_products": 30, "steps": 12, "tol": 1e-3}
 FULL = {"k": 5, "layer_k": 5, "layer_spectra": None, "trace_products": 99, "steps": 25, "tol": 1e-4}
@@ -56,7 +59,7 @@ FULL = {"k": 5, "layer_k": 5, "layer_spectra": None, "trace_products": 99, "step
 def critical_step(slope: float, curvature: float) -> float:
     """``a_crit = 2 (-g^T d) / d^T H d`` from the slope ``g^T d`` and the curvature ``d^T H d``:
     ``inf`` when ``d^T H d <= 0`` (the model decreases for every step), NaN when ``g^T d >= 0``
-    (no descent direction). ``2 ||d||^2 / d^T H d`` for ``d = -g`` (seed 003, MATH.md §5)."""
+    (no descent direction). ``2 ||d||^2 / d^T H d`` for ``d = -g`` (Deshmukh, "Batch Norm" (notes, 2020), MATH.md §5)."""
     if not slope < 0:
         return math.nan
     return -2.0 * slope / curvature if curvature > 0 else math.inf
@@ -71,7 +74,7 @@ def critical_step_reason(slope: float, curvature: float) -> str:
 
 
 def negative_gradient(loss: BatchLoss) -> dict[str, Tensor]:
-    """``d = -dL/dtheta`` for every parameter of the loss's model copy (seed 003, §2)."""
+    """``d = -dL/dtheta`` for every parameter of the loss's model copy (Deshmukh, "Batch Norm" (notes, 2020), §2)."""
     return {n: -g for n, g in loss.gradient().items()}
 
 
@@ -110,7 +113,7 @@ def descent_rows(
     and for each layer (moving that layer's block only): ``||d_g||^2``, the slope ``g_g^T d_g``,
     ``d_g^T H_gg d_g`` (one Hessian-vector product each), ``a_crit = 2 (-g_g^T d_g) / d_g^T H_gg d_g``
     (:func:`critical_step`, with its reason) and ``lr < a_crit``; ``d`` is per unit learning rate,
-    so the step ``lr * d`` decreases the quadratic model iff ``lr < a_crit`` (seed 003, MATH.md §5).
+    so the step ``lr * d`` decreases the quadratic model iff ``lr < a_crit`` (Deshmukh, "Batch Norm" (notes, 2020), MATH.md §5).
     ``groups``: ``{name: parameter names, or None for the total}``; default the total and every layer."""
     loss = total.loss
     groups = {"total": None, **loss.layers()} if groups is None else groups
@@ -132,7 +135,7 @@ def descent_rows(
 def quadratic_model(loss: BatchLoss, d: dict[str, Tensor], steps: Sequence[float], backend: str) -> pd.DataFrame:
     """``descent_quadratic``: the real ``L(theta + a d)`` against ``Q(a) = L + a g^T d + a^2/2 d^T H d``
     for each step ``a``, with ``rel_error = |L - Q| / max(|L(a) - L(0)|, |Q(a) - L(0)|)`` (the error
-    relative to the actual or the predicted change; seed 003's expansion, MATH.md §5)."""
+    relative to the actual or the predicted change; Deshmukh's (2020) expansion, MATH.md §5)."""
     op = HessianOperator(loss, backend=backend)
     flat = op.flatten(d)
     slope = float(torch.dot(op.gradient().double(), flat.double()))
@@ -153,6 +156,19 @@ def parting_step(table: pd.DataFrame, threshold: float = PARTING_THRESHOLD) -> f
     """The smallest step of ``descent_quadratic`` whose ``rel_error`` exceeds ``threshold`` (NaN if none)."""
     parted = table.loc[table["rel_error"] > threshold, "step"]
     return float(parted.min()) if len(parted) else math.nan
+
+
+def refine_near_parting(loss: BatchLoss, d: dict[str, Tensor], table: pd.DataFrame, backend: str, n: int = REFINE_STEPS) -> pd.DataFrame:
+    """``table`` (one mode's ``descent_quadratic``) with ``n`` more steps, geometrically spaced
+    between the last grid step below the parting step and the parting step, so that the step
+    where the quadratic model stops describing the loss is located finely; unchanged when the
+    model never parts or parts at the first step."""
+    parted = parting_step(table)
+    below = table.loc[table["step"] < parted, "step"]
+    if math.isnan(parted) or below.empty:
+        return table
+    extra = quadratic_model(loss, d, np.geomspace(float(below.max()), parted, n + 2)[1:-1], backend)
+    return pd.concat([table, extra], ignore_index=True).sort_values("step", ignore_index=True)
 
 
 def step_grid(lr: float, a_crit: float, n: int) -> np.ndarray:
@@ -191,7 +207,7 @@ def scale_invariance(loss: BatchLoss, layer: str, lr: float, scales: Iterable[fl
     """``descent_scale_invariance`` rows for the weight ``W`` of ``layer`` (which feeds a BatchNorm):
     ``L(cW) / L(W)`` (1 when eps = 0), ``a_crit(cW) / a_crit(W)`` of the block ``H_WW`` along
     ``-dL/dW`` (``c^2`` when eps = 0), ``max_j |<cW_j, dL/d(cW)_j>|`` over output channels (0 when
-    eps = 0) and the effective learning rate ``lr / ||cW||^2`` (seed 003, MATH.md §5)."""
+    eps = 0) and the effective learning rate ``lr / ||cW||^2`` (Deshmukh, "Batch Norm" (notes, 2020), MATH.md §5)."""
     name = f"{layer}.weight"
     weight = loss.params[name]
 
@@ -311,20 +327,6 @@ def descent_tables(
     return {name: _frame(name, rows) for name, rows in tables.items()}, backends
 
 
-def _direction_finding(row) -> str:
-    """One sentence on a ``descent_directions`` total row (d per unit lr: the step is lr * d)."""
-    head = f"{row.mode} mode, {row.direction} direction (step = lr * d, lr {row.lr:.3g})"
-    if not row.descent_direction:
-        return (f"{head}: d is NOT a descent direction (g^T d = {row.slope:.3g} >= 0); the quadratic model "
-                "predicts a loss increase for every step.")
-    if not math.isfinite(row.a_crit):
-        return (f"{head}: d^T H d = {row.curvature:.3g} <= 0, so the quadratic model decreases for every step "
-                "(a_crit = inf).")
-    verdict = "is a descent step" if row.lr_below_a_crit else "is NOT a descent step"
-    return (f"{head}: the step {verdict} under the quadratic model (a_crit = 2(-g^T d)/d^T H d = {row.a_crit:.3g}, "
-            f"lr / a_crit = {row.lr / row.a_crit:.3g}).")
-
-
 def _mode_tables(tables: dict[str, list[dict]], plan: Budget, loss: BatchLoss, total: HessianOperator, model: nn.Module,
                  optimizer, lr: float, settings: dict, seed: int, sites) -> None:
     """The stages of :func:`descent_tables` for one mode, within ``plan``, appended to ``tables``."""
@@ -343,11 +345,16 @@ def _mode_tables(tables: dict[str, list[dict]], plan: Budget, loss: BatchLoss, t
     _, d, step_lr = chosen[-1]
     a_crit = next(r["a_crit"] for r in reversed(tables["descent_directions"]) if r["group"] == "total" and r["mode"] == mode)
     if plan.allows("the quadratic model", {"gradient": 1, "hvp": 1, "forward": settings["steps"] + 1}):
-        tables["descent_quadratic"] += quadratic_model(loss, d, step_grid(step_lr, a_crit, settings["steps"]),
-                                                       total.backend).to_dict("records")
+        coarse = quadratic_model(loss, d, step_grid(step_lr, a_crit, settings["steps"]), total.backend)
         plan.spend("gradient")
         plan.spend("hvp")
         plan.spend("forward", settings["steps"] + 1)
+        if plan.allows("a fine grid near the parting step", {"gradient": 1, "hvp": 1, "forward": REFINE_STEPS + 1}):
+            coarse = refine_near_parting(loss, d, coarse, total.backend)
+            plan.spend("gradient")
+            plan.spend("hvp")
+            plan.spend("forward", REFINE_STEPS + 1)
+        tables["descent_quadratic"] += coarse.to_dict("records")
     products = plan.affordable("hvp", 2 * max(settings["k"], 2) + 10)
     if products >= 2:
         tables["descent_spectrum"] += spectrum_rows(total, mode, "total", settings["k"], settings["tol"], seed, products)
@@ -398,52 +405,57 @@ def _mode_tables(tables: dict[str, list[dict]], plan: Budget, loss: BatchLoss, t
                 tables["descent_reparam"].append({"layer": layer, **reparam_check(loss.model, loss.inputs, layer, norm)})
 
 
-def findings(tables: dict[str, pd.DataFrame], lr_given: bool, lr: float, quick: bool = True) -> list[str]:
-    """Plain sentences, most important first (``quick``: the tables came from quick settings)."""
-    out: list[str] = []
+def findings(tables: dict[str, pd.DataFrame], lr_given: bool, lr: float, quick: bool = True) -> list[Finding]:
+    """Findings, most important first (``quick``: the tables came from quick settings): one verdict
+    per mode (``descent_verdicts``, made here when absent; :func:`normscope.rules.descent_findings`),
+    then the supporting measurements."""
+    if "descent_verdicts" not in tables:
+        tables["descent_verdicts"] = verdicts(tables)
+    out = descent_findings(tables["descent_verdicts"])
     directions = tables["descent_directions"]
-    for row in directions[directions["group"] == "total"].itertuples():
-        out.append(_direction_finding(row))
     layers = directions[(directions["group"] != "total") & (directions["direction"] == "gradient")].dropna(subset=["a_crit"])
     if len(layers):
         worst = layers.loc[layers["a_crit"].idxmin()]
-        out.append(f"The smallest per-layer critical step is {worst['a_crit']:.3g} for {worst['group']} "
-                   f"({worst['mode']} mode).")
+        out.append(Finding(f"The smallest per-layer critical step is {worst['a_crit']:.3g} for {worst['group']} ({worst['mode']} mode).",
+                           "descent", "note", site=worst["group"], metric="a_crit", value=worst["a_crit"], table="descent_directions",
+                           where={"mode": worst["mode"], "direction": "gradient", "group": worst["group"]}))
     spectrum = tables["descent_spectrum"]
-    for row in spectrum[(spectrum["group"] == "total") & (spectrum["rank"] == 1)].itertuples():
-        out.append(f"{row.mode} mode: lambda_max = {row.eigenvalue:.4g}, so plain gradient descent is stable for "
-                   f"lr < 2/lambda_max = {row.stability_limit:.3g} (lr {lr:.3g}).")
     spectrum_groups = set(spectrum["group"]) - {"total"}
     layer_groups = set(directions["group"]) - {"total"}
     if quick and QUICK["layer_spectra"] <= len(spectrum_groups) < len(layer_groups):
         trace = tables["descent_trace"]
         products = int(trace["products"].iloc[0]) if len(trace) else 0
-        out.append(f"Quick mode limited the per-layer work: spectra for only the {len(spectrum_groups)} of "
-                   f"{len(layer_groups)} layers with the largest block trace, Lanczos to relative tolerance "
-                   f"{QUICK['tol']:g}, Krylov Hutch++ traces from {products} products (shared by every layer); "
-                   "run with --full (full=True in normscope.analyze) for all of them.")
-    quadratic = tables["descent_quadratic"]
-    for mode, part in quadratic.groupby("mode", sort=False):
-        step = parting_step(part)
-        if math.isnan(step):
-            out.append(f"{mode} mode: the quadratic model stays within {PARTING_THRESHOLD:.0%} of the real loss on the whole grid.")
-        else:
-            out.append(f"{mode} mode: the quadratic model parts from the real loss (relative error above "
-                       f"{PARTING_THRESHOLD:.0%}) from step {step:.3g} on.")
+        out.append(Finding(f"Quick mode limited the per-layer work: spectra for only {len(spectrum_groups)} of the "
+                           f"{len(layer_groups)} layers (those with the largest block trace), Lanczos to relative tolerance "
+                           f"{QUICK['tol']:g}, Krylov Hutch++ traces from {products} products (shared by every layer); "
+                           "run with --full (full=True in normscope.analyze) for all of them.", "descent", "note",
+                           metric="products", value=products, table="descent_trace", statistic="max" if len(trace) else "value"))
     scale = tables["descent_scale_invariance"]
     for layer, part in scale.groupby("layer", sort=False):
         two = part[part["c"] == 2.0]
         if len(two):
             r = two.iloc[0]
             one = part[part["c"] == 1.0].iloc[0]
-            out.append(f"{layer} feeds a BatchNorm: L(2W)/L(W) = {r['loss_ratio']:.6g}, a_crit ratio = "
-                       f"{r['a_crit_ratio']:.4g} (c^2 = 4 when eps = 0), effective lr = lr/||W||^2 = {one['effective_lr']:.3g}.")
+            out.append(Finding(f"{layer} feeds a BatchNorm, so the loss ignores its scale: L(2W)/L(W) = {r['loss_ratio']:.6g} and the "
+                               f"critical step grows {r['a_crit_ratio']:.4g}-fold (4 when eps = 0); its effective learning rate is "
+                               f"lr/||W||² = {one['effective_lr']:.3g}.", "descent", "note", site=layer, metric="a_crit_ratio",
+                               value=r["a_crit_ratio"], table="descent_scale_invariance", where={"layer": layer, "c": 2.0}))
     for row in tables["descent_reparam"].itertuples():
-        out.append(f"{row.layer}: BN(x W^T) = x_c W_hat^T to {row.max_abs_error:.1e}; cond(S) = {row.cond_s:.3g} "
-                   f"against {row.cond_reparam:.3g} for the reparameterized problem (seed 001).")
+        out.append(Finding(f"{row.layer}: BN(x W^T) = x_c W_hat^T to {row.max_abs_error:.1e}; the condition number of the input "
+                           f"covariance is {row.cond_s:.3g} against {row.cond_reparam:.3g} for the reparameterized problem.",
+                           "descent", "note", site=row.layer, metric="cond_s", value=row.cond_s, table="descent_reparam",
+                           where={"layer": row.layer}))
     if not lr_given:
-        out.append(f"No learning rate was given; the checks use the default lr = {DEFAULT_LR}.")
+        out.append(Finding(f"No learning rate was given; the checks use the default lr = {DEFAULT_LR}.", "descent", "note",
+                           metric="lr", value=DEFAULT_LR, table="descent_verdicts", statistic="max"))
     return out
+
+
+def verdicts(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """The ``descent_verdicts`` table (:func:`normscope.rules.descent_verdicts`) with each mode's parting step."""
+    quadratic = tables["descent_quadratic"]
+    parting = {mode: parting_step(part) for mode, part in quadratic.groupby("mode", sort=False)}
+    return descent_verdicts(tables, parting)
 
 
 def analyze(ctx: AnalysisContext) -> AnalyzerOutput:
@@ -472,4 +484,5 @@ def analyze(ctx: AnalysisContext) -> AnalyzerOutput:
         part = tables["descent_quadratic"][tables["descent_quadratic"]["mode"] == mode]
         if len(part):
             headline[f"parting_step_{mode}"] = parting_step(part)
+    tables["descent_verdicts"] = verdicts(tables)
     return AnalyzerOutput(tables, findings(tables, ctx.lr is not None, lr, ctx.quick), headline)

@@ -1,12 +1,12 @@
-"""Gradient least squares (seed 002): what each normalization's backward pass removes.
+"""Gradient least squares ("Normalization Gradients are Least-Squares Residuals" (ICLR 2019 submission)): what each normalization's backward pass removes.
 
 For every partition P of a site, with ``z`` the normalized activations, ``s = s_P`` the
-partition's scale and ``g = dL/dz = gamma * dL/dy`` (MATH.md §2, seed 002 Theorem 1, §2)::
+partition's scale and ``g = dL/dz = gamma * dL/dy`` (MATH.md §2, "Normalization Gradients are Least-Squares Residuals" (ICLR 2019 submission) Theorem 1, §2)::
 
     s * dL/dx = g - alpha - beta * z,      alpha = mean_P(g),  beta = mean_P(g z)
 
 so the backward pass keeps the residual of a least-squares fit of ``g`` on ``z`` and divides it
-by ``s``. RMSNorm fits without intercept (``alpha = 0``); weight normalization (seed 002 §3.2,
+by ``s``. RMSNorm fits without intercept (``alpha = 0``); weight normalization ("Normalization Gradients are Least-Squares Residuals" (ICLR 2019 submission) §3.2,
 Lemma 2) has ``z = v / ||v||``, ``alpha = 0`` and ``beta = sum_P(g z)``. BatchNorm in eval mode
 (running statistics) has no regression: ``s * dL/dx = g``, so ``alpha = beta = 0`` there.
 
@@ -28,11 +28,15 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
+from normscope import batch as batches
+from normscope.findings import Finding
+from normscope.rules import gls_findings
 from normscope.analyzers import AnalysisContext, AnalyzerOutput, no_progress
 from normscope.capture import Capture, capture
 from normscope.capture.record import SiteRecord
 from normscope.errors import AnalyzerError, DataShapeError, UnknownNameError
 from normscope.guard import preserved
+from normscope.ops.ls_bn import regularized_moments
 from normscope.registry import from_rows, partition_moments, to_rows
 
 COLUMNS = {
@@ -67,31 +71,35 @@ def _empty(name: str) -> pd.DataFrame:
 
 # -- the regression of one partition ---------------------------------------------------------
 def backward_fit(z: Tensor, g: Tensor, centered: bool = True, unit_norm: bool = False) -> tuple[Tensor, Tensor]:
-    """``(alpha, beta)``, each ``(P, 1)``, of the fit the backward pass removes (seed 002 Thm. 1).
+    """``(alpha, beta)``, each ``(P, 1)``, of the fit the backward pass removes ("Normalization Gradients are Least-Squares Residuals" (ICLR 2019 submission) Thm. 1).
 
     ``alpha = mean_P(g)`` (0 when not ``centered``), ``beta = mean_P(g z)`` or, for weight norm
-    (``unit_norm``, seed 002 Lemma 2), ``beta = sum_P(g z)``. ``z`` and ``g`` are ``(P, n)`` rows.
+    (``unit_norm``, "Normalization Gradients are Least-Squares Residuals" (ICLR 2019 submission) Lemma 2), ``beta = sum_P(g z)``. ``z`` and ``g`` are ``(P, n)`` rows.
     """
     alpha = g.mean(1, keepdim=True) if centered else torch.zeros_like(g[:, :1])
     gz = (g * z).sum(1, keepdim=True)
     return alpha, gz if unit_norm else gz / z.shape[1]
 
 
-def regularized_fit(z: Tensor, g: Tensor, alpha_star: Tensor, beta_star: Tensor, weight: float) -> tuple[Tensor, Tensor]:
-    """``(alpha_w, beta_w)`` of the BatchNorm regression with two virtual items (seed 002 App. C).
+def regularized_fit(
+    z: Tensor, g: Tensor, alpha_star: Tensor, beta_star: Tensor, weight: float, batch_size: int
+) -> tuple[Tensor, Tensor]:
+    """``(alpha_w, beta_w)`` of the BatchNorm regression with two virtual items ("Normalization Gradients are Least-Squares Residuals" (ICLR 2019 submission) App. C).
 
-    Items at ``z = +1`` and ``z = -1``, each of weight ``w``, receive the virtual gradients
-    ``alpha* + beta*`` and ``alpha* - beta*``; the weighted means over the ``n`` real and the
-    virtual items are::
+    Two virtual *batch items*, broadcast over the spatial dims like a real one, at ``z = +1`` and
+    ``z = -1``, each of weight ``w`` batch items, receive the virtual gradients ``alpha* + beta*``
+    and ``alpha* - beta*``. A row of ``n = B * H * W`` positions then has ``2 w H W`` virtual
+    positions, and the weighted means are (MATH.md §2, the convention of
+    :class:`~normscope.ops.ls_bn.LSBatchNorm`, by :func:`~normscope.ops.ls_bn.regularized_moments`)::
 
-        alpha_w = (sum_P g + 2 w alpha*) / (n + 2 w),   beta_w = (sum_P g z + 2 w beta*) / (n + 2 w)
+        alpha_w = (B alpha + 2 w alpha*) / (B + 2 w),   beta_w = (B beta + 2 w beta*) / (B + 2 w)
 
-    and the regularized backward pass is ``s * dL/dx = g - alpha_w - beta_w z`` for the real items.
-    ``alpha_star``, ``beta_star`` are ``(P,)`` or ``(P, 1)``.
+    with ``alpha = mean_P(g)``, ``beta = mean_P(g z)``; the regularized backward pass is
+    ``s * dL/dx = g - alpha_w - beta_w z`` for the real items. ``batch_size`` is B (the number of
+    batch items the ``n`` positions of a row come from). ``alpha_star``, ``beta_star`` are ``(P,)`` or ``(P, 1)``.
     """
-    total = z.shape[1] + 2.0 * weight
-    alpha_w = (g.sum(1) + 2.0 * weight * alpha_star.reshape(-1)) / total
-    beta_w = ((g * z).sum(1) + 2.0 * weight * beta_star.reshape(-1)) / total
+    alpha, beta = g.mean(1), (g * z).mean(1)
+    alpha_w, beta_w = regularized_moments(alpha, beta, alpha_star.reshape(-1), beta_star.reshape(-1), batch_size, weight)
     return alpha_w[:, None], beta_w[:, None]
 
 
@@ -171,7 +179,7 @@ def compute_dtype(record: SiteRecord, dtype: torch.dtype | None) -> torch.dtype:
 
 
 def fit_record(record: SiteRecord, depth: int = 0, keep: bool = True, dtype: torch.dtype | None = torch.float64) -> RecordFit:
-    """Regress ``g`` on ``z`` per partition of one record (seed 002 Theorem 1, Lemma 2; MATH.md §2).
+    """Regress ``g`` on ``z`` per partition of one record ("Normalization Gradients are Least-Squares Residuals" (ICLR 2019 submission) Theorem 1, Lemma 2; MATH.md §2).
 
     Works on full tensors (identity error measured against the captured dL/dx) and on
     ``storage="reductions"`` records (the identity error is then NaN). ``keep`` keeps the rows.
@@ -309,7 +317,7 @@ def _nanmax(values: np.ndarray) -> float:
 def sites_table(fits: Sequence[RecordFit]) -> pd.DataFrame:
     """``gls_sites``: per site, R^2 over its partitions (mean, median, quantiles; ``r2_pooled =
     1 - sum ||residual||^2 / sum ||g||^2``), the naive gradient gap
-    ``||gamma/s dL/dy - dL/dx|| / ||dL/dx||`` (seed 003's expression against the true gradient,
+    ``||gamma/s dL/dy - dL/dx|| / ||dL/dx||`` (Deshmukh's (2020) expression against the true gradient,
     over the whole site), and ``naive_gap_identity = ||(alpha + beta z)/s|| / ||(g - alpha - beta z)/s||``
     (the same by MATH.md §2), and the largest identity error."""
     rows = []
@@ -358,7 +366,7 @@ def kinds_table(sites: pd.DataFrame) -> pd.DataFrame:
 
 def scatter_table(fit: RecordFit, partition: int | None = None, max_points: int = SCATTER_POINTS, seed: int = 0) -> pd.DataFrame:
     """``gls_scatter``: the ``(z, g)`` pairs of one partition and the fit ``alpha + beta z`` the
-    backward pass removes (seed 002 Figure 1). Default partition: the one with the median R^2.
+    backward pass removes ("Normalization Gradients are Least-Squares Residuals" (ICLR 2019 submission) Figure 1). Default partition: the one with the median R^2.
     At most ``max_points`` items, drawn at random with ``seed``."""
     return pd.DataFrame(_scatter_columns(fit, partition, max_points, seed), columns=COLUMNS["gls_scatter"])
 
@@ -398,12 +406,17 @@ def _scatter(fits: Sequence[RecordFit], partition: int | None, seed: int) -> pd.
 
 # -- other partitionings: two-step regression and what-if --------------------------------------
 def _channel_dim(fit: RecordFit) -> int:
-    return -1 if fit.record.layout.rule == "sample_last" else 1
+    """The channel axis of the site's input: dim 1 (N, C, *), except for layer/RMS norms over the
+    trailing dims (``sample_last``), where it is the first normalized dim: the last for (N, T, C)
+    over C, dim 1 for (N, C, H, W) over (C, H, W) (PyTorch's channels-first layout)."""
+    if fit.record.layout.rule == "sample_last":
+        return len(fit.record.shape) - fit.record.layout.normalized_ndim
+    return 1
 
 
 def extra_regression_r2(residual: Tensor, z: Tensor, dims: Sequence[int] = (1,)) -> float:
     """R^2 of one more centered normalization regression (eps = 0) of ``residual`` on ``z``
-    renormalized within each partition (reduced over ``dims``; seed 002 §4.1)::
+    renormalized within each partition (reduced over ``dims``; "Normalization Gradients are Least-Squares Residuals" (ICLR 2019 submission) §4.1)::
 
         z' = (z - mean z) / std z,   1 - sum ||r - mean r - mean(r z') z'||^2 / sum ||r||^2
 
@@ -445,7 +458,7 @@ def whatif_table(fits: Sequence[RecordFit]) -> pd.DataFrame:
     """``gls_whatif``: for each activation site, how much of its residual ``g - alpha - beta z`` one
     more regression on another partitioning would explain (:func:`extra_regression_r2` with the
     site's own ``z`` renormalized per sample or per channel: an extra LN or BN right after it,
-    seed 002 §4.1), from the captured data; the model is not changed. For per-channel sites the
+    "Normalization Gradients are Least-Squares Residuals" (ICLR 2019 submission) §4.1), from the captured data; the model is not changed. For per-channel sites the
     sums of ``r, z, z^2, r z`` are taken once per (channel, sample) cell and added up both ways."""
     rows = []
     for fit in fits:
@@ -494,7 +507,7 @@ def _pooled_r2(fit: RecordFit) -> float:
 def two_step_table(fits: Sequence[RecordFit]) -> pd.DataFrame:
     """``gls_two_step``: pairs of sites in series on the same tensor (the second's input is the
     first's output: equal captured tensors, or the capture's producer link under
-    ``storage="reductions"``), e.g. BN then LN (seed 002 §4.1). The backward pass regresses twice: first at
+    ``storage="reductions"``), e.g. BN then LN ("Normalization Gradients are Least-Squares Residuals" (ICLR 2019 submission) §4.1). The backward pass regresses twice: first at
     the later site (``r2_first``, its pooled R^2 on the incoming gradient), then at the earlier
     site on what the first stage left (``r2_second_on_residual``: its pooled R^2 on its actual
     incoming gradient ``gamma * residual / s``). ``r2_second_unscaled`` fits the first stage's
@@ -525,7 +538,7 @@ def gls_tables(
     seed: int = 0,
     dtype: torch.dtype | None = torch.float64,
 ) -> dict[str, pd.DataFrame]:
-    """All one-step tables of the gradient-least-squares analysis of a capture (seed 002 §2-4).
+    """All one-step tables of the gradient-least-squares analysis of a capture ("Normalization Gradients are Least-Squares Residuals" (ICLR 2019 submission) §2-4).
 
     ``gls_partitions`` (:func:`fit_from_sums`), ``gls_sites`` (:func:`sites_table`),
     ``gls_kinds``, ``gls_scatter`` (each site's median-R^2 partition, or ``scatter_partition``),
@@ -543,7 +556,7 @@ def gls_tables(
 
 def _step(model: nn.Module, inputs: Tensor, targets: Tensor, loss_fn: Callable, sites, kinds) -> Capture:
     with capture(model, sites=sites, kinds=kinds, storage="device", preserve=False) as cap:
-        loss_fn(model(inputs), targets).backward()
+        loss_fn(batches.forward(model, inputs), targets).backward()
     return cap
 
 
@@ -557,7 +570,7 @@ def gls_step(
 ) -> dict[str, pd.DataFrame]:
     """Capture one forward/backward of ``model`` on ``batch`` and return :func:`gls_tables`.
 
-    ``train=True`` runs in training mode (batch statistics: the regime of seed 002); the model's
+    ``train=True`` runs in training mode (batch statistics: the regime of "Normalization Gradients are Least-Squares Residuals" (ICLR 2019 submission)); the model's
     parameters, buffers, flags and ``.grad`` are restored afterwards (bit-identical).
     """
     with preserved(model):
@@ -590,10 +603,12 @@ def batch_size_sweep(
     weight: float = 2.0,
     track: Callable = no_progress,
 ) -> dict[str, pd.DataFrame]:
-    """The site table as a function of batch size, and seed 002 Appendix C's regularization.
+    """The site table as a function of batch size, and "Normalization Gradients are Least-Squares Residuals" (ICLR 2019 submission) Appendix C's regularization.
 
     The ``L`` items of ``inputs`` are split, in order, into batches of each size ``B`` (which must
-    divide ``L``); every batch runs forward/backward in training mode under capture.
+    divide ``L``; default: the powers of 2 that do); every batch runs forward/backward in training
+    mode under capture. One batch of all ``L`` items always runs as the reference, whether or not
+    ``L`` is among the sizes (its rows appear only if it is).
 
     ``gls_batch_sweep``: :func:`sites_table` pooled over the batches of size B (R^2, beta, naive gap).
 
@@ -606,40 +621,46 @@ def batch_size_sweep(
     the same for ``B (g - alpha - beta z)``, the regression residual before the division by s.
     The model is restored afterwards (bit-identical).
     """
-    total = inputs.shape[0]
+    total = batches.check_sliceable((inputs, targets))
     sizes = sorted(set(batch_sizes or _powers_of_two(total)))
+    if not sizes:
+        raise DataShapeError(f"no batch size of at least 2 divides the {total} items; pass batch_sizes")
     bad = [b for b in sizes if b < 2 or total % b]
     if bad:
         raise DataShapeError(f"batch sizes {bad} do not divide the {total} items into batches of at least 2")
     if not 0 <= momentum < 1 or weight < 0:
         raise DataShapeError(f"momentum must be in [0, 1) and weight >= 0 (got momentum={momentum}, weight={weight})")
+    runs = sorted({*sizes, total})  # the one batch of all L items is the reference, asked for or not
     sweep_rows, dx_plain, dx_reg = [], {}, {}
     with preserved(model):
         model.train()
-        for size in track(sizes[::-1], "gls batch-size sweep", len(sizes)):
+        for size in track(runs[::-1], "gls batch-size sweep", len(runs)):
             fits_b: list[RecordFit] = []
             running: dict[tuple[str, int], tuple[Tensor, Tensor]] = {}
             for start in range(0, total, size):
-                cap = _step(model, inputs[start:start + size], targets[start:start + size], loss_fn, sites, kinds)
+                cap = _step(model, *batches.take((inputs, targets), slice(start, start + size)), loss_fn, sites, kinds)
                 for fit in fit_records(cap):
                     key = (fit.record.site.name, fit.record.index)
                     if fit.record.layout.rule == "channel" and fit.record.layout.batch_stats:
                         alpha, beta = fit.figures["alpha"][:, None], fit.figures["beta"][:, None]
                         a_star, b_star = running.get(key, (alpha[:, 0], beta[:, 0]))
-                        reg = regularized_fit(fit.z, fit.g, a_star, b_star, weight)
+                        reg = regularized_fit(fit.z, fit.g, a_star, b_star, weight, size)
                         dx_plain.setdefault((key, size), []).append(_chunk_dx(fit, alpha, beta, size))
                         dx_reg.setdefault((key, size), []).append(_chunk_dx(fit, *reg, size))
                         running[key] = (momentum * a_star + (1 - momentum) * alpha[:, 0],
                                         momentum * b_star + (1 - momentum) * beta[:, 0])
                     fit.z = fit.g = fit.residual = None
                     fits_b.append(fit)
-            table = sites_table(fits_b)
-            table["batch_size"] = size
-            sweep_rows.append(table)
+            if size in sizes:
+                table = sites_table(fits_b)
+                table["batch_size"] = size
+                sweep_rows.append(table)
     sweep = pd.concat(sweep_rows, ignore_index=True)
     sweep = sweep.sort_values(["depth", "batch_size"], ignore_index=True)[COLUMNS["gls_batch_sweep"]]
     reg_rows = []
     for (key, size), plain in dx_plain.items():
+        if size not in sizes:
+            continue
         reference = dx_plain[(key, total)][0]
         reg_rows.append({"site": key[0] if key[1] == 0 else f"{key[0]}#{key[1]}", "batch_size": size,
                          "dist_plain": _relative_distance(plain, reference, 0),
@@ -657,66 +678,22 @@ def _powers_of_two(total: int) -> list[int]:
 
 
 # -- the analyzer ------------------------------------------------------------------------------
-def _sweep_data(ctx: AnalysisContext, limit: int) -> tuple[Tensor, Tensor] | None:
-    xs, ys = zip(*ctx.batches)
-    inputs, targets = torch.cat(xs), torch.cat(ys)
-    if inputs.shape[0] < limit and ctx.dataset is not None:
-        inputs, targets = ctx.dataset
-    size = 2 ** int(math.log2(min(limit, inputs.shape[0]))) if inputs.shape[0] >= 4 else 0
-    return None if size < 4 else (inputs[:size], targets[:size])
+def _sweep_data(ctx: AnalysisContext, limit: int) -> tuple | None:
+    data = batches.concat(ctx.batches)
+    if batches.size(data[0]) < limit and ctx.dataset is not None:
+        data = ctx.dataset
+    n = batches.size(data[0])
+    size = 2 ** int(math.log2(min(limit, n))) if n >= 4 else 0
+    return None if size < 4 else batches.take(data, slice(0, size))
 
 
 def _pct(value: float) -> str:
     return f"{100 * value:.0f}%"
 
 
-def findings(tables: dict[str, pd.DataFrame]) -> list[str]:
-    """Plain sentences from the gls tables, most important first."""
-    sites = tables["gls_sites"]
-    out: list[str] = []
-    if sites.empty:
-        return ["No normalization site received a gradient, so there is no gradient regression to show."]
-    active = sites[sites["batch_stats"]]
-    if not active.empty:
-        top, low = active.loc[active["r2_mean"].idxmax()], active.loc[active["r2_mean"].idxmin()]
-        out.append(f"{top['site']} explains {_pct(top['r2_mean'])} of its incoming gradient (mean R^2 over "
-                   f"{top['n_partitions']} partitions); its backward pass keeps only the residual.")
-        if low["site"] != top["site"]:
-            out.append(f"{low['site']} explains the least: {_pct(low['r2_mean'])} (mean R^2).")
-        gap = active.loc[active["naive_gap"].idxmax()]
-        out.append(f"At {gap['site']} the naive gradient gamma/s * dL/dy is off from the true dL/dx by "
-                   f"{_pct(gap['naive_gap'])} of its norm (the explained part divided by s).")
-    frozen = sites[~sites["batch_stats"]]
-    if not frozen.empty:
-        out.append(f"{len(frozen)} site(s) normalize with running statistics ({', '.join(frozen['site'][:3])}): "
-                   "their backward pass removes nothing.")
-    ident = sites["identity_rel_max"].dropna()
-    if not ident.empty:
-        out.append(f"Capture health: s*dL/dx = g - alpha - beta z holds to {ident.max():.1e} relative "
-                   f"(measured in {', '.join(sorted(set(sites['dtype'])))}).")
-    two = tables.get("gls_two_step", pd.DataFrame())
-    for _, row in two.iterrows():
-        out.append(f"{row['first_site']} then {row['second_site']} ({row['order']}): the second regression explains "
-                   f"{_pct(row['r2_second_on_residual'])} of what the first left.")
-    whatif = tables.get("gls_whatif", pd.DataFrame())
-    if not whatif.empty:
-        best = whatif.loc[whatif["r2_extra"].idxmax()]
-        out.append(f"An extra {best['extra_partitioning'].replace('_', '-')} regression after {best['site']} would "
-                   f"explain a further {_pct(best['r2_extra'])} of its residual.")
-    sweep = tables.get("gls_batch_sweep", pd.DataFrame())
-    if not sweep.empty and sweep["batch_size"].nunique() > 1:
-        lo, hi = sweep["batch_size"].min(), sweep["batch_size"].max()
-        mean = sweep.groupby("batch_size")["r2_mean"].mean()
-        out.append(f"Mean R^2 over sites is {_pct(mean[hi])} at batch {hi} and {_pct(mean[lo])} at batch {lo}.")
-    reg = tables.get("gls_regularization", pd.DataFrame())
-    if not reg.empty:
-        small = reg[reg["batch_size"] == reg["batch_size"].min()]
-        out.append(f"At batch {int(small['batch_size'].iloc[0])}, the BatchNorm input gradients are "
-                   f"{_pct(small['dist_plain'].mean())} (plain) and {_pct(small['dist_regularized'].mean())} "
-                   "(with seed 002's virtual-item regularization) away from the large-batch gradient on average; "
-                   f"before the division by s, {_pct(small['dist_plain_residual'].mean())} and "
-                   f"{_pct(small['dist_regularized_residual'].mean())}.")
-    return out
+def findings(tables: dict[str, pd.DataFrame]) -> list[Finding]:
+    """Findings from the gls tables, most important first: :func:`normscope.rules.gls_findings`."""
+    return gls_findings(tables)
 
 
 def headline(tables: dict[str, pd.DataFrame]) -> dict[str, float | int | str]:
@@ -736,7 +713,7 @@ def headline(tables: dict[str, pd.DataFrame]) -> dict[str, float | int | str]:
 
 
 def analyze(ctx: AnalysisContext) -> AnalyzerOutput:
-    """The gradient-least-squares analyzer (seed 002): one captured training step on the first
+    """The gradient-least-squares analyzer ("Normalization Gradients are Least-Squares Residuals" (ICLR 2019 submission)): one captured training step on the first
     batch (:func:`gls_step`), then :func:`batch_size_sweep` over up to 64 items (``quick``) or
     512 items of the data. Options (``ctx.options``): ``gls_momentum`` (0.5), ``gls_weight`` (2.0),
     ``gls_sweep`` (True)."""

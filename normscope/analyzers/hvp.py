@@ -1,6 +1,6 @@
 """Hessian-vector products of a model's loss on one batch, by the faster of two backends.
 
-MATH.md §5 (seed 003): the descent check needs ``d^T H d`` and the spectrum needs ``H v`` for the
+MATH.md §5 (Deshmukh, "Batch Norm" (notes, 2020)): the descent check needs ``d^T H d`` and the spectrum needs ``H v`` for the
 Hessian ``H`` of the minibatch loss ``L(theta) = loss_fn(f(x; theta), y)`` with respect to all
 parameters, or to one parameter group (then ``H`` is that group's diagonal block ``H_gg``).
 
@@ -30,10 +30,11 @@ import torch
 import torch.nn.functional as F
 from scipy.sparse.linalg import LinearOperator
 from torch import Tensor, nn
-from torch.func import functional_call, grad, jvp
+from torch.func import grad, jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from normscope.batch import cast_inputs, forward
 from normscope.errors import InvalidArgumentError, UnknownNameError
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -45,7 +46,7 @@ BACKEND_CACHE: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDic
 
 class BatchLoss:
     """The loss of a private copy of ``model`` on one batch, as a function of its parameters
-    (the minibatch loss of seed 003's Taylor expansion, MATH.md §5).
+    (the minibatch loss of Deshmukh's (2020) Taylor expansion, MATH.md §5).
 
     ``L(theta) = loss_fn(functional_call(copy, theta, x), y)``. In ``mode="train"`` the copy's
     BatchNorms normalize with batch statistics and update no running statistics; in
@@ -67,7 +68,7 @@ class BatchLoss:
         net = copy.deepcopy(model)
         if dtype is not None:
             net = net.to(dtype)
-            inputs = inputs.to(dtype) if inputs.is_floating_point() else inputs
+            inputs = cast_inputs(inputs, dtype)
         net.train(mode == "train")
         net.zero_grad(set_to_none=True)
         if mode == "train":
@@ -82,7 +83,7 @@ class BatchLoss:
         """``L`` at ``self.params`` with the entries of ``params`` substituted."""
         merged = self.params if not params else {**self.params, **params}
         with sdpa_kernel(SDPBackend.MATH):
-            return self.loss_fn(functional_call(self.model, merged, (self.inputs,)), self.targets)
+            return self.loss_fn(forward(self.model, self.inputs, merged), self.targets)
 
     def with_params(self, params: dict[str, Tensor]) -> "BatchLoss":
         """A shallow twin of this loss evaluated at other parameter values (same copy and batch)."""

@@ -1,4 +1,4 @@
-"""The population gradient g* (seed 004 §2, MATH.md §4): BatchNorm with moments over the whole data.
+"""The population gradient g* ("Extreme Normalization" (under review) §2, MATH.md §4): BatchNorm with moments over the whole data.
 
 Every BatchNorm-style site normalizes with the mean and biased variance of its input over all N
 examples (and positions) and the gradient flows through those moments. When the data fits in
@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from normscope import batch as batches
 from normscope.guard import preserved
 from normscope.ops.norm_sites import (
     channel_moments,
@@ -60,7 +61,7 @@ def _shared(module: nn.Module, x: Tensor, mean: Tensor, var: Tensor) -> Tensor:
 def population_gradient(
     model: nn.Module, inputs: Tensor, targets: Tensor, loss_fn: LossFn = F.cross_entropy
 ) -> PopulationGradient:
-    """g* for data that fits in memory: one forward-backward of all N examples (seed 004 §2).
+    """g* for data that fits in memory: one forward-backward of all N examples ("Extreme Normalization" (under review) §2).
 
     .. math:: g^* = \\nabla_W \\, \\mathbb{E}_n L\\big(f(D_n; W, \\mu(W), \\nu(W))\\big),\\quad
               \\mu = \\mathbb{E}_{n,i} x,\\; \\nu = \\mathbb{E}_{n,i} (x - \\mu)^2
@@ -78,23 +79,21 @@ def population_gradient(
         model.eval()
         params = parameters(model)
         with override(model, batch):
-            loss = loss_fn(model(inputs), targets)
+            loss = loss_fn(batches.forward(model, inputs), targets)
         grads = grads_or_zeros(torch.autograd.grad(loss, list(params.values()), allow_unused=True), list(params.values()))
     return PopulationGradient(
         dict(zip(params, grads)),
         loss.item(),
         {k: v[0] for k, v in moments.items()},
         {k: v[1] for k, v in moments.items()},
-        levels=_count_levels(model, inputs[:1]),
+        levels=_count_levels(model, batches.take((inputs, targets), slice(0, 1))[0]),
         passes=1,
         method="full-batch",
     )
 
 
-def _to_model(batch: tuple[Tensor, Tensor], reference: Tensor) -> tuple[Tensor, Tensor]:
-    inputs, targets = batch[0], batch[1]
-    dtype = reference.dtype if inputs.is_floating_point() else inputs.dtype
-    return inputs.to(device=reference.device, dtype=dtype), targets.to(reference.device)
+def _to_model(batch: tuple, reference: Tensor) -> tuple:
+    return batches.to_device((batch[0], batch[1]), reference.device, reference.dtype)
 
 
 def site_levels(model: nn.Module, inputs: Tensor) -> tuple[list[str], dict[str, int]]:
@@ -117,7 +116,7 @@ def site_levels(model: nn.Module, inputs: Tensor) -> tuple[list[str], dict[str, 
         return _shared(module, x, *leaves[name])
 
     with torch.enable_grad(), override(model, probe):
-        model(inputs)
+        batches.forward(model, inputs)
     return order, level
 
 
@@ -150,9 +149,9 @@ class _Moments:
 def streamed_population_gradient(
     model: nn.Module, loader: Iterable, loss_fn: LossFn = F.cross_entropy
 ) -> PopulationGradient:
-    """g* from a DataLoader of ``(inputs, targets)`` chunks, one chunk of activations in memory.
+    """g* from an iterable of ``(inputs, targets)`` chunks (:mod:`normscope.batch` pairs), one chunk of activations in memory.
 
-    Reverse mode over the S-graph of seed 004 §2.1. Sites are grouped into levels (L = sites in
+    Reverse mode over the S-graph of "Extreme Normalization" (under review) §2.1. Sites are grouped into levels (L = sites in
     series; parallel sites such as a ResNet shortcut share a level). Passes over the data:
 
     1. L forward passes, one per level in order: the population moments of that level's sites,
@@ -175,7 +174,7 @@ def streamed_population_gradient(
         tensors = list(params.values())
         reference = tensors[0]
         first = _to_model(next(iter(loader)), reference)
-        order, level = site_levels(model, first[0][:1])
+        order, level = site_levels(model, batches.take(first, slice(0, 1))[0])
         levels = max(level.values())
         mean: dict[str, Tensor] = {}
         var: dict[str, Tensor] = {}
@@ -195,7 +194,7 @@ def streamed_population_gradient(
             with torch.no_grad(), override(model, moment_pass, stop_after=last):
                 for batch in loader:
                     inputs, _ = _to_model(batch, reference)
-                    n_examples += inputs.shape[0] if current == 1 else 0
+                    n_examples += batches.size(inputs) if current == 1 else 0
                     forward_until(model, inputs)
             for name, s in stats.items():
                 mean[name], var[name], counts[name] = s.mean, s.m2 / s.count, s.count
@@ -208,7 +207,7 @@ def streamed_population_gradient(
         with override(model, lambda name, module, x: _shared(module, x, *leaves[name])):
             for batch in loader:
                 inputs, targets = _to_model(batch, reference)
-                loss = loss_fn(model(inputs), targets) * (inputs.shape[0] / n_examples)
+                loss = loss_fn(batches.forward(model, inputs), targets) * (batches.size(inputs) / n_examples)
                 grads = grads_or_zeros(torch.autograd.grad(loss, tensors + leaf_list, allow_unused=True), tensors + leaf_list)
                 g_w = [a + b for a, b in zip(g_w, grads[: len(tensors)])]
                 for i, name in enumerate(leaves):

@@ -1,4 +1,4 @@
-"""BatchNorm as a reparameterization of the weights that feed it (seed 001, MATH.md §6).
+"""BatchNorm as a reparameterization of the weights that feed it (Deb, "Batch Normalization" (notes), MATH.md §6).
 
 For a Linear layer ``u = x W^T + b`` followed by training-mode BatchNorm, with ``S`` the biased
 covariance of the layer input over the batch and ``x_c = x - mean(x)``::
@@ -6,7 +6,7 @@ covariance of the layer input over the batch and ``x_c = x - mean(x)``::
     BN(u)_j = gamma_j (u_j - mean u_j) / sqrt(var u_j + eps) + beta_j = x_c^T W_hat_j + beta_j,
     W_hat_j = gamma_j W_j / sqrt(W_j^T S W_j + eps)
 
-because ``var u_j = W_j^T S W_j`` exactly; seed 001 states it with eps = 0 (weight normalization
+because ``var u_j = W_j^T S W_j`` exactly; Deb, "Batch Normalization" (notes) states it with eps = 0 (weight normalization
 is the same with ``S = I``). In the normalized parameterization the loss sees ``W_j`` only through
 ``n(W_j) = W_j / ||W_j||_S``; the Gauss-Newton curvature of a squared loss through ``n`` at ``w``
 is ``J^T S J = (S - S w w^T S / q) / q`` with ``q = w^T S w`` (:func:`reparam_hessian`), which
@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from normscope.batch import forward
 from normscope.errors import InvalidArgumentError
 
 
@@ -30,14 +31,14 @@ def input_covariance(x: Tensor) -> Tensor:
 
 def reparameterize(weight: Tensor, S: Tensor, gamma: Tensor, eps: float = 0.0) -> Tensor:
     """``W_hat_j = gamma_j W_j / sqrt(W_j^T S W_j + eps)`` for ``weight`` of shape ``(out, in)``
-    (seed 001; eps = 0 in the seed)."""
+    (Deb, "Batch Normalization" (notes); eps = 0 in the seed)."""
     q = torch.einsum("ji,ik,jk->j", weight, S, weight)
     return gamma[:, None] * weight / torch.sqrt(q + eps)[:, None]
 
 
 def reparam_hessian(S: Tensor, w: Tensor) -> Tensor:
     """``(S - S w w^T S / q) / q`` with ``q = w^T S w``: the Hessian at zero residual of
-    ``0.5 mean((x_c^T (n(w) - n(w0)))^2)``, ``n(w) = w / sqrt(w^T S w)`` (seed 001, MATH.md §6)."""
+    ``0.5 mean((x_c^T (n(w) - n(w0)))^2)``, ``n(w) = w / sqrt(w^T S w)`` (Deb, "Batch Normalization" (notes), MATH.md §6)."""
     Sw = S @ w
     q = w @ Sw
     return (S - torch.outer(Sw, Sw) / q) / q
@@ -60,7 +61,7 @@ def no_grad_forward(model: nn.Module, inputs: Tensor, handles: list) -> None:
     afterwards (also on error)."""
     try:
         with torch.no_grad():
-            model(inputs)
+            forward(model, inputs)
     finally:
         for h in handles:
             h.remove()

@@ -7,7 +7,7 @@
   ``H`` lies within ``min(r, r^2 / gap)`` of ``theta`` (Kahan-Parlett-Jiang / Saad, "Numerical
   Methods for Large Eigenvalue Problems", 2011, §4.3; ``gap`` = the distance to the other Ritz
   values less their residuals). One product per iteration. ``2 / lambda_max`` is the stability
-  limit of plain gradient descent on the quadratic model (seed 003, MATH.md §5).
+  limit of plain gradient descent on the quadratic model (Deshmukh, "Batch Norm" (notes, 2020), MATH.md §5).
 * :func:`hutchpp_trace`: Hutch++ (Meyer, Musco, Musco and Woodruff, "Hutch++: Optimal Stochastic
   Trace Estimation", SOSA 2021). With ``Q`` an orthonormal basis of ``H S`` for a Rademacher
   sketch ``S``, ``tr H = tr(Q^T H Q) + tr((I - QQ^T) H (I - QQ^T))``: the first term is exact from

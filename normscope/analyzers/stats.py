@@ -8,11 +8,11 @@ Per partition P of a site (MATH.md §1), from the captured input x and output y:
   ``var_ratio = batch_var / running_var`` (BatchNorm: how far eval mode is from training mode);
 * ``eps_fraction = eps / (batch_var + eps)`` (``mean_P x^2`` in place of the variance for
   uncentered kinds): the share of the normalizer that is eps; it is
-  also ``1 - Var(z)``, the factor by which seed 002's backward slope differs from the OLS slope
-  (MATH.md §2);
+  also ``1 - Var(z)``, the factor by which the backward slope of "Normalization Gradients are
+  Least-Squares Residuals" (ICLR 2019 submission) differs from the OLS slope (MATH.md §2);
 * ``relu_zero_fraction = mean_P [y <= 0]`` when the next op is a ReLU;
 * ``feeding_weight_norm = ||W||`` of the Linear/Conv whose output the site normalizes: the loss is
-  invariant to the scale of W (MATH.md §5, seed 003), so the effective step shrinks like 1/||W||^2.
+  invariant to the scale of W (MATH.md §5), so the effective step shrinks like 1/||W||^2.
 """
 
 from __future__ import annotations
@@ -25,9 +25,13 @@ import torch
 from torch import nn
 
 from normscope.analyzers import AnalysisContext, AnalyzerOutput
+from normscope.batch import forward
 from normscope.capture import capture
 from normscope.capture.record import SiteRecord
+from normscope.findings import Finding
 from normscope.guard import preserved
+from normscope.recalibration import recalibration_table, running_stat_layers
+from normscope.rules import stats_findings
 
 EPS_DOMINANCE = 0.5
 RELU_TYPES = ("ReLU", "relu", "ReLU6", "relu6")
@@ -153,26 +157,9 @@ def stats_tables(
     }
 
 
-def findings(sites: pd.DataFrame) -> list[str]:
-    """Plain-language findings, most severe first."""
-    out = []
-    for row in sites.itertuples():
-        if row.nonfinite:
-            out.append(f"{row.site}: {row.nonfinite} NaN or Inf values in its input/output")
-    for row in sites.sort_values("eps_fraction_max", ascending=False).itertuples():
-        if row.eps_fraction_max >= 0.1:
-            out.append(f"{row.site}: eps is up to {row.eps_fraction_max:.0%} of the variance "
-                       f"({row.eps_dominated_fraction:.0%} of partitions eps-dominated)")
-    for row in sites.sort_values("mean_drift_mean", ascending=False).itertuples():
-        if row.mean_drift_mean >= 0.5:
-            out.append(f"{row.site}: batch means sit {row.mean_drift_mean:.2f} running std from the running means "
-                       f"(variance ratio {row.var_ratio_median:.2f}): eval mode sees different statistics")
-    for row in sites.itertuples():
-        if row.relu_zero_fraction >= 0.9:
-            out.append(f"{row.site}: the following ReLU zeroes {row.relu_zero_fraction:.0%} of the outputs")
-    if not out and len(sites):
-        out.append(f"{len(sites)} sites: eps below 10% of every variance, running statistics close to batch statistics")
-    return out
+def findings(sites: pd.DataFrame, recalibration: pd.DataFrame | None = None) -> list[Finding]:
+    """Findings, most severe first: :func:`normscope.rules.stats_findings`."""
+    return stats_findings(sites, recalibration)
 
 
 def analyze(ctx: AnalysisContext) -> AnalyzerOutput:
@@ -184,8 +171,10 @@ def analyze(ctx: AnalysisContext) -> AnalyzerOutput:
         model.train()
         with capture(model, sites=ctx.sites, storage="device", preserve=False) as cap:
             for inputs, _ in ctx.track(ctx.batches, "stats", total=len(ctx.batches)):
-                model(inputs)
+                forward(model, inputs)
     tables = stats_tables(cap.records, model, running)
+    if running_stat_layers(model):
+        tables["stats_recalibration"] = recalibration_table(model, ctx.dataset if ctx.dataset is not None else ctx.batches, ctx.loss_fn)
     sites = tables["stats_sites"]
     headline = {
         "sites": int(len(sites)),
@@ -193,4 +182,4 @@ def analyze(ctx: AnalysisContext) -> AnalyzerOutput:
         "mean_drift_max": float(sites["mean_drift_mean"].max()) if len(sites) else math.nan,
         "nonfinite": int(sites["nonfinite"].sum()) if len(sites) else 0,
     }
-    return AnalyzerOutput(tables=tables, findings=findings(sites), headline=headline)
+    return AnalyzerOutput(tables=tables, findings=findings(sites, tables.get("stats_recalibration")), headline=headline)

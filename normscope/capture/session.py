@@ -13,6 +13,7 @@ from torch.overrides import TorchFunctionMode
 from normscope.capture.functional import FUNCTIONAL_NORMS, RELU_FUNCTIONS, bind_call
 from normscope.capture.record import Site, SiteRecord, reduce_record
 from normscope.capture.sites import find_unrecognized, matches, module_sites
+from normscope.capture.verify import Verification, verify
 from normscope.errors import UnknownNameError
 from normscope.guard import preserved
 from normscope.registry import Layout
@@ -61,7 +62,8 @@ class Capture:
 
     After the block: ``records`` (one :class:`SiteRecord` per call of a site, in forward
     order), ``sites`` (the sites that ran, in order of first call), ``unrecognized`` (norm-like
-    classes that were not recorded).
+    classes that were not recorded), ``unverified`` (sites whose reading did not reproduce their
+    output on the first call, :mod:`normscope.capture.verify`; they are not recorded).
 
     Example:
         >>> with normscope.capture(model, sites="*bn*") as cap:
@@ -96,6 +98,7 @@ class Capture:
         self._open: dict[int, SiteRecord] = {}
         self._awaiting_dx: set[int] = set()
         self._modules: dict[int, tuple[str, nn.Module, bool, str]] = {}
+        self.unverified: list[Verification] = []
 
     @property
     def unrecognized(self) -> list[tuple[str, str]]:
@@ -210,6 +213,22 @@ class Capture:
             x.register_hook(self._dx_hook(record))
         return record, x
 
+    def _verified(self, record: SiteRecord, y: Any) -> bool:
+        """On a site's first call, check its reading against its output; drop it if it fails."""
+        if record.index > 0:
+            return True
+        check = verify(record.site.name, record.site.module_type, record.layout, record.x, y)
+        if check.verified:
+            return True
+        self.unverified.append(check)
+        self.records.remove(record)
+        self.sites = [s for s in self.sites if s.name != record.site.name]
+        self._awaiting_dx.discard(id(record))
+        return False
+
+    def _dropped(self, name: str) -> bool:
+        return any(check.site == name for check in self.unverified)
+
     def _end(self, record: SiteRecord, y: torch.Tensor) -> None:
         if self.storage != "reductions":
             record.y = self._keep(y)
@@ -233,6 +252,8 @@ class Capture:
 
     def _pre_hook(self, name: str, recognized):
         def hook(mod, args):
+            if self._dropped(name):
+                return None
             index = 1 if isinstance(mod, _WeightNorm) else 0
             x = args[index]
             layout = recognized.layout(mod, x)
@@ -247,7 +268,7 @@ class Capture:
     def _post_hook(self):
         def hook(mod, args, output):
             record = self._open.pop(id(mod), None)
-            if record is not None and isinstance(output, torch.Tensor):
+            if record is not None and self._verified(record, output) and isinstance(output, torch.Tensor):
                 self._end(record, output)
         return hook
 
@@ -260,12 +281,13 @@ class Capture:
         self._call_counts[count_key] = k + 1
         name = f"{owner or 'model'}:{fname}#{k}"
         layout = FUNCTIONAL_NORMS[func](bound.arguments)
-        if not matches(name, layout.kind.name, self.selection, self.kinds):
+        if not matches(name, layout.kind.name, self.selection, self.kinds) or self._dropped(name):
             return func(*args, **kwargs)
         x = bound.arguments["input"]
         record, bound.arguments["input"] = self._begin(Site(name, layout.kind.name, fname, functional=True), layout, x)
         out = func(*bound.args, **bound.kwargs)
-        self._end(record, out)
+        if self._verified(record, out):
+            self._end(record, out)
         return out
 
     # -- reading ---------------------------------------------------------------------------

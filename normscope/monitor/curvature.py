@@ -7,7 +7,8 @@ when an optimizer is given, else ``d = -dL/dtheta`` with the monitor's ``lr``. A
 ``descent_*`` tables (MATH.md §5; "Normalization Gradients are Least-Squares Residuals" and the
 descent analysis of batch normalization it builds on):
 
-* ``a_crit = 2 ||d_g||^2 / d_g^T H_gg d_g`` for every layer ``g`` and for all parameters
+* ``a_crit = 2 (-g_g^T d_g) / d_g^T H_gg d_g`` (``2 ||d_g||^2 / d_g^T H_gg d_g`` for ``d = -g``;
+  :func:`~normscope.analyzers.descent.critical_step`) for every layer ``g`` and for all parameters
   (``site="model"``), with ``lr_below_a_crit`` (1.0 or 0.0) against the optimizer's (or given) lr;
 * ``lambda_max``, the largest eigenvalue of ``H`` (Lanczos to relative tolerance ``tol``), and
   ``stability_limit = 2 / lambda_max``;
@@ -78,12 +79,14 @@ def curvature_rows(
         else:
             d = negative_gradient(loss)
         groups = loss.layers()
+        gradient = loss.gradient()
         rows: list[tuple[str, str, float]] = []
         chosen = {MODEL_SITE: None, **_chosen(groups, layers)}
         for group, names in chosen.items():
             op = total if names is None else total.block(names)
             flat = op.flatten(d)
-            a_crit = critical_step(float(flat.double().pow(2).sum()), op.quadratic_form(flat))
+            slope = float(torch.dot(op.flatten(gradient).double(), flat.double()))
+            a_crit = critical_step(slope, op.quadratic_form(flat))
             rows.append((group, "a_crit", a_crit))
             if lr is not None:
                 rows.append((group, "lr_below_a_crit", float(lr < a_crit)))

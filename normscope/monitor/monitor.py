@@ -13,6 +13,7 @@ from torch import nn
 
 from normscope.capture import capture
 from normscope.errors import InvalidArgumentError
+from normscope.monitor import distributed
 from normscope.monitor.curvature import MODEL_SITE, curvature_rows
 from normscope.monitor.metrics import running_stats, step_rows
 from normscope.monitor.store import RecordStore
@@ -52,7 +53,9 @@ class Monitor:
         curvature_samples: Hutchinson products for the trace. Default: 4.
         tensorboard: also write TensorBoard scalars. Default: False.
         flush_seconds: write buffered rows at most this often (0: every recorded step). Default: 10.
-        rank: the process rank written with each row (see :mod:`normscope.monitor.distributed`).
+        rank: the process rank written with each row. Under ``torch.distributed`` with more than one
+            rank, rank 0 gathers and writes every rank's rows and the spread of running statistics
+            between ranks (:mod:`normscope.monitor.distributed`); the other ranks write nothing.
 
     Example:
         >>> with normscope.Monitor(model, out="runs/m1", every=10, every_curvature=100, optimizer=opt) as monitor:
@@ -88,14 +91,19 @@ class Monitor:
         self.sites, self.kinds, self.functional = sites, kinds, functional
         self.curvature_layers, self.curvature_samples = curvature_layers, curvature_samples
         self.tensorboard, self.flush_seconds, self.rank = tensorboard, flush_seconds, rank
+        self.gathering = distributed.active()
+        if self.gathering:
+            self.rank = distributed.dist.get_rank()
         self.steps = 0
         self.store: RecordStore | None = None
+        self._entered = False
         self._writer = None
 
     # -- context ---------------------------------------------------------------------------
     def __enter__(self) -> "Monitor":
-        self.store = RecordStore(self.out, self.flush_seconds, self.rank)
-        if self.tensorboard:
+        self.store = RecordStore(self.out, self.flush_seconds, self.rank) if self.rank == 0 or not self.gathering else None
+        self._entered = True
+        if self.tensorboard and self.store is not None:
             from torch.utils.tensorboard import SummaryWriter
 
             self._writer = SummaryWriter(log_dir=str(self.out / TENSORBOARD_DIR / f"rank{self.rank}"))
@@ -128,7 +136,7 @@ class Monitor:
         overrides the monitor's for this step. ``step``: the step number to record (default: the
         count of calls so far, from 0).
         """
-        if self.store is None:
+        if not self._entered:
             raise InvalidArgumentError("use the monitor as a context manager: with normscope.Monitor(...) as monitor")
         index = self.steps if step is None else int(step)
         self.steps += 1
@@ -149,7 +157,13 @@ class Monitor:
         with capture(self.model, sites=self.sites, kinds=self.kinds, storage="reductions",
                      functional=self.functional, preserve=False) as cap:
             yield
-        self.record(index, step_rows(cap.records, running))
+        rows = step_rows(cap.records, running)
+        if self.gathering:
+            after = distributed.gather(running_stats(self.model))
+            eps = {r.site.name: r.layout.eps for r in cap.records}
+            if self.rank == 0:
+                self.store.append(index, distributed.running_spread_rows(after, eps), rank=distributed.ALL_RANKS)
+        self.record(index, rows)
 
     def current_lr(self) -> float | None:
         """The optimizer's learning rate (first parameter group), else the monitor's ``lr``."""
@@ -158,8 +172,15 @@ class Monitor:
         return self.lr
 
     def record(self, step: int, rows: list[tuple[str, str, float]]) -> None:
-        """Append rows of one step to the dataset (and TensorBoard)."""
-        self.store.append(step, rows)
+        """Append rows of one step to the dataset (and TensorBoard); under ``torch.distributed``
+        every rank's rows go to rank 0's dataset (a collective: all ranks call it alike)."""
+        if self.gathering:
+            per_rank = distributed.gather(rows)
+            if self.store is not None:
+                for rank, part in enumerate(per_rank):
+                    self.store.append(step, part, rank=rank)
+        else:
+            self.store.append(step, rows)
         if self._writer is not None:
             for site, metric, value in rows:
                 self._writer.add_scalar(f"normscope/{metric}/{site}", value, step)

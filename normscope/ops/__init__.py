@@ -1,7 +1,7 @@
 """Normalization ops from the seeds, swappable into any model in place of its BatchNorms.
 
 This module is the one list of normscope's ops. Population normalization, two-stage backprop and
-inference folding (seed 004) are imported on first access, so that importing the ops stays cheap.
+inference folding ("Extreme Normalization" (under review)) are imported on first access, so that importing the ops stays cheap.
 """
 
 from __future__ import annotations
@@ -10,11 +10,13 @@ import importlib
 from typing import Any
 
 from normscope.ops.chain import BatchLayerNorm, batch_layer_norm
+from normscope.ops.ema import EmaSchedule, ema_only_step, ema_schedule
 from normscope.ops.factory import NORMS, BatchNorm, create_norm, get_norm, norm_names
 from normscope.ops.ls_bn import LSBatchNorm, regularized_moments
 from normscope.ops.median import MedianBatchNorm, batch_median, median_batch_norm, pseudo_huber_median
-from normscope.ops.renorm import BatchRenorm, LinearWarmup, batch_renorm
-from normscope.ops.swap import batchnorm_sites, convert_batchnorm, swap_norms
+from normscope.ops.layer_norm import ChannelLayerNorm, TokenNorm
+from normscope.ops.renorm import BatchRenorm, GhostBatchNorm, LinearWarmup, batch_renorm, ghost_batch_renorm
+from normscope.ops.swap import batchnorm_sites, convert_batchnorm, convert_layer_norm, layer_sites, swap_norms
 
 _LAZY = {
     "PopulationNorm": "normscope.ops.population",
@@ -34,6 +36,10 @@ __all__ = [
     "BatchLayerNorm",
     "BatchNorm",
     "BatchRenorm",
+    "ChannelLayerNorm",
+    "EmaSchedule",
+    "GhostBatchNorm",
+    "TokenNorm",
     "LSBatchNorm",
     "LinearWarmup",
     "MedianBatchNorm",
@@ -42,6 +48,11 @@ __all__ = [
     "batch_renorm",
     "batchnorm_sites",
     "convert_batchnorm",
+    "convert_layer_norm",
+    "ema_only_step",
+    "ema_schedule",
+    "ghost_batch_renorm",
+    "layer_sites",
     "create_norm",
     "get_norm",
     "median_batch_norm",

@@ -1,4 +1,4 @@
-"""BatchNorm and LayerNorm in series on the same tensor, one affine after both (seed 002 §4.1).
+"""BatchNorm and LayerNorm in series on the same tensor, one affine after both ("Normalization Gradients are Least-Squares Residuals" (ICLR 2019 submission) §4.1).
 
 .. math::
     y = \\gamma \\cdot \\mathrm{LN}(\\mathrm{BN}(x)) + \\beta \\quad (\\text{order } \\texttt{"bn\\_ln"}), \\qquad
@@ -6,7 +6,7 @@
 
 BN normalizes each channel over ``(N, *)``, LN each sample over ``(C, *)``, both without affine.
 In the backward pass the gradient goes through two least-squares regressions on two
-partitionings, the second explaining part of the first one's residual (seed 002 §4.1, MATH.md §2).
+partitionings, the second explaining part of the first one's residual ("Normalization Gradients are Least-Squares Residuals" (ICLR 2019 submission) §4.1, MATH.md §2).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def batch_layer_norm(
     eps: float = 1e-5,
     order: str = "bn_ln",
 ) -> Tensor:
-    """``weight * LN(BN(x)) + bias`` (or ``BN(LN(x))`` for ``order="ln_bn"``) per seed 002 §4.1.
+    """``weight * LN(BN(x)) + bias`` (or ``BN(LN(x))`` for ``order="ln_bn"``) per "Normalization Gradients are Least-Squares Residuals" (ICLR 2019 submission) §4.1.
 
     BN is ``F.batch_norm`` without affine (batch statistics when ``training``, running
     statistics otherwise, updated as torch does); LN is ``F.layer_norm`` over every dim but the
@@ -54,7 +54,7 @@ def batch_layer_norm(
 
 
 class BatchLayerNorm(ChannelNorm):
-    """BatchNorm and LayerNorm in series with one per-channel affine after both (seed 002 §4.1).
+    """BatchNorm and LayerNorm in series with one per-channel affine after both ("Normalization Gradients are Least-Squares Residuals" (ICLR 2019 submission) §4.1).
 
     .. math::
         y = \\gamma \\cdot \\mathrm{LN}(\\mathrm{BN}(x)) + \\beta \\quad \\text{or} \\quad \\gamma \\cdot \\mathrm{BN}(\\mathrm{LN}(x)) + \\beta

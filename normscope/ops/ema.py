@@ -1,6 +1,6 @@
 """EMA-only steps: forward passes that move the population moments and leave the weights alone.
 
-Extreme Normalization (seed 004 §5) initializes the moving averages "by using the first 200 steps
+Extreme Normalization ("Extreme Normalization" (under review) §5) initializes the moving averages "by using the first 200 steps
 to only update the EMAs but not the weights", and "for 50 updates after that, each weight update
 is followed by 50 steps of only updating the EMAs, to avoid their staleness very early in training".
 The op carries these numbers (``PopulationNorm.warmup``, ``refresh``, ``refresh_updates``);

@@ -7,23 +7,23 @@ them can stand in for a BatchNorm (:func:`normscope.ops.swap.swap_norms`).
 name               op                                                               source
 =================  ==============================================================  ============
 ``bn``             torch's BatchNorm, any input ``(N, C, *)``                       baseline
-``median``         :class:`~normscope.ops.median.MedianBatchNorm`                   seed 000
+``median``         :class:`~normscope.ops.median.MedianBatchNorm`                   King, "Median Batch Normalization" (2022)
 ``renorm``         :class:`~normscope.ops.renorm.BatchRenorm`                       Ioffe 2017
 ``ghost_bn``       :class:`~normscope.ops.renorm.GhostBatchNorm`, ghost batches of 4  Ioffe 2017 §4.2
 ``ghost_renorm``   ``BatchRenorm`` over ghost batches of 4                          Ioffe 2017 §4.2
-``layernorm``      :class:`~normscope.ops.layer_norm.ChannelLayerNorm`              seed 002 Table 1
-``lsbn``           :class:`~normscope.ops.ls_bn.LSBatchNorm`                        seed 002 App. C
-``bn_ln``          :class:`~normscope.ops.chain.BatchLayerNorm`, BN then LN         seed 002 §4.1
-``ln_bn``          :class:`~normscope.ops.chain.BatchLayerNorm`, LN then BN         seed 002 §4.1
-``population``     ``normscope.ops.population.PopulationNorm``, per example         seed 004 §3.1
-``microbatch``     ``PopulationNorm`` with microbatches of 4                        seed 004 §5
+``layernorm``      :class:`~normscope.ops.layer_norm.ChannelLayerNorm`              "Normalization Gradients are Least-Squares Residuals" (ICLR 2019 submission) Table 1
+``lsbn``           :class:`~normscope.ops.ls_bn.LSBatchNorm`                        "Normalization Gradients are Least-Squares Residuals" (ICLR 2019 submission) App. C
+``bn_ln``          :class:`~normscope.ops.chain.BatchLayerNorm`, BN then LN         "Normalization Gradients are Least-Squares Residuals" (ICLR 2019 submission) §4.1
+``ln_bn``          :class:`~normscope.ops.chain.BatchLayerNorm`, LN then BN         "Normalization Gradients are Least-Squares Residuals" (ICLR 2019 submission) §4.1
+``population``     ``normscope.ops.population.PopulationNorm``, per example         "Extreme Normalization" (under review) §3.1
+``microbatch``     ``PopulationNorm`` with microbatches of 4                        "Extreme Normalization" (under review) §5
 =================  ==============================================================  ============
 
 The seeds are "Normalization Gradients are Least-Squares Residuals" (ICLR 2019 submission,
-seed 002 above) and "Extreme Normalization: Approximating Full-Data Batch Normalization with
-Single Examples" (seed 004); Ioffe 2017 is "Batch Renormalization". Every op's defaults follow its
+"Normalization Gradients are Least-Squares Residuals" (ICLR 2019 submission) above) and "Extreme Normalization: Approximating Full-Data Batch Normalization with
+Single Examples" ("Extreme Normalization" (under review)); Ioffe 2017 is "Batch Renormalization". Every op's defaults follow its
 paper where the paper states one (see each docstring). ``microbatch`` is the improved batch
-renormalization of seed 004 §5, ``ghost_renorm`` Ioffe's own at the same microbatch size.
+renormalization of "Extreme Normalization" (under review) §5, ``ghost_renorm`` Ioffe's own at the same microbatch size.
 """
 
 from __future__ import annotations

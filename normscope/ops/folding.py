@@ -1,4 +1,4 @@
-"""Inference folding (seed 004 Algorithm 1, MATH.md §4): linear/conv + population norm -> linear/conv.
+"""Inference folding ("Extreme Normalization" (under review) Algorithm 1, MATH.md §4): linear/conv + population norm -> linear/conv.
 
 At inference a :class:`~normscope.ops.population.PopulationNorm` (or a BatchNorm) computes
 ``y = R (gamma * (u - mu-bar) / sqrt(nu-bar + eps)) + beta`` from the output ``u = W x + b0`` of the

@@ -1,7 +1,7 @@
-"""Least-squares-regularized BatchNorm (seed 002 §4.2 and Appendix C; MATH.md §2).
+"""Least-squares-regularized BatchNorm ("Normalization Gradients are Least-Squares Residuals" (ICLR 2019 submission) §4.2 and Appendix C; MATH.md §2).
 
 The forward pass is BatchNorm's. The backward pass, which keeps the residual of a least-squares
-fit of ``g = dL/dz`` on ``z`` per channel (seed 002 Theorem 1), fits on the batch plus two
+fit of ``g = dL/dz`` on ``z`` per channel ("Normalization Gradients are Least-Squares Residuals" (ICLR 2019 submission) Theorem 1), fits on the batch plus two
 virtual items at ``z = +1`` and ``z = -1`` with virtual gradients ``alpha* + beta*`` and
 ``alpha* - beta*``, each with weight ``w`` batch items:
 
@@ -13,7 +13,9 @@ virtual items at ``z = +1`` and ``z = -1`` with virtual gradients ``alpha* + bet
 with ``alpha = mean(g)``, ``beta = mean(g z)`` over the batch and spatial dims, N the batch size
 (a virtual item is broadcast over the spatial dims like a real one), and ``alpha*``, ``beta*``
 running averages of ``alpha``, ``beta`` over past batches. ``w = 0`` is BatchNorm. The virtual
-items leave the forward pass and the gradients of ``gamma``, ``beta`` unchanged.
+items leave the forward pass and the gradients of ``gamma``, ``beta`` unchanged. ``w`` counts
+batch items, never spatial positions (MATH.md §2); the gls analyzer's ``gls_regularization``
+uses the same :func:`regularized_moments`.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from normscope.ops.base import ChannelNorm, channel_view, mean_var, reduce_dims,
 def regularized_moments(
     alpha: Tensor, beta: Tensor, alpha_star: Tensor, beta_star: Tensor, batch_size: int, weight: float
 ) -> tuple[Tensor, Tensor]:
-    """The fit of ``g`` on ``z`` with the two virtual items appended (seed 002 App. C, eqs. 53-54).
+    """The fit of ``g`` on ``z`` with the two virtual items appended ("Normalization Gradients are Least-Squares Residuals" (ICLR 2019 submission) App. C, eqs. 53-54).
 
     Returns ``((N alpha + 2 w alpha*) / (N + 2 w), (N beta + 2 w beta*) / (N + 2 w))``: the
     weighted means of ``g`` and ``g z`` over the batch and the items ``(z, g) = (+1, alpha* + beta*)``,
@@ -75,7 +77,7 @@ class _RegularizedNormalize(torch.autograd.Function):
 
 
 class LSBatchNorm(ChannelNorm):
-    """Least-squares-regularized BatchNorm (seed 002 Appendix C), a drop-in for ``BatchNorm1d/2d/3d``.
+    """Least-squares-regularized BatchNorm ("Normalization Gradients are Least-Squares Residuals" (ICLR 2019 submission) Appendix C), a drop-in for ``BatchNorm1d/2d/3d``.
 
     .. math::
         y = \\gamma \\frac{x - \\mu_B}{\\sqrt{\\sigma_B^2 + \\epsilon}} + \\beta, \\qquad

@@ -1,4 +1,4 @@
-"""Median batch normalization (seed 000; MATH.md §3): the per-channel batch median replaces the mean.
+"""Median batch normalization (King, "Median Batch Normalization" (2022); MATH.md §3): the per-channel batch median replaces the mean.
 
 .. math::
     M = \\operatorname{median}_{(N, *)}(x), \\quad
@@ -17,7 +17,7 @@ backward pass needs ``dM/dx``. Three choices of that derivative (the ``backward`
     uses it too) and, by the implicit function theorem, ``dM/dx_k = w_k / sum_i w_i`` with
     ``w_i = delta^2 / ((x_i - M)^2 + delta^2)^(3/2)``: positive weights summing to 1. Passes gradcheck.
 ``seed``
-    Seed 000 §3.1's literal closed form ``dM/dx_k = -|x_k - M|^-3 / sum_i |x_i - M|^-3``, for
+    King, "Median Batch Normalization" (2022) §3.1's literal closed form ``dM/dx_k = -|x_k - M|^-3 / sum_i |x_i - M|^-3``, for
     reproducing the document only. It is wrong: it is negative for every k and sums to -1, while
     any derivative of a median sums to +1 (``M(x + c) = M(x) + c``). The error comes from
     differentiating ``|x - y|`` as if it were ``1/|x - y|``. It is infinite at the median element
@@ -40,7 +40,7 @@ from normscope.ops.base import ChannelNorm, channel_view, reduce_dims, stats_dty
 
 BACKWARD_MODES = ("exact", "smoothed", "seed")
 SEED_WARNING = (
-    "median batch norm backward='seed' uses seed 000's closed form dM/dx_k = -|x_k - M|^-3 / sum |x_i - M|^-3, "
+    "median batch norm backward='seed' uses King's (2022) closed form dM/dx_k = -|x_k - M|^-3 / sum |x_i - M|^-3, "
     "which sums to -1 instead of +1 and is not the derivative of the median; use 'exact' or 'smoothed'"
 )
 
@@ -86,7 +86,7 @@ def median_weights(rows: Tensor, median: Tensor, mode: str, delta: float) -> Ten
     """``dM/dx`` per row of ``rows`` ``(C, m)`` for the ``smoothed`` or ``seed`` mode (MATH.md §3).
 
     ``smoothed``: ``w_k / sum_i w_i`` with ``w_i = delta^2 / ((x_i - M)^2 + delta^2)^(3/2)``.
-    ``seed``: ``-v_k / sum_i v_i`` with ``v_i = max(|x_i - M|, delta)^-3`` (seed 000 §3.1, wrong).
+    ``seed``: ``-v_k / sum_i v_i`` with ``v_i = max(|x_i - M|, delta)^-3`` (King, "Median Batch Normalization" (2022) §3.1, wrong).
     """
     r = rows - median[:, None]
     if mode == "smoothed":
@@ -164,7 +164,7 @@ def check_mode(mode: str) -> str:
 
 def batch_median(x: Tensor, backward: str = "exact", delta: float = 1e-2) -> Tensor:
     """Per-channel median of ``x`` ``(N, C, *)`` over ``(N, *)``, shape ``(C,)``, differentiable
-    with the ``dM/dx`` of the ``backward`` mode (seed 000 §2-3, MATH.md §3)."""
+    with the ``dM/dx`` of the ``backward`` mode (King, "Median Batch Normalization" (2022) §2-3, MATH.md §3)."""
     if check_mode(backward) == "seed":
         warnings.warn(SEED_WARNING, UserWarning, stacklevel=2)
     return _BatchMedian.apply(x, backward, delta).to(x.dtype)
@@ -182,7 +182,7 @@ def median_batch_norm(
     backward: str = "exact",
     delta: float = 1e-2,
 ) -> Tensor:
-    """Median batch normalization of ``x`` ``(N, C, *)``, per channel (seed 000 §2; MATH.md §3).
+    """Median batch normalization of ``x`` ``(N, C, *)``, per channel (King, "Median Batch Normalization" (2022) §2; MATH.md §3).
 
     ``y = weight * (x - M) / sqrt(var_M + eps) + bias`` with ``M`` the batch median and
     ``var_M = mean((x - M)^2)``. In training (or without running
@@ -219,7 +219,7 @@ def _normalize(
 
 
 class MedianBatchNorm(ChannelNorm):
-    """Median batch normalization (seed 000; MATH.md §3), a drop-in for ``BatchNorm1d/2d/3d``.
+    """Median batch normalization (King, "Median Batch Normalization" (2022); MATH.md §3), a drop-in for ``BatchNorm1d/2d/3d``.
 
     .. math::
         y = \\frac{x - \\operatorname{median}[x]}{\\sqrt{\\operatorname{mean}[(x - \\operatorname{median}[x])^2] + \\epsilon}} \\gamma + \\beta

@@ -1,6 +1,6 @@
 """BatchNorm-style sites of a model and a way to recompute their outputs with chosen moments.
 
-The two-stage estimator (seed 004 §3.2) and the population gradient (seed 004 §2, MATH.md §4)
+The two-stage estimator ("Extreme Normalization" (under review) §3.2) and the population gradient ("Extreme Normalization" (under review) §2, MATH.md §4)
 need each normalization site to normalize with moments that are not its own batch moments:
 leaf tensors, population moments, or the second tower's aggregated moments. :func:`override`
 does that with forward hooks that replace the site's output by ``fn(site, x)``, without
@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from normscope.batch import forward
 from normscope.errors import NoNormSitesError
 from normscope.ops.population import PopulationNorm, affine_rotate
 
@@ -112,9 +113,10 @@ def override(
 
 
 def forward_until(model: nn.Module, inputs: Tensor) -> Tensor | None:
-    """Run ``model(inputs)``; return None when a hook stopped it with :class:`StopForward`."""
+    """Run ``model`` on ``inputs`` (:func:`normscope.batch.forward`); return None when a hook
+    stopped it with :class:`StopForward`."""
     try:
-        return model(inputs)
+        return forward(model, inputs)
     except StopForward:
         return None
 

@@ -1,4 +1,4 @@
-"""Population normalization with per-example or microbatch gradients (seed 004 §3.1, MATH.md §4).
+"""Population normalization with per-example or microbatch gradients ("Extreme Normalization" (under review) §3.1, MATH.md §4).
 
 The forward pass normalizes with the EMA moments (mu-bar, nu-bar), so training and inference see
 the same values; the backward pass sends the gradient to the example's (microbatch size 1) or the
@@ -6,7 +6,7 @@ microbatch's own moments through :func:`scale_grad`, with shrinkage ``r_m``, ``r
 ``min(nu-bar / nu_b, f_max)`` on the second-moment gradient and the ``u_max`` clip of the
 normalized activations. Microbatch size 1 needs no interaction between examples; size k > 1 is
 the seed's improved batch renormalization (§5). An optional fixed rotation sits between the
-normalization and the nonlinearity (seed 004 §2.2).
+normalization and the nonlinearity ("Extreme Normalization" (under review) §2.2).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ NO_ROTATION = (None, "none")
 
 
 def scale_grad(value: Tensor, source: Tensor, r: Tensor | float) -> Tensor:
-    """ScaleGrad(S, Q, r) of seed 004 §3.1: value ``S``, gradient ``r * dL/dS`` sent to ``Q``.
+    """ScaleGrad(S, Q, r) of "Extreme Normalization" (under review) §3.1: value ``S``, gradient ``r * dL/dS`` sent to ``Q``.
 
     .. math:: \\mathrm{ScaleGrad}(S, Q, r) = \\mathrm{sg}(r)\\,Q + \\mathrm{sg}(S - rQ)
 
@@ -39,7 +39,8 @@ def scale_grad(value: Tensor, source: Tensor, r: Tensor | float) -> Tensor:
 
 
 def rotation_matrix(width: int, kind: str = "auto", seed: int = 0, dtype: torch.dtype = torch.float32) -> Tensor:
-    """A fixed orthogonal ``(width, width)`` matrix R (seed 004 §2.2).
+    """A fixed orthogonal ``(width, width)`` matrix R ("Extreme Normalization" (under review) §2.2), computed in float64 and
+    cast once to ``dtype`` (so ``R R^T = I`` to the rounding of ``dtype``).
 
     ``"hadamard"``: the Sylvester Hadamard matrix / sqrt(width) (width a power of 2);
     ``"random"``: a Haar-random orthogonal matrix drawn with ``seed``;
@@ -62,14 +63,14 @@ def rotation_matrix(width: int, kind: str = "auto", seed: int = 0, dtype: torch.
 def example_moments(x: Tensor, mean: Tensor) -> tuple[Tensor, Tensor]:
     """Per-example moments ``mu_b = E_i x_{b,i}`` and ``nu_b = E_i (x_{b,i} - mu-bar)^2``, shape (N, C).
 
-    ``E_i`` runs over the spatial positions of one example and channel (seed 004 §3.1).
+    ``E_i`` runs over the spatial positions of one example and channel ("Extreme Normalization" (under review) §3.1).
     """
     flat = x.reshape(x.shape[0], x.shape[1], -1)
     return flat.mean(dim=2), (flat - mean.view(1, -1, 1)).pow(2).mean(dim=2)
 
 
 def clip_factor(nu_b: Tensor, var: Tensor, eps: float, u_max: float) -> Tensor:
-    """The ``u_max`` clip ``sg(min(1, u_max * sqrt((nu-bar + eps) / (nu_b + eps))))`` (seed 004 Alg. 1)."""
+    """The ``u_max`` clip ``sg(min(1, u_max * sqrt((nu-bar + eps) / (nu_b + eps))))`` ("Extreme Normalization" (under review) Alg. 1)."""
     ratio = ((var + eps) / (nu_b + eps)).detach()
     return (u_max * ratio.sqrt()).clamp(max=1.0)
 
@@ -77,7 +78,7 @@ def clip_factor(nu_b: Tensor, var: Tensor, eps: float, u_max: float) -> Tensor:
 def normalize_shared(x: Tensor, mean: Tensor, var: Tensor, eps: float, u_max: float = math.inf) -> Tensor:
     """``q = (x - mean) / sqrt(var + eps) * clip_b`` with shared moments ``mean``, ``var`` (C,).
 
-    The moments may carry gradients (the second tower of seed 004 §3.4 uses mu-double-dagger and
+    The moments may carry gradients (the second tower of "Extreme Normalization" (under review) §3.4 uses mu-double-dagger and
     nu-double-dagger here); ``clip_b`` is the per-example ``u_max`` clip, a constant.
     """
     scale = torch.rsqrt(var + eps)
@@ -115,7 +116,7 @@ def normalize_groups(
     f_max: float = 2.0,
     u_max: float = 5.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Population normalization with gradients to the group moments (seed 004 §3.1).
+    """Population normalization with gradients to the group moments ("Extreme Normalization" (under review) §3.1).
 
     Examples are split in order into groups of ``microbatch`` (the last group takes the rest).
     Per group g and channel: ``mu_g = E x``, ``mu† = ScaleGrad(mu-bar, mu_g, r_m)``,
@@ -210,7 +211,7 @@ def fused_normalize_groups(
     f_max: float = 2.0,
     u_max: float = 5.0,
 ) -> tuple[Tensor, Tensor]:
-    """``(gamma * q, nu)``: q and its gradient those of :func:`normalize_groups` (seed 004 §3.1),
+    """``(gamma * q, nu)``: q and its gradient those of :func:`normalize_groups` ("Extreme Normalization" (under review) §3.1),
     computed by :class:`_FusedGroupNorm`, and each example's group second moment ``nu_g`` (N, C),
     a constant. The EMA moments get no gradient (ScaleGrad stops it)."""
     n, c = x.shape[0], x.shape[1]
@@ -227,7 +228,7 @@ def fused_normalize_groups(
 
 
 def affine_rotate(q: Tensor, weight: Tensor | None, bias: Tensor | None, rotation: Tensor | None) -> Tensor:
-    """``y = R (gamma * q) + beta`` over the channel dim 1 (seed 004 Alg. 1: Rotate(q ⊙ γ) + β)."""
+    """``y = R (gamma * q) + beta`` over the channel dim 1 ("Extreme Normalization" (under review) Alg. 1: Rotate(q ⊙ γ) + β)."""
     y = q if weight is None else q * channel_view(weight, q)
     if rotation is not None:
         y = torch.movedim(torch.movedim(y, 1, -1) @ rotation.T, -1, 1)
@@ -250,7 +251,7 @@ def population_norm(
     u_max: float = 5.0,
     rotation: Tensor | None = None,
 ) -> Tensor:
-    """Functional :class:`PopulationNorm`: ``y = R (gamma * q) + beta`` (seed 004 §3.1, Alg. 1).
+    """Functional :class:`PopulationNorm`: ``y = R (gamma * q) + beta`` ("Extreme Normalization" (under review) §3.1, Alg. 1).
 
     Training: q from :func:`fused_normalize_groups` (the values and gradient of
     :func:`normalize_groups`, backward written out), then the EMAs move in place towards the batch
@@ -281,7 +282,7 @@ def population_norm(
 
 
 class PopulationNorm(_NormBase):
-    """Population normalization with per-example / microbatch gradients (seed 004 §3.1).
+    """Population normalization with per-example / microbatch gradients ("Extreme Normalization" (under review) §3.1).
 
     .. math:: y = R\\Big(\\gamma \\odot \\frac{x - \\mu^\\dagger}{\\sqrt{\\nu^\\dagger + \\epsilon}}\\Big) + \\beta,
               \\quad \\mu^\\dagger = \\mathrm{ScaleGrad}(\\bar\\mu, \\mu_g, r_m),\\;
@@ -301,23 +302,23 @@ class PopulationNorm(_NormBase):
         momentum: the EMA rate, the weight of each batch in mu-bar and nu-bar; 0 freezes the EMAs
             (no in-place update, so the layer runs under ``torch.func`` transforms), None gives a
             cumulative average. It is this op's own rate: :func:`normscope.ops.swap.swap_norms`
-            does not copy the replaced BatchNorm's momentum into it. Default: 0.2 (seed 004 §5).
+            does not copy the replaced BatchNorm's momentum into it. Default: 0.2 ("Extreme Normalization" (under review) §5).
         affine: learn gamma and beta. Default: True.
-        microbatch: examples per normalization group. Default: 1 (per example, seed 004 §3.1).
-        r_m: shrinkage of the gradient through the mean. Default: 1.0 (seed 004 §5: not used unless noted).
-        r_v: shrinkage of the gradient through the second moment. Default: 1.0 (seed 004 §5).
-        f_max: cap of the rescaling ``nu-bar / nu_g`` of that gradient. Default: 2.0 (seed 004 §2.2, §5).
-        u_max: clip of the RMS of normalized activations per group, in training. Default: 5.0 (seed 004 §5).
+        microbatch: examples per normalization group. Default: 1 (per example, "Extreme Normalization" (under review) §3.1).
+        r_m: shrinkage of the gradient through the mean. Default: 1.0 ("Extreme Normalization" (under review) §5: not used unless noted).
+        r_v: shrinkage of the gradient through the second moment. Default: 1.0 ("Extreme Normalization" (under review) §5).
+        f_max: cap of the rescaling ``nu-bar / nu_g`` of that gradient. Default: 2.0 ("Extreme Normalization" (under review) §2.2, §5).
+        u_max: clip of the RMS of normalized activations per group, in training. Default: 5.0 ("Extreme Normalization" (under review) §5).
         rotation: None or ``"none"``, ``"hadamard"``, ``"random"`` or ``"auto"`` (Hadamard if C is
-            a power of 2). Default: None (seed 004 §5 adds it for small microbatches).
+            a power of 2). Default: None ("Extreme Normalization" (under review) §5 adds it for small microbatches).
         rotation_seed: seed of the random rotation. Default: 0.
         warmup: EMA-only training steps (forward passes that move the EMAs, no weight update)
             before the first weight update; read by the training loop
-            (:func:`normscope.ops.ema.ema_schedule`), not by ``forward``. Default: 200 (seed 004 §5).
+            (:func:`normscope.ops.ema.ema_schedule`), not by ``forward``. Default: 200 ("Extreme Normalization" (under review) §5).
         refresh: EMA-only steps after each of the first ``refresh_updates`` weight updates.
-            Default: 50 (seed 004 §5).
+            Default: 50 ("Extreme Normalization" (under review) §5).
         refresh_updates: how many of the first weight updates are followed by ``refresh`` EMA-only
-            steps. Default: 50 (seed 004 §5).
+            steps. Default: 50 ("Extreme Normalization" (under review) §5).
 
     Shape:
         Input ``(N, C)`` or ``(N, C, *)``; output the same.
@@ -368,8 +369,17 @@ class PopulationNorm(_NormBase):
         self.warmup, self.refresh, self.refresh_updates = warmup, refresh, refresh_updates
         rotation = None if rotation in NO_ROTATION else rotation
         self.rotation_kind, self.rotation_seed = rotation, rotation_seed
-        matrix = None if rotation is None else rotation_matrix(num_features, rotation, rotation_seed)
-        self.register_buffer("rotation", None if matrix is None else matrix.to(device=device, dtype=dtype or torch.float32), persistent=False)
+        # float64 master: every cast of the module (.double(), .to(dtype)) recasts the buffer from it,
+        # so a float64 module gets a float64-orthogonal R, not a float32 matrix cast up (see _apply)
+        self._rotation64 = None if rotation is None else rotation_matrix(num_features, rotation, rotation_seed, torch.float64)
+        buffer = None if self._rotation64 is None else self._rotation64.to(device=device, dtype=dtype or torch.get_default_dtype())
+        self.register_buffer("rotation", buffer, persistent=False)
+
+    def _apply(self, fn, recurse: bool = True):
+        super()._apply(fn, recurse)
+        if self.rotation is not None:
+            self.rotation = self._rotation64.to(device=self.rotation.device, dtype=self.rotation.dtype)
+        return self
 
     def _check_input_dim(self, x: Tensor) -> None:
         if x.dim() < 2 or x.shape[1] != self.num_features:

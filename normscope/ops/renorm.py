@@ -1,4 +1,4 @@
-"""Batch renormalization (Ioffe 2017, "Batch Renormalization"; discussed in seeds 002 App. C and 004 §3.1).
+"""Batch renormalization (Ioffe 2017, "Batch Renormalization"; discussed in "Normalization Gradients are Least-Squares Residuals" (ICLR 2019 submission) App. C and "Extreme Normalization" (under review) §3.1).
 
 .. math::
     r = \\operatorname{clip}_{[1/r_{max}, r_{max}]}\\Big(\\frac{\\sigma_B}{\\sigma}\\Big), \\quad

@@ -1,4 +1,4 @@
-"""Two-stage backpropagation (seed 004 §3.2) and its two-tower form (seed 004 §3.4).
+"""Two-stage backpropagation ("Extreme Normalization" (under review) §3.2) and its two-tower form ("Extreme Normalization" (under review) §3.4).
 
 Every BatchNorm-style site normalizes with its EMA moments mu-bar, nu-bar (``running_mean``,
 ``running_var``; a torch BatchNorm counts as a PopulationNorm with r = 1 and no caps).
@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from normscope import batch as batches
 from normscope.errors import InvalidArgumentError
 from normscope.ops.norm_sites import (
     forward_until,
@@ -64,7 +65,7 @@ def _ema(module: nn.Module) -> tuple[Tensor, Tensor]:
 
 
 def _second_moment_scale(module: nn.Module, var: Tensor, batch_var: Tensor) -> Tensor:
-    """``r_v min((nu-bar + eps) / (E_b nu_b + eps), f_max)`` of nu-double-dagger (seed 004 §3.2)."""
+    """``r_v min((nu-bar + eps) / (E_b nu_b + eps), f_max)`` of nu-double-dagger ("Extreme Normalization" (under review) §3.2)."""
     opt = site_options(module)
     return opt.r_v * ((var + opt.eps) / (batch_var + opt.eps)).clamp(max=opt.f_max)
 
@@ -89,7 +90,7 @@ def two_stage_gradient(
     loss_fn: LossFn = F.cross_entropy,
     chunk_size: int | None = None,
 ) -> TwoStageResult:
-    """The two-stage gradient estimate of seed 004 §3.2 for one minibatch, chunk by chunk.
+    """The two-stage gradient estimate of "Extreme Normalization" (under review) §3.2 for one minibatch, chunk by chunk.
 
     .. math:: \\hat g = g^W + h^W,\\quad h^W = \\nabla_W \\sum_{sites}
               \\big(r_m g^\\mu \\cdot \\mathbb{E}_b \\mu_b + c\\, g^\\nu \\cdot \\mathbb{E}_b \\nu_b\\big)
@@ -99,7 +100,7 @@ def two_stage_gradient(
     no running-statistic update); stochastic layers such as dropout should be in eval mode,
     since the two stages must see the same forward values.
     """
-    n = inputs.shape[0]
+    n = batches.check_sliceable((inputs, targets))
     size = n if chunk_size is None else chunk_size
     if size < 1:
         raise InvalidArgumentError(f"chunk_size must be >= 1 (got {chunk_size})")
@@ -125,7 +126,8 @@ def two_stage_gradient(
     with override(model, shared) as order:
         for start, stop in bounds:
             order.clear()
-            loss = loss_fn(model(inputs[start:stop]), targets[start:stop]) * ((stop - start) / n)
+            chunk_inputs, chunk_targets = batches.take((inputs, targets), slice(start, stop))
+            loss = loss_fn(batches.forward(model, chunk_inputs), chunk_targets) * ((stop - start) / n)
             grads = grads_or_zeros(torch.autograd.grad(loss, tensors + leaf_list, allow_unused=True), tensors + leaf_list)
             g_w = [a + b for a, b in zip(g_w, grads[: len(tensors)])]
             g_s = [a + b for a, b in zip(g_s, grads[len(tensors) :])]
@@ -149,7 +151,7 @@ def two_stage_gradient(
     with override(model, tower_one, stop_after=last_site):
         for start, stop in bounds:
             terms.clear()
-            forward_until(model, inputs[start:stop])
+            forward_until(model, batches.take((inputs, targets), slice(start, stop))[0])
             objective = torch.stack(terms).sum()
             if objective.requires_grad:
                 grads = grads_or_zeros(torch.autograd.grad(objective, tensors, allow_unused=True), tensors)
@@ -161,7 +163,7 @@ def two_stage_gradient(
 def two_tower_gradient(
     model: nn.Module, inputs: Tensor, targets: Tensor, loss_fn: LossFn = F.cross_entropy
 ) -> dict[str, Tensor]:
-    """The two-tower construction of seed 004 §3.4 and Algorithm 1, in one backward pass.
+    """The two-tower construction of "Extreme Normalization" (under review) §3.4 and Algorithm 1, in one backward pass.
 
     Tower 1 normalizes each example with its own moments (ScaleGrad to ``mu_b``, ``nu_b``);
     ``mu‡ = ScaleGrad(mu-bar, E_b mu_b, r_m)`` and
@@ -179,7 +181,7 @@ def two_tower_gradient(
         return site_output(module, q)
 
     with override(model, tower_one):
-        model(inputs)
+        batches.forward(model, inputs)
     shared_moments = {}
     for name, module in sites.items():
         mean, var = _ema(module)
@@ -193,7 +195,7 @@ def two_tower_gradient(
         return _shared_output(module, x, *shared_moments[name])
 
     with override(model, tower_two):
-        loss = loss_fn(model(inputs), targets)
+        loss = loss_fn(batches.forward(model, inputs), targets)
     grads = grads_or_zeros(torch.autograd.grad(loss, list(params.values()), allow_unused=True), list(params.values()))
     return dict(zip(params, grads))
 
@@ -207,7 +209,7 @@ def two_stage_step(
 ) -> float:
     """A training step's backward with two-stage backprop: adds the estimate to each ``.grad``
     (as ``loss.backward()`` would) and moves every site's EMAs towards ``E_b mu_b``, ``E_b nu_b``
-    with the site's momentum (seed 004 Alg. 1, UpdateEMA). Returns the minibatch loss.
+    with the site's momentum ("Extreme Normalization" (under review) Alg. 1, UpdateEMA). Returns the minibatch loss.
     """
     result = two_stage_gradient(model, inputs, targets, loss_fn, chunk_size)
     with torch.no_grad():

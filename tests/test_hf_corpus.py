@@ -1,0 +1,172 @@
+"""Real third-party models: transformers families built from tiny configs (no download), each run
+through ``normscope.analyze`` with its natural dict batch and loss preset, in float64."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import normscope
+from normscope.capture.sites import module_sites
+from normscope.errors import DataShapeError
+
+transformers = pytest.importorskip("transformers")
+transformers.logging.set_verbosity_error()
+
+N, T, V = 8, 8, 32  # examples, tokens, vocabulary
+LM = dict(vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+          num_key_value_heads=1, max_position_embeddings=32)
+
+
+def tokens(labels: str | None = None, classes: int = 3) -> dict:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, V, (N, T), generator=g)
+    mask = torch.ones_like(ids)
+    mask[: N // 2, -2:] = 0  # padding on half the batch
+    batch = {"input_ids": ids, "attention_mask": mask}
+    if labels == "class":
+        batch["labels"] = torch.randint(0, classes, (N,), generator=g)
+    if labels == "tokens":
+        batch["labels"] = ids.masked_fill(mask == 0, -100)
+    return batch
+
+
+def pixels(channels: int = 3, size: int = 32, classes: int = 3) -> dict:
+    g = torch.Generator().manual_seed(0)
+    return {"pixel_values": torch.randn(N, channels, size, size, generator=g, dtype=torch.float64),
+            "labels": torch.randint(0, classes, (N,), generator=g)}
+
+
+def audio() -> dict:
+    g = torch.Generator().manual_seed(0)
+    return {"input_values": torch.randn(N, 400, generator=g, dtype=torch.float64),
+            "labels": torch.randint(0, 3, (N,), generator=g)}
+
+
+def vision(**extra) -> dict:
+    return dict(image_size=32, num_channels=3, num_labels=3, **extra)
+
+
+# family: (model class, config, batch, loss preset, norm classes, gls identity tolerance, why loosened)
+FAMILIES = {
+    "gpt2": ("GPT2LMHeadModel", lambda: transformers.GPT2Config(vocab_size=V, n_embd=16, n_layer=1, n_head=2, n_positions=32),
+             lambda: tokens(), "lm", {"LayerNorm"}, 1e-6, ""),
+    "bert": ("BertForSequenceClassification", lambda: transformers.BertConfig(num_labels=3, **{k: v for k, v in LM.items() if k != "num_key_value_heads"}),
+             lambda: tokens("class"), "cross_entropy", {"LayerNorm"}, 1e-6, ""),
+    "distilbert": ("DistilBertForSequenceClassification", lambda: transformers.DistilBertConfig(vocab_size=V, dim=16, hidden_dim=32, n_layers=1, n_heads=2, max_position_embeddings=32, num_labels=3),
+                   lambda: tokens("class"), "cross_entropy", {"LayerNorm"}, 1e-6, ""),
+    "t5": ("T5ForConditionalGeneration", lambda: transformers.T5Config(vocab_size=V, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2, decoder_start_token_id=0),
+           lambda: tokens("tokens"), "model", {"T5LayerNorm"}, 1e-6, ""),
+    "llama": ("LlamaForCausalLM", lambda: transformers.LlamaConfig(**LM), lambda: tokens(), "lm", {"LlamaRMSNorm"},
+              1e-6, ""),
+    "qwen2": ("Qwen2ForCausalLM", lambda: transformers.Qwen2Config(**LM), lambda: tokens(), "lm", {"Qwen2RMSNorm"}, 1e-6, ""),
+    "mistral": ("MistralForCausalLM", lambda: transformers.MistralConfig(**LM), lambda: tokens(), "lm", {"MistralRMSNorm"}, 1e-6, ""),
+    "vit": ("ViTForImageClassification", lambda: transformers.ViTConfig(**vision(patch_size=8, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)),
+            lambda: pixels(), "cross_entropy", {"LayerNorm"}, 1e-6, ""),
+    "swin": ("SwinForImageClassification", lambda: transformers.SwinConfig(**vision(patch_size=4, embed_dim=8, depths=[1, 1], num_heads=[1, 2], window_size=4)),
+             lambda: pixels(), "cross_entropy", {"LayerNorm"}, 1e-6, ""),
+    "convnext": ("ConvNextForImageClassification", lambda: transformers.ConvNextConfig(num_stages=2, hidden_sizes=[8, 16], depths=[1, 1], num_labels=3),
+                 lambda: pixels(), "cross_entropy", {"ConvNextLayerNorm", "LayerNorm"}, 1e-6, ""),
+    "resnet": ("ResNetForImageClassification", lambda: transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic", num_labels=3),
+               lambda: pixels(), "cross_entropy", {"BatchNorm2d"}, 1e-6, ""),
+    "regnet": ("RegNetForImageClassification", lambda: transformers.RegNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], groups_width=8, num_labels=3),
+               lambda: pixels(), "cross_entropy", {"BatchNorm2d"}, 1e-6, ""),
+    "wav2vec2": ("Wav2Vec2ForSequenceClassification", lambda: transformers.Wav2Vec2Config(
+        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, conv_dim=(8, 8), conv_stride=(5, 2),
+        conv_kernel=(10, 3), feat_extract_norm="group", num_conv_pos_embeddings=8, num_conv_pos_embedding_groups=2, num_labels=3,
+        mask_time_prob=0.0), lambda: audio(), "cross_entropy", {"GroupNorm", "LayerNorm", "_WeightNorm"}, 1e-6, ""),
+}
+
+
+def build(family: str):
+    cls, config, batch, loss, norms, tol, why = FAMILIES[family]
+    torch.manual_seed(0)
+    return getattr(transformers, cls)(config()).double(), batch(), loss, norms, tol
+
+
+def state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}, model.training
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_family_runs_with_its_natural_batch_every_site_verified(family):
+    model, batch, loss, norms, tol = build(family)
+    before, training = state(model)
+    result = normscope.analyze(model, batch, analyzers="stats,gls", loss_fn=loss, batch_size=4, batches=1, budget=None)
+    found = {row["name"] for row in result.meta["sites"]}
+    expected = {name for name, module, _ in module_sites(model)}
+    assert expected <= found, f"sites not found: {expected - found}"
+    assert {row["module_type"] for row in result.meta["sites"]} == norms
+    assert result.meta["unverified"] == []
+    # named like a norm but holding none: reported (never silently dropped), and it is no site
+    reported = {row["module_type"] for row in result.meta["unrecognized"]}
+    assert reported == ({"Wav2Vec2NoLayerNormConvLayer"} if family == "wav2vec2" else set())
+    assert result.meta["loss_fn"] == loss and result.meta["analyzer_errors"] == {}
+    sites = result.tables["gls_sites"]
+    assert set(sites["site"]) == found
+    assert (sites["identity_rel_max"] <= tol).all(), sites[["site", "identity_rel_max"]]
+    after, still = state(model)
+    assert still == training and after.keys() == before.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_convnext_real_subclass_is_read_per_instance():
+    """transformers' ConvNextLayerNorm subclasses nn.LayerNorm; channels-first instances normalize
+    over dim 1, which the torch class lookup alone would read over the last dim."""
+    from transformers.models.convnext.modeling_convnext import ConvNextLayerNorm
+
+    assert issubclass(ConvNextLayerNorm, torch.nn.LayerNorm)
+    first = ConvNextLayerNorm(6, eps=1e-6, data_format="channels_first").double()
+    last = ConvNextLayerNorm(6, eps=1e-6, data_format="channels_last").double()
+    with torch.no_grad():
+        first.weight.uniform_(0.5, 1.5), first.bias.uniform_(-1, 1)
+    x = torch.randn(2, 6, 5, 4, dtype=torch.float64)
+    with normscope.capture(torch.nn.Sequential(first)) as cap:
+        y = first(x)
+    record = cap["0"]
+    assert record.layout.rule == "sample_channel" and cap.unverified == []
+    assert record.z_rows().shape == (2 * 5 * 4, 6)
+    z = (x - x.mean(1, keepdim=True)) / torch.sqrt(x.var(1, unbiased=False, keepdim=True) + 1e-6)
+    torch.testing.assert_close(record.z_rows(), z.movedim(1, -1).reshape(-1, 6), rtol=0, atol=1e-12)
+    torch.testing.assert_close(y, z * first.weight[:, None, None] + first.bias[:, None, None])
+    with normscope.capture(torch.nn.Sequential(last)) as cap:
+        last(x.movedim(1, -1))
+    assert cap["0"].layout.rule == "sample_last" and cap.unverified == []
+
+
+def test_a_reading_that_does_not_reproduce_the_output_is_reported_and_excluded():
+    """A torch LayerNorm subclass whose forward changes the partition (over dim 1) without saying
+    so: the reading of nn.LayerNorm is wrong, so the site is unverified, listed, and not analyzed."""
+
+    class ChannelLayerNorm(torch.nn.LayerNorm):
+        def forward(self, x):
+            return super().forward(x.movedim(1, -1)).movedim(-1, 1)
+
+    # 4 channels and a 4 x 4 image: the torch reading (over the last dim, width) applies but is wrong
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 5), ChannelLayerNorm(4), torch.nn.BatchNorm2d(4),
+                                torch.nn.Flatten(), torch.nn.Linear(4 * 16, 10)).double()
+    result = normscope.analyze(model, analyzers="stats,gls", batch_size=16, batches=1, budget=None)
+    assert [row["name"] for row in result.meta["unverified"]] == ["1"]
+    assert result.meta["unverified"][0]["error"] > 1e-2
+    assert "max |y - y_hat|" in result.meta["unverified"][0]["compared"]
+    assert set(result.tables["gls_sites"]["site"]) == {"2"} and [r["name"] for r in result.meta["sites"]] == ["2"]
+    assert any("1 (ChannelLayerNorm) is unverified" in f for f in result.findings["model"])
+    normscope.register_norm(ChannelLayerNorm, "layernorm", channels_first=lambda m: True)
+    try:
+        fixed = normscope.analyze(model, analyzers="gls", batch_size=16, batches=1, budget=None)
+    finally:
+        from normscope.registry import unregister_norm
+
+        unregister_norm(ChannelLayerNorm)
+    assert fixed.meta["unverified"] == [] and set(fixed.tables["gls_sites"]["site"]) == {"1", "2"}
+    assert fixed.tables["gls_sites"]["identity_rel_max"].max() <= 1e-9
+
+
+def test_bad_input_gets_one_line_naming_what_fits():
+    model, batch, _, _, _ = build("bert")
+    with pytest.raises(DataShapeError, match=r"loss lm does not fit model outputs SequenceClassifierOutput\(logits \(4, 3\)\).*presets that fit: cross_entropy, model"):
+        normscope.analyze(model, batch, analyzers="stats", loss_fn="lm", batch_size=4, batches=1)
+    with pytest.raises(DataShapeError, match="the dict batch lacks input_ids"):
+        normscope.analyze(model, {"attention_mask": batch["attention_mask"], "labels": batch["labels"]}, analyzers="stats", batch_size=4)
+    with pytest.raises(DataShapeError, match="the model loss needs a batch with labels"):
+        normscope.analyze(model, {"input_ids": batch["input_ids"]}, analyzers="stats", loss_fn="model", batch_size=4)

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from normscope import batch as B
+
 Batch = tuple[Tensor, Tensor]
 LossFn = Callable[[Tensor, Tensor], Tensor]
 CHUNK = 512
@@ -40,36 +42,39 @@ def running_stat_layers(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def batches(data: Batch | Iterable[Batch], chunk: int = CHUNK) -> list[Batch]:
-    """``data`` as a list of ``(inputs, targets)`` batches: an ``(inputs, targets)`` pair of tensors
-    is cut into chunks of ``chunk`` examples; any other iterable (a DataLoader) is listed."""
-    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, Tensor) for t in data):
-        inputs, targets = data
-        return [(inputs[i:i + chunk], targets[i:i + chunk]) for i in range(0, len(inputs), chunk)]
-    return [(b[0], b[1]) for b in data]
+    """``data`` as a list of ``(inputs, targets)`` batches (:mod:`normscope.batch` forms): one
+    ``(inputs, targets)`` tuple is cut into chunks of ``chunk`` examples; a list holds batches
+    already; any other iterable (a DataLoader) is listed, each item read by :func:`normscope.batch.split`."""
+    if isinstance(data, tuple) and len(data) == 2:
+        n = B.size(data[0])
+        return [B.take(data, slice(i, i + chunk)) for i in range(0, n, chunk)]
+    if isinstance(data, list):
+        return list(data)
+    return [B.split(raw) for raw in data]
 
 
 def _on_model(batch: Batch, model: nn.Module) -> Batch:
     reference = next(iter(model.parameters()), None)
-    if reference is None:
-        return batch
-    inputs, targets = batch
-    dtype = reference.dtype if inputs.is_floating_point() else inputs.dtype
-    return inputs.to(reference.device, dtype), targets.to(reference.device)
+    return batch if reference is None else B.to_device(batch, reference.device, reference.dtype)
 
 
-def _call_order(model: nn.Module, layers: dict[str, nn.Module], inputs: Tensor) -> list[str]:
+def _first_two(inputs: B.Part) -> B.Part:
+    return B.take((inputs, None), slice(0, 2))[0]
+
+
+def _call_order(model: nn.Module, layers: dict[str, nn.Module], inputs: B.Part) -> list[str]:
     order: list[str] = []
     handles = [m.register_forward_pre_hook(lambda mod, args, name=name: order.append(name)) for name, m in layers.items()]
     try:
         with torch.no_grad():
-            model(inputs[:2])
+            B.forward(model, _first_two(inputs))
     finally:
         for handle in handles:
             handle.remove()
     return list(dict.fromkeys(order))
 
 
-def _levels(model: nn.Module, layers: dict[str, nn.Module], inputs: Tensor) -> list[list[str]]:
+def _levels(model: nn.Module, layers: dict[str, nn.Module], inputs: B.Part) -> list[list[str]]:
     """Groups of layers to fix in one pass, in forward order: the levels of
     :func:`normscope.analyzers.population_gradient.site_levels` where every layer is a BatchNorm-style
     site, else one layer per pass in call order."""
@@ -80,7 +85,7 @@ def _levels(model: nn.Module, layers: dict[str, nn.Module], inputs: Tensor) -> l
     if set(order) <= set(norm_sites(model)):
         try:
             with torch.no_grad():
-                _, level = site_levels(model, inputs[:2])
+                _, level = site_levels(model, _first_two(inputs))
             depth = max(level.get(n, 1) for n in order) if order else 0
             return [[n for n in order if level.get(n, 1) == k] for k in range(1, depth + 1)]
         except Exception:  # noqa: BLE001 - fall back to one layer per pass
@@ -113,7 +118,7 @@ def population_moments(model: nn.Module, data: Batch | Iterable[Batch]) -> dict[
         try:
             with torch.no_grad():
                 for inputs, _ in chunks:
-                    work(inputs)
+                    B.forward(work, inputs)
         finally:
             for handle in handles:
                 handle.remove()
@@ -149,8 +154,8 @@ def evaluate(model: nn.Module, data: Batch | Iterable[Batch], loss_fn: LossFn = 
     with torch.no_grad():
         for batch in batches(data):
             inputs, targets = _on_model(batch, work)
-            outputs = work(inputs)
-            n = int(inputs.shape[0])
+            outputs = B.forward(work, inputs)
+            n = B.size(inputs)
             loss_sum += float(loss_fn(outputs, targets)) * n
             if isinstance(outputs, Tensor) and outputs.dim() == 2 and targets.dim() == 1 and not targets.is_floating_point():
                 correct += int((outputs.argmax(dim=1) == targets).sum())

@@ -44,7 +44,11 @@ def test_default_run_writes_tables_summary_and_report(default_run):
     }
     assert summary["headline"]["stats"] and summary["findings"]["stats"]
     assert (out / "report.html").read_text().lstrip().lower().startswith("<!doctype html")
-    assert "normscope analyze" in result.stdout and result.stderr == ""
+    assert "normscope analyze" in result.stdout
+    progress = result.stderr.splitlines()  # off a terminal: one progress line per stage, no warning or error
+    assert progress and all(line.startswith("normscope: ") for line in progress)
+    assert not any(word in line for line in progress for word in ("warning", "error", "Warning"))
+    assert any(line.startswith("normscope: analyzers") and "done" in line for line in progress)
     assert [p.name for p in out.parent.iterdir()] == ["out"]
 
 

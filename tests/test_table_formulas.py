@@ -11,6 +11,7 @@ import copy
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
@@ -404,7 +405,13 @@ def test_bias_rows(data):
         assert row["mse"] == pytest.approx(rel[b] ** 2 + tr_cov / norm**2, rel=1e-9)
     slope = slopes(table).query("group == 'total'").iloc[0]
     assert rel[2] > 0 and rel[4] > 0
-    assert slope["slope"] == pytest.approx((math.log(rel[4]) - math.log(rel[2])) / (math.log(4) - math.log(2)), rel=1e-9)
+    # bias_slopes fits only on three or more measurable points (MATH.md §4): two sizes give no slope.
+    assert slope["n_points"] <= 2 and math.isnan(slope["slope"])
+    forced = table.assign(measurable=True)
+    three = pd.concat([forced, forced.query("batch_size == 4").assign(batch_size=8, rel_bias=rel[4] ** 2 / rel[2])])
+    fit = slopes(three.reset_index(drop=True)).query("group == 'total'").iloc[0]
+    assert fit["n_points"] == 3
+    assert fit["slope"] == pytest.approx((math.log(rel[4]) - math.log(rel[2])) / (math.log(4) - math.log(2)), rel=1e-9)
     jac = jacobian_product_bias(mlp(), x, y).iloc[0]
     assert jac["n_norm_layers"] == 1 and jac["jacobian_product_gap"] < 1e-12 * float(star.norm())
     assert jac["relative_gap"] == pytest.approx(jac["jacobian_product_gap"] / float(star.norm()), rel=1e-9)

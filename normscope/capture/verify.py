@@ -82,6 +82,8 @@ def verify(site: str, module_type: str, layout: Layout, x: Tensor, y: object) ->
     actual = y.detach().to(expected.device, torch.float64)
     finite = torch.isfinite(expected) & torch.isfinite(actual)
     if not bool(finite.any()):
+        if torch.equal(torch.isfinite(expected), torch.isfinite(actual)):  # e.g. a NaN input spread over a whole batch
+            return result(0.0, f"input {tuple(x.shape)}: no finite output; the reading ({reading}) is non-finite exactly where the output is")
         return result(float("nan"), f"input {tuple(x.shape)}: no finite output to compare")
     scale = float(expected[finite].abs().max().clamp_min(torch.finfo(torch.float64).tiny))
     error = float((actual - expected)[finite].abs().max()) / scale

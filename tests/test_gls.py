@@ -423,7 +423,7 @@ def test_analyze_quick_leaves_the_model_unchanged(digits32):
     for name, columns in COLUMNS.items():
         assert list(out.tables[name].columns[: len(columns)]) == columns, name
     assert not out.tables["gls_batch_sweep"].empty and not out.tables["gls_regularization"].empty
-    assert out.findings[0].startswith("net.") and "% of its incoming gradient" in out.findings[0]
+    assert out.findings[0].startswith("net.") and "of its incoming gradient: " in out.findings[0] and "% (median R²" in out.findings[0]
     assert out.headline["gls_n_sites"] == 2 and out.headline["gls_identity_rel_max"] < 1e-5
     assert math.isfinite(out.headline["gls_r2_mean"])
 

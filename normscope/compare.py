@@ -51,7 +51,7 @@ class Variant:
     """One contender: ``op`` with constructor ``options``, trained by ``trainer``.
 
     ``op`` ``"model"`` keeps the model as it is. ``trainer`` ``"two_stage"`` trains with two-stage
-    backprop (seed 004 §3.2) in chunks of ``chunk_size`` examples (None: the whole batch).
+    backprop ("Extreme Normalization", §3.2) in chunks of ``chunk_size`` examples (None: the whole batch).
     """
 
     label: str
@@ -346,7 +346,7 @@ def compare(
 
     The budget is the same for every variant: ``steps`` weight updates when given, else
     ``examples`` examples seen (default ``epochs`` passes over the training data), i.e.
-    ``examples // B`` updates. EMA-only steps (PopulationNorm's warm-up and refresh, seed 004 §5)
+    ``examples // B`` updates. EMA-only steps (PopulationNorm's warm-up and refresh, "Extreme Normalization", §5)
     come on top and are counted in ``ema_steps``.
 
     Args:

@@ -6,6 +6,7 @@ staging folders included; each state case asserts the identity of tensors, versi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -428,30 +429,34 @@ def test_an_interrupt_after_the_rename_says_the_output_is_complete(tmp_path, mon
     assert (out / "summary.json").exists() and leftovers(tmp_path, {"out"}) == set()
 
 
-@pytest.fixture()
+@contextlib.contextmanager
 def small_file_limit():
-    """Writes past 16 KiB fail with EFBIG, as on a full disk."""
+    """Writes past 16 KiB fail with EFBIG, as on a full disk, inside the block only (pytest's own
+    output file must stay writable, so the limit never spans a test report)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
     handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    yield lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (16 * 1024, hard))
-    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-    signal.signal(signal.SIGXFSZ, handler)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (16 * 1024, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
 
 
-def test_a_full_disk_while_writing_is_one_line_and_leaves_nothing(tmp_path, small_file_limit):
+def test_a_full_disk_while_writing_is_one_line_and_leaves_nothing(tmp_path):
     out = tmp_path / "out"
-    small_file_limit()
-    result = runner.invoke(app, ["analyze", "--model", f"{H}:bn_net", *QUICK, "--out", str(out)])
+    with small_file_limit():
+        result = runner.invoke(app, ["analyze", "--model", f"{H}:bn_net", *QUICK, "--out", str(out)])
     one_error(result, 1, "nothing was written")
     assert leftovers(tmp_path, set()) == set()
 
 
-def test_report_on_a_full_disk_is_one_line_and_keeps_the_old_page(tmp_path, small_file_limit):
+def test_report_on_a_full_disk_is_one_line_and_keeps_the_old_page(tmp_path):
     out = tmp_path / "out"
     assert runner.invoke(app, ["analyze", "--model", f"{H}:bn_net", *QUICK, "--out", str(out)]).exit_code == 0
     page = (out / "report.html").read_bytes()
-    small_file_limit()
-    result = runner.invoke(app, ["report", str(out)])
+    with small_file_limit():
+        result = runner.invoke(app, ["report", str(out)])
     one_error(result, 1, "nothing was changed")
     assert (out / "report.html").read_bytes() == page and leftovers(out, {"report.html", "summary.json", "tables"}) == set()
 

@@ -189,6 +189,13 @@ def hutchpp_trace(
         for block, value in _block_sums((Q * (HQ + deflated)).sum(dim=1), index).items():
             exact[block] = value
         del HQ, deflated
+    return _plus_deflated_samples(op, Q, exact, n_samples, generator, index)
+
+
+def _plus_deflated_samples(op: HessianOperator, Q: Tensor, exact: dict[str, float], n_samples: int,
+                           generator: torch.Generator, index: dict) -> Traces:
+    """``exact`` plus Hutchinson's estimate on the deflated rest, per block, with its standard
+    error: the mean of ``w_g^T ((I - QQ^T) H w)_g`` over ``w = (I - QQ^T) v``, Rademacher ``v``."""
     samples: dict[str, list[float]] = {}
     for _ in range(n_samples):
         v = _rademacher(op.numel, generator).to(op.device)
@@ -257,13 +264,4 @@ def krylov_trace(
         for block, value in _block_sums((V * HV).sum(dim=1) + cross, index).items():
             exact[block] = value
         del HV
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    samples: dict[str, list[float]] = {}
-    for _ in range(n_samples):
-        v = _rademacher(op.numel, generator).to(op.device)
-        w = v - V @ (V.T @ v)
-        hw = op(w.to(op.dtype)).double()
-        for block, value in _block_sums(w * (hw - V @ (V.T @ hw)), index).items():
-            samples.setdefault(block, []).append(value)
-    return {block: (exact[block] + float(np.mean(values)), float(np.std(values, ddof=1) / math.sqrt(n_samples)))
-            for block, values in samples.items()}
+    return _plus_deflated_samples(op, V, exact, n_samples, torch.Generator(device="cpu").manual_seed(seed), index)

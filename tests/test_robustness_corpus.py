@@ -547,9 +547,21 @@ def test_sigterm_while_staging_removes_the_staging_folder(tmp_path):
     assert process.returncode == 143 and leftovers(tmp_path, {"ready"}) == set()
 
 
-def test_sigint_during_start_up_imports_is_one_line_130(tmp_path):
+def loads_a_native_library(process: subprocess.Popen, seconds: float = 60) -> None:
+    """Wait until the process maps NumPy's or torch's native code, i.e. is inside the start-up imports."""
+    maps = Path(f"/proc/{process.pid}/maps")
+    deadline = time.monotonic() + seconds
+    while not maps.exists() or not re.search(r"_multiarray_umath|libtorch|libc10", maps.read_text()):
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.1, 0.3])
+def test_sigint_during_start_up_imports_is_one_line_130(tmp_path, delay):
     process = spawn("analyze", "--out", str(tmp_path / "out"), cwd=tmp_path)
-    time.sleep(0.3)
+    if Path("/proc/self/maps").exists():
+        loads_a_native_library(process)
+    time.sleep(delay)
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 130 and stderr.splitlines() == ["normscope: interrupted; nothing was written"], stderr

@@ -1,49 +1,33 @@
 """The ``normscope`` console script. Importing torch takes seconds; Ctrl-C (or SIGTERM) during
 those imports ends with one line and exit code 130 (143) instead of a traceback.
 
-A ``KeyboardInterrupt`` raised inside a library's import can leave that library half-initialised,
-and the import then fails with some other exception (NumPy raises ``AttributeError``). So the
-interrupt is remembered by the handler itself, and whatever the import raises after it is the
-interrupt's doing.
+No exception may be raised from a signal handler during those imports: a ``KeyboardInterrupt``
+raised inside a library's import leaves it half-initialised (NumPy then fails with
+``AttributeError``), and one raised inside a native callback aborts the process (pybind11's
+``terminate``). Nothing has been written before the app runs, so the handlers print the line and
+end the process at once with ``os._exit``.
 """
 
 from __future__ import annotations
 
+import os
 import signal
-import sys
 
 
-class _StartUp:
-    """Signal handlers for the imports: they remember which signal arrived, then stop the import."""
-
-    def __init__(self) -> None:
-        self.signal: int | None = None
-
-    def interrupt(self, signum: int, frame: object) -> None:
-        self.signal = signal.SIGINT
-        raise KeyboardInterrupt
-
-    def terminate(self, signum: int, frame: object) -> None:
-        self.signal = signal.SIGTERM
-        raise SystemExit(143)
+def _exit_during_start_up(signum: int, frame: object) -> None:
+    code, word = (130, "interrupted") if signum == signal.SIGINT else (143, "terminated")
+    os.write(2, f"normscope: {word}; nothing was written\n".encode())
+    os._exit(code)
 
 
 def main() -> None:
-    """Import the app, containing an interrupt during the imports, then run it."""
-    start_up = _StartUp()
-    signal.signal(signal.SIGINT, start_up.interrupt)
-    signal.signal(signal.SIGTERM, start_up.terminate)
-    try:
-        from normscope.cli.app import main as run
-    except BaseException:
-        if start_up.signal == signal.SIGINT:
-            sys.stderr.write("normscope: interrupted; nothing was written\n")
-            raise SystemExit(130) from None
-        if start_up.signal == signal.SIGTERM:
-            sys.stderr.write("normscope: terminated; nothing was written\n")
-            raise SystemExit(143) from None
-        raise
+    """Import the app with start-up signal handlers, restore Python's, then run it."""
+    signal.signal(signal.SIGINT, _exit_during_start_up)
+    signal.signal(signal.SIGTERM, _exit_during_start_up)
+    from normscope.cli.app import main as run
+
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     run()
 
 

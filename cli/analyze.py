@@ -17,6 +17,7 @@ from normscope.api import Data, analyzer_names
 from normscope.api import analyze as run_analysis
 from normscope.budget import DEFAULT_BUDGET
 from normscope.checkpoint import call_user, import_attribute, load_model
+from normscope.distributed import launch_rank
 from normscope.data import DIGITS
 from normscope.cli.boundary import boundary, warn
 from normscope.cli.options import flag, option
@@ -72,13 +73,18 @@ def analyze(
     overwrite: Annotated[bool, flag("--overwrite", "Replace an existing non-empty output folder.")] = False,
     debug: Annotated[bool, flag("--debug", "Show tracebacks.")] = False,
 ) -> None:
-    """Analyze every normalization site of a model and write tables, summary.json and report.html."""
-    console = Console(stderr=True)
+    """Analyze every normalization site of a model and write tables, summary.json and report.html.
+
+    Under ``torchrun`` every rank runs the analysis (README "Data beyond one process"); only rank 0
+    writes the output folder and prints, the other ranks end quietly with exit code 0."""
+    writer = launch_rank() == 0
+    console = Console(stderr=True, quiet=not writer)
     with boundary(debug) as outcome:
         names = None if analyzers is None else analyzer_names(analyzers)
         target = resolve_device(device)
         out = default_out() if out is None else out
-        refuse_nonempty(out, overwrite)
+        if writer:
+            refuse_nonempty(out, overwrite)
         builtin = checkpoint is None and (model is None or ":" not in model)
         started = time.perf_counter()
         with console.status("training the built-in default on digits" if builtin else "loading the model"):
@@ -96,7 +102,7 @@ def analyze(
             loss_fn=loss,
             random_layers=random_layers,
             lr=TRAIN_LR if lr is None and builtin else lr,
-            progress=True,
+            progress=writer,
             budget=budget,
             quick=quick,
             sites=sites,
@@ -108,6 +114,8 @@ def analyze(
         )
         result.meta["data"]["spec"] = data
         result.meta["seconds"]["load_model"] = loading
+        if not writer:
+            return
         with console.status("writing tables and report"):
             result.save(out, overwrite=overwrite)
         outcome.written = out

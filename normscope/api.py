@@ -21,6 +21,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.data import DataLoader, TensorDataset
 
 import normscope
+from normscope import distributed
 from normscope.batch import Batch, check_keys, describe, first_argument, forward, split, to_device
 from normscope.batch import size as batch_size_of
 from normscope.losses import Loss, default_for, describe_outputs, fitting_presets
@@ -92,6 +93,13 @@ def analyze(
             ``on`` (:mod:`normscope.determinism`); normalization layers keep each analysis's
             mode. Said in ``meta["random_layers"]``. Default: ``off``.
 
+    Under ``torchrun`` (or any initialized process group of several ranks) every rank runs this
+    call: the full-data passes shard the examples and all-reduce their sums, the rest is
+    replicated or shared out by work item (:mod:`normscope.distributed`, README "Data beyond one
+    process"); every rank returns the same result. A CUDA ``device`` without an index is
+    ``cuda:LOCAL_RANK``. The budget is not applied there (the ranks' clocks would cut different
+    work); said in the findings. ``meta["distributed"]`` holds the world size and backend.
+
     Raises:
         DataShapeError: the data is in no accepted form or does not fit the model or loss.
         NoNormSitesError: no normalization site ran in the forward pass.
@@ -101,12 +109,12 @@ def analyze(
     names = analyzer_names(analyzers)
     loss = resolve_loss(loss_fn)
     home = model_device(model)
-    target = home if device is None else torch.device(device)
+    target = distributed.rank_device(home if device is None else torch.device(device))
     inner = model.module if isinstance(model, nn.DataParallel) else model  # torch.func refuses the wrapper
     work = inner if home == target else copy.deepcopy(inner).to(target)
     dtype = floating_dtype(work)
     started = time.perf_counter()
-    with preserved(model), grad_enabled(), progress_bars(progress) as track:
+    with distributed.session(target) as world, preserved(model), grad_enabled(), progress_bars(progress and world.rank == 0) as track:
         seed_generators(seed, target)
         data = usable_outside_inference(data)
         loader, dataset, data_source = make_loader(digits_form(work) if data is None else data, batch_size, seed)
@@ -123,7 +131,7 @@ def analyze(
             seed=seed,
             track=track,
             quick=quick,
-            budget=as_budget(budget),
+            budget=as_budget(None if world.active else budget),
             sites=sites,
         )
         with deterministic(random_layers, seed) as randomness:
@@ -145,6 +153,10 @@ def analyze(
         result.findings["model"] = model_findings
     if ctx.budget.cuts or "interrupted" in errors:
         result.findings["budget"] = budget_findings(ctx.budget, errors.get("interrupted"))
+    if world.active and as_budget(budget).limited:
+        result.findings.setdefault("budget", []).append(
+            f"The time budget is not applied under torch.distributed ({world.size} ranks): cuts made from each rank's own "
+            "clock would differ between the ranks and leave their collectives unmatched, so every stage ran in full.")
     result.meta = {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "versions": {"normscope": normscope.__version__, "torch": torch.__version__, "python": platform.python_version()},
@@ -169,6 +181,7 @@ def analyze(
         "settings": "quick" if quick else "full",
         "sites_pattern": sites,
         "budget": ctx.budget.report(),
+        "distributed": world.describe(),
         "seconds": {**timings, "total": time.perf_counter() - started},
     }
     attach_overview(result)

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from normscope import batch as B
+from normscope.distributed import all_reduce, all_reduce_float
 
 Batch = tuple[Tensor, Tensor]
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -96,7 +97,8 @@ def _levels(model: nn.Module, layers: dict[str, nn.Module], inputs: B.Part) -> l
 def population_moments(model: nn.Module, data: Batch | Iterable[Batch]) -> dict[str, tuple[Tensor, Tensor]]:
     """Per layer with running statistics: ``(mean, unbiased variance)`` of its input over every
     example and position, with the earlier layers normalizing by their population moments
-    (eval mode on a copy; ``model`` is not touched)."""
+    (eval mode on a copy; ``model`` is not touched). Under :func:`normscope.distributed.session`
+    ``data`` is this rank's shard and the per-level sums ``(n, sum x, sum x^2)`` are all-reduced."""
     work = copy.deepcopy(model).eval()
     layers = running_stat_layers(work)
     chunks = [_on_model(b, work) for b in batches(data)]
@@ -123,6 +125,7 @@ def population_moments(model: nn.Module, data: Batch | Iterable[Batch]) -> dict[
             for handle in handles:
                 handle.remove()
         for name, (count, total, squares) in sums.items():
+            count, total, squares = int(all_reduce_float(count)), all_reduce(total), all_reduce(squares)
             mean = total / count
             var = (squares - count * mean.pow(2)).clamp(min=0) / max(count - 1, 1)
             module = layers[name]
@@ -148,7 +151,9 @@ def recalibrate(model: nn.Module, data: Batch | Iterable[Batch]) -> nn.Module:
 
 def evaluate(model: nn.Module, data: Batch | Iterable[Batch], loss_fn: LossFn = F.cross_entropy) -> dict[str, float]:
     """Eval-mode ``loss`` (mean over examples, chunks weighted by size), ``accuracy`` (argmax of
-    2-D outputs against integer targets; NaN otherwise) and ``examples``, on a copy of ``model``."""
+    2-D outputs against integer targets; NaN otherwise) and ``examples``, on a copy of ``model``.
+    Under :func:`normscope.distributed.session` ``data`` is this rank's shard and the sums of the
+    loss, the correct answers and the examples are all-reduced."""
     work = copy.deepcopy(model).eval()
     loss_sum, correct, count, classified = 0.0, 0, 0, True
     with torch.no_grad():
@@ -162,6 +167,8 @@ def evaluate(model: nn.Module, data: Batch | Iterable[Batch], loss_fn: LossFn = 
             else:
                 classified = False
             count += n
+    sums = all_reduce(torch.tensor([loss_sum, correct, count], dtype=torch.float64))
+    loss_sum, correct, count = float(sums[0]), int(sums[1]), int(sums[2])
     return {"loss": loss_sum / count if count else math.nan,
             "accuracy": correct / count if classified and count else math.nan, "examples": count}
 

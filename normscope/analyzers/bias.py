@@ -42,6 +42,7 @@ from normscope.analyzers.population_gradient import (
     streamed_population_gradient,
 )
 from normscope.budget import Budget, chunk_for_memory
+from normscope.distributed import current, shard
 from normscope.errors import InvalidArgumentError, UnknownNameError
 from normscope.findings import Finding, plural
 from normscope.guard import preserved
@@ -432,9 +433,11 @@ def _findings(table: pd.DataFrame, slope_table: pd.DataFrame, jacobian: pd.DataF
             f"bias among them is {largest:.2g}.", "bias", "note", metric="abs_bias", value=largest, table="bias_estimators",
             where={"zero_gradient": True}, statistic="max"))
     out.append(two_stage_finding(jacobian, n, single_value))
+    ranks = current().size
     out.append(Finding(
         f"The population gradient was computed {g_star.method} over {plural(n, 'example')} in {plural(g_star.passes, 'pass', 'passes')}"
-        + (f" (2L + 1 with L = {g_star.levels} normalization levels in series)." if g_star.method == "streamed" else "."),
+        + (f" (2L + 1 with L = {g_star.levels} normalization levels in series)" if g_star.method == "streamed" else "")
+        + (f", each rank of {ranks} streaming its shard, the sums all-reduced." if ranks > 1 else "."),
         "bias", "note", metric="target_norm", value=float(total["target_norm"].iloc[0]), table="bias_estimators",
         where={"estimator": total["estimator"].iloc[0], "batch_size": int(smallest), "group": "total"}))
     return out
@@ -448,6 +451,11 @@ def analyze(ctx: AnalysisContext) -> AnalyzerOutput:
     ``u_max``, ``chunk_size`` (per-example gradient chunks: at most 64 examples, fewer when
     their gradients would pass :data:`normscope.budget.CHUNK_MEMORY`). ``ctx.quick``: B in {4, 16, 64}, 16 repeats, 256 examples.
     Data sets over 4096 examples get g* streamed (2L + 1 passes, L normalization levels).
+
+    Under :func:`normscope.distributed.session` g* is streamed over this rank's shard of the
+    examples and all-reduced (:func:`~normscope.analyzers.population_gradient.streamed_population_gradient`);
+    the estimators' minibatch draws and per-example gradients are replicated on every rank (the
+    same seeded draws from the same examples).
     """
     if not norm_sites(ctx.model):
         return AnalyzerOutput(
@@ -463,9 +471,11 @@ def analyze(ctx: AnalysisContext) -> AnalyzerOutput:
     with preserved(ctx.model):
         work = copy.deepcopy(ctx.model).to(dtype).eval()
     opts.setdefault("chunk_size", chunk_for_memory(sum(p.numel() for p in work.parameters()), inputs.element_size()))
-    if n > FULL_BATCH_MAX:
+    world = current()
+    if n > FULL_BATCH_MAX or world.active:
         step = int(opts.get("chunk_size", 64)) * 8
-        chunks = [batches.take((inputs, targets), slice(start, start + step)) for start in range(0, n, step)]
+        mine = shard((inputs, targets))
+        chunks = [batches.take(mine, slice(start, start + step)) for start in range(0, batches.size(mine[0]), step)]
         target = streamed_population_gradient(work, chunks, ctx.loss_fn)
     table, g_star = estimator_bias(
         work,
@@ -483,7 +493,7 @@ def analyze(ctx: AnalysisContext) -> AnalyzerOutput:
     )
     table["measurable"] = measurable(table)
     slope_table = slopes(table)
-    full_batch = g_star if g_star.method == "full-batch" else None
+    full_batch = g_star if g_star.method == "full-batch" or world.active else None
     jacobian = jacobian_product_bias(work, inputs, targets, ctx.loss_fn, int(opts.get("chunk_size", 64)), full_batch)
     total = table[table["group"] == "total"]
     headline: dict[str, float | int | str] = {

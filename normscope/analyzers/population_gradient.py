@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from normscope import batch as batches
+from normscope.distributed import all_reduce, all_reduce_float
 from normscope.guard import preserved
 from normscope.ops.norm_sites import (
     channel_moments,
@@ -127,7 +128,8 @@ def _count_levels(model: nn.Module, inputs: Tensor) -> int:
 
 
 class _Moments:
-    """Per-channel count, mean and sum of squared deviations, merged chunk by chunk (Chan et al.)."""
+    """Per-channel count, mean and sum of squared deviations, merged chunk by chunk and then over
+    the ranks (Chan et al.)."""
 
     def __init__(self) -> None:
         self.count, self.mean, self.m2 = 0, None, None
@@ -144,6 +146,14 @@ class _Moments:
         self.mean = self.mean + delta * (n / total)
         self.m2 = self.m2 + m2 + delta.pow(2) * (self.count * n / total)
         self.count = total
+
+    def all_ranks(self) -> tuple[Tensor, Tensor, int]:
+        """``(mean, biased variance, count)`` over every rank's chunks: ``n = sum_r n_r``,
+        ``mu = sum_r n_r mu_r / n``, ``M2 = sum_r (M2_r + n_r (mu_r - mu)^2)`` (the rank's own in one process)."""
+        count = int(all_reduce_float(self.count))
+        mean = all_reduce(self.mean * self.count) / count
+        m2 = all_reduce(self.m2 + (self.mean - mean).pow(2) * self.count)
+        return mean, m2 / count, count
 
 
 def streamed_population_gradient(
@@ -167,6 +177,11 @@ def streamed_population_gradient(
     2L + 1 passes in all (plus a one-example probe to find the levels), each stopped after the
     last site it needs. The loader must give the same examples on every pass (no augmentation);
     order does not matter. ``model`` is left bit-identical.
+
+    Under :func:`normscope.distributed.session` ``loader`` is this rank's shard: each pass's sums
+    (moments, ``dL/dW``, the adjoints, the loss) are all-reduced before the next pass uses them,
+    so every rank ends with g* of the union of the shards. No pass couples examples (every moment
+    is a constant of the pass), so splitting the examples changes only the order of the sums.
     """
     with preserved(model):
         model.eval()
@@ -197,7 +212,8 @@ def streamed_population_gradient(
                     n_examples += batches.size(inputs) if current == 1 else 0
                     forward_until(model, inputs)
             for name, s in stats.items():
-                mean[name], var[name], counts[name] = s.mean, s.m2 / s.count, s.count
+                mean[name], var[name], counts[name] = s.all_ranks()
+            n_examples = int(all_reduce_float(n_examples)) if current == 1 else n_examples
 
         leaves = {name: (mean[name].clone().requires_grad_(), var[name].clone().requires_grad_()) for name in order}
         leaf_list = [t for pair in leaves.values() for t in pair]
@@ -214,12 +230,17 @@ def streamed_population_gradient(
                     adjoint[name][0] += grads[len(tensors) + 2 * i]
                     adjoint[name][1] += grads[len(tensors) + 2 * i + 1]
                 loss_total += loss.item()
+        g_w = [all_reduce(g) for g in g_w]
+        adjoint = {name: [all_reduce(a) for a in pair] for name, pair in adjoint.items()}
+        loss_total = all_reduce_float(loss_total)
 
         for current in range(levels, 0, -1):
             below = [name for name in order if level[name] < current]
             below_list = [t for name in below for t in leaves[name]]
             last = [name for name in order if level[name] == current][-1]
             terms: list[Tensor] = []
+            step_w = [torch.zeros_like(t) for t in tensors]
+            step_adjoint = {name: [torch.zeros_like(mean[name]), torch.zeros_like(var[name])] for name in below}
 
             def adjoint_pass(name: str, module: nn.Module, x: Tensor) -> Tensor:
                 if level[name] == current:
@@ -242,10 +263,13 @@ def streamed_population_gradient(
                     grads = grads_or_zeros(
                         torch.autograd.grad(objective, tensors + below_list, allow_unused=True), tensors + below_list
                     )
-                    g_w = [a + b for a, b in zip(g_w, grads[: len(tensors)])]
+                    step_w = [a + b for a, b in zip(step_w, grads[: len(tensors)])]
                     for i, name in enumerate(below):
-                        adjoint[name][0] += grads[len(tensors) + 2 * i]
-                        adjoint[name][1] += grads[len(tensors) + 2 * i + 1]
+                        step_adjoint[name][0] += grads[len(tensors) + 2 * i]
+                        step_adjoint[name][1] += grads[len(tensors) + 2 * i + 1]
+            g_w = [a + all_reduce(b) for a, b in zip(g_w, step_w)]
+            for name in below:
+                adjoint[name] = [a + all_reduce(b) for a, b in zip(adjoint[name], step_adjoint[name])]
     return PopulationGradient(
         {name: g.detach() for name, g in zip(params, g_w)},
         loss_total,

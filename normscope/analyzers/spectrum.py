@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from normscope.analyzers.hvp import HessianOperator
+from normscope.distributed import current, merge_owned
 from normscope.errors import InvalidArgumentError
 
 Traces = dict[str, tuple[float, float]]
@@ -195,16 +196,26 @@ def hutchpp_trace(
 def _plus_deflated_samples(op: HessianOperator, Q: Tensor, exact: dict[str, float], n_samples: int,
                            generator: torch.Generator, index: dict) -> Traces:
     """``exact`` plus Hutchinson's estimate on the deflated rest, per block, with its standard
-    error: the mean of ``w_g^T ((I - QQ^T) H w)_g`` over ``w = (I - QQ^T) v``, Rademacher ``v``."""
-    samples: dict[str, list[float]] = {}
-    for _ in range(n_samples):
+    error: the mean of ``w_g^T ((I - QQ^T) H w)_g`` over ``w = (I - QQ^T) v``, Rademacher ``v``.
+
+    Under :func:`normscope.distributed.session` the samples are shared out over the ranks (sample
+    ``i`` on rank ``i % W``; every rank draws every ``v`` from the same seeded generator) and
+    merged exactly (:func:`normscope.distributed.merge_owned`), so each rank holds the values one
+    process would compute, from ``1/W`` of the products."""
+    world = current()
+    blocks = ["total", *index]
+    values = torch.zeros(n_samples, len(blocks), dtype=torch.float64)
+    for i in range(n_samples):
         v = _rademacher(op.numel, generator).to(op.device)
+        if not world.owns(i):
+            continue
         w = v - Q @ (Q.T @ v)
         hw = op(w.to(op.dtype)).double()
-        for block, value in _block_sums(w * (hw - Q @ (Q.T @ hw)), index).items():
-            samples.setdefault(block, []).append(value)
-    return {block: (exact[block] + float(np.mean(values)), float(np.std(values, ddof=1) / math.sqrt(n_samples)))
-            for block, values in samples.items()}
+        sums = _block_sums(w * (hw - Q @ (Q.T @ hw)), index)
+        values[i] = torch.tensor([sums[block] for block in blocks], dtype=torch.float64)
+    values = merge_owned(values).numpy()
+    return {block: (exact[block] + float(np.mean(values[:, j])), float(np.std(values[:, j], ddof=1) / math.sqrt(n_samples)))
+            for j, block in enumerate(blocks)}
 
 
 def _symmetric(matrix: np.ndarray) -> np.ndarray:

@@ -25,9 +25,10 @@ import torch
 from torch import nn
 
 from normscope.analyzers import AnalysisContext, AnalyzerOutput
-from normscope.batch import forward
+from normscope.batch import concat, forward
 from normscope.capture import capture
 from normscope.capture.record import SiteRecord
+from normscope.distributed import current, shard
 from normscope.findings import Finding
 from normscope.guard import preserved
 from normscope.recalibration import recalibration_table, running_stat_layers
@@ -164,7 +165,11 @@ def findings(sites: pd.DataFrame, recalibration: pd.DataFrame | None = None) -> 
 
 def analyze(ctx: AnalysisContext) -> AnalyzerOutput:
     """Norm-layer statistics of ``ctx.model`` over ``ctx.batches`` (forward only, training mode,
-    so that normalizations use batch statistics); the model is left bit-identical."""
+    so that normalizations use batch statistics); the model is left bit-identical.
+
+    Under :func:`normscope.distributed.session` the batch statistics are replicated (every rank
+    captures the same batches) and the recalibration's full-data passes run on this rank's shard
+    of ``ctx.dataset`` (of the joined batches without one), their sums all-reduced."""
     model = ctx.model
     running = _running_stats(model)
     with preserved(model), torch.no_grad():
@@ -174,7 +179,10 @@ def analyze(ctx: AnalysisContext) -> AnalyzerOutput:
                 forward(model, inputs)
     tables = stats_tables(cap.records, model, running)
     if running_stat_layers(model):
-        tables["stats_recalibration"] = recalibration_table(model, ctx.dataset if ctx.dataset is not None else ctx.batches, ctx.loss_fn)
+        data = ctx.dataset if ctx.dataset is not None else ctx.batches
+        if current().active:
+            data = shard(data if ctx.dataset is not None else concat(data))
+        tables["stats_recalibration"] = recalibration_table(model, data, ctx.loss_fn)
     sites = tables["stats_sites"]
     headline = {
         "sites": int(len(sites)),

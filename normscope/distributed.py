@@ -15,7 +15,7 @@ import contextlib
 import os
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -24,6 +24,8 @@ from normscope import batch as B
 from normscope.errors import DataShapeError, InvalidArgumentError
 
 TIMEOUT = timedelta(minutes=10)
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 @dataclass(frozen=True)
@@ -156,3 +158,16 @@ def merge_owned(rows: torch.Tensor, world: World | None = None) -> torch.Tensor:
     other ranks' rows zero) completed on every rank: the sum over ranks, which adds zeros only, so
     each row holds exactly the value its owner computed."""
     return all_reduce(rows, world)
+
+
+def share_out(items: list[T], work: Callable[[T], R], world: World | None = None) -> list[R]:
+    """``[work(item) for item in items]`` with item ``i`` computed on rank ``i % W`` only and the
+    results gathered to every rank (``all_gather_object``); ``work`` must not depend on the rank."""
+    world = world or current()
+    if not world.active:
+        return [work(item) for item in items]
+    mine = {i: work(item) for i, item in enumerate(items) if world.owns(i)}
+    parts: list[dict[int, R]] = [{} for _ in range(world.size)]
+    dist.all_gather_object(parts, mine)
+    merged = {i: result for part in parts for i, result in part.items()}
+    return [merged[i] for i in range(len(items))]

@@ -34,6 +34,7 @@ from normscope.analyzers.hvp import MODES, BatchLoss, HessianOperator
 from normscope.analyzers.reparam import no_grad_forward, reparam_check
 from normscope.analyzers.spectrum import hutchpp_split, krylov_trace, lanczos
 from normscope.budget import Budget, seconds_of
+from normscope.distributed import current, share_out
 from normscope.findings import Finding
 from normscope.rules import descent_findings, descent_verdicts
 from normscope.errors import InvalidArgumentError
@@ -308,6 +309,10 @@ def descent_tables(
     ``H``, the trace, the layers' direction rows (as many layers as fit), the layers' spectra,
     the scale-invariance and reparameterization checks. What does not fit is recorded in
     ``budget.cuts``; the tables hold what finished.
+
+    Under :func:`normscope.distributed.session` (no budget there) every rank computes the same
+    rows, except that the trace's Hutchinson samples and the layers' spectra are shared out over
+    the ranks and gathered (the same values as in one process).
     """
     settings = QUICK if quick else FULL
     budget = budget or Budget(None)
@@ -383,7 +388,17 @@ def _mode_tables(tables: dict[str, list[dict]], plan: Budget, loss: BatchLoss, t
     if len(done) < len(layers):
         plan.cut(f"per-layer critical steps of {len(layers) - len(done)} of {len(layers)} layers",
                  "one Hessian-vector product each did not fit")
-    for i, group in enumerate(spectrum_layers(traces, {g: layers[g] for g in done}, settings["layer_spectra"]), start=1):
+    spectra = spectrum_layers(traces, {g: layers[g] for g in done}, settings["layer_spectra"])
+    if current().active:  # no budget here: the layers' Lanczos runs are independent, shared out over the ranks
+
+        def layer_spectrum(item: tuple[int, str]) -> list[dict]:
+            i, group = item
+            op = HessianOperator(loss, layers[group], total.backend)
+            return spectrum_rows(op, mode, group, settings["layer_k"], settings["tol"], seed + i, 2 * settings["layer_k"] + 10)
+
+        tables["descent_spectrum"] += [row for rows in share_out(list(enumerate(spectra, start=1)), layer_spectrum) for row in rows]
+        spectra = []
+    for i, group in enumerate(spectra, start=1):
         products = plan.affordable("hvp", 2 * settings["layer_k"] + 10)
         if products < 2:
             plan.cut(f"the spectra of layer {group} and after", "no time left")

@@ -10,8 +10,7 @@ from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 
-from normscope.findings import number
-from normscope.reports.glossary import headline_label
+from normscope.reports.render import headline_card
 from normscope.result import AnalysisResult
 
 MAX_FINDINGS = 1
@@ -44,15 +43,10 @@ def print_summary(result: AnalysisResult, out: Path, console: Console, elapsed: 
     for name in list(result.headline) + [n for n in result.findings if n not in result.headline]:
         figures = Table(title=name, title_justify="left", show_header=False, box=None, padding=(0, 2))
         for key, value in list(result.headline.get(name, {}).items())[:MAX_FIGURES]:
-            figures.add_row(headline_label(key), format_value(value))
+            label, text, interval = headline_card(key, value, result.tables)  # the report's card: bias says "not measurable"
+            figures.add_row(label, f"{text} ({interval})" if interval else text)
         for sentence in result.findings.get(name, [])[:MAX_FINDINGS]:
             figures.add_row("•", escape(str(sentence)))
         parts.append(figures)
     console.print(Panel(Group(*parts), title="normscope analyze", expand=False))
 
-
-def format_value(value: object) -> str:
-    """Numbers to 4 significant digits (``not measured`` for NaN), everything else as text."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return str(value)
-    return number(value, 4)

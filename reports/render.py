@@ -187,14 +187,14 @@ def _section(spec: SectionSpec, result: AnalysisResult, tables: dict[str, pd.Dat
     severity = dict(zip(records["sentence"], records["severity"])) if len(records) else {}
     sentences = [str(s) for s in result.findings.get(spec.key, [])] or derived_findings(spec.key, tables)
     section.findings = [(severity.get(s, "note"), s) for s in sentences]
-    section.headline = [_card(str(k), v, tables) for k, v in result.headline.get(spec.key, {}).items()]
+    section.headline = [headline_card(str(k), v, tables) for k, v in result.headline.get(spec.key, {}).items()]
     section.figures = render_figures(spec.key, tables)
     section.tables = [_html_table(name, own[name], spec.views.get(name, "")) for name in spec.tables if name in own and not own[name].empty]
     section.other_tables = [(name, len(t)) for name, t in sorted(own.items()) if name not in spec.tables or t.empty]
     return section
 
 
-def _card(key: str, value: object, tables: dict[str, pd.DataFrame]) -> tuple[str, str, str]:
+def headline_card(key: str, value: object, tables: dict[str, pd.DataFrame]) -> tuple[str, str, str]:
     """A headline card ``(label, value, interval)``; a bias card says whether the bias is
     measurable and carries its 95% interval from ``bias_estimators``."""
     label, text, interval = headline_label(key), _text(value), ""

@@ -11,7 +11,7 @@ import sys
 from typing import Annotated, Any, Optional
 
 import typer
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
 import normscope
 from normscope.cli.analyze import analyze
@@ -50,6 +50,16 @@ class OneLineErrors(TyperGroup):
         sys.exit(code)
 
 
+class FlagHelp(TyperCommand):
+    """A command whose ``--help`` is shown as a flag, like the commands' own flags."""
+
+    def get_help_option(self, ctx: Any) -> Any:
+        option = super().get_help_option(ctx)
+        if option is not None:
+            option.metavar = ""
+        return option
+
+
 app = typer.Typer(
     name="normscope",
     help="Diagnostics for the normalization layers of PyTorch models.",
@@ -75,12 +85,12 @@ def options(
     """Diagnostics for the normalization layers of PyTorch models."""
 
 
-app.command("analyze")(analyze)
-app.command("sites")(sites)
-app.command("report")(report)
-app.command("compare")(compare)
-app.command("recalibrate")(recalibrate)
-app.command("train")(train)
+app.command("analyze", cls=FlagHelp)(analyze)
+app.command("sites", cls=FlagHelp)(sites)
+app.command("report", cls=FlagHelp)(report)
+app.command("compare", cls=FlagHelp)(compare)
+app.command("recalibrate", cls=FlagHelp)(recalibrate)
+app.command("train", cls=FlagHelp)(train)
 
 
 def main() -> None:

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from normscope.cli.boundary import boundary
+from normscope.cli.options import flag
 
 
 def train(
@@ -16,7 +17,7 @@ def train(
     epochs: Annotated[int, typer.Option("--epochs", min=1, help="Passes over the digits' training split.")] = 8,
     every: Annotated[int, typer.Option("--every", min=1, help="Statistics and GLS every N steps.")] = 5,
     every_curvature: Annotated[int, typer.Option("--every-curvature", min=0, help="Curvature every N steps (0: never).")] = 50,
-    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
+    debug: Annotated[bool, flag("--debug", help="Show tracebacks.")] = False,
 ) -> None:
     """Train the built-in default on the digits with normscope.Monitor on; print where the report is."""
     with boundary(debug):

@@ -170,3 +170,10 @@ def test_real_subprocess_default_run_and_error_boundary(tmp_path):
     assert missing.returncode == 1 and missing.stdout == ""
     assert missing.stderr == f"normscope: error: checkpoint file not found: {tmp_path / 'gone.pt'}; check the path\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+@pytest.mark.parametrize("command", ["analyze", "sites", "report", "compare", "recalibrate", "train"])
+def test_help_shows_boolean_options_as_flags(command):
+    result = runner.invoke(app, [command, "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0 and "--debug" in result.output and "--help" in result.output
+    assert "<bool>" not in result.output and "BOOLEAN" not in result.output, result.output

@@ -10,9 +10,12 @@ Cases (each in a fresh subprocess so that peak RSS is its own; ``--threads`` tor
   time from ``meta["seconds"]``; the growth exponent is the least-squares slope of
   log(time) on log(parameters).
 
-Each run is ``normscope.analyze(model, data)`` with the defaults (every analyzer that applies,
-budget 120 s, quick settings), batch 128. Peak memory: ``ru_maxrss`` of the subprocess minus its
-RSS after building the model and data, against the same for one forward+backward+SGD step.
+Each run is ``normscope.analyze(model, data)`` on the ``transformers`` model itself (no wrapper;
+data ``({"pixel_values" | "input_ids": ...}, labels)``) with the defaults (every analyzer that
+applies, budget 120 s, quick settings), batch 128, then ``result.save`` (tables, summary, report),
+as ``normscope analyze`` does. Peak memory: ``ru_maxrss`` of the subprocess minus its RSS after
+importing normscope's analyzers and report code and building the model and data (the code's own
+memory is not the analysis's), against the same for one forward+backward+SGD step.
 Prints the load average with every figure.
 
 Run: ``python benchmarks/scale.py [--threads 2] [--cases hf_resnet,bert,sweep]``.
@@ -26,7 +29,9 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -36,18 +41,8 @@ from torch import nn
 from normscope.data import load_digits
 
 
-class Logits(nn.Module):
-    """A transformers model as ``inputs -> logits``."""
-
-    def __init__(self, model: nn.Module, key: str) -> None:
-        super().__init__()
-        self.model, self.key = model, key
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(**{self.key: x}).logits
-
-
-def build(case: str, hidden: int | None = None) -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
+def build(case: str, hidden: int | None = None) -> tuple[nn.Module, tuple[dict, torch.Tensor]]:
+    """The model as ``transformers`` builds it (no wrapper) and the data as ``({key: inputs}, labels)``."""
     images, labels = load_digits(torch.float32)
     torch.manual_seed(0)
     if case == "hf_resnet":
@@ -55,7 +50,7 @@ def build(case: str, hidden: int | None = None) -> tuple[nn.Module, tuple[torch.
 
         config = ResNetConfig(num_channels=1, embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1], layer_type="basic",
                               num_labels=10, downsample_in_first_stage=False)
-        return Logits(ResNetForImageClassification(config), "pixel_values"), (images, labels)
+        return ResNetForImageClassification(config), ({"pixel_values": images}, labels)
     from transformers import BertConfig, BertForSequenceClassification
 
     hidden = hidden or 256
@@ -63,7 +58,7 @@ def build(case: str, hidden: int | None = None) -> tuple[nn.Module, tuple[torch.
                         intermediate_size=1152 if hidden == 256 else 4 * hidden, max_position_embeddings=64, num_labels=10,
                         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     tokens = images.reshape(len(images), 64).round().long()
-    return Logits(BertForSequenceClassification(config), "input_ids"), (tokens, labels)
+    return BertForSequenceClassification(config), ({"input_ids": tokens}, labels)
 
 
 def rss_mb() -> float:
@@ -74,22 +69,31 @@ def rss_mb() -> float:
 def child(case: str, what: str, hidden: int | None, threads: int) -> None:
     torch.set_num_threads(threads)
     import normscope
+    import normscope.reports.render
+    from normscope.analyzers import ANALYZERS, get_analyzer
 
-    model, (x, y) = build(case, hidden)
+    for name in ANALYZERS:  # the code's own memory is not the analysis's
+        get_analyzer(name)
+    model, (inputs, y) = build(case, hidden)
+    key = next(iter(inputs))
     base = rss_mb()
     started = time.perf_counter()
     out = {"case": case, "what": what, "params": sum(p.numel() for p in model.parameters()), "load": os.getloadavg()}
     if what == "step":
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
         model.train()
-        F.cross_entropy(model(x[:128]), y[:128]).backward()
+        F.cross_entropy(model(**{key: inputs[key][:128]}).logits, y[:128]).backward()
         optimizer.step()
     else:
-        result = normscope.analyze(model, (x, y))
+        result = normscope.analyze(model, (inputs, y))
+        written = time.perf_counter()
+        with tempfile.TemporaryDirectory() as folder:
+            result.save(Path(folder) / "out")  # tables, summary and report, as the CLI writes them
+        out["writing_seconds"] = time.perf_counter() - written
         out["seconds_by_analyzer"] = result.meta["seconds"]
         out["analyzers"] = result.meta["analyzers"]
         out["skipped"] = result.meta["analyzer_errors"]
-        out["cuts"] = len(result.meta["budget"]["cuts"])
+        out["cuts"] = [f"{c['analyzer']}: {c['what']}" for c in result.meta["budget"]["cuts"]]
         out["unit_costs"] = result.meta["budget"]["unit_costs"]
     out["seconds"] = time.perf_counter() - started
     out["peak_mb_above_base"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
@@ -118,7 +122,7 @@ def main() -> None:
     for case in [c for c in args.cases.split(",") if c != "sweep"]:
         step, full = run(case, "step", args.threads), run(case, "analyze", args.threads)
         print(f"{case}: {full['params']} parameters; analyze {full['seconds']:.1f} s {full['seconds_by_analyzer']} "
-              f"(ran {full['analyzers']}, {full['cuts']} cuts, unit costs {full['unit_costs']}); peak memory above base "
+              f"(ran {full['analyzers']}, writing {full['writing_seconds']:.1f} s, cuts {full['cuts']}, unit costs {full['unit_costs']}); peak memory above base "
               f"{full['peak_mb_above_base']:.0f} MB vs training step {step['peak_mb_above_base']:.0f} MB = "
               f"{full['peak_mb_above_base'] / max(step['peak_mb_above_base'], 1):.2f}x; load {full['load']} -> {full['load_after']}",
               flush=True)

@@ -26,6 +26,7 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from normscope.analyzers.hvp import BatchLoss, HessianOperator
 from normscope.analyzers.spectrum import lanczos
@@ -61,8 +62,9 @@ def pyhessian_run(model, x, y, k: int, tol: float, cuda: bool):
     try:
         torch.manual_seed(0)
         model.zero_grad(set_to_none=True)
-        h = ph.hessian(model, F.cross_entropy, data=(x, y), cuda=cuda)
-        values, _ = h.eigenvalues(maxIter=1000, tol=tol, top_n=k)
+        with sdpa_kernel(SDPBackend.MATH):  # the attention kernel with a double backward, as normscope's BatchLoss uses
+            h = ph.hessian(model, F.cross_entropy, data=(x, y), cuda=cuda)
+            values, _ = h.eigenvalues(maxIter=1000, tol=tol, top_n=k)
         return values, count[0]
     finally:
         ph.hessian_vector_product = plain

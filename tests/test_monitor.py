@@ -249,3 +249,23 @@ def test_tensorboard_scalars_sit_beside_a_readable_dataset(digits32, tmp_path):
     logged = [e.value for e in events.Scalars("normscope/r2_mean/net.2")]
     expected = rows[(rows["site"] == "net.2") & (rows["metric"] == "r2_mean")].sort_values("step")["value"]
     np.testing.assert_allclose(logged, expected, rtol=1e-6)
+
+
+def test_steps_that_record_nothing_install_no_hooks(digits32, tmp_path):
+    from torch.nn.modules import module as torch_module
+
+    x, y = digits32
+    model = build_model("resnet_bn")
+    hooked = []
+
+    def count(*_):
+        hooked.append(sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+                      + len(torch_module._global_forward_hooks) + len(torch_module._global_forward_pre_hooks))
+
+    with normscope.Monitor(model, tmp_path / "run", every=3) as monitor:
+        for _ in range(4):
+            with monitor.step():
+                count()
+                F.cross_entropy(model(x), y).backward()
+    assert hooked[1] == hooked[2] == 0 and hooked[0] == hooked[3] > 0
+    assert set(pd.read_parquet(tmp_path / "run")["step"]) == {0, 3}

@@ -95,6 +95,9 @@ class Monitor:
         if self.gathering:
             self.rank = distributed.dist.get_rank()
         self.steps = 0
+        # one capture entered on every statistics step: the sites are found and their readings
+        # verified once; steps that record nothing install no hooks
+        self._capture = capture(model, sites=sites, kinds=kinds, storage="reductions", functional=functional, preserve=False)
         self.store: RecordStore | None = None
         self._entered = False
         self._writer = None
@@ -154,8 +157,7 @@ class Monitor:
             yield
             return
         running = running_stats(self.model)
-        with capture(self.model, sites=self.sites, kinds=self.kinds, storage="reductions",
-                     functional=self.functional, preserve=False) as cap:
+        with self._capture as cap:
             yield
         rows = step_rows(cap.records, running)
         if self.gathering:

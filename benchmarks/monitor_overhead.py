@@ -5,8 +5,8 @@ SGD with momentum, one process. Configurations: the capture alone (``storage="re
 step, no metrics), the monitor with statistics and GLS every step and every 10 steps, and every 10
 steps plus curvature every 100 steps. Each configuration is timed in blocks of whole cadences
 (100 steps), alternating with blocks of the plain loop so that load from other jobs affects both
-alike; each ratio is (median monitored block) / (median plain block). The load average
-(``os.getloadavg()``) is printed before and after.
+alike; each ratio is (median monitored block) / (median plain block), in wall time and in process
+CPU time. The load average (``os.getloadavg()``) is printed before, after each configuration and after.
 
 Run: ``python benchmarks/monitor_overhead.py [--rounds 5] [--block 100] [--threads N] [--device cuda]``
 """
@@ -37,7 +37,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def run(device: torch.device, rounds: int, block: int, batch: int = 128) -> list[tuple[str, float, float, float]]:
+def run(device: torch.device, rounds: int, block: int, batch: int = 128) -> list[tuple[str, float, float, float, float, float]]:
     images, labels = load_digits()
     x, y = images[:batch].to(device), labels[:batch].to(device)
     model = build_model("resnet_bn").to(device).train()
@@ -48,8 +48,10 @@ def run(device: torch.device, rounds: int, block: int, batch: int = 128) -> list
         optimizer.step()
         optimizer.zero_grad()
 
+    session = capture(model, storage="reductions", functional=False, preserve=False)  # re-entered, as Monitor does
+
     def capture_step() -> None:
-        with capture(model, storage="reductions", functional=False, preserve=False):
+        with session:
             F.cross_entropy(model(x), y).backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -62,13 +64,14 @@ def run(device: torch.device, rounds: int, block: int, batch: int = 128) -> list
             optimizer.zero_grad()
         return step
 
-    def block_seconds(step: Callable[[], None]) -> float:
+    def block_seconds(step: Callable[[], None]) -> tuple[float, float]:
+        """Wall and process CPU seconds (CPU time is less disturbed by other jobs on a shared machine)."""
         _sync(device)
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         for _ in range(block):
             step()
         _sync(device)
-        return time.perf_counter() - start
+        return time.perf_counter() - start, time.process_time() - cpu
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -85,12 +88,12 @@ def run(device: torch.device, rounds: int, block: int, batch: int = 128) -> list
                 for _ in range(3):
                     plain_step()
                     step()
-                times: dict[str, list[float]] = {"plain": [], "monitored": []}
+                times: dict[str, list[tuple[float, float]]] = {"plain": [], "monitored": []}
                 for _ in range(rounds):
                     times["plain"].append(block_seconds(plain_step))
                     times["monitored"].append(block_seconds(step))
-            plain, watched = statistics.median(times["plain"]), statistics.median(times["monitored"])
-            rows.append((name, plain / block * 1e3, watched / block * 1e3, watched / plain))
+            (plain, plain_cpu), (watched, watched_cpu) = ([statistics.median(t) for t in zip(*times[k])] for k in ("plain", "monitored"))
+            rows.append((name, plain / block * 1e3, watched / block * 1e3, watched / plain, watched_cpu / plain_cpu, os.getloadavg()[0]))
     return rows
 
 
@@ -106,9 +109,9 @@ def main() -> None:
     device = torch.device(args.device)
     print(f"torch {torch.__version__}, {device}, threads {torch.get_num_threads()}, load before {os.getloadavg()}")
     print(f"resnet_bn, batch 128, blocks of {args.block} steps x {args.rounds} rounds")
-    print(f"{'configuration':<34}{'plain ms':>10}{'with ms':>10}{'ratio':>8}{'target':>8}")
-    for name, plain, watched, ratio in run(device, args.rounds, args.block):
-        print(f"{name:<34}{plain:>10.2f}{watched:>10.2f}{ratio:>8.3f}{TARGETS[name]:>8.2f}")
+    print(f"{'configuration':<34}{'plain ms':>10}{'with ms':>10}{'ratio':>8}{'cpu ratio':>10}{'target':>8}{'load':>6}")
+    for name, plain, watched, ratio, cpu_ratio, load in run(device, args.rounds, args.block):
+        print(f"{name:<34}{plain:>10.2f}{watched:>10.2f}{ratio:>8.3f}{cpu_ratio:>10.3f}{TARGETS[name]:>8.2f}{load:>6.1f}")
     print(f"load after {os.getloadavg()}")
 
 

@@ -1,12 +1,16 @@
 """Capture: functional calls, storage options, in-place ops, no_grad, repeated forwards, and the
 guarantee that the model comes out bit-identical with every hook removed."""
 
+import copy
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from normscope.capture import capture, find_sites
+from normscope.capture.verify import verify
 from normscope.errors import UnknownNameError
 from normscope.guard import assert_unchanged, snapshot
 from normscope.models import MODELS, build_model
@@ -201,3 +205,31 @@ def test_capture_on_cuda(digits32):
     with capture(model, storage="cpu") as cap:
         F.cross_entropy(model(x), y).backward()
     assert cap.records[0].x.device.type == "cpu" and cap.records[0].has_grad
+    with capture(model, storage="reductions") as cap:
+        F.cross_entropy(model(x), y).backward()
+    assert all(t.device.type == "cpu" for r in cap.records for t in r.reductions.values())
+    assert len(cap.records) == 10 and all(r.has_grad for r in cap.records)
+
+
+def test_reentered_capture_records_as_a_fresh_one_and_verifies_once(digits64, monkeypatch):
+    session = sys.modules["normscope.capture.session"]
+    calls = []
+    monkeypatch.setattr(session, "verify", lambda *args: calls.append(args[0]) or verify(*args))
+    x, y = digits64
+    model = build_model("resnet_bn").double()
+    reused = capture(model, storage="reductions", preserve=False)
+    for batch in (slice(0, 32), slice(32, 64), slice(0, 48)):
+        twin = copy.deepcopy(model)
+        with capture(twin, storage="reductions", preserve=False) as fresh:
+            F.cross_entropy(twin(x[batch]), y[batch]).backward()
+        calls.clear()
+        with reused as cap:
+            F.cross_entropy(model(x[batch]), y[batch]).backward()
+        # the first block and a new input shape verify every site; the same shape again none
+        assert len(calls) == (0 if batch.start == 32 else 10)
+        assert [s.name for s in cap.sites] == [s.name for s in fresh.sites] and len(cap.records) == 10
+        for r, f in zip(cap.records, fresh.records):
+            assert (r.site, r.index, r.producer, r.consumer, r.consumer_type) == (f.site, f.index, f.producer, f.consumer, f.consumer_type)
+            assert r.reductions.keys() == f.reductions.keys()
+            assert all(torch.equal(r.reductions[k], f.reductions[k]) for k in r.reductions)
+        assert _hook_counts(model) == [0] * len(_hook_counts(model))

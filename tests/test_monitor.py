@@ -134,14 +134,20 @@ def test_curvature_rows_equal_a_dense_hessian(digits64, tmp_path):
     x, y = digits64[0][:32], digits64[1][:32]
     torch.manual_seed(0)
     model = MLP(width=4, depth=1).double().train()
-    with normscope.Monitor(model, tmp_path / "run", every=0, every_curvature=1, lr=0.3, curvature_samples=64) as monitor:
+    with normscope.Monitor(model, tmp_path / "run", every=0, every_curvature=1, lr=0.3, curvature_samples=64,
+                           curvature_layers=None) as monitor:
         with monitor.step((x, y)):
             F.cross_entropy(model(x), y).backward()
     rows = pd.read_parquet(tmp_path / "run").set_index(["site", "metric"])["value"]
     names, sizes, g, h = _dense_curvature(model, x, y)
     eig = torch.linalg.eigvalsh(h)
-    assert math.isclose(rows[("model", "lambda_max")], float(eig[-1]), rel_tol=1e-4)
-    assert math.isclose(rows[("model", "stability_limit")], 2 / float(eig[-1]), rel_tol=1e-4)
+    lam, residual = rows[("model", "lambda_max")], rows[("model", "lambda_max_residual")]
+    assert lam <= float(eig[-1]) * (1 + 1e-12) and float(eig[-1]) - lam <= residual + 1e-12
+    assert rows[("model", "lambda_max_error")] <= 1e-2 * lam
+    assert rows[("model", "stability_limit")] == 2 / lam
+    # one product for the step's a_crit, one per layer, Lanczos, the Hutchinson samples
+    layers = (rows.index.get_level_values("metric") == "a_crit").sum() - 1
+    assert rows[("model", "products")] == 1 + layers + rows[("model", "lambda_max_products")] + 64
     assert abs(rows[("model", "trace")] - float(h.trace())) < 4 * rows[("model", "trace_stderr")]
     d = -g
     assert math.isclose(rows[("model", "a_crit")], float(2 * d @ d / (d @ h @ d)), rel_tol=1e-8)
@@ -249,3 +255,67 @@ def test_tensorboard_scalars_sit_beside_a_readable_dataset(digits32, tmp_path):
     logged = [e.value for e in events.Scalars("normscope/r2_mean/net.2")]
     expected = rows[(rows["site"] == "net.2") & (rows["metric"] == "r2_mean")].sort_values("step")["value"]
     np.testing.assert_allclose(logged, expected, rtol=1e-6)
+
+
+def test_steps_that_record_nothing_install_no_hooks(digits32, tmp_path):
+    from torch.nn.modules import module as torch_module
+
+    x, y = digits32
+    model = build_model("resnet_bn")
+    hooked = []
+
+    def count(*_):
+        hooked.append(sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+                      + len(torch_module._global_forward_hooks) + len(torch_module._global_forward_pre_hooks))
+
+    with normscope.Monitor(model, tmp_path / "run", every=3) as monitor:
+        for _ in range(4):
+            with monitor.step():
+                count()
+                F.cross_entropy(model(x), y).backward()
+    assert hooked[1] == hooked[2] == 0 and hooked[0] == hooked[3] > 0
+    assert set(pd.read_parquet(tmp_path / "run")["step"]) == {0, 3}
+
+
+def test_warm_started_lambda_max_is_within_its_bound_of_a_dense_hessian(digits64, tmp_path):
+    """Lanczos from the previous step's Ritz vector: each step's lambda_max at most the dense
+    Hessian's (float64) and within its stated residual of it, and cheaper than from a random start."""
+    x, y = digits64[0][:32], digits64[1][:32]
+    torch.manual_seed(0)
+    model = MLP(width=16, depth=2).double().train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    dense = []
+    with normscope.Monitor(model, tmp_path / "run", every=0, every_curvature=1, optimizer=optimizer,
+                           curvature_layers=0) as monitor:
+        for _ in range(4):
+            dense.append(float(torch.linalg.eigvalsh(_dense_curvature(model, x, y)[3])[-1]))
+            with monitor.step((x, y)):
+                F.cross_entropy(model(x), y).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    rows = pd.read_parquet(tmp_path / "run").set_index(["step", "site", "metric"])["value"]
+    products = [rows[(step, "model", "lambda_max_products")] for step in range(4)]
+    for step, exact in enumerate(dense):
+        lam, residual = rows[(step, "model", "lambda_max")], rows[(step, "model", "lambda_max_residual")]
+        assert lam <= exact * (1 + 1e-12) and exact - lam <= residual, (step, lam, exact, residual)
+        assert rows[(step, "model", "lambda_max_error")] <= 1e-2 * lam
+        assert rows[(step, "model", "products")] == 1 + products[step] + 4
+    assert max(products[1:]) < products[0], products
+
+
+def test_curvature_layers_k_takes_the_layers_the_step_moves_most(digits64):
+    from normscope.analyzers.descent import optimizer_direction
+    from normscope.analyzers.hvp import BatchLoss
+    from normscope.monitor.curvature import curvature_rows
+
+    x, y = digits64[0][:32], digits64[1][:32]
+    torch.manual_seed(0)
+    model = MLP(width=8, depth=2).double().train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    d, _ = optimizer_direction(model, optimizer, BatchLoss(model, x, y))
+    size: dict[str, float] = {}
+    for name, t in d.items():
+        size[name.rpartition(".")[0]] = size.get(name.rpartition(".")[0], 0.0) + float(t.pow(2).sum())
+    biggest = set(sorted(size, key=size.get, reverse=True)[:2])
+    rows = curvature_rows(model, x, y, F.cross_entropy, optimizer, layers=2)
+    assert {site for site, metric, _ in rows if metric == "a_crit"} == {"model", *biggest}

@@ -129,6 +129,7 @@ def reduce_record(record: SiteRecord) -> None:
     input's dtype with torch's cascade summation; the outer sums and everything after are float64
     (float64 inputs: float64 throughout). For per-channel partitions ``gamma`` is factored out
     (``sum g = gamma sum dy``, ...); other layouts form ``g = (gamma + offset) dL/dy`` once.
+    The sums stay on x's device (:func:`to_host` moves a capture's records at once).
     The sums of z follow in closed form with ``z = (x - shift) / scale``:
     ``sum z = n (mean - shift) / scale``, ``sum z^2 = n (var + (mean - shift)^2) / scale^2``,
     ``sum g z = (sum g c + (mean - shift) sum g) / scale``.
@@ -152,6 +153,17 @@ def reduce_record(record: SiteRecord) -> None:
             gamma = layout.weight.detach().to(torch.float64).reshape(-1) + layout.weight_offset
             sum_g, sum_g2, sum_gc = gamma * sum_g, gamma * gamma * sum_g2, gamma * sum_gc
         red.update(sum_g=sum_g, sum_g2=sum_g2, sum_gz=(sum_gc + offset * sum_g) / scale)
-    stacked = torch.stack(list(red.values())).cpu()
-    record.reductions = dict(zip(red, stacked.unbind(0)))
+    record.reductions = red
     record.x = record.y = record.dy = record.dx = None
+
+
+def to_host(records: list[SiteRecord]) -> None:
+    """Move the reductions of ``records`` that lie on an accelerator to host memory in one
+    transfer (one synchronisation per capture rather than one per site)."""
+    held = [r for r in records if r.reductions and next(iter(r.reductions.values())).device.type != "cpu"]
+    if not held:
+        return
+    tensors = [t for r in held for t in r.reductions.values()]
+    parts = iter(torch.cat(tensors).cpu().split([t.numel() for t in tensors]))
+    for r in held:
+        r.reductions = {key: next(parts) for key in r.reductions}

@@ -11,10 +11,10 @@ from torch.nn.utils.parametrizations import _WeightNorm
 from torch.overrides import TorchFunctionMode
 
 from normscope.capture.functional import FUNCTIONAL_NORMS, RELU_FUNCTIONS, bind_call
-from normscope.capture.record import Site, SiteRecord, reduce_record
+from normscope.capture.record import Site, SiteRecord, reduce_record, to_host
 from normscope.capture.sites import find_unrecognized, matches, module_sites
 from normscope.capture.verify import Verification, verify
-from normscope.errors import UnknownNameError
+from normscope.errors import InvalidArgumentError, UnknownNameError
 from normscope.guard import preserved
 from normscope.registry import Layout
 
@@ -65,6 +65,11 @@ class Capture:
     classes that were not recorded), ``unverified`` (sites whose reading did not reproduce their
     output on the first call, :mod:`normscope.capture.verify`; they are not recorded).
 
+    The same capture can be entered again (one block per training step, as
+    :class:`normscope.Monitor` does): each block starts new ``records``, ``sites`` and
+    ``unverified``; the model's modules are read on the first entry, and a site's reading once
+    verified is not checked again while its input shape, dtype and reading stay the same.
+
     Example:
         >>> with normscope.capture(model, sites="*bn*") as cap:
         ...     loss_fn(model(x), y).backward()
@@ -98,6 +103,8 @@ class Capture:
         self._open: dict[int, SiteRecord] = {}
         self._awaiting_dx: set[int] = set()
         self._modules: dict[int, tuple[str, nn.Module, bool, str]] = {}
+        self._table: list[tuple[str, nn.Module, Any]] | None = None
+        self._readings: dict[str, tuple] = {}
         self.unverified: list[Verification] = []
 
     @property
@@ -107,6 +114,11 @@ class Capture:
 
     # -- context ---------------------------------------------------------------------------
     def __enter__(self) -> "Capture":
+        if self._handles:
+            raise InvalidArgumentError("this capture is already active: a capture's blocks cannot be nested")
+        self.records, self.sites, self.unverified = [], [], []
+        self._record_counts, self._call_counts = {}, {}
+        self._open, self._awaiting_dx, self._stack = {}, set(), []
         self._state = preserved(self.model, rng=False) if self.preserve else None
         if self._state is not None:
             self._state.__enter__()
@@ -126,20 +138,23 @@ class Capture:
                 for record in self.records:
                     if record.x is not None:
                         reduce_record(record)
+                to_host(self.records)
         finally:
             if self._state is not None:
                 self._state.__exit__(None, None, None)
 
     def _install(self) -> None:
-        for name, module, recognized in module_sites(self.model):
-            if matches(name, recognized.kind.name, self.selection, self.kinds):
-                self._site_modules.add(id(module))
-                self._handles.append(module.register_forward_pre_hook(self._pre_hook(name, recognized)))
-                self._handles.append(module.register_forward_hook(self._post_hook()))
-        self._modules = {
-            id(m): (path, m, next(m.children(), None) is None, type(m).__name__)
-            for path, m in self.model.named_modules()
-        }
+        if self._table is None:
+            self._table = [(name, module, recognized) for name, module, recognized in module_sites(self.model)
+                           if matches(name, recognized.kind.name, self.selection, self.kinds)]
+            self._site_modules = {id(module) for _, module, _ in self._table}
+            self._modules = {
+                id(m): (path, m, next(m.children(), None) is None, type(m).__name__)
+                for path, m in self.model.named_modules()
+            }
+        for name, module, recognized in self._table:
+            self._handles.append(module.register_forward_pre_hook(self._pre_hook(name, recognized)))
+            self._handles.append(module.register_forward_hook(self._post_hook()))
         self._handles.append(register_module_forward_pre_hook(self._push))
         self._handles.append(register_module_forward_hook(self._pop))
         if self.functional:
@@ -214,11 +229,14 @@ class Capture:
         return record, x
 
     def _verified(self, record: SiteRecord, y: Any) -> bool:
-        """On a site's first call, check its reading against its output; drop it if it fails."""
-        if record.index > 0:
+        """On a site's first call, check its reading against its output unless this capture
+        verified the same reading on the same input shape before; drop the site if it fails."""
+        reading = _reading(record)
+        if record.index > 0 or self._readings.get(record.site.name) == reading:
             return True
         check = verify(record.site.name, record.site.module_type, record.layout, record.x, y)
         if check.verified:
+            self._readings[record.site.name] = reading
             return True
         self.unverified.append(check)
         self.records.remove(record)
@@ -301,6 +319,16 @@ class Capture:
         if not found:
             raise KeyError(f"no record of site {site!r}; recorded: {', '.join(s.name for s in self.sites)}")
         return found[-1]
+
+
+def _reading(record: SiteRecord) -> tuple:
+    """What a verification depends on besides the values: the site's module type, its input's
+    shape, dtype and device, and the reading (everything of the layout but its tensors' values)."""
+    layout = record.layout
+    shapes = tuple(None if t is None else t.shape for t in (layout.weight, layout.bias, layout.running_mean))
+    return (record.site.module_type, record.shape, record.dtype, None if record.x is None else record.x.device,
+            layout.kind.name, layout.rule, layout.eps, layout.weight_offset, layout.normalized_ndim, layout.groups,
+            layout.dim, layout.batch_stats, shapes)
 
 
 capture = Capture

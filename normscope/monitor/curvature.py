@@ -10,10 +10,15 @@ descent analysis of batch normalization it builds on):
 * ``a_crit = 2 (-g_g^T d_g) / d_g^T H_gg d_g`` (``2 ||d_g||^2 / d_g^T H_gg d_g`` for ``d = -g``;
   :func:`~normscope.analyzers.descent.critical_step`) for every layer ``g`` and for all parameters
   (``site="model"``), with ``lr_below_a_crit`` (1.0 or 0.0) against the optimizer's (or given) lr;
-* ``lambda_max``, the largest eigenvalue of ``H`` (Lanczos to relative tolerance ``tol``), and
-  ``stability_limit = 2 / lambda_max``;
+* ``lambda_max``, the largest eigenvalue of ``H`` by Lanczos (:func:`top_eigenpair`), stopped when
+  its error estimate ``lambda_max_error`` (``min(r, r^2/gap)``) is at most ``tol lambda_max``, with
+  the residual ``lambda_max_residual`` (``r``: an eigenvalue lies within it) and the products it spent
+  (``lambda_max_products``); started from ``start`` (the monitor passes the previous curvature
+  step's Ritz vector plus a seeded random part, so a slowly turning top eigenvector costs a few
+  products), and ``stability_limit = 2 / lambda_max``;
 * ``trace``, Hutchinson's estimate of ``tr H`` from ``samples`` Rademacher products, with
-  ``trace_stderr``; the same products give each layer's ``trace`` (its block ``H_gg``).
+  ``trace_stderr``; the same products give each layer's ``trace`` (its block ``H_gg``);
+* ``products``: the Hessian-vector products the step spent in all.
 
 The global random state is forked, so dropout in the copy draws nothing from the user's stream.
 """
@@ -26,49 +31,96 @@ from typing import Callable, Iterable
 
 import numpy as np
 import torch
-from scipy.sparse.linalg import eigsh
-from torch import nn
+from torch import Tensor, nn
 
 from normscope.analyzers.descent import critical_step, negative_gradient, optimizer_direction
 from normscope.analyzers.hvp import BatchLoss, HessianOperator
-from normscope.analyzers.spectrum import hutchinson_trace
+from normscope.analyzers.spectrum import hutchinson_trace, ritz_errors
 
 MODEL_SITE = "model"
+WARM_NOISE = 0.1  # norm of the random part added to a warm start (which alone could miss a new top direction)
+
+Row = tuple[str, str, float]
 
 
-def _chosen(groups: dict[str, list[str]], patterns: str | Iterable[str] | None) -> dict[str, list[str]]:
-    if patterns is None:
+def _chosen(groups: dict[str, list[str]], layers: str | Iterable[str] | int | None,
+            d: dict[str, Tensor]) -> dict[str, list[str]]:
+    """The layers whose a_crit to compute: all (``None``), those matching fnmatch patterns, or the
+    ``k`` (an int) that the step moves most, by ``||d_g||``."""
+    if layers is None:
         return groups
-    patterns = [patterns] if isinstance(patterns, str) else list(patterns)
+    if isinstance(layers, int):
+        size = {g: sum(float(d[n].double().pow(2).sum()) for n in names) for g, names in groups.items()}
+        return {g: groups[g] for g in sorted(groups, key=size.get, reverse=True)[:layers]}
+    patterns = [layers] if isinstance(layers, str) else list(layers)
     return {g: names for g, names in groups.items() if any(fnmatch.fnmatchcase(g, p) for p in patterns)}
 
 
-def lambda_max(op: HessianOperator, tol: float = 1e-2, seed: int = 0, ncv: int = 6) -> float:
-    """The largest eigenvalue of ``H`` by Lanczos (``eigsh``, ``which="LA"``) with a short basis of
-    ``ncv`` vectors: a monitor needs a few products per step, not the snapshot's 20-vector basis."""
-    v0 = np.random.default_rng(seed).standard_normal(op.numel)
-    return float(eigsh(op.linear_operator(), k=1, which="LA", v0=v0, tol=tol, ncv=min(ncv, op.numel - 1),
-                       return_eigenvectors=False)[0])
+def top_eigenpair(op: HessianOperator, start: Tensor, tol: float = 1e-2,
+                  max_products: int = 30) -> tuple[float, Tensor, float, float, int]:
+    """``(lambda_max, Ritz vector, residual, error estimate, products)`` of ``H`` by Lanczos from ``start``.
+
+    Every new vector is reorthogonalized twice against the basis (float64). After each product the
+    top Ritz value ``theta`` of ``T_m = V^T H V`` (``theta <= lambda_max``) has residual
+    ``r = ||H y - theta y|| = beta_m |s_m|`` (an eigenvalue of ``H`` lies within ``r``) and the error
+    estimate ``min(r, r^2 / gap)`` with the gap to the other Ritz values (:func:`~normscope.analyzers.spectrum.ritz_errors`,
+    as :func:`~normscope.analyzers.spectrum.lanczos`); it stops when that bound is at most
+    ``tol |theta|``, when the Krylov space is invariant (bound 0), or after ``max_products``.
+    """
+    basis = [start.double() / start.double().norm()]
+    alphas: list[float] = []
+    betas: list[float] = []
+    limit = min(op.numel, max_products)
+    while True:
+        w = op(basis[-1].to(op.dtype)).double()
+        alphas.append(float(w @ basis[-1]))
+        V = torch.stack(basis, dim=1)
+        for _ in range(2):
+            w -= V @ (V.T @ w)
+        beta = float(w.norm())
+        theta, s = np.linalg.eigh(np.diag(alphas) + np.diag(betas, 1) + np.diag(betas, -1))
+        theta, s = theta[::-1].copy(), s[:, ::-1].copy()
+        residuals = beta * np.abs(s[-1, :])
+        error = float(ritz_errors(theta, residuals)[0])
+        invariant = beta <= 1e-12 * max(abs(theta[0]), 1e-300)
+        if invariant or error <= tol * abs(theta[0]) or len(alphas) >= limit:
+            ritz = V @ torch.as_tensor(s[:, 0], device=V.device)
+            return float(theta[0]), ritz, 0.0 if invariant else float(residuals[0]), 0.0 if invariant else error, len(alphas)
+        betas.append(beta)
+        basis.append(w / beta)
 
 
-def curvature_rows(
+def _start(n: int, seed: int, previous: Tensor | None) -> Tensor:
+    """A seeded Gaussian unit vector, or ``previous`` (unit) plus ``WARM_NOISE`` of it."""
+    noise = torch.randn(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    noise /= noise.norm()
+    if previous is None or previous.numel() != n:
+        return noise
+    return previous.detach().double().cpu() / previous.norm() + WARM_NOISE * noise
+
+
+def curvature_step(
     model: nn.Module,
     inputs,
     targets,
     loss_fn: Callable,
     optimizer: torch.optim.Optimizer | None = None,
     lr: float | None = None,
-    layers: str | Iterable[str] | None = None,
+    layers: str | Iterable[str] | int | None = None,
     samples: int = 4,
     tol: float = 1e-2,
     seed: int = 0,
     dtype: torch.dtype | None = None,
-) -> list[tuple[str, str, float]]:
-    """``(site, metric, value)`` rows of the curvature of ``loss_fn(model(inputs), targets)``.
+    start: Tensor | None = None,
+) -> tuple[list[Row], Tensor]:
+    """``(site, metric, value)`` rows of the curvature of ``loss_fn(model(inputs), targets)``, and
+    the Ritz vector of ``lambda_max`` (a warm ``start`` for the next call).
 
-    ``layers``: fnmatch patterns on layer names (module paths) whose block ``a_crit`` to compute
-    (one Hessian-vector product each; default all). ``dtype``: arithmetic of the copy (default:
-    the model's). ``model`` and ``optimizer`` are not touched.
+    ``layers``: which layers' block ``a_crit`` to compute (one Hessian-vector product each): fnmatch
+    patterns on layer names (module paths), an int ``k`` for the ``k`` layers with the largest
+    ``||d_g||``, or ``None`` for all. ``dtype``: arithmetic of the copy (default: the model's).
+    ``start``: the previous Ritz vector (``None``: a seeded random start). ``model`` and
+    ``optimizer`` are not touched.
     """
     devices = [inputs.device] if isinstance(inputs, torch.Tensor) and inputs.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
@@ -80,19 +132,30 @@ def curvature_rows(
             d = negative_gradient(loss)
         groups = loss.layers()
         gradient = loss.gradient()
-        rows: list[tuple[str, str, float]] = []
-        chosen = {MODEL_SITE: None, **_chosen(groups, layers)}
-        for group, names in chosen.items():
-            op = total if names is None else total.block(names)
+        rows: list[Row] = []
+        ops = {group: total if names is None else total.block(names)
+               for group, names in {MODEL_SITE: None, **_chosen(groups, layers, d)}.items()}
+        for group, op in ops.items():
             flat = op.flatten(d)
             slope = float(torch.dot(op.flatten(gradient).double(), flat.double()))
             a_crit = critical_step(slope, op.quadratic_form(flat))
             rows.append((group, "a_crit", a_crit))
             if lr is not None:
                 rows.append((group, "lr_below_a_crit", float(lr < a_crit)))
-        lam = lambda_max(total, tol, seed)
-        rows += [(MODEL_SITE, "lambda_max", lam), (MODEL_SITE, "stability_limit", 2.0 / lam if lam > 0 else math.nan)]
+        lam, ritz, residual, error, spent = top_eigenpair(total, _start(total.numel, seed, start).to(total.device), tol)
+        rows += [(MODEL_SITE, "lambda_max", lam), (MODEL_SITE, "lambda_max_residual", residual),
+                 (MODEL_SITE, "lambda_max_error", error),
+                 (MODEL_SITE, "lambda_max_products", float(spent)),
+                 (MODEL_SITE, "stability_limit", 2.0 / lam if lam > 0 else math.nan)]
         traces = hutchinson_trace(total, samples, seed, groups)
         rows += [(MODEL_SITE, "trace", traces["total"][0]), (MODEL_SITE, "trace_stderr", traces["total"][1])]
         rows += [(g, "trace", t) for g, (t, _) in traces.items() if g != "total"]
-    return rows
+        rows.append((MODEL_SITE, "products", float(sum(op.products for op in ops.values()))))
+    return rows, ritz
+
+
+def curvature_rows(model: nn.Module, inputs, targets, loss_fn: Callable, optimizer: torch.optim.Optimizer | None = None,
+                   lr: float | None = None, layers: str | Iterable[str] | int | None = None, samples: int = 4,
+                   tol: float = 1e-2, seed: int = 0, dtype: torch.dtype | None = None) -> list[Row]:
+    """The rows of :func:`curvature_step` from a random start."""
+    return curvature_step(model, inputs, targets, loss_fn, optimizer, lr, layers, samples, tol, seed, dtype)[0]

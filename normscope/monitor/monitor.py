@@ -14,7 +14,7 @@ from torch import nn
 from normscope.capture import capture
 from normscope.errors import InvalidArgumentError
 from normscope.monitor import distributed
-from normscope.monitor.curvature import MODEL_SITE, curvature_rows
+from normscope.monitor.curvature import MODEL_SITE, curvature_step
 from normscope.monitor.metrics import running_stats, step_rows
 from normscope.monitor.store import RecordStore
 
@@ -27,8 +27,9 @@ class Monitor:
     Every ``every``-th call of :meth:`step`, the step's own forward and backward run under
     :func:`normscope.capture` with ``storage="reductions"`` (no extra pass): per-site norm
     statistics and gradient least squares (:mod:`normscope.monitor.metrics`). Every
-    ``every_curvature``-th step, on that step's batch: a_crit per layer against the lr, lambda_max
-    and the trace (:mod:`normscope.monitor.curvature`); this needs the batch, passed to
+    ``every_curvature``-th step, on that step's batch: a_crit of the step and of the layers it moves
+    most against the lr, lambda_max (warm-started from the previous curvature step) and the trace,
+    with the Hessian-vector products spent (:mod:`normscope.monitor.curvature`); this needs the batch, passed to
     :meth:`step`. Rows ``(step, rank, site, metric, value)`` go to a Parquet dataset in ``out``
     (``pandas.read_parquet(out)``), flushed as complete files every ``flush_seconds`` and on exit,
     and, with ``tensorboard=True``, to ``out/_tensorboard`` as ``normscope/<metric>/<site>``.
@@ -48,8 +49,10 @@ class Monitor:
         sites, kinds: which sites to record (as in :func:`normscope.capture`).
         functional: also record functional norm calls (costs a Python dispatch per torch call).
             Default: False.
-        curvature_layers: fnmatch patterns on layer names whose a_crit to compute (one
-            Hessian-vector product each). Default: all layers.
+        curvature_layers: which layers' a_crit to compute, one Hessian-vector product (2-3
+            training steps) each: fnmatch patterns on layer names, an int ``k`` for the ``k``
+            layers the step moves most (largest ``||d_g||``, so the layers can change from one
+            curvature step to the next) or ``None`` for every layer. Default: 2.
         curvature_samples: Hutchinson products for the trace. Default: 4.
         tensorboard: also write TensorBoard scalars. Default: False.
         flush_seconds: write buffered rows at most this often (0: every recorded step). Default: 10.
@@ -77,7 +80,7 @@ class Monitor:
         sites: str | Iterable[str] | None = None,
         kinds: str | Iterable[str] | None = None,
         functional: bool = False,
-        curvature_layers: str | Iterable[str] | None = None,
+        curvature_layers: str | Iterable[str] | int | None = 2,
         curvature_samples: int = 4,
         tensorboard: bool = False,
         flush_seconds: float = 10.0,
@@ -95,6 +98,10 @@ class Monitor:
         if self.gathering:
             self.rank = distributed.dist.get_rank()
         self.steps = 0
+        self._ritz: torch.Tensor | None = None  # lambda_max's last Ritz vector: the next curvature step starts there
+        # one capture entered on every statistics step: the sites are found and their readings
+        # verified once; steps that record nothing install no hooks
+        self._capture = capture(model, sites=sites, kinds=kinds, storage="reductions", functional=functional, preserve=False)
         self.store: RecordStore | None = None
         self._entered = False
         self._writer = None
@@ -148,14 +155,14 @@ class Monitor:
             if batch is None:
                 raise InvalidArgumentError(f"step {index} measures curvature (every_curvature={self.every_curvature}): "
                                            "pass the batch, monitor.step((inputs, targets))")
-            self.record(index, curvature_rows(self.model, batch[0], batch[1], loss_fn or self.loss_fn, self.optimizer,
-                                              lr, self.curvature_layers, self.curvature_samples, seed=index))
+            rows, self._ritz = curvature_step(self.model, batch[0], batch[1], loss_fn or self.loss_fn, self.optimizer, lr,
+                                              self.curvature_layers, self.curvature_samples, seed=index, start=self._ritz)
+            self.record(index, rows)
         if not stats:
             yield
             return
         running = running_stats(self.model)
-        with capture(self.model, sites=self.sites, kinds=self.kinds, storage="reductions",
-                     functional=self.functional, preserve=False) as cap:
+        with self._capture as cap:
             yield
         rows = step_rows(cap.records, running)
         if self.gathering:

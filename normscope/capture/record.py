@@ -105,56 +105,97 @@ def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vecdot(a, b).sum(0, dtype=torch.float64)
 
 
-def _shift_scale(n: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, layout: Layout) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-partition ``(shift, scale)`` of :func:`partition_moments` from the mean and variance of x."""
-    if layout.rule == "weight":
-        return torch.zeros_like(mean), torch.sqrt(n * (var + mean * mean))
-    if not layout.batch_stats:
-        rm, rv = (t.detach().to(mean.device, torch.float64) for t in (layout.running_mean, layout.running_var))
-        repeat = n.shape[0] // rm.shape[0]
-        return rm.repeat(repeat), torch.sqrt(rv.repeat(repeat) + layout.eps)
-    if layout.kind.centered:
-        return mean, torch.sqrt(var + layout.eps)
-    return torch.zeros_like(mean), torch.sqrt(var + mean * mean + layout.eps)
+def partial_sums(record: SiteRecord) -> dict[str, torch.Tensor]:
+    """The passes over the record's activations that :func:`finish_reductions` needs, then drop them.
 
-
-def reduce_record(record: SiteRecord) -> None:
-    """Replace the record's tensors by per-partition sums over items (MATH.md §1-2):
-    ``n``, ``mean``, ``var`` (biased), ``scale`` (the normalizer s) and the sums of ``x``, ``x^2``, ``z``, ``z^2`` and, after
-    backward, of ``g``, ``g^2``, ``g z``.
-
-    Two passes over x (the sums, then ``c = x - mean`` and ``sum c^2``: no cancellation of
-    ``sum x^2 - n mean^2``) and three over dL/dy (``sum dy``, ``sum dy^2``, ``sum dy c``, dot
-    products that form no product tensor). Partial sums over the contiguous items run in the
-    input's dtype with torch's cascade summation; the outer sums and everything after are float64
-    (float64 inputs: float64 throughout). For per-channel partitions ``gamma`` is factored out
-    (``sum g = gamma sum dy``, ...); other layouts form ``g = (gamma + offset) dL/dy`` once.
-    The sums stay on x's device (:func:`to_host` moves a capture's records at once).
-    The sums of z follow in closed form with ``z = (x - shift) / scale``:
-    ``sum z = n (mean - shift) / scale``, ``sum z^2 = n (var + (mean - shift)^2) / scale^2``,
-    ``sum g z = (sum g c + (mean - shift) sum g) / scale``.
+    Per partition, on x's device: ``n``, ``mean = sum x / n`` and ``sum_c2 = sum c^2`` with
+    ``c = x - mean`` (two passes over x; no cancellation of ``sum x^2 - n mean^2``) and, after
+    backward, ``sum_u``, ``sum_u2``, ``sum_uc`` of ``u = dL/dy`` for per-channel partitions with an
+    affine (``gamma`` is factored out) and ``u = g = (gamma + offset) dL/dy`` otherwise (three dot
+    products over u). Partial sums over the contiguous items run in the input's dtype with torch's
+    cascade summation; the outer sums are float64 (float64 inputs: float64 throughout). Running
+    statistics that normalize the record (``batch_stats`` False) are copied here, as float64.
     """
     x, layout = record.x, record.layout
     v = _partition_view(x, layout)
     n = torch.full((v.shape[1],), float(v.shape[0] * v.shape[2]), dtype=torch.float64, device=x.device)
     mean = _sum(v) / n
     centered = v - mean.to(v.dtype)[None, :, None]
-    var = _dot(centered, centered) / n
-    shift, scale = _shift_scale(n, mean, var, layout)
-    offset = mean - shift
-    red = {"n": n, "mean": mean, "var": var, "scale": scale, "sum_x": n * mean, "sum_x2": n * (var + mean * mean),
-           "sum_z": n * offset / scale, "sum_z2": n * (var + offset * offset) / scale**2}
+    sums = {"n": n, "mean": mean, "sum_c2": _dot(centered, centered)}
+    if _mode(layout) == "running":
+        sums["running_mean"], sums["running_var"] = (t.detach().to(x.device, torch.float64)
+                                                     for t in (layout.running_mean, layout.running_var))
     if record.dy is not None:
-        per_channel = layout.rule == "channel" and layout.weight is not None
-        dy = record.dy if per_channel else gradient_wrt_z(record.dy, layout, None)
+        dy = record.dy if _per_channel(layout) else gradient_wrt_z(record.dy, layout, None)
         u = dy.contiguous().view(v.shape) if v.shape[0] > 1 else to_rows(dy, layout).contiguous().unsqueeze(0)
-        sum_g, sum_g2, sum_gc = _sum(u), _dot(u, u), _dot(u, centered)
-        if per_channel:
-            gamma = layout.weight.detach().to(torch.float64).reshape(-1) + layout.weight_offset
-            sum_g, sum_g2, sum_gc = gamma * sum_g, gamma * gamma * sum_g2, gamma * sum_gc
-        red.update(sum_g=sum_g, sum_g2=sum_g2, sum_gz=(sum_gc + offset * sum_g) / scale)
-    record.reductions = red
+        sums.update(sum_u=_sum(u), sum_u2=_dot(u, u), sum_uc=_dot(u, centered))
     record.x = record.y = record.dy = record.dx = None
+    return sums
+
+
+def _mode(layout: Layout) -> str:
+    """How a layout normalizes: ``weight`` (weight norm), ``running`` (running statistics),
+    ``centered`` or ``uncentered`` (batch statistics)."""
+    if layout.rule == "weight":
+        return "weight"
+    if not layout.batch_stats:
+        return "running"
+    return "centered" if layout.kind.centered else "uncentered"
+
+
+def _per_channel(layout: Layout) -> bool:
+    return layout.rule == "channel" and layout.weight is not None
+
+
+def _shift_scale(mode: str, eps: float, n: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
+                 running: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-partition ``(shift, scale)`` of :func:`partition_moments`: weight norm ``(0, sqrt(n (var + mean^2)))``,
+    running statistics ``(running_mean, sqrt(running_var + eps))``, centered ``(mean, sqrt(var + eps))``,
+    uncentered ``(0, sqrt(var + mean^2 + eps))``."""
+    if mode == "weight":
+        return torch.zeros_like(mean), torch.sqrt(n * (var + mean * mean))
+    if mode == "running":
+        return running[0], torch.sqrt(running[1] + eps)
+    if mode == "centered":
+        return mean, torch.sqrt(var + eps)
+    return torch.zeros_like(mean), torch.sqrt(var + mean * mean + eps)
+
+
+def finish_reductions(pending: list[tuple[SiteRecord, dict[str, torch.Tensor]]]) -> None:
+    """Set each record's ``reductions`` from its :func:`partial_sums`, the records of one kind of
+    normalization (mode, eps, affine, with or without backward) in one concatenated computation.
+
+    Per partition (MATH.md §1-2): ``n``, ``mean``, ``var = sum_c2 / n`` (biased), ``scale`` (the
+    normalizer s, :func:`_shift_scale`), ``sum_x = n mean``, ``sum_x2 = n (var + mean^2)`` and, with
+    ``z = (x - shift) / s`` and ``o = mean - shift``, ``sum_z = n o / s``, ``sum_z2 = n (var + o^2) / s^2``;
+    after backward ``sum_g = a sum_u``, ``sum_g2 = a^2 sum_u2``, ``sum_gz = (a sum_uc + o sum_g) / s`` with
+    ``a = gamma + offset`` for per-channel partitions with an affine and ``a = 1`` otherwise (u is g there).
+    Elementwise float64, so each record's sums are bit-identical to computing it alone.
+    """
+    groups: dict[tuple, list[tuple[SiteRecord, dict[str, torch.Tensor]]]] = {}
+    for record, sums in pending:
+        layout = record.layout
+        key = (_mode(layout), layout.eps, "sum_u" in sums, _per_channel(layout), layout.weight_offset, sums["n"].device)
+        groups.setdefault(key, []).append((record, sums))
+    for (mode, eps, grad, per_channel, weight_offset, _), members in groups.items():
+        def cat(key: str) -> torch.Tensor:
+            return torch.cat([sums[key] for _, sums in members])
+        n, mean = cat("n"), cat("mean")
+        var = cat("sum_c2") / n
+        shift, scale = _shift_scale(mode, eps, n, mean, var, (cat("running_mean"), cat("running_var")) if mode == "running" else None)
+        offset = mean - shift
+        red = {"n": n, "mean": mean, "var": var, "scale": scale, "sum_x": n * mean, "sum_x2": n * (var + mean * mean),
+               "sum_z": n * offset / scale, "sum_z2": n * (var + offset * offset) / scale**2}
+        if grad:
+            sum_g, sum_g2, sum_gc = cat("sum_u"), cat("sum_u2"), cat("sum_uc")
+            if per_channel:
+                gamma = torch.cat([r.layout.weight.detach().reshape(-1) for r, _ in members]).to(torch.float64) + weight_offset
+                sum_g, sum_g2, sum_gc = gamma * sum_g, gamma * gamma * sum_g2, gamma * sum_gc
+            red.update(sum_g=sum_g, sum_g2=sum_g2, sum_gz=(sum_gc + offset * sum_g) / scale)
+        sizes = [sums["n"].numel() for _, sums in members]
+        parts = {key: value.split(sizes) for key, value in red.items()}
+        for i, (record, _) in enumerate(members):
+            record.reductions = {key: part[i] for key, part in parts.items()}
 
 
 def to_host(records: list[SiteRecord]) -> None:

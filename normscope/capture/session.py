@@ -11,7 +11,7 @@ from torch.nn.utils.parametrizations import _WeightNorm
 from torch.overrides import TorchFunctionMode
 
 from normscope.capture.functional import FUNCTIONAL_NORMS, RELU_FUNCTIONS, bind_call
-from normscope.capture.record import Site, SiteRecord, reduce_record, to_host
+from normscope.capture.record import Site, SiteRecord, finish_reductions, partial_sums, to_host
 from normscope.capture.sites import find_unrecognized, matches, module_sites
 from normscope.capture.verify import Verification, verify
 from normscope.errors import InvalidArgumentError, UnknownNameError
@@ -51,7 +51,7 @@ class Capture:
         sites: fnmatch pattern(s) on site names, e.g. ``"*bn*"``. Default: all.
         kinds: kind name(s), e.g. ``"batchnorm"``. Default: all.
         storage: ``"device"`` keeps tensors where they are, ``"cpu"`` copies them to host memory,
-            ``"reductions"`` keeps only per-partition sums (see :func:`reduce_record`).
+            ``"reductions"`` keeps only per-partition sums (see :func:`finish_reductions`), complete after the block.
             Default: ``"device"``.
         functional: also capture functional norm calls. Default: True.
         preserve: restore the model's parameters, buffers, flags and ``.grad`` on exit, so the
@@ -98,6 +98,7 @@ class Capture:
         self._site_modules: set[int] = set()
         self._producers: dict[int, str] = {}
         self._pending: list[tuple[torch.Tensor, SiteRecord]] = []
+        self._partial: list[tuple[SiteRecord, dict[str, torch.Tensor]]] = []  # reductions: partial_sums of the block
         self._call_counts: dict[str, int] = {}
         self._record_counts: dict[str, int] = {}
         self._open: dict[int, SiteRecord] = {}
@@ -118,7 +119,7 @@ class Capture:
             raise InvalidArgumentError("this capture is already active: a capture's blocks cannot be nested")
         self.records, self.sites, self.unverified = [], [], []
         self._record_counts, self._call_counts = {}, {}
-        self._open, self._awaiting_dx, self._stack = {}, set(), []
+        self._open, self._awaiting_dx, self._stack, self._partial = {}, set(), [], []
         self._state = preserved(self.model, rng=False) if self.preserve else None
         if self._state is not None:
             self._state.__enter__()
@@ -135,9 +136,9 @@ class Capture:
         try:
             self._remove()
             if self.storage == "reductions":
-                for record in self.records:
-                    if record.x is not None:
-                        reduce_record(record)
+                unreduced = [(record, partial_sums(record)) for record in self.records if record.x is not None]
+                finish_reductions(self._partial + unreduced)
+                self._partial = []
                 to_host(self.records)
         finally:
             if self._state is not None:
@@ -258,14 +259,14 @@ class Capture:
         def hook(grad: torch.Tensor) -> None:
             record.dy = grad.detach() if self.storage != "cpu" else grad.detach().cpu()
             if self.storage == "reductions" and not expects_dx:
-                reduce_record(record)
+                self._partial.append((record, partial_sums(record)))
         return hook
 
     def _dx_hook(self, record: SiteRecord):
         def hook(grad: torch.Tensor) -> None:
             record.dx = grad.detach() if self.storage != "cpu" else grad.detach().cpu()
             if self.storage == "reductions" and record.dy is not None:
-                reduce_record(record)
+                self._partial.append((record, partial_sums(record)))
         return hook
 
     def _pre_hook(self, name: str, recognized):

@@ -319,3 +319,89 @@ def test_curvature_layers_k_takes_the_layers_the_step_moves_most(digits64):
     biggest = set(sorted(size, key=size.get, reverse=True)[:2])
     rows = curvature_rows(model, x, y, F.cross_entropy, optimizer, layers=2)
     assert {site for site, metric, _ in rows if metric == "a_crit"} == {"model", *biggest}
+
+
+class _Mixed(nn.Module):
+    """A weight-norm linear, one BatchNorm called twice (two records per channel) and a functional layer norm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.utils.parametrizations.weight_norm(nn.Linear(64, 32))
+        self.bn, self.out = nn.BatchNorm1d(32), nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.bn(torch.relu(self.bn(self.fc(x.flatten(1)))))
+        return self.out(F.layer_norm(h, (32,)))
+
+
+def _reference_rows(records, running) -> dict[tuple[str, str], float]:
+    """The rows by exactly rounded float64 sums (math.fsum) and sorted medians, site by site."""
+    import statistics
+
+    from normscope.analyzers.gls import fit_from_sums
+
+    def mean(values):
+        kept = [v for v in values if not math.isnan(v)]
+        return math.fsum(kept) / len(kept) if kept else math.nan
+
+    out, by_site = {}, {}
+    for r in records:
+        by_site.setdefault(r.site.name, []).append(r)
+    for site, group in by_site.items():
+        used = group if group[0].layout.rule == "channel" else group[:1]
+        per = []
+        for r in used:
+            lay = r.layout
+            m, v = r.reductions["mean"].tolist(), r.reductions["var"].tolist()
+            eps = [lay.eps / ((vi if lay.kind.centered else vi + mi * mi) + lay.eps) for mi, vi in zip(m, v)]
+            rm, rv = (running[site][0].double().tolist(), running[site][1].double().tolist()) if site in running else ([], [])
+            drift = [abs(mi - a) / math.sqrt(b + lay.eps) for mi, a, b in zip(m, rm, rv)]
+            per.append((eps, drift, [vi / b for vi, b in zip(v, rv)]))
+        eps, drift, ratio = ([math.fsum(col) / len(used) for col in zip(*(p[k] for p in per))] for k in range(3))
+        out[(site, "eps_fraction_max")], out[(site, "eps_dominated_fraction")] = max(eps), sum(e > 0.5 for e in eps) / len(eps)
+        if group[0].layout.weight is not None:
+            out[(site, "gamma_mean")] = mean(group[0].layout.weight.double().reshape(-1).tolist())
+        if drift:
+            out[(site, "mean_drift_mean")], out[(site, "var_ratio_median")] = mean(drift), statistics.median(ratio)
+        fits = [r for r in group if r.has_grad]
+        if not fits:
+            continue
+        fig = {k: [] for k in ("r2", "beta", "slope_ratio", "residual_sq", "g_sq", "e", "res")}
+        for r in fits:
+            f = fit_from_sums(r.reductions, r.layout.kind.centered, r.layout.rule == "weight", r.layout.batch_stats)
+            s2 = r.reductions["scale"] ** 2
+            for k, v in (*((k, f[k]) for k in ("r2", "beta", "slope_ratio", "residual_sq", "g_sq")),
+                         ("e", f["explained_sq"] / s2), ("res", f["residual_sq"] / s2)):
+                fig[k] += v.tolist()
+        finite = [v for v in fig["r2"] if math.isfinite(v)]
+        out.update({(site, "r2_mean"): mean(fig["r2"]) if finite else math.nan,
+                    (site, "r2_median"): statistics.median([v for v in fig["r2"] if not math.isnan(v)]) if finite else math.nan,
+                    (site, "r2_pooled"): 1 - math.fsum(fig["residual_sq"]) / math.fsum(fig["g_sq"]),
+                    (site, "beta_mean"): mean(fig["beta"]), (site, "beta_abs_mean"): mean([abs(b) for b in fig["beta"]]),
+                    (site, "slope_ratio_mean"): mean(fig["slope_ratio"]),
+                    (site, "naive_gap"): math.sqrt(math.fsum(fig["e"]) / math.fsum(fig["res"]))})
+    return out
+
+
+@pytest.mark.parametrize("name", ["resnet_bn", "mixed", "transformer_rms", "resnet_eval"])
+def test_step_rows_equal_exactly_rounded_sums_to_float64_rounding(name, digits64):
+    """The rows are segment reductions over all sites at once, summed in item order: they equal
+    per-site exactly rounded sums (math.fsum) to float64 rounding, relative to the size of the terms."""
+    from normscope.monitor.metrics import step_rows
+
+    x, y = digits64
+    torch.manual_seed(0)
+    model = (_Mixed() if name == "mixed" else build_model(name.replace("_eval", "_bn"))).double().train(name != "resnet_eval")
+    with torch.no_grad():
+        model.train()(x * 2 + 0.5)
+    model.train(name != "resnet_eval")
+    running = running_stats(model)
+    with capture(model, storage="reductions", preserve=False, functional=True) as cap:
+        F.cross_entropy(model(x), y).backward()
+    rows = step_rows(cap.records, running)
+    expected = _reference_rows(cap.records, running)
+    assert [(s, m) for s, m, _ in rows] == [k for k in expected if k[1] not in GLS_METRICS] + [k for k in expected if k[1] in GLS_METRICS]
+    for site, metric, value in rows:
+        want = expected[(site, metric)]
+        scale = 1.0 if metric in ("r2_pooled", "beta_mean", "r2_mean") else abs(want)  # 1 - ratio, sums of +-terms
+        assert value == want or (math.isnan(value) and math.isnan(want)) or abs(value - want) <= 1e-13 * max(scale, 1e-300), (site, metric, value, want)

@@ -1,7 +1,7 @@
 """Per-site figures of one training step, from the reductions of a ``storage="reductions"`` capture.
 
 The same statistics as the snapshot tables, per site, from the per-partition sums alone
-(:func:`normscope.capture.record.reduce_record`):
+(:func:`normscope.capture.record.finish_reductions`):
 
 * norm statistics (``stats_sites``, MATH.md §1): ``mean_drift_mean`` (mean over channels of
   ``|batch_mean - running_mean| / sqrt(running_var + eps)``), ``var_ratio_median`` (median of
@@ -11,9 +11,12 @@ The same statistics as the snapshot tables, per site, from the per-partition sum
 * gradient least squares (``gls_sites``, MATH.md §2, "Normalization Gradients are Least-Squares
   Residuals", 2019): ``r2_mean``, ``r2_median``, ``r2_pooled``, ``beta_mean``, ``beta_abs_mean``,
   ``slope_ratio_mean`` and ``naive_gap`` over the partitions of all the site's records
-  (:func:`normscope.analyzers.gls.fit_from_sums` on the sums of all sites at once).
+  (:func:`normscope.analyzers.gls.fit_from_sums`).
 
 Per-channel sites average the statistics of several records per channel, as ``stats_tables`` does.
+All sites are computed at once: the per-partition sums of every record are concatenated into float64
+tensors and the per-site means, maxima, medians and sums are segment reductions over them (sums in
+item order, so they agree with the snapshot's pairwise numpy sums to float64 rounding).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import math
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from normscope.analyzers.gls import fit_from_sums
 from normscope.analyzers.stats import EPS_DOMINANCE
@@ -31,113 +34,177 @@ from normscope.capture.record import SiteRecord
 STATS_METRICS = ("eps_fraction_max", "eps_dominated_fraction", "gamma_mean")
 DRIFT_METRICS = ("mean_drift_mean", "var_ratio_median")
 GLS_METRICS = ("r2_mean", "r2_median", "r2_pooled", "beta_mean", "beta_abs_mean", "slope_ratio_mean", "naive_gap")
+FIT_SUMS = ("n", "sum_z", "sum_z2", "sum_g", "sum_g2", "sum_gz", "scale")
+F64 = torch.float64
 
 Row = tuple[str, str, float]
 
 
-def running_stats(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """``{module path: (running_mean, running_var)}`` copies of every module that tracks them."""
-    out = {}
-    for name, m in model.named_modules():
-        mean, var = getattr(m, "running_mean", None), getattr(m, "running_var", None)
-        if isinstance(mean, torch.Tensor) and isinstance(var, torch.Tensor):
-            out[name] = (mean.detach().clone(), var.detach().clone())
-    return out
+def running_stats(model: nn.Module) -> dict[str, tuple[Tensor, Tensor]]:
+    """``{module path: (running_mean, running_var)}`` of every module that tracks them, copied in one
+    concatenation (the values are views of that copy, on the first buffer's device, in the promoted dtype)."""
+    found = [(name, m.running_mean, m.running_var) for name, m in model.named_modules()
+             if isinstance(getattr(m, "running_mean", None), Tensor) and isinstance(getattr(m, "running_var", None), Tensor)]
+    if not found:
+        return {}
+    device = found[0][1].device
+    tensors = [t.detach().reshape(-1).to(device) for _, mean, var in found for t in (mean, var)]
+    parts = torch.cat(tensors).split([t.numel() for t in tensors])
+    return {name: (parts[2 * i].view_as(mean), parts[2 * i + 1].view_as(var)) for i, (name, mean, var) in enumerate(found)}
 
 
-def _np(t: torch.Tensor) -> np.ndarray:
-    if t.dtype == torch.float64 and t.device.type == "cpu":
-        return t.detach().numpy()
-    return t.detach().to("cpu", torch.float64).numpy()
+def _host(t: Tensor) -> Tensor:
+    return t.detach().to("cpu", F64)
 
 
-def _partition_stats(record: SiteRecord, running: tuple[torch.Tensor, torch.Tensor] | None) -> dict[str, np.ndarray]:
-    red, layout = record.reductions, record.layout
-    mean, var = _np(red["mean"]), _np(red["var"])
-    normalizer = var if layout.kind.centered else var + mean * mean
-    out = {"eps_fraction": layout.eps / (normalizer + layout.eps)}
-    if layout.rule == "channel" and running is not None and running[0].numel() == mean.size:
-        rm, rv = _np(running[0]), _np(running[1])
-        out["mean_drift"] = np.abs(mean - rm) / np.sqrt(rv + layout.eps)
-        out["var_ratio"] = var / rv
-    return out
+def _cat(tensors: list[Tensor]) -> Tensor:
+    """1-D ``tensors`` concatenated, as float64 on the host."""
+    return _host(torch.cat(tensors)) if tensors else torch.empty(0, dtype=F64)
 
 
-def stats_rows(site: str, records: list[SiteRecord], running: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> list[Row]:
-    """Norm-statistics rows of one site (see the module docstring)."""
-    first = records[0]
-    used = records if first.layout.rule == "channel" else records[:1]
-    parts = [_partition_stats(r, running.get(site)) for r in used]
-    table = parts[0] if len(parts) == 1 else {k: np.mean([p[k] for p in parts], axis=0) for k in parts[0]}
-    eps = table["eps_fraction"]
-    rows = [(site, "eps_fraction_max", float(eps.max())),
-            (site, "eps_dominated_fraction", float((eps > EPS_DOMINANCE).mean()))]
-    if first.layout.weight is not None:
-        rows.append((site, "gamma_mean", float(_np(first.layout.weight).mean())))
-    if "mean_drift" in table:
-        rows += [(site, "mean_drift_mean", float(table["mean_drift"].mean())),
-                 (site, "var_ratio_median", float(np.median(table["var_ratio"])))]
-    return rows
+def _repeat(values: list, sizes: Tensor, dtype: torch.dtype = F64) -> Tensor:
+    """One value per segment, repeated over its ``sizes`` items."""
+    return torch.tensor(values, dtype=dtype).repeat_interleave(sizes)
 
 
-def _figures(fits: list[SiteRecord]) -> dict[str, np.ndarray]:
-    """:func:`~normscope.analyzers.gls.fit_from_sums` over the partitions of all ``records`` at once
-    (one call per kind of regression), with ``scale``, as float64 arrays in record order."""
+def _segment_sums(values: Tensor, starts: np.ndarray) -> Tensor:
+    """Sums of the rows of ``values`` (K, items) over the contiguous, non-empty segments that begin at
+    ``starts``, item by item in order: (K, segments)."""
+    return torch.from_numpy(np.add.reduceat(values.numpy(), starts, axis=1))
+
+
+def _segment_mean(values: Tensor, starts: np.ndarray) -> Tensor:
+    """``nanmean`` of each segment: the sum over its non-NaN items / their number (NaN if none)."""
+    v = values.numpy()
+    valid = ~np.isnan(v)
+    sums = np.add.reduceat(np.stack([np.where(valid, v, 0.0), valid]), starts, axis=1)
+    with np.errstate(invalid="ignore"):
+        return torch.from_numpy(sums[0] / sums[1])
+
+
+def _segment_median(values: Tensor, starts: np.ndarray, skip_nan: bool) -> Tensor:
+    """Median of each contiguous, non-empty segment: the middle item of the sorted segment, or
+    ``(a + b) / 2`` of the two middle items, as numpy; ``skip_nan``: over the non-NaN items
+    (``nanmedian``, NaN when all are NaN), else NaN when the segment holds a NaN."""
+    v = values.numpy()
+    size = np.diff(starts, append=len(v))
+    ordered = v[np.lexsort((v, np.repeat(np.arange(len(starts)), size)))]  # NaN last in each segment
+    nan = np.add.reduceat(np.isnan(v).astype(np.int64), starts)
+    m = size - nan if skip_nan else size
+    lo, hi = starts + np.maximum(m - 1, 0) // 2, np.minimum(starts + m // 2, len(v) - 1)
+    a, b = ordered[lo], ordered[hi]
+    median = np.where(lo == hi, a, (a + b) / 2)
+    return torch.from_numpy(np.where((m > 0) & ((nan == 0) | skip_nan), median, np.nan))
+
+
+def stats_values(sites: list[str], records: list[list[SiteRecord]],
+                 running: dict[str, tuple[Tensor, Tensor]]) -> tuple[dict[str, Tensor], list[int]]:
+    """The norm statistics of every site, one (S,) float64 tensor per metric (see the module docstring),
+    and the indices of the sites with drift figures.
+
+    Per partition of a record: ``eps_fraction = eps / (v + eps)`` with ``v = var`` (centered kinds) or
+    ``var + mean^2``; for per-channel sites with running statistics of as many channels
+    ``drift = |mean - running_mean| / sqrt(running_var + eps)`` and ``var_ratio = var / running_var``.
+    Each site's table is the mean of its records' per-channel figures (per-channel sites) or its first
+    record's (others); ``gamma_mean`` is the mean of the first record's weight; absent figures are NaN.
+    """
+    used = [(s, r) for s, group in enumerate(records) for r in (group if group[0].layout.rule == "channel" else group[:1])]
+    sizes = torch.tensor([r.reductions["n"].numel() for _, r in used])
+    site_size = [records[s][0].reductions["n"].numel() for s in range(len(sites))]
+    site_start = [sum(site_size[:s]) for s in range(len(sites))]
+    record_start = (sizes.cumsum(0) - sizes).tolist()
+    slot = torch.arange(int(sizes.sum())) - _repeat([a - site_start[s] for (s, _), a in zip(used, record_start)], sizes, torch.long)
+    slots = sum(site_size)
+    mean, var = _cat([r.reductions["mean"] for _, r in used]), _cat([r.reductions["var"] for _, r in used])
+    eps = _repeat([r.layout.eps for _, r in used], sizes)
+    centered = _repeat([r.layout.kind.centered for _, r in used], sizes, torch.bool)
+    eps_fraction = eps / (var.where(centered, var + mean * mean) + eps)
+    drifting = [s for s, group in enumerate(records)
+                if group[0].layout.rule == "channel" and sites[s] in running and running[sites[s]][0].numel() == site_size[s]]
+    on = torch.tensor([s in drifting for s, _ in used]).repeat_interleave(sizes)
+    rm = _cat([running[sites[s]][0] for s, _ in used if s in drifting])
+    rv = _cat([running[sites[s]][1] for s, _ in used if s in drifting])
+    drift = (mean[on] - rm).abs() / (rv + eps[on]).sqrt()
+    figures = torch.full((3, len(slot)), math.nan, dtype=F64)
+    figures[0], figures[1, on], figures[2, on] = eps_fraction, drift, var[on] / rv
+    table = torch.zeros(3, slots, dtype=F64).index_add_(1, slot, figures)
+    table /= torch.bincount(slot, minlength=slots)
+    starts = np.array(site_start)
+    sums = _segment_sums(torch.stack([table[1], (table[0] > EPS_DOMINANCE).to(F64)]), starts)
+    count = torch.tensor(site_size, dtype=F64)
+    weighted = [s for s, group in enumerate(records) if group[0].layout.weight is not None]
+    weights = [records[s][0].layout.weight for s in weighted]
+    weight_sizes = torch.tensor([w.numel() for w in weights], dtype=torch.long)
+    gamma = torch.full((len(sites),), math.nan, dtype=F64)
+    if weights:
+        gamma[weighted] = _segment_sums(_cat([w.reshape(-1) for w in weights])[None], (weight_sizes.cumsum(0) - weight_sizes).numpy())[0] / weight_sizes
+    return {"eps_fraction_max": torch.from_numpy(np.maximum.reduceat(table[0].numpy(), starts)),
+            "eps_dominated_fraction": sums[1] / count, "gamma_mean": gamma,
+            "mean_drift_mean": sums[0] / count,
+            "var_ratio_median": _segment_median(table[2], starts, skip_nan=False)}, drifting
+
+
+def _figures(fits: list[SiteRecord]) -> dict[str, Tensor]:
+    """:func:`~normscope.analyzers.gls.fit_from_sums` over the partitions of all ``fits`` at once
+    (one call per kind of regression), with ``scale``, as float64 tensors in record order."""
     groups: dict[tuple[bool, bool, bool], list[int]] = {}
     for i, r in enumerate(fits):
         groups.setdefault((r.layout.kind.centered, r.layout.rule == "weight", r.layout.batch_stats), []).append(i)
     sizes = [r.reductions["n"].numel() for r in fits]
-    starts = np.concatenate([[0], np.cumsum(sizes)])
-    out: dict[str, np.ndarray] = {}
+    starts = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+    out: dict[str, Tensor] = {}
     for (centered, unit, batch_stats), members in groups.items():
-        sums = {k: torch.cat([fits[i].reductions[k] for i in members]) for k in ("n", "sum_z", "sum_z2", "sum_g", "sum_g2", "sum_gz", "scale")}
+        sums = {k: _cat([fits[i].reductions[k] for i in members]) for k in FIT_SUMS}
         fig = fit_from_sums(sums, centered, unit, batch_stats)
         fig["scale"] = sums["scale"]
-        index = np.concatenate([np.arange(starts[i], starts[i + 1]) for i in members])
+        if len(groups) == 1:
+            return fig
+        index = torch.cat([torch.arange(starts[i], starts[i + 1]) for i in members])
         for key, value in fig.items():
-            out.setdefault(key, np.empty(starts[-1]))[index] = _np(value)
+            out.setdefault(key, torch.empty(starts[-1], dtype=F64))[index] = value
     return out
 
 
-def _mean(a: np.ndarray) -> float:
-    return float(np.nanmean(a)) if np.isnan(a).any() else float(a.mean())
+def gls_values(fits: list[list[SiteRecord]]) -> dict[str, Tensor]:
+    """Gradient-least-squares figures of every site, its records' partitions pooled (as ``gls_sites``):
+    nan-means of ``r2``, ``beta``, ``|beta|`` and ``slope_ratio``, the nan-median of ``r2`` (NaN when no
+    partition's ``r2`` is finite), ``r2_pooled = 1 - sum residual_sq / sum g_sq`` and
+    ``naive_gap = sqrt(sum explained_sq / s^2 / sum residual_sq / s^2)`` (NaN when the latter is 0)."""
+    flat = [r for group in fits for r in group]
+    fig = _figures(flat)
+    sizes = torch.tensor([sum(r.reductions["n"].numel() for r in group) for group in fits])
+    starts = (sizes.cumsum(0) - sizes).numpy()
+    r2, beta, scale_sq = fig["r2"], fig["beta"], fig["scale"] ** 2
+    sums = _segment_sums(torch.stack([fig["residual_sq"], fig["g_sq"], fig["explained_sq"] / scale_sq,
+                                      fig["residual_sq"] / scale_sq, r2.isfinite().to(F64)]), starts)
+    finite = sums[4] > 0
+    residual = sums[3]
+    return {"r2_mean": _segment_mean(r2, starts).where(finite, math.nan),
+            "r2_median": _segment_median(r2, starts, skip_nan=True).where(finite, math.nan),
+            "r2_pooled": 1 - sums[0] / sums[1],
+            "beta_mean": _segment_mean(beta, starts), "beta_abs_mean": _segment_mean(beta.abs(), starts),
+            "slope_ratio_mean": _segment_mean(fig["slope_ratio"], starts),
+            "naive_gap": (sums[2] / residual).sqrt().where(residual > 0, math.nan)}
 
 
-def gls_rows(sites: dict[str, list[SiteRecord]]) -> list[Row]:
-    """Gradient-least-squares rows of every site: its records' partitions pooled, as ``gls_sites``."""
-    fits = [(site, r) for site, group in sites.items() for r in group if r.has_grad]
-    if not fits:
-        return []
-    fig = _figures([r for _, r in fits])
-    rows: list[Row] = []
-    start = 0
-    bounds: dict[str, list[int]] = {}
-    for site, r in fits:
-        size = r.reductions["n"].numel()
-        bounds.setdefault(site, [start, start])[1] = start + size
-        start += size
-    for site, (a, b) in bounds.items():
-        r2, beta, scale_sq = fig["r2"][a:b], fig["beta"][a:b], fig["scale"][a:b] ** 2
-        explained, residual = float((fig["explained_sq"][a:b] / scale_sq).sum()), float((fig["residual_sq"][a:b] / scale_sq).sum())
-        finite = np.isfinite(r2).any()
-        values = {
-            "r2_mean": _mean(r2) if finite else math.nan,
-            "r2_median": float(np.nanmedian(r2) if np.isnan(r2).any() else np.median(r2)) if finite else math.nan,
-            "r2_pooled": 1 - float(fig["residual_sq"][a:b].sum() / fig["g_sq"][a:b].sum()),
-            "beta_mean": _mean(beta), "beta_abs_mean": _mean(np.abs(beta)),
-            "slope_ratio_mean": _mean(fig["slope_ratio"][a:b]),
-            "naive_gap": math.sqrt(explained / residual) if residual > 0 else math.nan,
-        }
-        rows += [(site, name, values[name]) for name in GLS_METRICS]
-    return rows
-
-
-def step_rows(records: list[SiteRecord], running: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> list[Row]:
-    """``(site, metric, value)`` for every site of one captured step, sites in forward order."""
+def step_rows(records: list[SiteRecord], running: dict[str, tuple[Tensor, Tensor]]) -> list[Row]:
+    """``(site, metric, value)`` for every site of one captured step: the norm statistics of every
+    site in forward order, then the gradient-least-squares figures of every site with a gradient."""
     by_site: dict[str, list[SiteRecord]] = {}
     for record in records:
         by_site.setdefault(record.site.name, []).append(record)
+    if not by_site:
+        return []
+    sites, groups = list(by_site), list(by_site.values())
+    stats, drifting = stats_values(sites, groups, running)
+    values = {name: value.tolist() for name, value in stats.items()}
     rows: list[Row] = []
-    for site, group in by_site.items():
-        rows += stats_rows(site, group, running)
-    return rows + gls_rows(by_site)
+    for s, site in enumerate(sites):
+        names = (*STATS_METRICS[:2], *STATS_METRICS[2:] * (groups[s][0].layout.weight is not None), *DRIFT_METRICS * (s in drifting))
+        rows += [(site, name, values[name][s]) for name in names]
+    fits = {site: [r for r in group if r.has_grad] for site, group in by_site.items()}
+    fits = {site: group for site, group in fits.items() if group}
+    if fits:
+        gls = {name: value.tolist() for name, value in gls_values(list(fits.values())).items()}
+        rows += [(site, name, gls[name][s]) for s, site in enumerate(fits) for name in GLS_METRICS]
+    return rows

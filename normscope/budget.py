@@ -7,7 +7,9 @@ analyzer asks :meth:`Budget.allows` whether the stage's units (``forward``, ``gr
 ``hvp``, ``example_chunk``: one chunk of per-example gradients) fit in what is left at their
 measured cost; a stage that does not fit is recorded in :attr:`Budget.cuts` with the reason, and
 the analyzer returns the tables it finished. Unit costs are measured on the first use
-(:meth:`Budget.cost` with a ``measure`` function) or injected (``costs=``, for tests).
+(:meth:`Budget.cost` with a ``measure`` function) or injected (``costs=``, for tests); a measured
+cost is replaced by a later observation of the same unit (:meth:`Budget.observe`, e.g. a
+Hessian-vector product once its graph exists), an injected one never.
 
 ``clock="planned"`` makes the elapsed time the sum of the costs charged with :meth:`spend`
 instead of wall time, so that plans and cuts are reproducible (tests).
@@ -66,6 +68,7 @@ class Budget:
             raise InvalidArgumentError(f"unknown unit cost {sorted(unknown)[0]!r}; units are {', '.join(UNITS)}")
         self.seconds, self.clock, self.name = seconds, clock, name
         self.cuts: list[Cut] = [] if _parent is None else _parent.cuts
+        self.injected: set[str] = set(self.costs) if _parent is None else _parent.injected
         self._ledger = [0.0] if _parent is None else _parent._ledger
         self.charged = 0.0
         self._start = self._now()
@@ -93,6 +96,12 @@ class Budget:
         if unit not in self.costs and measure is not None:
             self.costs[unit] = float(measure())
         return self.costs.get(unit, 0.0)
+
+    def observe(self, unit: str, seconds: float) -> None:
+        """Take ``seconds`` as the cost of one ``unit`` from now on, unless the cost was injected."""
+        if unit not in self.injected:
+            self.cost(unit)
+            self.costs[unit] = float(seconds)
 
     def price(self, units: dict[str, float]) -> float:
         """The seconds of ``{unit: count}`` at the known unit costs."""
@@ -146,6 +155,7 @@ class Budget:
 
 
 CHUNK_MEMORY = 256 * 2**20
+HVP_MEMORY = 4 * CHUNK_MEMORY
 
 
 def chunk_for_memory(parameters: int, itemsize: int, memory: int = CHUNK_MEMORY, largest: int = 64) -> int:

@@ -2,6 +2,7 @@
 finite differences, in float64; both backends agree; the model is never touched."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from normscope.analyzers.hvp import BACKEND_CACHE, FAST_PRODUCT, BatchLoss, HessianOperator, select_backend
+from normscope.analyzers.hvp import BACKEND_CACHE, BatchLoss, HessianOperator, select_backend
 from normscope.errors import UnknownNameError
 from normscope.guard import assert_unchanged, snapshot
 from normscope.models import build_model
@@ -98,12 +99,51 @@ def test_auto_backend_measures_both_and_the_model_is_untouched(digits32):
     assert select_backend(op, good_enough=0.0) in ("double_backward", "func")
     assert set(op.timings) == {"double_backward", "func"}
     op = HessianOperator(loss)
-    assert op.backend in op.timings and op.timings[op.backend] == BACKEND_CACHE[model][("train", torch.float32, True)][1][op.backend]
-    assert op.backend == "double_backward" or op.timings["double_backward"] >= FAST_PRODUCT
-    assert HessianOperator(BatchLoss(model, *digits32, mode="train")).timings == op.timings  # cached, not re-timed
+    assert op.backend in op.timings and op.timings[op.backend] == BACKEND_CACHE[model][(torch.float32, True, True)][1][op.backend]
+    again = HessianOperator(BatchLoss(model, *digits32, mode="train"))
+    assert again.timings == op.timings and again.selection_products == 0  # cached, not re-timed
     op(op.gradient())
     HessianOperator(BatchLoss(model, *digits32, mode="eval"))(op.gradient())
     assert_unchanged(model, before)
+
+
+def counted_products(monkeypatch) -> list[str]:
+    """The backend of every product any HessianOperator computes from now on."""
+    calls: list[str] = []
+    call = HessianOperator.__call__
+
+    def counting(self, v):
+        calls.append(self.backend)
+        return call(self, v)
+
+    monkeypatch.setattr(HessianOperator, "__call__", counting)
+    return calls
+
+
+@pytest.mark.parametrize("trial_seconds, good_enough, expected", [
+    (0.0, 0.0, ["double_backward"]),  # trying func does not fit: the first product decides
+    (math.inf, math.inf, ["double_backward"]),  # the first product is fast enough
+    (math.inf, 0.0, ["double_backward", "double_backward", "func", "func"]),
+])
+def test_backend_selection_counts_its_products(monkeypatch, trial_seconds, good_enough, expected):
+    model, (x, y) = tiny_model(), tiny_batch()
+    op = HessianOperator(BatchLoss(model, x, y), backend="double_backward")
+    calls = counted_products(monkeypatch)
+    select_backend(op, trial_seconds, good_enough)
+    assert calls == expected and op.selection_products == len(expected) and op.products == 0
+    assert set(op.timings) == set(expected)
+
+
+def test_backend_is_chosen_once_per_model_and_shared_by_modes_without_batch_statistics(monkeypatch):
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(6, 5), nn.LayerNorm(5), nn.Tanh(), nn.Linear(5, 3)).double()
+    x, y = tiny_batch()
+    calls = counted_products(monkeypatch)
+    shared = [HessianOperator(BatchLoss(plain, x, y, mode=mode), trial_seconds=0.0) for mode in ("train", "eval", "train")]
+    assert [op.selection_products for op in shared] == [1, 0, 0] and len(calls) == 1
+    batchnorm = tiny_model()
+    chosen = [HessianOperator(BatchLoss(batchnorm, x, y, mode=mode), trial_seconds=0.0) for mode in ("train", "eval", "eval")]
+    assert [op.selection_products for op in chosen] == [1, 1, 0] and len(calls) == 3
 
 
 @pytest.mark.parametrize("mode", ["train", "eval"])

@@ -7,9 +7,8 @@ analyzer asks :meth:`Budget.allows` whether the stage's units (``forward``, ``gr
 ``hvp``, ``example_chunk``: one chunk of per-example gradients) fit in what is left at their
 measured cost; a stage that does not fit is recorded in :attr:`Budget.cuts` with the reason, and
 the analyzer returns the tables it finished. Unit costs are measured on the first use
-(:meth:`Budget.cost` with a ``measure`` function) or injected (``costs=``, for tests); a measured
-cost is replaced by a later observation of the same unit (:meth:`Budget.observe`, e.g. a
-Hessian-vector product once its graph exists), an injected one never.
+(:meth:`Budget.cost` with a ``measure`` function) or injected (``costs=``, for tests); a unit
+not measured yet is priced at 0 (the first use measures it).
 
 ``clock="planned"`` makes the elapsed time the sum of the costs charged with :meth:`spend`
 instead of wall time, so that plans and cuts are reproducible (tests).
@@ -68,7 +67,6 @@ class Budget:
             raise InvalidArgumentError(f"unknown unit cost {sorted(unknown)[0]!r}; units are {', '.join(UNITS)}")
         self.seconds, self.clock, self.name = seconds, clock, name
         self.cuts: list[Cut] = [] if _parent is None else _parent.cuts
-        self.injected: set[str] = set(self.costs) if _parent is None else _parent.injected
         self._ledger = [0.0] if _parent is None else _parent._ledger
         self.charged = 0.0
         self._start = self._now()
@@ -96,12 +94,6 @@ class Budget:
         if unit not in self.costs and measure is not None:
             self.costs[unit] = float(measure())
         return self.costs.get(unit, 0.0)
-
-    def observe(self, unit: str, seconds: float) -> None:
-        """Take ``seconds`` as the cost of one ``unit`` from now on, unless the cost was injected."""
-        if unit not in self.injected:
-            self.cost(unit)
-            self.costs[unit] = float(seconds)
 
     def price(self, units: dict[str, float]) -> float:
         """The seconds of ``{unit: count}`` at the known unit costs."""

@@ -315,10 +315,11 @@ def descent_tables(
     and forward costs): the total's direction rows, the quadratic model, the top eigenvalues of
     ``H``, the trace, the layers' direction rows (as many layers as fit), the layers' spectra,
     the scale-invariance and reparameterization checks. What does not fit is recorded in
-    ``budget.cuts``; the tables hold what finished. The HVP backend's choice (about one product,
-    trying ``func`` only within :data:`TRIAL_SHARE` of the mode's share; cached per model) is
-    charged to the mode's plan, and the HVP cost is re-measured on the first product after it
-    (when not injected). Lanczos for the top eigenvalues runs up to ``lanczos_products`` products
+    ``budget.cuts``; the tables hold what finished. The HVP backend is chosen at the first product
+    (the total's direction row; trying ``func`` only within :data:`TRIAL_SHARE` of the mode's
+    share; cached per model), that product measures the HVP cost when it is not known (so the
+    first mode's direction rows are priced by their gradients only), and the products the choice
+    ran beyond it are charged to the mode's plan. Lanczos for the top eigenvalues runs up to ``lanczos_products`` products
     as the budget allows; stopping at that cap is no budget cut (the residuals state the accuracy).
 
     Memory: one mode's operator at a time (its graph is dropped when the mode ends), and when the
@@ -343,15 +344,13 @@ def descent_tables(
         plan = budget.share(f"descent ({mode} mode)", [f"descent ({m} mode)" for m in modes[index:]])
         loss = BatchLoss(model, inputs, targets, loss_fn, mode, dtype)
         total = HessianOperator(loss, backend=backend, chunks=_chunks(loss), trial_seconds=TRIAL_SHARE * plan.remaining())
-        meta[mode] = {"backend": total.backend, "chunk": total.chunk}
         budget.cost("forward", lambda: seconds_of(lambda: loss().detach()))
-        budget.cost("gradient", lambda: seconds_of(loss.gradient if total.chunks is None else total.gradient))
-        budget.cost("hvp", lambda: total.timings.get(total.backend) or seconds_of(lambda: total(total.gradient())))
-        plan.spend("hvp", total.selection_products)
+        budget.cost("gradient", lambda: seconds_of(total.gradient))
         try:
             _mode_tables(tables, plan, loss, total, model, optimizer, lr, settings, seed, sites)
         finally:
             total.release()
+        meta[mode] = {"backend": total.backend, "chunk": total.chunk}
         del loss, total
     return {name: _frame(name, rows) for name, rows in tables.items()}, meta
 
@@ -381,9 +380,9 @@ def _mode_tables(tables: dict[str, list[dict]], plan: Budget, loss: BatchLoss, t
     chosen = [(name, *make()) for name, make in directions]
     for name, d, step_lr in chosen:
         tables["descent_directions"] += descent_rows(total, d, step_lr, name, {"total": None})
+    plan.cost("hvp", lambda: total.timings.get(total.backend, total.seconds))
     plan.spend("gradient", len(chosen))
-    plan.spend("hvp", len(chosen))
-    plan.observe("hvp", total.seconds)
+    plan.spend("hvp", len(chosen) + total.selection_products)
     _, d, step_lr = chosen[-1]
     row = next(r for r in reversed(tables["descent_directions"]) if r["group"] == "total" and r["mode"] == mode)
     if plan.allows("the quadratic model", {"forward": settings["steps"] + 1}):
@@ -479,6 +478,14 @@ def findings(tables: dict[str, pd.DataFrame], lr_given: bool, lr: float, quick: 
                            f"{QUICK['tol']:g}, Krylov Hutch++ traces from {products} products (shared by every layer); "
                            "run with --full (full=True in normscope.analyze) for all of them.", "descent", "note",
                            metric="products", value=products, table="descent_trace", statistic="max" if len(trace) else "value"))
+    cap = (QUICK if quick else FULL)["lanczos_products"]
+    capped = spectrum[(spectrum["group"] == "total") & (spectrum["rank"] == 1) & ~spectrum["converged"].astype(bool)
+                      & (spectrum["products"] >= cap)]
+    for row in capped.itertuples():
+        out.append(Finding(f"Lanczos for the top eigenvalues ({row.mode} mode) stopped at its cap of {cap} products before "
+                           f"the tolerance; λ_max = {row.eigenvalue:.4g} with residual {row.residual:.2g}.", "descent", "note",
+                           metric="residual", value=row.residual, table="descent_spectrum",
+                           where={"mode": row.mode, "group": "total", "rank": 1}))
     scale = tables["descent_scale_invariance"]
     for layer, part in scale.groupby("layer", sort=False):
         two = part[part["c"] == 2.0]
@@ -524,7 +531,7 @@ def analyze(ctx: AnalysisContext) -> AnalyzerOutput:
     directions, spectrum = tables["descent_directions"], tables["descent_spectrum"]
     train = meta.get("train", {"backend": "", "chunk": None})
     chunked = f" ({train['chunk']}-example chunks)" if train["chunk"] else ""
-    headline: dict[str, float | int | str] = {"lr": lr, "hvp_backend": train["backend"] + chunked}
+    headline: dict[str, float | int | str] = {"lr": lr, "hvp_backend": (train["backend"] or "") + chunked}
     for mode in MODES:
         total = directions[(directions["mode"] == mode) & (directions["group"] == "total") & (directions["direction"] == "gradient")]
         top = spectrum[(spectrum["mode"] == mode) & (spectrum["group"] == "total") & (spectrum["rank"] == 1)]

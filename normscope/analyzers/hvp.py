@@ -9,12 +9,13 @@ parameters, or to one parameter group (then ``H`` is that group's diagonal block
 * ``func``: forward-over-reverse, ``H v = jvp(grad(L), (theta,), (v,))`` with
   ``torch.func.functional_call``.
 
-``backend="auto"`` (:func:`select_backend`) costs about one product: the first double-backward
-product (which also builds the graph that later products reuse) is timed; when it is faster than
-:data:`FAST_PRODUCT` or slower than the time the caller allows for trying (``trial_seconds``, a
-small share of the time budget), double backward is kept after that one product; otherwise one
-more double-backward product and two ``func`` products are timed and the faster kept (on CPU,
-``func`` through training-mode BatchNorm is often much slower). The choice is cached per user
+``backend="auto"`` (:func:`select_backend`) is chosen at the operator's first product, which is
+computed by double backward (building the graph that later products reuse) and timed: when it
+is faster than :data:`FAST_PRODUCT` or slower than a quarter of the time the caller allows for
+trying (``trial_seconds``, a small share of the time budget), double backward is kept and the
+choice cost nothing beyond the product asked for; otherwise one more double-backward product
+and two ``func`` products are timed and the faster kept (on CPU, ``func`` through
+training-mode BatchNorm is often much slower). The choice is cached per user
 model, dtype, full or block operator and whether the mode normalizes with batch statistics
 (:data:`BACKEND_CACHE`): train and eval mode differ in the cost of a product only through
 BatchNorm's batch statistics (and dropout, which changes no shapes), so a model without BatchNorm
@@ -168,13 +169,17 @@ class BatchLoss:
 
 def graph_chunk(loss: BatchLoss, memory: int = HVP_MEMORY, factor: float = GRAPH_FACTOR) -> int | None:
     """Examples per chunk so that one chunk's double-backward graph stays within ``memory`` bytes;
-    ``None`` when the whole batch fits. The graph of ``c`` examples is estimated as ``factor``
-    times the bytes its forward saves for backward, ``c * (s_2 - s_1)`` with ``s_k`` the bytes
-    saved by a forward of the first ``k`` examples (counted by saved-tensor hooks). Chunks are
-    balanced: ``ceil(n / ceil(n / c))`` examples each."""
+    ``None`` when the whole batch fits, when it has fewer than 4 examples, or when the mode
+    couples the examples (:attr:`BatchLoss.couples_examples`: no chunks possible). The graph of
+    ``c`` examples is estimated as ``factor * c * (s_4 - s_2) / 2``, with ``s_k`` the bytes saved
+    for backward by a forward of the first ``k`` examples (counted by saved-tensor hooks; the
+    difference leaves out what does not grow with the examples, such as the weights). Chunks
+    are balanced: ``ceil(n / ceil(n / c))`` examples each."""
     n = size(loss.inputs)
+    if n < 4 or loss.couples_examples:
+        return None
     saved = []
-    for k in (1, 2):
+    for k in (2, 4):
         count = [0]
 
         def pack(t: Tensor) -> Tensor:
@@ -186,9 +191,9 @@ def graph_chunk(loss: BatchLoss, memory: int = HVP_MEMORY, factor: float = GRAPH
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             part(leaves)
         saved.append(count[0])
-    per_example = factor * max(saved[1] - saved[0], 1)
+    per_example = factor * max(saved[1] - saved[0], 1) / 2
     chunk = max(1, int(memory // per_example))
-    if n < 2 or chunk >= n:
+    if chunk >= n:
         return None
     return math.ceil(n / math.ceil(n / chunk))
 
@@ -203,7 +208,8 @@ class HessianOperator:
     chunked products and gradients; ``None``: the whole batch at once (:attr:`chunk` is the
     examples of the first chunk, or ``None``).
     ``trial_seconds``: what ``backend="auto"`` may spend trying ``func`` (:func:`select_backend`);
-    the products it ran are in :attr:`selection_products`.
+    :attr:`backend` is ``None`` until the first product (or :meth:`block`) chooses it, and the
+    products the choice ran beyond that first one are in :attr:`selection_products`.
     """
 
     def __init__(self, loss: BatchLoss, names: Sequence[str] | None = None, backend: str = "auto",
@@ -227,7 +233,8 @@ class HessianOperator:
         self._graph: tuple[list[Tensor], list[Tensor]] | None = None
         self._parent: HessianOperator | None = None
         self.selection_products = 0
-        self.backend = cached_backend(self, trial_seconds) if backend == "auto" else backend
+        self.trial_seconds = trial_seconds
+        self.backend: str | None = cached_backend(self) if backend == "auto" else backend
 
     @property
     def dtype(self) -> torch.dtype:
@@ -268,20 +275,27 @@ class HessianOperator:
         self.products += 1
         start = time.perf_counter()
         v = v.to(self.dtype)
-        if self.chunks is not None:
-            product = self._hvp_func if self.backend == "func" else self._hvp_once
-            hv = sum(w * product(v, part) for w, part in self.chunks)
-        elif self.backend == "func":
-            hv = self._hvp_func(v, self.loss)
-        else:
-            hv = self._hvp_double_backward(v)
+        hv = select_backend(self, v, self.trial_seconds) if self.backend is None else self._product(v)
         self.seconds = time.perf_counter() - start
         return hv
+
+    def _product(self, v: Tensor) -> Tensor:
+        """``H v`` with :attr:`backend` (uncounted)."""
+        if self.chunks is not None:
+            product = self._hvp_func if self.backend == "func" else self._hvp_once
+            return sum(w * product(v, part) for w, part in self.chunks)
+        if self.backend == "func":
+            return self._hvp_func(v, self.loss)
+        return self._hvp_double_backward(v)
 
     def block(self, names: Sequence[str]) -> "HessianOperator":
         """The operator of the diagonal block ``H_gg`` over ``names`` (same backend and chunks);
         with double backward on the whole batch it shares this operator's gradient graph:
-        ``H_gg v_g = (H [v_g; 0])_g``."""
+        ``H_gg v_g = (H [v_g; 0])_g``. An ``auto`` backend not chosen yet is chosen first, from a
+        product with a seeded random vector."""
+        if self.backend is None:
+            generator = torch.Generator(device="cpu").manual_seed(0)
+            self(torch.randn(self.numel, generator=generator, dtype=torch.float64).to(self.device))
         child = HessianOperator(self.loss, names, self.backend, self.chunks)
         if self.backend == "double_backward" and self.chunks is None:
             child._parent = self
@@ -327,74 +341,74 @@ class HessianOperator:
         return LinearOperator((self.numel, self.numel), matvec=matvec, dtype=np.float64)
 
 
-def _seconds(op: HessianOperator, v: Tensor) -> float:
+def _cache_key(op: HessianOperator) -> tuple:
+    return op.dtype, op.names == list(op.loss.params), op.loss.couples_examples
+
+
+def cached_backend(op: HessianOperator) -> str | None:
+    """The backend chosen before for (user model, dtype, full or block operator, batch statistics
+    or not), its timings copied into ``op.timings``; ``None`` when not chosen yet. The modes share
+    a choice unless train mode normalizes with BatchNorm's batch statistics (module docstring)."""
+    source = op.loss.source()
+    chosen = BACKEND_CACHE.get(source, {}).get(_cache_key(op)) if source is not None else None
+    if chosen is None:
+        return None
+    op.timings.update(chosen[1])
+    return chosen[0]
+
+
+def select_backend(op: HessianOperator, v: Tensor, trial_seconds: float = math.inf, good_enough: float = FAST_PRODUCT) -> Tensor:
+    """``H v`` by double backward, timed (``t``; the first product builds the graph that later
+    products reuse, so it is the slowest), and ``op``'s backend chosen from it:
+
+    * double backward, with no other product, when ``t < good_enough`` (``func``'s first use in a
+      process imports torch's compiler stack, seconds that so small a product cannot repay) or
+      when ``4 t > trial_seconds`` (trying ``func`` does not fit in the time allowed);
+    * otherwise the faster of one more double-backward product (the cost with the graph kept)
+      and a timed ``func`` product after a warm-up one: 3 products beyond ``H v``.
+
+    A backend that raises on this model (e.g. ``func`` through a layer that mutates buffers) is
+    not chosen. One backend's memory at a time: the double-backward graph is dropped before
+    ``func`` runs (the next product rebuilds it if double backward wins). The seconds are left in
+    ``op.timings`` (a single double-backward figure is the first product, an upper bound on later
+    ones), the extra products in ``op.selection_products``; the choice is cached for
+    :func:`cached_backend`.
+    """
+    op.backend = "double_backward"
+    hv, first = _timed(op, v)
+    op.timings["double_backward"] = first
+    products = int(hv is not None)
+    if not (first < good_enough or (math.isfinite(first) and 4 * first > trial_seconds)):
+        if hv is not None:
+            op.timings["double_backward"] = _timed(op, v)[1]
+            products += 1
+        op.release()
+        op.backend = "func"
+        warm, seconds = _timed(op, v)
+        op.timings["func"] = _timed(op, v)[1] if warm is not None else math.inf
+        products += 2 * (warm is not None)
+        hv = warm if hv is None else hv
+    op.backend = min(op.timings, key=op.timings.get)
+    if op.timings[op.backend] == math.inf:
+        raise InvalidArgumentError(f"no Hessian-vector product backend runs on this model (tried {BACKENDS[1:]})")
+    if op.backend != "double_backward":
+        op.release()
+    op.selection_products = products - 1
+    source = op.loss.source()
+    if source is not None:
+        BACKEND_CACHE.setdefault(source, {})[_cache_key(op)] = (op.backend, dict(op.timings))
+    return hv
+
+
+def _timed(op: HessianOperator, v: Tensor) -> tuple[Tensor | None, float]:
+    """``(H v, seconds)`` with ``op``'s current backend; ``(None, inf)`` if the backend raises."""
     if op.device.type == "cuda":
         torch.cuda.synchronize(op.device)
     start = time.perf_counter()
-    op(v)
+    try:
+        hv = op._product(v)
+    except (RuntimeError, NotImplementedError, ValueError):
+        return None, math.inf
     if op.device.type == "cuda":
         torch.cuda.synchronize(op.device)
-    return time.perf_counter() - start
-
-
-def cached_backend(op: HessianOperator, trial_seconds: float = math.inf) -> str:
-    """:func:`select_backend` once per (user model, dtype, full or block operator, batch
-    statistics or not): the modes share a choice unless train mode normalizes with BatchNorm's
-    batch statistics (see the module docstring). Later calls reuse the choice, copy its timings
-    into ``op.timings`` and run no product."""
-    source = op.loss.source()
-    key = (op.dtype, op.names == list(op.loss.params), op.loss.couples_examples)
-    cache = BACKEND_CACHE.setdefault(source, {}) if source is not None else {}
-    if key not in cache:
-        cache[key] = (select_backend(op, trial_seconds), dict(op.timings))
-    backend, timings = cache[key]
-    op.timings.update(timings)
-    return backend
-
-
-def select_backend(op: HessianOperator, trial_seconds: float = math.inf, good_enough: float = FAST_PRODUCT) -> str:
-    """The backend for ``op`` from at most 4 products, usually 1.
-
-    1. One double-backward product, timed (``t``; it builds the graph that later products of
-       ``op`` reuse, so it is the slowest one). Kept after that product when ``t < good_enough``
-       (``func``'s first use in a process imports torch's compiler stack, seconds that so small a
-       product cannot repay) or when ``4 t > trial_seconds`` (trying ``func`` is not affordable).
-    2. Otherwise one more double-backward product (the cost with the graph kept) and two ``func``
-       products (a warm-up and a timed one); the faster backend is kept. A backend that raises
-       on this model (e.g. ``func`` through a layer that mutates buffers) is not chosen.
-
-    Only one backend's memory is held at a time (the double-backward graph is dropped before
-    ``func`` runs and rebuilt by the next product if double backward wins). The seconds are left
-    in ``op.timings`` (a single double-backward figure is the first product, an upper bound on
-    later ones), the number of products in ``op.selection_products``.
-    """
-    generator = torch.Generator(device="cpu").manual_seed(0)
-    v = torch.randn(op.numel, generator=generator, dtype=torch.float64).to(device=op.device, dtype=op.dtype)
-    op.backend = "double_backward"
-    first = op.timings["double_backward"] = _timed(op, v)
-    if first < good_enough or (math.isfinite(first) and 4 * first > trial_seconds):
-        return _chosen(op)
-    if math.isfinite(first):
-        op.timings["double_backward"] = _timed(op, v)
-    op.release()  # one backend's memory at a time
-    op.backend = "func"
-    op.timings["func"] = _timed(op, v) if _timed(op, v) < math.inf else math.inf
-    return _chosen(op)
-
-
-def _timed(op: HessianOperator, v: Tensor) -> float:
-    """Seconds of one product of ``op`` with its current backend; ``inf`` if the backend raises."""
-    try:
-        return _seconds(op, v)
-    except (RuntimeError, NotImplementedError, ValueError):
-        return math.inf
-
-
-def _chosen(op: HessianOperator) -> str:
-    best = min(op.timings, key=op.timings.get)
-    if op.timings[best] == math.inf:
-        raise InvalidArgumentError(f"no Hessian-vector product backend runs on this model (tried {BACKENDS[1:]})")
-    op.selection_products, op.products = op.products, 0
-    if best != "double_backward":
-        op.release()
-    return best
+    return hv, time.perf_counter() - start

@@ -59,7 +59,7 @@ from normscope.errors import InvalidArgumentError, UnknownNameError
 LossFn = Callable[[Tensor, Tensor], Tensor]
 MODES = ("train", "eval")
 BACKENDS = ("auto", "double_backward", "func")
-FAST_PRODUCT = 0.05
+FAST_PRODUCT = 0.25  # seconds of a first product (graph included) too small to repay trying func
 DECOMPOSITION_TOL = 1e-12
 GRAPH_FACTOR = 3.0
 BACKEND_CACHE: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
@@ -362,7 +362,8 @@ def select_backend(op: HessianOperator, v: Tensor, trial_seconds: float = math.i
     products reuse, so it is the slowest), and ``op``'s backend chosen from it:
 
     * double backward, with no other product, when ``t < good_enough`` (``func``'s first use in a
-      process imports torch's compiler stack, seconds that so small a product cannot repay) or
+      process imports torch's compiler stack, seconds and about 150 MB of memory that so small a
+      product cannot repay) or
       when ``4 t > trial_seconds`` (trying ``func`` does not fit in the time allowed);
     * otherwise the faster of one more double-backward product (the cost with the graph kept)
       and a timed ``func`` product after a warm-up one: 3 products beyond ``H v``.

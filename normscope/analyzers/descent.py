@@ -344,7 +344,7 @@ def descent_tables(
         plan = budget.share(f"descent ({mode} mode)", [f"descent ({m} mode)" for m in modes[index:]])
         loss = BatchLoss(model, inputs, targets, loss_fn, mode, dtype)
         total = HessianOperator(loss, backend=backend, chunks=_chunks(loss), trial_seconds=TRIAL_SHARE * plan.remaining())
-        budget.cost("forward", lambda: seconds_of(lambda: loss().detach()))
+        budget.cost("forward", lambda: seconds_of(torch.no_grad()(loss.__call__)))
         budget.cost("gradient", lambda: seconds_of(total.gradient))
         try:
             _mode_tables(tables, plan, loss, total, model, optimizer, lr, settings, seed, sites)

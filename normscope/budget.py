@@ -147,7 +147,11 @@ class Budget:
 
 
 CHUNK_MEMORY = 256 * 2**20
-HVP_MEMORY = 4 * CHUNK_MEMORY
+HVP_MEMORY = 2 * CHUNK_MEMORY
+"""Bytes one example chunk's double-backward graph may take (``normscope.analyzers.hvp.graph_chunk``):
+on the 3.5M-parameter BERT of ``benchmarks/scale.py`` (float64, batch 128) 512 MiB gives 16-example
+chunks and a descent peak of 1.34 GB (2.1x a training step) at 18 s a product, 1 GiB 32-example
+chunks, 1.94 GB and 12 s (load 2.2 on 2 cores)."""
 
 
 def chunk_for_memory(parameters: int, itemsize: int, memory: int = CHUNK_MEMORY, largest: int = 64) -> int:

@@ -7,7 +7,8 @@ analyzer asks :meth:`Budget.allows` whether the stage's units (``forward``, ``gr
 ``hvp``, ``example_chunk``: one chunk of per-example gradients) fit in what is left at their
 measured cost; a stage that does not fit is recorded in :attr:`Budget.cuts` with the reason, and
 the analyzer returns the tables it finished. Unit costs are measured on the first use
-(:meth:`Budget.cost` with a ``measure`` function) or injected (``costs=``, for tests).
+(:meth:`Budget.cost` with a ``measure`` function) or injected (``costs=``, for tests); a unit
+not measured yet is priced at 0 (the first use measures it).
 
 ``clock="planned"`` makes the elapsed time the sum of the costs charged with :meth:`spend`
 instead of wall time, so that plans and cuts are reproducible (tests).
@@ -146,6 +147,11 @@ class Budget:
 
 
 CHUNK_MEMORY = 256 * 2**20
+HVP_MEMORY = 2 * CHUNK_MEMORY
+"""Bytes one example chunk's double-backward graph may take (``normscope.analyzers.hvp.graph_chunk``):
+on the 3.5M-parameter BERT of ``benchmarks/scale.py`` (float64, batch 128) 512 MiB gives 16-example
+chunks and a descent peak of 1.34 GB (2.1x a training step) at 18 s a product, 1 GiB 32-example
+chunks, 1.94 GB and 12 s (load 2.2 on 2 cores)."""
 
 
 def chunk_for_memory(parameters: int, itemsize: int, memory: int = CHUNK_MEMORY, largest: int = 64) -> int:

@@ -8,7 +8,7 @@ import torch
 
 import normscope
 from normscope.analyzers import ANALYZERS
-from normscope.analyzers.descent import QUICK, descent_tables
+from normscope.analyzers.descent import QUICK, descent_tables, findings
 from normscope.budget import Budget, as_budget
 from normscope.errors import InvalidArgumentError
 from normscope.guard import assert_unchanged, snapshot
@@ -131,3 +131,18 @@ def test_an_interrupt_keeps_the_finished_analyzers(digits64, monkeypatch):
     assert result.findings["budget"][0].startswith("Analysis interrupted")
     with pytest.raises(KeyboardInterrupt):
         normscope.analyze(model, (x, y), analyzers=["interrupting"], batch_size=32, batches=1)
+
+
+def test_the_lanczos_cap_is_no_budget_cut(unlimited, monkeypatch):
+    model, x, y, _ = unlimited
+    monkeypatch.setitem(QUICK, "lanczos_products", 3)
+    roomy = Budget(1000.0, dict(COSTS), clock="planned")
+    tables, _ = descent_tables(model, x, y, budget=roomy)
+    top = tables["descent_spectrum"].query("group == 'total'")
+    assert (top["products"] == 3).all() and not top["converged"].astype(bool).any()
+    assert not [c for c in roomy.cuts if "Lanczos" in c.what]
+    notes = [f for f in findings(tables, True, 0.1) if "cap of 3 products" in f]
+    assert len(notes) == 2  # said once per mode, as a cap
+    tight = Budget(7.5, {**COSTS, "forward": 0.0}, clock="planned")  # train: 3.75 s, 1.5 s of directions, room for 2 products
+    tables, _ = descent_tables(model, x, y, budget=tight)
+    assert [c.what for c in tight.cuts if "Lanczos" in c.what]

@@ -108,7 +108,7 @@ def test_quadratic_model_against_direct_evaluation(tiny):
     d = negative_gradient(loss)
     flat = op.flatten(d).numpy()
     steps = [1e-4, 1e-2, 1.0, 10.0]
-    table = quadratic_model(loss, d, steps, "double_backward")
+    table = quadratic_model(op, d, steps)
     assert list(table.columns) == COLUMNS["descent_quadratic"]
     base = F.cross_entropy(copy.deepcopy(model).train()(x), y).item()
     for a, row in zip(steps, table.itertuples()):
@@ -277,7 +277,7 @@ def test_descent_runs_on_every_reference_model(name, digits64):
     x, y = digits64[0][:6], digits64[1][:6]
     tables, backends = descent_tables(model, x, y, quick=True, modes=("train",))
     assert_unchanged(model, before)
-    assert backends["train"] in ("double_backward", "func")
+    assert backends["train"]["backend"] in ("double_backward", "func") and backends["train"]["chunk"] is None
     loss = BatchLoss(model, x, y, mode="train", dtype=torch.float64)
     with torch.no_grad():
         direct = F.cross_entropy(loss.model(x), y)
@@ -299,3 +299,22 @@ def test_descent_runs_on_every_reference_model(name, digits64):
     for name_, frame in tables.items():
         numeric = frame.select_dtypes("number").drop(columns=["a_crit", "a_crit_ratio", "stability_limit"], errors="ignore")
         assert np.isfinite(numeric.to_numpy(float)).all(), name_  # a_crit is inf where d^T H d <= 0
+
+
+def test_descent_on_example_chunks_equals_the_whole_batch(monkeypatch):
+    """Chunks forced by a one-byte memory (4 examples each, balanced): the same rows as the whole
+    batch, except where BatchNorm's batch statistics couple the examples (train mode: whole batch)."""
+    from normscope.analyzers import descent, hvp
+    from tests.test_hvp import layernorm_model
+
+    x, y = tiny_batch(16)
+    for model, chunked in ((layernorm_model(), {"train": 4, "eval": 4}), (tiny_model(), {"train": None, "eval": 4})):
+        whole, meta = descent_tables(model, x, y, modes=("train", "eval"))
+        assert {mode: m["chunk"] for mode, m in meta.items()} == {"train": None, "eval": None}
+        monkeypatch.setattr(descent, "graph_chunk", lambda loss: None if hvp.graph_chunk(loss, memory=1) is None else 4)
+        parts, meta = descent_tables(model, x, y, modes=("train", "eval"))
+        monkeypatch.undo()
+        assert {mode: m["chunk"] for mode, m in meta.items()} == chunked
+        for name in ("descent_directions", "descent_quadratic", "descent_spectrum"):
+            numeric = whole[name].select_dtypes("number").columns.drop("products", errors="ignore")
+            np.testing.assert_allclose(parts[name][numeric].to_numpy(float), whole[name][numeric].to_numpy(float), rtol=1e-9, atol=1e-12)

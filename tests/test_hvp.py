@@ -2,6 +2,7 @@
 finite differences, in float64; both backends agree; the model is never touched."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -9,8 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from normscope.analyzers.hvp import BACKEND_CACHE, FAST_PRODUCT, BatchLoss, HessianOperator, select_backend
-from normscope.errors import UnknownNameError
+from normscope.analyzers.hvp import BACKEND_CACHE, BatchLoss, HessianOperator, graph_chunk, select_backend
+from normscope.errors import InvalidArgumentError, UnknownNameError
 from normscope.guard import assert_unchanged, snapshot
 from normscope.models import build_model
 
@@ -95,15 +96,64 @@ def test_auto_backend_measures_both_and_the_model_is_untouched(digits32):
     before = snapshot(model)
     loss = BatchLoss(model, *digits32, mode="train")
     op = HessianOperator(loss, backend="double_backward")
-    assert select_backend(op, good_enough=0.0) in ("double_backward", "func")
-    assert set(op.timings) == {"double_backward", "func"}
-    op = HessianOperator(loss)
-    assert op.backend in op.timings and op.timings[op.backend] == BACKEND_CACHE[model][("train", torch.float32, True)][1][op.backend]
-    assert op.backend == "double_backward" or op.timings["double_backward"] >= FAST_PRODUCT
-    assert HessianOperator(BatchLoss(model, *digits32, mode="train")).timings == op.timings  # cached, not re-timed
-    op(op.gradient())
-    HessianOperator(BatchLoss(model, *digits32, mode="eval"))(op.gradient())
+    v = op.gradient()
+    hv = select_backend(op, v, good_enough=0.0)
+    assert op.backend in ("double_backward", "func") and set(op.timings) == {"double_backward", "func"}
+    torch.testing.assert_close(hv, HessianOperator(loss, backend="func")(v))
+    cached = HessianOperator(loss)
+    assert cached.backend == op.backend and cached.timings == BACKEND_CACHE[model][(torch.float32, True, True)][1] == op.timings
+    cached(v)
+    assert cached.selection_products == 0 and cached.products == 1  # cached, not re-timed
+    eval_op = HessianOperator(BatchLoss(model, *digits32, mode="eval"))
+    assert eval_op.backend is None  # batch statistics in train mode: eval mode chooses its own
+    eval_op(v)
+    assert eval_op.backend in ("double_backward", "func")
     assert_unchanged(model, before)
+
+
+def counted_products(monkeypatch) -> list[str]:
+    """The backend of every product any HessianOperator computes from now on (asked for or not)."""
+    calls: list[str] = []
+    product = HessianOperator._product
+
+    def counting(self, v):
+        calls.append(self.backend)
+        return product(self, v)
+
+    monkeypatch.setattr(HessianOperator, "_product", counting)
+    return calls
+
+
+@pytest.mark.parametrize("trial_seconds, good_enough, expected", [
+    (0.0, 0.0, ["double_backward"]),  # trying func does not fit: the product asked for decides
+    (math.inf, math.inf, ["double_backward"]),  # the product asked for is fast enough
+    (math.inf, 0.0, ["double_backward", "double_backward", "func", "func"]),
+])
+def test_backend_selection_counts_its_products(monkeypatch, trial_seconds, good_enough, expected):
+    model, (x, y) = tiny_model(), tiny_batch()
+    loss = BatchLoss(model, x, y)
+    v = torch.randn(sum(p.numel() for p in loss.params.values()), generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    reference = HessianOperator(loss, backend="func")(v)
+    op = HessianOperator(loss, backend="double_backward")
+    calls = counted_products(monkeypatch)
+    torch.testing.assert_close(select_backend(op, v, trial_seconds, good_enough), reference, rtol=1e-10, atol=1e-12)
+    assert calls == expected and op.selection_products == len(expected) - 1
+    assert set(op.timings) == set(expected)
+
+
+def test_backend_is_chosen_once_per_model_and_shared_by_modes_without_batch_statistics(monkeypatch):
+    x, y = tiny_batch()
+    calls = counted_products(monkeypatch)
+    for model, chosen in ((layernorm_model(), [None, "double_backward", "double_backward"]),
+                          (tiny_model(), [None, None, "double_backward"])):
+        found = []
+        for mode in ("train", "eval", "eval"):
+            op = HessianOperator(BatchLoss(model, x, y, mode=mode), trial_seconds=0.0)
+            found.append(op.backend)
+            op(op.gradient())
+            assert op.selection_products == 0
+        assert found == chosen
+    assert len(calls) == 6  # one product asked for per operator, none for the choice
 
 
 @pytest.mark.parametrize("mode", ["train", "eval"])
@@ -128,3 +178,56 @@ def test_bad_names():
         HessianOperator(BatchLoss(model, x, y), backend="fast")
     with pytest.raises(UnknownNameError, match="parameter"):
         HessianOperator(BatchLoss(model, x, y), ["nope"], "func")
+
+
+def layernorm_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 5), nn.LayerNorm(5), nn.Tanh(), nn.Linear(5, 3)).double()
+
+
+@pytest.mark.parametrize("backend", ["double_backward", "func"])
+@pytest.mark.parametrize("case", ["batchnorm_eval", "layernorm_train"])
+def test_chunked_products_equal_the_dense_hessian_and_the_full_batch(case, backend):
+    model, mode = (tiny_model(), "eval") if case == "batchnorm_eval" else (layernorm_model(), "train")
+    x, y = tiny_batch(15)
+    loss = BatchLoss(model, x, y, mode=mode)
+    chunks = loss.example_chunks(4)
+    assert [w for w, _ in chunks] == [4 / 15, 4 / 15, 4 / 15, 3 / 15]
+    chunked = HessianOperator(loss, backend=backend, chunks=chunks)
+    full = HessianOperator(loss, backend="double_backward")
+    net = copy.deepcopy(model).train(mode == "train")
+    names = list(loss.params)
+    params = dict(net.named_parameters())
+
+    def flat_loss(theta: torch.Tensor) -> torch.Tensor:
+        parts = dict(zip(names, (t.reshape(params[n].shape) for n, t in zip(names, theta.split([params[n].numel() for n in names])))))
+        return F.cross_entropy(functional_call(net, parts, (x,)), y)
+
+    theta = torch.cat([params[n].detach().reshape(-1) for n in names])
+    H = torch.autograd.functional.hessian(flat_loss, theta)
+    v = torch.randn(chunked.numel, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    torch.testing.assert_close(chunked(v), H @ v, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(chunked(v), full(v), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(chunked.gradient(), torch.autograd.functional.jacobian(flat_loss, theta), rtol=1e-10, atol=1e-12)
+    block = chunked.block(loss.layers()["3"])
+    torch.testing.assert_close(block(v[-block.numel:]), (H @ torch.cat([torch.zeros(chunked.numel - block.numel, dtype=torch.float64),
+                                                                        v[-block.numel:]]))[-block.numel:], rtol=1e-10, atol=1e-12)
+
+
+def test_the_decomposition_check_refuses_coupled_batches_and_non_means():
+    x, y = tiny_batch()
+    with pytest.raises(InvalidArgumentError, match="not the example-weighted mean"):
+        BatchLoss(tiny_model(), x, y, mode="train").example_chunks(4)  # BatchNorm's batch statistics couple the examples
+    summed = lambda out, target: F.cross_entropy(out, target, reduction="sum")
+    with pytest.raises(InvalidArgumentError, match="not the example-weighted mean"):
+        BatchLoss(tiny_model(), x, y, summed, mode="eval").example_chunks(4)
+    with pytest.raises(InvalidArgumentError, match="float64"):
+        BatchLoss(tiny_model(), x, y, mode="eval", dtype=torch.float32).example_chunks(4)
+    assert len(BatchLoss(tiny_model(), x, y, mode="eval").example_chunks(4)) == 4
+
+
+def test_graph_chunk_follows_the_memory():
+    loss = BatchLoss(layernorm_model(), *tiny_batch(16), mode="train")
+    assert graph_chunk(loss) is None  # the whole batch fits
+    sizes = [graph_chunk(loss, memory=m) or 16 for m in (1, 2000, 8000, 10**9)]
+    assert sizes == sorted(sizes) and sizes[0] == 1 and sizes[-1] == 16

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from normscope.analyzers import AnalysisContext, AnalyzerOutput
-from normscope.analyzers.hvp import MODES, BatchLoss, HessianOperator
+from normscope.analyzers.hvp import MODES, BatchLoss, HessianOperator, graph_chunk
 from normscope.analyzers.reparam import no_grad_forward, reparam_check
 from normscope.analyzers.spectrum import hutchpp_split, krylov_trace, lanczos
 from normscope.budget import Budget, seconds_of
@@ -53,8 +53,9 @@ DEFAULT_LR = 0.1
 PARTING_THRESHOLD = 0.1
 REFINE_STEPS = 8
 SCALES = (1.0, 0.5, 2.0)
-QUICK = {"k": 3, "layer_k": 1, "layer_spectra": 3, "trace_products": 30, "steps": 12, "tol": 1e-3}
-FULL = {"k": 5, "layer_k": 5, "layer_spectra": None, "trace_products": 99, "steps": 25, "tol": 1e-4}
+QUICK = {"k": 3, "layer_k": 1, "layer_spectra": 3, "trace_products": 30, "steps": 12, "tol": 1e-3, "lanczos_products": 40}
+FULL = {"k": 5, "layer_k": 5, "layer_spectra": None, "trace_products": 99, "steps": 25, "tol": 1e-4, "lanczos_products": 100}
+TRIAL_SHARE = 0.02
 
 
 def critical_step(slope: float, curvature: float) -> float:
@@ -118,7 +119,7 @@ def descent_rows(
     ``groups``: ``{name: parameter names, or None for the total}``; default the total and every layer."""
     loss = total.loss
     groups = {"total": None, **loss.layers()} if groups is None else groups
-    gradient = loss.gradient(total.names)
+    gradient = total.split(total.gradient())
     rows = []
     for group, names in groups.items():
         op = total if names is None else total.block(names)
@@ -133,14 +134,19 @@ def descent_rows(
     return rows
 
 
-def quadratic_model(loss: BatchLoss, d: dict[str, Tensor], steps: Sequence[float], backend: str) -> pd.DataFrame:
+def quadratic_model(op: HessianOperator, d: dict[str, Tensor], steps: Sequence[float], slope: float | None = None,
+                    curvature: float | None = None) -> pd.DataFrame:
     """``descent_quadratic``: the real ``L(theta + a d)`` against ``Q(a) = L + a g^T d + a^2/2 d^T H d``
     for each step ``a``, with ``rel_error = |L - Q| / max(|L(a) - L(0)|, |Q(a) - L(0)|)`` (the error
-    relative to the actual or the predicted change; Deshmukh's (2020) expansion, MATH.md §5)."""
-    op = HessianOperator(loss, backend=backend)
+    relative to the actual or the predicted change; Deshmukh's (2020) expansion, MATH.md §5).
+    ``op`` is the operator over all parameters; ``slope = g^T d`` and ``curvature = d^T H d`` are
+    computed from it (a gradient and one product) unless given (e.g. from :func:`descent_rows`)."""
+    loss = op.loss
     flat = op.flatten(d)
-    slope = float(torch.dot(op.gradient().double(), flat.double()))
-    curvature = op.quadratic_form(flat)
+    if slope is None:
+        slope = float(torch.dot(op.gradient().double(), flat.double()))
+    if curvature is None:
+        curvature = op.quadratic_form(flat)
     with torch.no_grad():
         base = float(loss())
         rows = []
@@ -159,16 +165,17 @@ def parting_step(table: pd.DataFrame, threshold: float = PARTING_THRESHOLD) -> f
     return float(parted.min()) if len(parted) else math.nan
 
 
-def refine_near_parting(loss: BatchLoss, d: dict[str, Tensor], table: pd.DataFrame, backend: str, n: int = REFINE_STEPS) -> pd.DataFrame:
+def refine_near_parting(op: HessianOperator, d: dict[str, Tensor], table: pd.DataFrame, slope: float, curvature: float,
+                        n: int = REFINE_STEPS) -> pd.DataFrame:
     """``table`` (one mode's ``descent_quadratic``) with ``n`` more steps, geometrically spaced
     between the last grid step below the parting step and the parting step, so that the step
     where the quadratic model stops describing the loss is located finely; unchanged when the
-    model never parts or parts at the first step."""
+    model never parts or parts at the first step. ``slope`` and ``curvature`` as in :func:`quadratic_model`."""
     parted = parting_step(table)
     below = table.loc[table["step"] < parted, "step"]
     if math.isnan(parted) or below.empty:
         return table
-    extra = quadratic_model(loss, d, np.geomspace(float(below.max()), parted, n + 2)[1:-1], backend)
+    extra = quadratic_model(op, d, np.geomspace(float(below.max()), parted, n + 2)[1:-1], slope, curvature)
     return pd.concat([table, extra], ignore_index=True).sort_values("step", ignore_index=True)
 
 
@@ -289,8 +296,8 @@ def descent_tables(
     track=None,
     budget: Budget | None = None,
     sites: str | Sequence[str] | None = None,
-) -> tuple[dict[str, pd.DataFrame], dict[str, str]]:
-    """Every ``descent_*`` table for ``model`` on one batch, and the HVP backend chosen per mode.
+) -> tuple[dict[str, pd.DataFrame], dict[str, dict]]:
+    """Every ``descent_*`` table for ``model`` on one batch, and per mode the HVP backend and chunk.
 
     All work happens on private copies (:class:`BatchLoss`), in ``dtype`` (float64 by default).
     Directions: ``gradient`` (``-dL/dtheta``, checked against ``lr``) and, given ``optimizer``,
@@ -308,7 +315,20 @@ def descent_tables(
     and forward costs): the total's direction rows, the quadratic model, the top eigenvalues of
     ``H``, the trace, the layers' direction rows (as many layers as fit), the layers' spectra,
     the scale-invariance and reparameterization checks. What does not fit is recorded in
-    ``budget.cuts``; the tables hold what finished.
+    ``budget.cuts``; the tables hold what finished. The HVP backend is chosen at the first product
+    (the total's direction row; trying ``func`` only within :data:`TRIAL_SHARE` of the mode's
+    share; cached per model), that product measures the HVP cost when it is not known (so the
+    first mode's direction rows are priced by their gradients only), and the products the choice
+    ran beyond it are charged to the mode's plan. Lanczos for the top eigenvalues runs up to ``lanczos_products`` products
+    as the budget allows; stopping at that cap is no budget cut (the residuals state the accuracy).
+
+    Memory: one mode's operator at a time (its graph is dropped when the mode ends), and when the
+    whole batch's double-backward graph would exceed :data:`normscope.budget.HVP_MEMORY`
+    (:func:`~normscope.analyzers.hvp.graph_chunk`) and the loss is verified to be the
+    example-weighted mean of its chunks' losses in this mode (eval mode, or train mode without
+    BatchNorm's batch statistics; :meth:`~normscope.analyzers.hvp.BatchLoss.example_chunks`),
+    products and gradients are summed exactly over example chunks; otherwise the whole batch is
+    used. ``meta`` (the second return value) gives each mode's backend and examples per chunk.
 
     Under :func:`normscope.distributed.session` (no budget there) every rank computes the same
     rows, except that the trace's Hutchinson samples and the layers' spectra are shared out over
@@ -317,19 +337,34 @@ def descent_tables(
     settings = QUICK if quick else FULL
     budget = budget or Budget(None)
     tables: dict[str, list[dict]] = {name: [] for name in COLUMNS}
-    backends: dict[str, str] = {}
+    meta: dict[str, dict] = {}
     track = track or (lambda it, *a, **k: it)
     modes = list(modes)
     for index, mode in enumerate(track(modes, "descent", total=len(modes))):
         plan = budget.share(f"descent ({mode} mode)", [f"descent ({m} mode)" for m in modes[index:]])
         loss = BatchLoss(model, inputs, targets, loss_fn, mode, dtype)
-        total = HessianOperator(loss, backend=backend)
-        backends[mode] = total.backend
-        budget.cost("hvp", lambda: total.timings.get(total.backend) or seconds_of(lambda: total(total.gradient())))
-        budget.cost("gradient", lambda: seconds_of(loss.gradient))
-        budget.cost("forward", lambda: seconds_of(lambda: loss().detach()))
-        _mode_tables(tables, plan, loss, total, model, optimizer, lr, settings, seed, sites)
-    return {name: _frame(name, rows) for name, rows in tables.items()}, backends
+        total = HessianOperator(loss, backend=backend, chunks=_chunks(loss), trial_seconds=TRIAL_SHARE * plan.remaining())
+        budget.cost("forward", lambda: seconds_of(torch.no_grad()(loss.__call__)))
+        budget.cost("gradient", lambda: seconds_of(total.gradient))
+        try:
+            _mode_tables(tables, plan, loss, total, model, optimizer, lr, settings, seed, sites)
+        finally:
+            total.release()
+        meta[mode] = {"backend": total.backend, "chunk": total.chunk}
+        del loss, total
+    return {name: _frame(name, rows) for name, rows in tables.items()}, meta
+
+
+def _chunks(loss: BatchLoss) -> list[tuple[float, BatchLoss]] | None:
+    """The verified example chunks for ``loss``'s products (:func:`graph_chunk`), or ``None`` (the
+    whole batch) when the batch's graph fits or the loss does not decompose over example chunks."""
+    chunk = graph_chunk(loss)
+    if chunk is None:
+        return None
+    try:
+        return loss.example_chunks(chunk)
+    except InvalidArgumentError:
+        return None
 
 
 def _mode_tables(tables: dict[str, list[dict]], plan: Budget, loss: BatchLoss, total: HessianOperator, model: nn.Module,
@@ -337,7 +372,7 @@ def _mode_tables(tables: dict[str, list[dict]], plan: Budget, loss: BatchLoss, t
     """The stages of :func:`descent_tables` for one mode, within ``plan``, appended to ``tables``."""
     mode = loss.mode
     layers = selected_layers(loss.layers(), sites)
-    directions = [("gradient", lambda: (negative_gradient(loss), lr))]
+    directions = [("gradient", lambda: ({n: -g for n, g in total.split(total.gradient()).items()}, lr))]
     if optimizer is not None:
         directions.append((f"optimizer:{type(optimizer).__name__}", lambda: optimizer_direction(model, optimizer, loss)))
     if not plan.allows("every table of this mode", {"gradient": len(directions), "hvp": len(directions)}):
@@ -345,28 +380,26 @@ def _mode_tables(tables: dict[str, list[dict]], plan: Budget, loss: BatchLoss, t
     chosen = [(name, *make()) for name, make in directions]
     for name, d, step_lr in chosen:
         tables["descent_directions"] += descent_rows(total, d, step_lr, name, {"total": None})
+    plan.cost("hvp", lambda: total.timings.get(total.backend, total.seconds))
     plan.spend("gradient", len(chosen))
-    plan.spend("hvp", len(chosen))
+    plan.spend("hvp", len(chosen) + total.selection_products)
     _, d, step_lr = chosen[-1]
-    a_crit = next(r["a_crit"] for r in reversed(tables["descent_directions"]) if r["group"] == "total" and r["mode"] == mode)
-    if plan.allows("the quadratic model", {"gradient": 1, "hvp": 1, "forward": settings["steps"] + 1}):
-        coarse = quadratic_model(loss, d, step_grid(step_lr, a_crit, settings["steps"]), total.backend)
-        plan.spend("gradient")
-        plan.spend("hvp")
+    row = next(r for r in reversed(tables["descent_directions"]) if r["group"] == "total" and r["mode"] == mode)
+    if plan.allows("the quadratic model", {"forward": settings["steps"] + 1}):
+        coarse = quadratic_model(total, d, step_grid(step_lr, row["a_crit"], settings["steps"]), row["slope"], row["curvature"])
         plan.spend("forward", settings["steps"] + 1)
-        if plan.allows("a fine grid near the parting step", {"gradient": 1, "hvp": 1, "forward": REFINE_STEPS + 1}):
-            coarse = refine_near_parting(loss, d, coarse, total.backend)
-            plan.spend("gradient")
-            plan.spend("hvp")
+        if plan.allows("a fine grid near the parting step", {"forward": REFINE_STEPS + 1}):
+            coarse = refine_near_parting(total, d, coarse, row["slope"], row["curvature"])
             plan.spend("forward", REFINE_STEPS + 1)
         tables["descent_quadratic"] += coarse.to_dict("records")
-    products = plan.affordable("hvp", 2 * max(settings["k"], 2) + 10)
+    cap = settings["lanczos_products"]
+    products = plan.affordable("hvp", cap)
     if products >= 2:
         tables["descent_spectrum"] += spectrum_rows(total, mode, "total", settings["k"], settings["tol"], seed, products)
         plan.spend("hvp", tables["descent_spectrum"][-1]["products"])
-        if not tables["descent_spectrum"][-1]["converged"]:
-            plan.cut("Lanczos iterations for the top eigenvalues", f"stopped after {products} products, before tolerance "
-                     f"{settings['tol']:g}; the residuals in descent_spectrum give the accuracy reached")
+        if not tables["descent_spectrum"][-1]["converged"] and products < cap:
+            plan.cut("Lanczos iterations for the top eigenvalues", f"the budget allowed {products} of the {cap} products "
+                     f"before tolerance {settings['tol']:g}; the residuals in descent_spectrum give the accuracy reached")
     else:
         plan.cut("the top eigenvalues", "no time left for 2 Hessian-vector products")
     products = plan.affordable("hvp", settings["trace_products"])
@@ -393,7 +426,7 @@ def _mode_tables(tables: dict[str, list[dict]], plan: Budget, loss: BatchLoss, t
 
         def layer_spectrum(item: tuple[int, str]) -> list[dict]:
             i, group = item
-            op = HessianOperator(loss, layers[group], total.backend)
+            op = HessianOperator(loss, layers[group], total.backend, total.chunks)
             return spectrum_rows(op, mode, group, settings["layer_k"], settings["tol"], seed + i, 2 * settings["layer_k"] + 10)
 
         tables["descent_spectrum"] += [row for rows in share_out(list(enumerate(spectra, start=1)), layer_spectrum) for row in rows]
@@ -403,7 +436,7 @@ def _mode_tables(tables: dict[str, list[dict]], plan: Budget, loss: BatchLoss, t
         if products < 2:
             plan.cut(f"the spectra of layer {group} and after", "no time left")
             break
-        op = HessianOperator(loss, layers[group], total.backend)
+        op = HessianOperator(loss, layers[group], total.backend, total.chunks)
         tables["descent_spectrum"] += spectrum_rows(op, mode, group, settings["layer_k"], settings["tol"], seed + i, products)
         plan.spend("hvp", op.products)
     if mode == "train":
@@ -445,6 +478,14 @@ def findings(tables: dict[str, pd.DataFrame], lr_given: bool, lr: float, quick: 
                            f"{QUICK['tol']:g}, Krylov Hutch++ traces from {products} products (shared by every layer); "
                            "run with --full (full=True in normscope.analyze) for all of them.", "descent", "note",
                            metric="products", value=products, table="descent_trace", statistic="max" if len(trace) else "value"))
+    cap = (QUICK if quick else FULL)["lanczos_products"]
+    capped = spectrum[(spectrum["group"] == "total") & (spectrum["rank"] == 1) & ~spectrum["converged"].astype(bool)
+                      & (spectrum["products"] >= cap)]
+    for row in capped.itertuples():
+        out.append(Finding(f"Lanczos for the top eigenvalues ({row.mode} mode) stopped at its cap of {cap} products before "
+                           f"the tolerance; λ_max = {row.eigenvalue:.4g} with residual {row.residual:.2g}.", "descent", "note",
+                           metric="residual", value=row.residual, table="descent_spectrum",
+                           where={"mode": row.mode, "group": "total", "rank": 1}))
     scale = tables["descent_scale_invariance"]
     for layer, part in scale.groupby("layer", sort=False):
         two = part[part["c"] == 2.0]
@@ -483,12 +524,14 @@ def analyze(ctx: AnalysisContext) -> AnalyzerOutput:
     lr = DEFAULT_LR if ctx.lr is None else float(ctx.lr)
     if not lr > 0:
         raise InvalidArgumentError(f"lr must be positive (got {ctx.lr})")
-    tables, backends = descent_tables(
+    tables, meta = descent_tables(
         ctx.model, inputs, targets, ctx.loss_fn, lr, ctx.options.get("descent_optimizer"), quick=ctx.quick,
         seed=ctx.seed, backend=ctx.options.get("descent_backend", "auto"), track=ctx.track, budget=ctx.budget,
         sites=ctx.sites)
     directions, spectrum = tables["descent_directions"], tables["descent_spectrum"]
-    headline: dict[str, float | int | str] = {"lr": lr, "hvp_backend": backends.get("train", "")}
+    train = meta.get("train", {"backend": "", "chunk": None})
+    chunked = f" ({train['chunk']}-example chunks)" if train["chunk"] else ""
+    headline: dict[str, float | int | str] = {"lr": lr, "hvp_backend": (train["backend"] or "") + chunked}
     for mode in MODES:
         total = directions[(directions["mode"] == mode) & (directions["group"] == "total") & (directions["direction"] == "gradient")]
         top = spectrum[(spectrum["mode"] == mode) & (spectrum["group"] == "total") & (spectrum["rank"] == 1)]

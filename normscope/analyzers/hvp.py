@@ -9,9 +9,26 @@ parameters, or to one parameter group (then ``H`` is that group's diagonal block
 * ``func``: forward-over-reverse, ``H v = jvp(grad(L), (theta,), (v,))`` with
   ``torch.func.functional_call``.
 
-``backend="auto"`` times both once on the model at hand and keeps the faster (on CPU, ``func``
-through training-mode BatchNorm is often much slower); the choice and its timings are cached per
-user model, mode and dtype (:data:`BACKEND_CACHE`), so later operators on the same model skip it. Everything runs on a deep copy of the
+``backend="auto"`` (:func:`select_backend`) is chosen at the operator's first product, which is
+computed by double backward (building the graph that later products reuse) and timed: when it
+is faster than :data:`FAST_PRODUCT` or slower than a quarter of the time the caller allows for
+trying (``trial_seconds``, a small share of the time budget), double backward is kept and the
+choice cost nothing beyond the product asked for; otherwise one more double-backward product
+and two ``func`` products are timed and the faster kept (on CPU, ``func`` through
+training-mode BatchNorm is often much slower). The choice is cached per user
+model, dtype, full or block operator and whether the mode normalizes with batch statistics
+(:data:`BACKEND_CACHE`): train and eval mode differ in the cost of a product only through
+BatchNorm's batch statistics (and dropout, which changes no shapes), so a model without BatchNorm
+shares one choice across the modes, and later operators on the same model skip it.
+
+``chunks`` (from :meth:`BatchLoss.example_chunks`) computes products and gradients exactly from example chunks when
+the loss decomposes as ``L = sum_c w_c L_c`` with ``w_c = n_c / n`` (a mean over examples of a
+model that does not couple the examples in this mode): ``H v = sum_c w_c H_c v`` and
+``g = sum_c w_c g_c``. :meth:`BatchLoss.example_chunks` verifies the decomposition on the batch
+before it is used; the graph of one chunk at a time is alive, none is kept between products, so a
+product costs a forward, a backward and a double backward of every chunk.
+
+Everything runs on a deep copy of the
 user's model, so its parameters, buffers and flags are never touched; in ``train`` mode the copy's
 BatchNorms stop tracking running statistics, so they normalize with batch statistics and update
 nothing, and in ``eval`` mode they use the running statistics. Attention runs with the math kernel
@@ -21,6 +38,7 @@ of scaled dot-product attention, the one with a second derivative.
 from __future__ import annotations
 
 import copy
+import math
 import time
 import weakref
 from typing import Callable, Sequence
@@ -34,13 +52,16 @@ from torch.func import grad, jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from normscope.batch import cast_inputs, forward
+from normscope.batch import cast_inputs, forward, size, take
+from normscope.budget import HVP_MEMORY
 from normscope.errors import InvalidArgumentError, UnknownNameError
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 MODES = ("train", "eval")
 BACKENDS = ("auto", "double_backward", "func")
-FAST_PRODUCT = 0.05
+FAST_PRODUCT = 0.25  # seconds of a first product (graph included) too small to repay trying func
+DECOMPOSITION_TOL = 1e-12
+GRAPH_FACTOR = 3.0
 BACKEND_CACHE: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
 
 
@@ -104,6 +125,78 @@ class BatchLoss:
         leaves = {n: self.params[n].detach().requires_grad_(True) for n in names}
         return dict(zip(names, torch.autograd.grad(self(leaves), list(leaves.values()))))
 
+    @property
+    def couples_examples(self) -> bool:
+        """Whether the mode normalizes with batch statistics (train mode through a BatchNorm)."""
+        return self.mode == "train" and any(isinstance(m, _BatchNorm) for m in self.model.modules())
+
+    def on_examples(self, index: slice) -> "BatchLoss":
+        """A shallow twin of this loss on the examples ``index`` of the batch (same copy and parameters)."""
+        twin = copy.copy(self)
+        twin.inputs, twin.targets = take((self.inputs, self.targets), index)
+        return twin
+
+    def example_chunks(self, chunk: int) -> list[tuple[float, "BatchLoss"]]:
+        """``[(w_c, L_c)]`` over consecutive chunks of ``chunk`` examples, ``w_c = n_c / n``, after
+        checking in float64 that ``L = sum_c w_c L_c`` to :data:`DECOMPOSITION_TOL` (relative) at
+        the parameters and at a seeded perturbation of them (1% of each tensor's RMS), so that
+        ``g = sum_c w_c g_c`` and ``H v = sum_c w_c H_c v`` hold exactly.
+
+        Raises:
+            InvalidArgumentError: the loss is not float64, or it is not the example-weighted mean
+                of the chunks' losses (a model that couples the examples in this mode, such as
+                BatchNorm with batch statistics, or a loss that is no mean over examples).
+        """
+        if self.params and next(iter(self.params.values())).dtype != torch.float64:
+            raise InvalidArgumentError("example chunks are verified only in float64; use dtype=torch.float64")
+        n = size(self.inputs)
+        parts = [self.on_examples(slice(start, start + chunk)) for start in range(0, n, chunk)]
+        weights = [size(part.inputs) / n for part in parts]
+        generator = torch.Generator(device="cpu").manual_seed(0)
+        nudge = {name: p + 0.01 * p.pow(2).mean().sqrt() * torch.randn(p.shape, generator=generator, dtype=p.dtype).to(p.device)
+                 for name, p in self.params.items()}
+        with torch.no_grad():
+            for at in (None, nudge):
+                full = float(self(at))
+                split = sum(w * float(part(at)) for w, part in zip(weights, parts))
+                if not abs(full - split) <= DECOMPOSITION_TOL * max(1.0, abs(full)):
+                    raise InvalidArgumentError(
+                        f"the {self.mode}-mode loss on the batch ({full:.17g}) is not the example-weighted mean of its "
+                        f"{len(parts)} chunks' losses ({split:.17g}): the model couples the examples in this mode or the "
+                        "loss is no mean over examples")
+        return list(zip(weights, parts))
+
+
+def graph_chunk(loss: BatchLoss, memory: int = HVP_MEMORY, factor: float = GRAPH_FACTOR) -> int | None:
+    """Examples per chunk so that one chunk's double-backward graph stays within ``memory`` bytes;
+    ``None`` when the whole batch fits, when it has fewer than 4 examples, or when the mode
+    couples the examples (:attr:`BatchLoss.couples_examples`: no chunks possible). The graph of
+    ``c`` examples is estimated as ``factor * c * (s_4 - s_2) / 2``, with ``s_k`` the bytes saved
+    for backward by a forward of the first ``k`` examples (counted by saved-tensor hooks; the
+    difference leaves out what does not grow with the examples, such as the weights). Chunks
+    are balanced: ``ceil(n / ceil(n / c))`` examples each."""
+    n = size(loss.inputs)
+    if n < 4 or loss.couples_examples:
+        return None
+    saved = []
+    for k in (2, 4):
+        count = [0]
+
+        def pack(t: Tensor) -> Tensor:
+            count[0] += t.numel() * t.element_size()
+            return t
+
+        part = loss.on_examples(slice(0, k))
+        leaves = {name: p.detach().requires_grad_(True) for name, p in part.params.items()}
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            part(leaves)
+        saved.append(count[0])
+    per_example = factor * max(saved[1] - saved[0], 1) / 2
+    chunk = max(1, int(memory // per_example))
+    if chunk >= n:
+        return None
+    return math.ceil(n / math.ceil(n / chunk))
+
 
 class HessianOperator:
     """``v -> H v`` for the block of the Hessian ``H = d^2 L / dtheta^2`` of a :class:`BatchLoss`
@@ -111,12 +204,21 @@ class HessianOperator:
 
     Vectors are flat, in the order of ``names``; :meth:`linear_operator` wraps the product as a
     float64 ``scipy.sparse.linalg.LinearOperator`` and counts products in :attr:`products`.
+    ``chunks``: the verified ``[(w_c, L_c)]`` of :meth:`BatchLoss.example_chunks` for exact
+    chunked products and gradients; ``None``: the whole batch at once (:attr:`chunk` is the
+    examples of the first chunk, or ``None``).
+    ``trial_seconds``: what ``backend="auto"`` may spend trying ``func`` (:func:`select_backend`);
+    :attr:`backend` is ``None`` until the first product (or :meth:`block`) chooses it, and the
+    products the choice ran beyond that first one are in :attr:`selection_products`.
     """
 
-    def __init__(self, loss: BatchLoss, names: Sequence[str] | None = None, backend: str = "auto") -> None:
+    def __init__(self, loss: BatchLoss, names: Sequence[str] | None = None, backend: str = "auto",
+                 chunks: list[tuple[float, BatchLoss]] | None = None, trial_seconds: float = math.inf) -> None:
         if backend not in BACKENDS:
             raise UnknownNameError("HVP backend", backend, BACKENDS)
         self.loss = loss
+        self.chunks = chunks
+        self.chunk = None if chunks is None else size(chunks[0][1].inputs)
         self.names = list(loss.params) if names is None else list(names)
         unknown = [n for n in self.names if n not in loss.params]
         if unknown:
@@ -125,10 +227,14 @@ class HessianOperator:
         self.sizes = [int(loss.params[n].numel()) for n in self.names]
         self.numel = sum(self.sizes)
         self.products = 0
+        self.seconds = math.nan
         self.timings: dict[str, float] = {}
+        self._gradient: Tensor | None = None
         self._graph: tuple[list[Tensor], list[Tensor]] | None = None
         self._parent: HessianOperator | None = None
-        self.backend = cached_backend(self) if backend == "auto" else backend
+        self.selection_products = 0
+        self.trial_seconds = trial_seconds
+        self.backend: str | None = cached_backend(self) if backend == "auto" else backend
 
     @property
     def dtype(self) -> torch.dtype:
@@ -147,22 +253,51 @@ class HessianOperator:
         return torch.cat([tensors[n].reshape(-1) for n in self.names])
 
     def gradient(self) -> Tensor:
-        """The flat gradient ``dL/dtheta`` over ``names``."""
-        return self.flatten(self.loss.gradient(self.names))
+        """The flat gradient ``dL/dtheta`` over ``names``, computed once: ``sum_c w_c g_c`` with
+        chunks, the kept double-backward graph's when there is one (no new pass), else one
+        backward pass."""
+        if self._gradient is None:
+            if self.chunks is not None:
+                self._gradient = sum(w * self.flatten(part.gradient(self.names)) for w, part in self.chunks)
+            elif self._graph is not None:
+                self._gradient = torch.cat([g.detach().reshape(-1) for g in self._graph[1]])
+            else:
+                self._gradient = self.flatten(self.loss.gradient(self.names))
+        return self._gradient
+
+    def release(self) -> None:
+        """Drop the kept double-backward graph (the next product rebuilds it)."""
+        self._graph = None
 
     def __call__(self, v: Tensor) -> Tensor:
-        """``H v`` (flat, in the parameters' dtype and device)."""
+        """``H v`` (flat, in the parameters' dtype and device); ``sum_c w_c H_c v`` with chunks.
+        Counted in :attr:`products`; its wall seconds in :attr:`seconds`."""
         self.products += 1
+        start = time.perf_counter()
         v = v.to(self.dtype)
+        hv = select_backend(self, v, self.trial_seconds) if self.backend is None else self._product(v)
+        self.seconds = time.perf_counter() - start
+        return hv
+
+    def _product(self, v: Tensor) -> Tensor:
+        """``H v`` with :attr:`backend` (uncounted)."""
+        if self.chunks is not None:
+            product = self._hvp_func if self.backend == "func" else self._hvp_once
+            return sum(w * product(v, part) for w, part in self.chunks)
         if self.backend == "func":
-            return self._hvp_func(v)
+            return self._hvp_func(v, self.loss)
         return self._hvp_double_backward(v)
 
     def block(self, names: Sequence[str]) -> "HessianOperator":
-        """The operator of the diagonal block ``H_gg`` over ``names``; with double backward it
-        shares this operator's gradient graph: ``H_gg v_g = (H [v_g; 0])_g``."""
-        child = HessianOperator(self.loss, names, self.backend)
-        if self.backend == "double_backward":
+        """The operator of the diagonal block ``H_gg`` over ``names`` (same backend and chunks);
+        with double backward on the whole batch it shares this operator's gradient graph:
+        ``H_gg v_g = (H [v_g; 0])_g``. An ``auto`` backend not chosen yet is chosen first, from a
+        product with a seeded random vector."""
+        if self.backend is None:
+            generator = torch.Generator(device="cpu").manual_seed(0)
+            self(torch.randn(self.numel, generator=generator, dtype=torch.float64).to(self.device))
+        child = HessianOperator(self.loss, names, self.backend, self.chunks)
+        if self.backend == "double_backward" and self.chunks is None:
             child._parent = self
         return child
 
@@ -180,9 +315,16 @@ class HessianOperator:
         hv = torch.autograd.grad(grads, leaves, grad_outputs=parts, retain_graph=True, allow_unused=True)
         return torch.cat([(torch.zeros_like(p) if h is None else h).reshape(-1) for h, p in zip(hv, leaves)])
 
-    def _hvp_func(self, v: Tensor) -> Tensor:
-        primals = {n: self.loss.params[n] for n in self.names}
-        _, hv = jvp(grad(self.loss), (primals,), (self.split(v),))
+    def _hvp_once(self, v: Tensor, loss: BatchLoss) -> Tensor:
+        """``H v`` of ``loss`` by double backward, its graph freed on return."""
+        leaves = [loss.params[n].detach().requires_grad_(True) for n in self.names]
+        grads = torch.autograd.grad(loss(dict(zip(self.names, leaves))), leaves, create_graph=True)
+        hv = torch.autograd.grad(grads, leaves, grad_outputs=list(self.split(v).values()), allow_unused=True)
+        return torch.cat([(torch.zeros_like(p) if h is None else h).reshape(-1) for h, p in zip(hv, leaves)])
+
+    def _hvp_func(self, v: Tensor, loss: BatchLoss) -> Tensor:
+        primals = {n: loss.params[n] for n in self.names}
+        _, hv = jvp(grad(loss), (primals,), (self.split(v),))
         return self.flatten(hv)
 
     def quadratic_form(self, d: Tensor) -> float:
@@ -199,52 +341,75 @@ class HessianOperator:
         return LinearOperator((self.numel, self.numel), matvec=matvec, dtype=np.float64)
 
 
-def _seconds(op: HessianOperator, v: Tensor) -> float:
+def _cache_key(op: HessianOperator) -> tuple:
+    return op.dtype, op.names == list(op.loss.params), op.loss.couples_examples
+
+
+def cached_backend(op: HessianOperator) -> str | None:
+    """The backend chosen before for (user model, dtype, full or block operator, batch statistics
+    or not), its timings copied into ``op.timings``; ``None`` when not chosen yet. The modes share
+    a choice unless train mode normalizes with BatchNorm's batch statistics (module docstring)."""
+    source = op.loss.source()
+    chosen = BACKEND_CACHE.get(source, {}).get(_cache_key(op)) if source is not None else None
+    if chosen is None:
+        return None
+    op.timings.update(chosen[1])
+    return chosen[0]
+
+
+def select_backend(op: HessianOperator, v: Tensor, trial_seconds: float = math.inf, good_enough: float = FAST_PRODUCT) -> Tensor:
+    """``H v`` by double backward, timed (``t``; the first product builds the graph that later
+    products reuse, so it is the slowest), and ``op``'s backend chosen from it:
+
+    * double backward, with no other product, when ``t < good_enough`` (``func``'s first use in a
+      process imports torch's compiler stack, seconds and about 150 MB of memory that so small a
+      product cannot repay) or
+      when ``4 t > trial_seconds`` (trying ``func`` does not fit in the time allowed);
+    * otherwise the faster of one more double-backward product (the cost with the graph kept)
+      and a timed ``func`` product after a warm-up one: 3 products beyond ``H v``.
+
+    A backend that raises on this model (e.g. ``func`` through a layer that mutates buffers) is
+    not chosen. One backend's memory at a time: the double-backward graph is dropped before
+    ``func`` runs (the next product rebuilds it if double backward wins). The seconds are left in
+    ``op.timings`` (a single double-backward figure is the first product, an upper bound on later
+    ones), the extra products in ``op.selection_products``; the choice is cached for
+    :func:`cached_backend`.
+    """
+    op.backend = "double_backward"
+    hv, first = _timed(op, v)
+    op.timings["double_backward"] = first
+    products = int(hv is not None)
+    if not (first < good_enough or (math.isfinite(first) and 4 * first > trial_seconds)):
+        if hv is not None:
+            op.timings["double_backward"] = _timed(op, v)[1]
+            products += 1
+        op.release()
+        op.backend = "func"
+        warm, seconds = _timed(op, v)
+        op.timings["func"] = _timed(op, v)[1] if warm is not None else math.inf
+        products += 2 * (warm is not None)
+        hv = warm if hv is None else hv
+    op.backend = min(op.timings, key=op.timings.get)
+    if op.timings[op.backend] == math.inf:
+        raise InvalidArgumentError(f"no Hessian-vector product backend runs on this model (tried {BACKENDS[1:]})")
+    if op.backend != "double_backward":
+        op.release()
+    op.selection_products = products - 1
+    source = op.loss.source()
+    if source is not None:
+        BACKEND_CACHE.setdefault(source, {})[_cache_key(op)] = (op.backend, dict(op.timings))
+    return hv
+
+
+def _timed(op: HessianOperator, v: Tensor) -> tuple[Tensor | None, float]:
+    """``(H v, seconds)`` with ``op``'s current backend; ``(None, inf)`` if the backend raises."""
     if op.device.type == "cuda":
         torch.cuda.synchronize(op.device)
     start = time.perf_counter()
-    op(v)
+    try:
+        hv = op._product(v)
+    except (RuntimeError, NotImplementedError, ValueError):
+        return None, math.inf
     if op.device.type == "cuda":
         torch.cuda.synchronize(op.device)
-    return time.perf_counter() - start
-
-
-def cached_backend(op: HessianOperator) -> str:
-    """:func:`select_backend` once per (user model, mode, dtype, full or block operator); later
-    calls reuse the choice and copy its timings into ``op.timings``."""
-    source = op.loss.source()
-    key = (op.loss.mode, op.dtype, op.names == list(op.loss.params))
-    cache = BACKEND_CACHE.setdefault(source, {}) if source is not None else {}
-    if key not in cache:
-        cache[key] = (select_backend(op), dict(op.timings))
-    backend, timings = cache[key]
-    op.timings.update(timings)
-    return backend
-
-
-def select_backend(op: HessianOperator, repeats: int = 1, good_enough: float = FAST_PRODUCT) -> str:
-    """Time one product with each backend (the best of ``repeats`` after a warm-up call) and
-    return the faster name.
-
-    Double backward is timed first; a product faster than ``good_enough`` seconds is kept without
-    trying ``func``, whose first use in a process imports torch's compiler stack (seconds) that so
-    small a product cannot repay. A backend that raises on this model (e.g. ``func`` through a
-    layer that mutates buffers in its forward) is not chosen. The measured seconds are left in
-    ``op.timings``.
-    """
-    generator = torch.Generator(device="cpu").manual_seed(0)
-    v = torch.randn(op.numel, generator=generator, dtype=torch.float64).to(device=op.device, dtype=op.dtype)
-    for backend in BACKENDS[1:]:
-        op.backend = backend
-        try:
-            op(v)
-            op.timings[backend] = min(_seconds(op, v) for _ in range(repeats))
-        except (RuntimeError, NotImplementedError, ValueError):
-            op.timings[backend] = float("inf")
-        if op.timings[backend] < good_enough:
-            break
-    op.products = 0
-    best = min(op.timings, key=op.timings.get)
-    if op.timings[best] == float("inf"):
-        raise InvalidArgumentError(f"no Hessian-vector product backend runs on this model (tried {BACKENDS[1:]})")
-    return best
+    return hv, time.perf_counter() - start

@@ -1,4 +1,4 @@
-"""Estimator-bias analyzer (seed 004, MATH.md §4) in float64."""
+"""Estimator-bias analyzer ("Extreme Normalization" (under review), MATH.md §4) in float64."""
 
 from __future__ import annotations
 

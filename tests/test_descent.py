@@ -1,4 +1,4 @@
-"""The descent analyzer (seed 003, seed 001; MATH.md §5, §6) against independent float64
+"""The descent analyzer (Deshmukh, "Batch Norm" (notes, 2020), Deb, "Batch Normalization" (notes); MATH.md §5, §6) against independent float64
 computations: dense Hessians, autograd, closed forms and a real optimizer step."""
 
 import copy

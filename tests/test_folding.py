@@ -1,4 +1,4 @@
-"""Inference folding (seed 004 Alg. 1): the folded layer's outputs equal the unfolded ones (float64)."""
+"""Inference folding ("Extreme Normalization" (under review) Alg. 1): the folded layer's outputs equal the unfolded ones (float64)."""
 
 from __future__ import annotations
 

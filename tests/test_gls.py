@@ -1,4 +1,4 @@
-"""Gradient least squares (seed 002, MATH.md §2) checked in float64 against autograd.
+"""Gradient least squares ("Normalization Gradients are Least-Squares Residuals" (ICLR 2019 submission), MATH.md §2) checked in float64 against autograd.
 
 Every expected value here is computed independently of ``normscope.analyzers.gls``: the true
 input gradient by ``torch.autograd.grad`` without capture, the scales ``s`` from the input with
@@ -165,7 +165,7 @@ def test_rmsnorm_needs_the_intercept_free_fit():
 
 
 def test_weight_norm_lemma_2():
-    """||v|| dL/dv = g - z (g . z) per output unit with z = v/||v|| and g = weight_g * dL/dW (seed 002 Lemma 2)."""
+    """||v|| dL/dv = g - z (g . z) per output unit with z = v/||v|| and g = weight_g * dL/dW ("Normalization Gradients are Least-Squares Residuals" (ICLR 2019 submission) Lemma 2)."""
     torch.manual_seed(5)
     layer = weight_norm(nn.Linear(7, 4).double())
     inputs = torch.randn(9, 7, dtype=D)

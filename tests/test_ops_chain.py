@@ -1,4 +1,4 @@
-"""BN then LN / LN then BN with one affine after both (seed 002 §4.1) against torch's own layers."""
+"""BN then LN / LN then BN with one affine after both ("Normalization Gradients are Least-Squares Residuals" (ICLR 2019 submission) §4.1) against torch's own layers."""
 
 import pytest
 import torch

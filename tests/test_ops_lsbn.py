@@ -1,4 +1,4 @@
-"""Least-squares-regularized BatchNorm (seed 002 App. C) against a direct computation with the
+"""Least-squares-regularized BatchNorm ("Normalization Gradients are Least-Squares Residuals" (ICLR 2019 submission) App. C) against a direct computation with the
 two virtual items appended to the batch."""
 
 import pytest

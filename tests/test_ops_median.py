@@ -1,4 +1,4 @@
-"""Median batch normalization (seed 000, MATH.md §3) against independent float64 computations."""
+"""Median batch normalization (King, "Median Batch Normalization" (2022), MATH.md §3) against independent float64 computations."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""PopulationNorm (seed 004 §3.1) in float64 against torch's BatchNorm, gradcheck and an explicit
+"""PopulationNorm ("Extreme Normalization" (under review) §3.1) in float64 against torch's BatchNorm, gradcheck and an explicit
 ScaleGrad surrogate written out in the test."""
 
 from __future__ import annotations
@@ -248,7 +248,7 @@ def test_cuda_agrees_with_cpu() -> None:
 
 
 def test_ema_only_steps_move_the_emas_and_leave_the_weights_unchanged() -> None:
-    """Seed 004 §5: warm-up and refresh steps update only the EMAs (rate 0.2 by default)."""
+    """As in "Extreme Normalization" (under review) §5, warm-up and refresh steps update only the EMAs (rate 0.2 by default)."""
     from normscope.ops.ema import EmaSchedule, ema_only_step, ema_schedule
 
     torch.manual_seed(7)

@@ -1,4 +1,4 @@
-"""Two-stage backprop (seed 004 §3.2) in float64: against the two-tower construction (§3.4) and,
+"""Two-stage backprop ("Extreme Normalization" (under review) §3.2) in float64: against the two-tower construction (§3.4) and,
 with one normalization layer at B = N, against the plain full-batch BatchNorm gradient."""
 
 from __future__ import annotations
@@ -152,7 +152,7 @@ def test_step_adds_gradients_and_moves_the_emas() -> None:
         torch.testing.assert_close(p.grad, expected.grads[name], rtol=0, atol=1e-12)
     act = model[1](x).detach()
     rate = norm.momentum
-    assert rate == 0.2  # PopulationNorm's own EMA rate (seed 004 §5), not BatchNorm's 0.1
+    assert rate == 0.2  # PopulationNorm's own EMA rate ("Extreme Normalization" (under review) §5), not BatchNorm's 0.1
     torch.testing.assert_close(norm.running_mean, (1 - rate) * mean0 + rate * act.mean(0))
     torch.testing.assert_close(norm.running_var, (1 - rate) * var0 + rate * (act - mean0).pow(2).mean(0))
 

@@ -115,3 +115,19 @@ def test_lanczos_basis_satisfies_the_lanczos_relation(dense):
     relation[:, -1] += r
     torch.testing.assert_close(Hm @ V, relation, atol=1e-10, rtol=1e-10)
     assert float((V.T @ r).abs().max()) < 1e-10
+
+
+def test_top_vector_is_the_top_eigenvector_and_a_warm_start_from_it_is_cheap(dense):
+    """The returned unit Ritz vector y has ||H y - theta y|| equal to the stated residual, and
+    lies along the dense top eigenvector; Lanczos started there needs fewer products than cold."""
+    op, H = dense
+    values, vectors = np.linalg.eigh(H)
+    cold = lanczos(op, 1, 1e-10, seed=5)
+    y = cold.top_vector.cpu().numpy()
+    assert abs(np.linalg.norm(y) - 1) < 1e-12
+    assert np.linalg.norm(H @ y - cold.values[0] * y) <= cold.residuals[0] * (1 + 1e-6) + 1e-12
+    gap = values[-1] - values[-2]
+    assert 1 - abs(y @ vectors[:, -1]) <= (cold.residuals[0] / gap) ** 2 + 1e-10
+    warm = lanczos(op, 1, 1e-10, seed=5, start=cold.top_vector)
+    assert abs(warm.values[0] - values[-1]) <= 1e-10 * abs(values[-1]) * 1.01 + 1e-13
+    assert warm.products < cold.products

@@ -38,13 +38,15 @@ Traces = dict[str, tuple[float, float]]
 class Eigenvalues:
     """What :func:`lanczos` found: ``values`` (descending), their ``residuals`` ``||H y - theta y||``
     and error bounds ``min(r, r^2 / gap)``, the ``products`` spent and whether every value reached
-    the tolerance (``converged``; False when ``max_products`` stopped it first)."""
+    the tolerance (``converged``; False when ``max_products`` stopped it first), and the unit Ritz
+    vector of the top value (``top_vector``, float64: a warm start for a later call)."""
 
     values: np.ndarray
     residuals: np.ndarray
     errors: np.ndarray
     products: int
     converged: bool
+    top_vector: Tensor | None = None
 
 
 def dense_hessian(op: HessianOperator) -> np.ndarray:
@@ -71,11 +73,13 @@ def ritz_errors(values: np.ndarray, residuals: np.ndarray) -> np.ndarray:
 
 
 def lanczos(
-    op: HessianOperator, k: int = 1, tol: float = 1e-3, seed: int = 0, max_products: int | None = None
+    op: HessianOperator, k: int = 1, tol: float = 1e-3, seed: int = 0, max_products: int | None = None,
+    start: Tensor | None = None,
 ) -> Eigenvalues:
     """The ``k`` largest (algebraic) eigenvalues of ``H``, each to relative accuracy ``tol``.
 
-    Lanczos from a seeded Gaussian start vector, every new vector reorthogonalized twice against
+    Lanczos from ``start`` (e.g. an earlier call's ``top_vector``) or a seeded Gaussian start
+    vector, every new vector reorthogonalized twice against
     the basis (float64, on ``op``'s device), stopping when each of the top ``k`` Ritz values has
     ``min(r, r^2/gap) <= tol |theta|``, when the Krylov space is invariant (exact), after ``n``
     products or after ``max_products``. A block with at most ``k + 1`` parameters is formed
@@ -85,11 +89,14 @@ def lanczos(
         raise InvalidArgumentError(f"k must be a positive number of eigenvalues (got {k})")
     n = op.numel
     if n <= k + 1:
-        values = np.linalg.eigvalsh(_symmetric(dense_hessian(op)))[::-1][: min(k, n)].copy()
-        return Eigenvalues(values, np.zeros_like(values), np.zeros_like(values), n, True)
+        values, vectors = np.linalg.eigh(_symmetric(dense_hessian(op)))
+        values = values[::-1][: min(k, n)].copy()
+        top = torch.as_tensor(vectors[:, -1].copy(), dtype=torch.float64, device=op.device)
+        return Eigenvalues(values, np.zeros_like(values), np.zeros_like(values), n, True, top)
     limit = n if max_products is None else max(1, min(n, int(max_products)))
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    v = torch.randn(n, generator=generator, dtype=torch.float64).to(op.device)
+    if start is None:
+        start = torch.randn(n, generator=torch.Generator(device="cpu").manual_seed(seed), dtype=torch.float64)
+    v = start.detach().to(device=op.device, dtype=torch.float64)
     basis = [v / v.norm()]
     alphas: list[float] = []
     betas: list[float] = []
@@ -114,7 +121,8 @@ def lanczos(
             converged = done or invariant
             if invariant:
                 residuals, errors = np.zeros_like(residuals), np.zeros_like(errors)
-            return Eigenvalues(theta[:wanted].copy(), residuals[:wanted].copy(), errors[:wanted].copy(), m, converged)
+            top = V @ torch.as_tensor(s[:, 0].copy(), dtype=torch.float64, device=V.device)
+            return Eigenvalues(theta[:wanted].copy(), residuals[:wanted].copy(), errors[:wanted].copy(), m, converged, top)
         betas.append(beta)
         basis.append(w / beta)
 

@@ -10,7 +10,7 @@ descent analysis of batch normalization it builds on):
 * ``a_crit = 2 (-g_g^T d_g) / d_g^T H_gg d_g`` (``2 ||d_g||^2 / d_g^T H_gg d_g`` for ``d = -g``;
   :func:`~normscope.analyzers.descent.critical_step`) for every layer ``g`` and for all parameters
   (``site="model"``), with ``lr_below_a_crit`` (1.0 or 0.0) against the optimizer's (or given) lr;
-* ``lambda_max``, the largest eigenvalue of ``H`` by Lanczos (:func:`top_eigenpair`), stopped when
+* ``lambda_max``, the largest eigenvalue of ``H`` by Lanczos (:func:`~normscope.analyzers.spectrum.lanczos`), stopped when
   its error estimate ``lambda_max_error`` (``min(r, r^2/gap)``) is at most ``tol lambda_max``, with
   the residual ``lambda_max_residual`` (``r``: an eigenvalue lies within it) and the products it spent
   (``lambda_max_products``); started from ``start`` (the monitor passes the previous curvature
@@ -29,15 +29,15 @@ import fnmatch
 import math
 from typing import Callable, Iterable
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
 from normscope.analyzers.descent import critical_step, negative_gradient, optimizer_direction
 from normscope.analyzers.hvp import BatchLoss, HessianOperator
-from normscope.analyzers.spectrum import hutchinson_trace, ritz_errors
+from normscope.analyzers.spectrum import hutchinson_trace, lanczos
 
 MODEL_SITE = "model"
+MAX_LANCZOS_PRODUCTS = 30
 WARM_NOISE = 0.1  # norm of the random part added to a warm start (which alone could miss a new top direction)
 
 Row = tuple[str, str, float]
@@ -54,40 +54,6 @@ def _chosen(groups: dict[str, list[str]], layers: str | Iterable[str] | int | No
         return {g: groups[g] for g in sorted(groups, key=size.get, reverse=True)[:layers]}
     patterns = [layers] if isinstance(layers, str) else list(layers)
     return {g: names for g, names in groups.items() if any(fnmatch.fnmatchcase(g, p) for p in patterns)}
-
-
-def top_eigenpair(op: HessianOperator, start: Tensor, tol: float = 1e-2,
-                  max_products: int = 30) -> tuple[float, Tensor, float, float, int]:
-    """``(lambda_max, Ritz vector, residual, error estimate, products)`` of ``H`` by Lanczos from ``start``.
-
-    Every new vector is reorthogonalized twice against the basis (float64). After each product the
-    top Ritz value ``theta`` of ``T_m = V^T H V`` (``theta <= lambda_max``) has residual
-    ``r = ||H y - theta y|| = beta_m |s_m|`` (an eigenvalue of ``H`` lies within ``r``) and the error
-    estimate ``min(r, r^2 / gap)`` with the gap to the other Ritz values (:func:`~normscope.analyzers.spectrum.ritz_errors`,
-    as :func:`~normscope.analyzers.spectrum.lanczos`); it stops when that bound is at most
-    ``tol |theta|``, when the Krylov space is invariant (bound 0), or after ``max_products``.
-    """
-    basis = [start.double() / start.double().norm()]
-    alphas: list[float] = []
-    betas: list[float] = []
-    limit = min(op.numel, max_products)
-    while True:
-        w = op(basis[-1].to(op.dtype)).double()
-        alphas.append(float(w @ basis[-1]))
-        V = torch.stack(basis, dim=1)
-        for _ in range(2):
-            w -= V @ (V.T @ w)
-        beta = float(w.norm())
-        theta, s = np.linalg.eigh(np.diag(alphas) + np.diag(betas, 1) + np.diag(betas, -1))
-        theta, s = theta[::-1].copy(), s[:, ::-1].copy()
-        residuals = beta * np.abs(s[-1, :])
-        error = float(ritz_errors(theta, residuals)[0])
-        invariant = beta <= 1e-12 * max(abs(theta[0]), 1e-300)
-        if invariant or error <= tol * abs(theta[0]) or len(alphas) >= limit:
-            ritz = V @ torch.as_tensor(s[:, 0], device=V.device)
-            return float(theta[0]), ritz, 0.0 if invariant else float(residuals[0]), 0.0 if invariant else error, len(alphas)
-        betas.append(beta)
-        basis.append(w / beta)
 
 
 def _start(n: int, seed: int, previous: Tensor | None) -> Tensor:
@@ -142,10 +108,11 @@ def curvature_step(
             rows.append((group, "a_crit", a_crit))
             if lr is not None:
                 rows.append((group, "lr_below_a_crit", float(lr < a_crit)))
-        lam, ritz, residual, error, spent = top_eigenpair(total, _start(total.numel, seed, start).to(total.device), tol)
-        rows += [(MODEL_SITE, "lambda_max", lam), (MODEL_SITE, "lambda_max_residual", residual),
-                 (MODEL_SITE, "lambda_max_error", error),
-                 (MODEL_SITE, "lambda_max_products", float(spent)),
+        top = lanczos(total, 1, tol, max_products=MAX_LANCZOS_PRODUCTS, start=_start(total.numel, seed, start))
+        lam, ritz = float(top.values[0]), top.top_vector
+        rows += [(MODEL_SITE, "lambda_max", lam), (MODEL_SITE, "lambda_max_residual", float(top.residuals[0])),
+                 (MODEL_SITE, "lambda_max_error", float(top.errors[0])),
+                 (MODEL_SITE, "lambda_max_products", float(top.products)),
                  (MODEL_SITE, "stability_limit", 2.0 / lam if lam > 0 else math.nan)]
         traces = hutchinson_trace(total, samples, seed, groups)
         rows += [(MODEL_SITE, "trace", traces["total"][0]), (MODEL_SITE, "trace_stderr", traces["total"][1])]

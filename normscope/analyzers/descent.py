@@ -80,11 +80,13 @@ def negative_gradient(loss: BatchLoss) -> dict[str, Tensor]:
     return {n: -g for n, g in loss.gradient().items()}
 
 
-def optimizer_direction(model: nn.Module, optimizer: torch.optim.Optimizer, loss: BatchLoss) -> tuple[dict[str, Tensor], float]:
+def optimizer_direction(model: nn.Module, optimizer: torch.optim.Optimizer, loss: BatchLoss,
+                        grads: dict[str, Tensor] | None = None) -> tuple[dict[str, Tensor], float]:
     """The update the optimizer would make from this batch's gradient, per unit of learning rate.
 
     A fresh optimizer of the same class, hyper-parameters and (deep-copied) state steps on
-    copies of the parameters whose ``.grad`` is ``dL/dtheta`` of ``loss``; returns
+    copies of the parameters whose ``.grad`` is ``dL/dtheta`` of ``loss`` (``grads`` when already
+    computed, by parameter name); returns
     ``d = (theta_after - theta_before) / lr`` (zero for parameters the optimizer does not hold)
     and ``lr`` (the first group's). ``model`` and ``optimizer`` are not touched.
     """
@@ -92,7 +94,7 @@ def optimizer_direction(model: nn.Module, optimizer: torch.optim.Optimizer, loss
     lr = float(optimizer.param_groups[0]["lr"])
     if lr <= 0:
         raise InvalidArgumentError(f"the optimizer's learning rate must be positive (got {lr})")
-    grads = loss.gradient()
+    grads = loss.gradient() if grads is None else grads
     leaves: dict[str, Tensor] = {}
     groups = []
     for group in optimizer.param_groups:
@@ -374,7 +376,7 @@ def _mode_tables(tables: dict[str, list[dict]], plan: Budget, loss: BatchLoss, t
     layers = selected_layers(loss.layers(), sites)
     directions = [("gradient", lambda: ({n: -g for n, g in total.split(total.gradient()).items()}, lr))]
     if optimizer is not None:
-        directions.append((f"optimizer:{type(optimizer).__name__}", lambda: optimizer_direction(model, optimizer, loss)))
+        directions.append((f"optimizer:{type(optimizer).__name__}", lambda: optimizer_direction(model, optimizer, loss, total.split(total.gradient()))))
     if not plan.allows("every table of this mode", {"gradient": len(directions), "hvp": len(directions)}):
         return
     chosen = [(name, *make()) for name, make in directions]

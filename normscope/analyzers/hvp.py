@@ -254,13 +254,15 @@ class HessianOperator:
 
     def gradient(self) -> Tensor:
         """The flat gradient ``dL/dtheta`` over ``names``, computed once: ``sum_c w_c g_c`` with
-        chunks, the kept double-backward graph's when there is one (no new pass), else one
+        chunks; else, for a whole-batch double-backward operator, from the graph its products keep
+        (built now if need be, so that the products after it cost no second gradient); else one
         backward pass."""
         if self._gradient is None:
             if self.chunks is not None:
                 self._gradient = sum(w * self.flatten(part.gradient(self.names)) for w, part in self.chunks)
-            elif self._graph is not None:
-                self._gradient = torch.cat([g.detach().reshape(-1) for g in self._graph[1]])
+            elif self._graph is not None or (self.backend == "double_backward" and self._parent is None):
+                _, grads = self._kept_graph()
+                self._gradient = torch.cat([g.detach().reshape(-1) for g in grads])
             else:
                 self._gradient = self.flatten(self.loss.gradient(self.names))
         return self._gradient
@@ -306,14 +308,18 @@ class HessianOperator:
             padded = {n: torch.zeros_like(p) for n, p in self._parent.loss.params.items() if n in self._parent.names}
             padded.update(self.split(v))
             return self.flatten(self._parent.split(self._parent._hvp_double_backward(self._parent.flatten(padded))))
+        leaves, grads = self._kept_graph()
+        parts = list(self.split(v).values())
+        hv = torch.autograd.grad(grads, leaves, grad_outputs=parts, retain_graph=True, allow_unused=True)
+        return torch.cat([(torch.zeros_like(p) if h is None else h).reshape(-1) for h, p in zip(hv, leaves)])
+
+    def _kept_graph(self) -> tuple[list[Tensor], list[Tensor]]:
+        """``(leaves, dL/dleaves)`` with ``create_graph=True``, built once and kept for the products."""
         if self._graph is None:
             leaves = [self.loss.params[n].detach().requires_grad_(True) for n in self.names]
             grads = torch.autograd.grad(self.loss(dict(zip(self.names, leaves))), leaves, create_graph=True)
             self._graph = (leaves, list(grads))
-        leaves, grads = self._graph
-        parts = list(self.split(v).values())
-        hv = torch.autograd.grad(grads, leaves, grad_outputs=parts, retain_graph=True, allow_unused=True)
-        return torch.cat([(torch.zeros_like(p) if h is None else h).reshape(-1) for h, p in zip(hv, leaves)])
+        return self._graph
 
     def _hvp_once(self, v: Tensor, loss: BatchLoss) -> Tensor:
         """``H v`` of ``loss`` by double backward, its graph freed on return."""

@@ -32,7 +32,7 @@ from typing import Callable, Iterable
 import torch
 from torch import Tensor, nn
 
-from normscope.analyzers.descent import critical_step, negative_gradient, optimizer_direction
+from normscope.analyzers.descent import critical_step, optimizer_direction
 from normscope.analyzers.hvp import BatchLoss, HessianOperator
 from normscope.analyzers.spectrum import hutchinson_trace, lanczos
 
@@ -92,12 +92,12 @@ def curvature_step(
     with torch.random.fork_rng(devices=devices):
         loss = BatchLoss(model, inputs, targets, loss_fn, "train", dtype)
         total = HessianOperator(loss, backend="double_backward")
+        gradient = total.split(total.gradient())  # from the graph the products below reuse
         if optimizer is not None:
-            d, lr = optimizer_direction(model, optimizer, loss)
+            d, lr = optimizer_direction(model, optimizer, loss, gradient)
         else:
-            d = negative_gradient(loss)
+            d = {n: -g for n, g in gradient.items()}
         groups = loss.layers()
-        gradient = loss.gradient()
         rows: list[Row] = []
         ops = {group: total if names is None else total.block(names)
                for group, names in {MODEL_SITE: None, **_chosen(groups, layers, d)}.items()}

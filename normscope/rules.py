@@ -225,9 +225,11 @@ def log_log_fit(batch_sizes: np.ndarray, rel_bias: np.ndarray, keep: np.ndarray,
             "slope_hi": float(fit.slope + half), "n_points": n}
 
 
-def single_value_sites(model: nn.Module, inputs: torch.Tensor) -> list[str]:
+def single_value_sites(model: nn.Module, inputs) -> list[str]:
     """The normalization sites that get one value per channel per example (2-D input, as after a
-    fully connected layer), found by one eval-mode forward of two examples; the model is left as it was."""
+    fully connected layer), found by one eval-mode forward of two examples (``inputs`` in any form
+    of :mod:`normscope.batch`); the model is left as it was."""
+    from normscope.batch import forward, take
     from normscope.guard import preserved
     from normscope.ops.norm_sites import norm_sites
 
@@ -237,7 +239,7 @@ def single_value_sites(model: nn.Module, inputs: torch.Tensor) -> list[str]:
     try:
         with preserved(model), torch.no_grad():
             model.eval()
-            model(inputs[:2])
+            forward(model, take((inputs, None), slice(0, 2))[0])
     finally:
         for handle in handles:
             handle.remove()

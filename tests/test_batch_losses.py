@@ -121,3 +121,23 @@ def test_digits_flat_is_chosen_for_a_flat_mlp_and_named_in_the_shape_error():
     wide = nn.Sequential(nn.Linear(32, 16), nn.BatchNorm1d(16), nn.Linear(16, 10))
     with pytest.raises(DataShapeError, match=r"the digits are \(N, 1, 8, 8\); --data digits-flat gives \(N, 64\)"):
         normscope.analyze(wide, analyzers="stats", batches=1)
+
+
+@pytest.mark.parametrize("form", ["dict", "dict_targets", "long_tuple"])
+def test_every_batch_form_gives_the_bias_numbers_of_the_plain_pair(form):
+    """The bias analyzer (per-example gradients in memory-sized chunks, g*, minibatch draws) reads
+    every batch form through normscope.batch: the same numbers as the plain pair."""
+    x, s, y = data(48)
+    raw = {"dict": {"features": x, "shift": s, "labels": y}, "dict_targets": ({"features": x, "shift": s}, y),
+           "long_tuple": (x, s, y)}[form]
+    torch.manual_seed(0)
+    model = (Keywords() if form != "long_tuple" else TwoInputs()).double()
+    plain = nn.Sequential(model.norm, model.head)
+    reference = normscope.analyze(plain, (x + s, y), analyzers="bias", batch_size=16, batches=1, budget=None)
+    result = normscope.analyze(model, raw, analyzers="bias", batch_size=16, batches=1, budget=None)
+    assert not result.meta["analyzer_errors"], result.meta["analyzer_errors"]
+    a, b = reference.tables["bias_estimators"], result.tables["bias_estimators"]
+    assert len(b) == len(a) > 0
+    numeric = [c for c in a.columns if a[c].dtype.kind == "f"]
+    for column in numeric:
+        assert b[column].to_numpy() == pytest.approx(a[column].to_numpy(), rel=1e-9, abs=1e-12, nan_ok=True), column

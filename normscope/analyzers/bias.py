@@ -470,7 +470,7 @@ def analyze(ctx: AnalysisContext) -> AnalyzerOutput:
     target = None
     with preserved(ctx.model):
         work = copy.deepcopy(ctx.model).to(dtype).eval()
-    opts.setdefault("chunk_size", chunk_for_memory(sum(p.numel() for p in work.parameters()), inputs.element_size()))
+    opts.setdefault("chunk_size", chunk_for_memory(sum(p.numel() for p in work.parameters()), next(work.parameters()).element_size()))
     world = current()
     if n > FULL_BATCH_MAX or world.active:
         step = int(opts.get("chunk_size", 64)) * 8

@@ -75,9 +75,10 @@ def critical_step_reason(slope: float, curvature: float) -> str:
     return "quadratic" if curvature > 0 else "nonpositive_curvature"
 
 
-def negative_gradient(loss: BatchLoss) -> dict[str, Tensor]:
-    """``d = -dL/dtheta`` for every parameter of the loss's model copy (Deshmukh, "Batch Norm" (notes, 2020), §2)."""
-    return {n: -g for n, g in loss.gradient().items()}
+def negative_gradient(loss: BatchLoss, grads: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+    """``d = -dL/dtheta`` for every parameter of the loss's model copy (``grads`` when already
+    computed, by parameter name; Deshmukh, "Batch Norm" (notes, 2020), §2)."""
+    return {n: -g for n, g in (loss.gradient() if grads is None else grads).items()}
 
 
 def optimizer_direction(model: nn.Module, optimizer: torch.optim.Optimizer, loss: BatchLoss,
@@ -374,7 +375,7 @@ def _mode_tables(tables: dict[str, list[dict]], plan: Budget, loss: BatchLoss, t
     """The stages of :func:`descent_tables` for one mode, within ``plan``, appended to ``tables``."""
     mode = loss.mode
     layers = selected_layers(loss.layers(), sites)
-    directions = [("gradient", lambda: ({n: -g for n, g in total.split(total.gradient()).items()}, lr))]
+    directions = [("gradient", lambda: (negative_gradient(loss, total.split(total.gradient())), lr))]
     if optimizer is not None:
         directions.append((f"optimizer:{type(optimizer).__name__}", lambda: optimizer_direction(model, optimizer, loss, total.split(total.gradient()))))
     if not plan.allows("every table of this mode", {"gradient": len(directions), "hvp": len(directions)}):

@@ -308,25 +308,28 @@ class HessianOperator:
             padded = {n: torch.zeros_like(p) for n, p in self._parent.loss.params.items() if n in self._parent.names}
             padded.update(self.split(v))
             return self.flatten(self._parent.split(self._parent._hvp_double_backward(self._parent.flatten(padded))))
-        leaves, grads = self._kept_graph()
-        parts = list(self.split(v).values())
-        hv = torch.autograd.grad(grads, leaves, grad_outputs=parts, retain_graph=True, allow_unused=True)
-        return torch.cat([(torch.zeros_like(p) if h is None else h).reshape(-1) for h, p in zip(hv, leaves)])
+        return self._backward_of_gradient(self._kept_graph(), v, keep=True)
+
+    def _gradient_graph(self, loss: BatchLoss) -> tuple[list[Tensor], list[Tensor]]:
+        """``(leaves, dL/dleaves)`` of ``loss`` over :attr:`names`, with ``create_graph=True``."""
+        leaves = [loss.params[n].detach().requires_grad_(True) for n in self.names]
+        return leaves, list(torch.autograd.grad(loss(dict(zip(self.names, leaves))), leaves, create_graph=True))
 
     def _kept_graph(self) -> tuple[list[Tensor], list[Tensor]]:
-        """``(leaves, dL/dleaves)`` with ``create_graph=True``, built once and kept for the products."""
+        """:meth:`_gradient_graph` of the whole batch, built once and kept for the products."""
         if self._graph is None:
-            leaves = [self.loss.params[n].detach().requires_grad_(True) for n in self.names]
-            grads = torch.autograd.grad(self.loss(dict(zip(self.names, leaves))), leaves, create_graph=True)
-            self._graph = (leaves, list(grads))
+            self._graph = self._gradient_graph(self.loss)
         return self._graph
+
+    def _backward_of_gradient(self, graph: tuple[list[Tensor], list[Tensor]], v: Tensor, keep: bool) -> Tensor:
+        """``H v = d(g . v)/dtheta`` from a gradient graph (``keep``: for more products)."""
+        leaves, grads = graph
+        hv = torch.autograd.grad(grads, leaves, grad_outputs=list(self.split(v).values()), retain_graph=keep, allow_unused=True)
+        return torch.cat([(torch.zeros_like(p) if h is None else h).reshape(-1) for h, p in zip(hv, leaves)])
 
     def _hvp_once(self, v: Tensor, loss: BatchLoss) -> Tensor:
         """``H v`` of ``loss`` by double backward, its graph freed on return."""
-        leaves = [loss.params[n].detach().requires_grad_(True) for n in self.names]
-        grads = torch.autograd.grad(loss(dict(zip(self.names, leaves))), leaves, create_graph=True)
-        hv = torch.autograd.grad(grads, leaves, grad_outputs=list(self.split(v).values()), allow_unused=True)
-        return torch.cat([(torch.zeros_like(p) if h is None else h).reshape(-1) for h, p in zip(hv, leaves)])
+        return self._backward_of_gradient(self._gradient_graph(loss), v, keep=False)
 
     def _hvp_func(self, v: Tensor, loss: BatchLoss) -> Tensor:
         primals = {n: loss.params[n] for n in self.names}
@@ -391,7 +394,7 @@ def select_backend(op: HessianOperator, v: Tensor, trial_seconds: float = math.i
             products += 1
         op.release()
         op.backend = "func"
-        warm, seconds = _timed(op, v)
+        warm, _ = _timed(op, v)
         op.timings["func"] = _timed(op, v)[1] if warm is not None else math.inf
         products += 2 * (warm is not None)
         hv = warm if hv is None else hv

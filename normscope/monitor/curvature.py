@@ -32,7 +32,7 @@ from typing import Callable, Iterable
 import torch
 from torch import Tensor, nn
 
-from normscope.analyzers.descent import critical_step, optimizer_direction
+from normscope.analyzers.descent import critical_step, negative_gradient, optimizer_direction
 from normscope.analyzers.hvp import BatchLoss, HessianOperator
 from normscope.analyzers.spectrum import hutchinson_trace, lanczos
 
@@ -96,7 +96,7 @@ def curvature_step(
         if optimizer is not None:
             d, lr = optimizer_direction(model, optimizer, loss, gradient)
         else:
-            d = {n: -g for n, g in gradient.items()}
+            d = negative_gradient(loss, gradient)
         groups = loss.layers()
         rows: list[Row] = []
         ops = {group: total if names is None else total.block(names)

@@ -191,6 +191,64 @@ def test_storage_options_agree(digits64):
         torch.testing.assert_close(r.reductions["n"], torch.full_like(r.reductions["n"], z.shape[1]))
 
 
+def _reference_sums(record) -> dict[str, torch.Tensor]:
+    """Per-partition sums from the full float64 tensors of a ``storage="device"`` record."""
+    x, z, g = record.rows(record.x), record.z_rows(), record.g_rows()
+    return {"n": torch.full((x.shape[0],), float(x.shape[1]), dtype=torch.float64), "mean": x.mean(1),
+            "var": x.var(1, correction=0), "sum_x2": x.pow(2).sum(1), "sum_z": z.sum(1), "sum_z2": z.pow(2).sum(1),
+            "sum_g": g.sum(1), "sum_g2": g.pow(2).sum(1), "sum_gz": (g * z).sum(1)}
+
+
+def _assert_sums_close(reduced: dict, reference: dict, rtol: float) -> None:
+    """Each sum within ``rtol`` of the scale of its terms (sum |t| <= sqrt(n sum t^2)), so that
+    sums that cancel to about 0, such as the sum of z, are compared on that scale."""
+    n = reference["n"]
+    scales = {"mean": (reference["sum_x2"] / n).sqrt(), "sum_z": (n * reference["sum_z2"]).sqrt(),
+              "sum_g": (n * reference["sum_g2"]).sqrt(), "sum_gz": (reference["sum_g2"] * reference["sum_z2"]).sqrt()}
+    for key, expected in reference.items():
+        error = float(((reduced[key] - expected).abs() / scales.get(key, expected.abs()).clamp_min(1e-300)).max())
+        assert error <= rtol, f"{key}: relative error {error:.3g} > {rtol:g}"
+
+
+@pytest.mark.parametrize("name", ["resnet_bn", "mlp_bn", "functional", "frozen_gamma"])
+def test_batch_norm_kernel_sums_equal_full_tensor_sums(name, digits64):
+    """With storage="reductions" a training-mode BatchNorm's sums come from its kernel (saved mean
+    and invstd, dL/dgamma, dL/dbeta); they equal the float64 sums over the full tensors, also where
+    the kernel gives no dL/dgamma or dL/dbeta (a functional call without bias, a frozen gamma)."""
+    x, y = digits64
+    model = FunctionalNet().double() if name == "functional" else build_model("mlp_bn" if name == "mlp_bn" else "resnet_bn").double()
+    if name == "frozen_gamma":
+        model.bn1.weight.requires_grad_(False)
+    records = {}
+    for storage in ("device", "reductions"):
+        with capture(model, storage=storage) as cap:
+            F.cross_entropy(model(x), y).backward()
+        records[storage] = cap.records
+    batch_norms = [r for r in records["device"] if r.layout.kind.name == "batchnorm"]
+    assert batch_norms and len(records["device"]) == len(records["reductions"])
+    for full, reduced in zip(records["device"], records["reductions"]):
+        assert full.site == reduced.site
+        _assert_sums_close(reduced.reductions, _reference_sums(full), 1e-12)
+
+
+def test_batch_norm_kernel_sums_in_float32_and_no_hook_left(digits64):
+    """float32: the kernel's sums agree with float64 references to float32 accuracy; a backward of
+    a retained graph after the block changes no record (the node hooks are removed on exit)."""
+    x, y = digits64
+    model = build_model("resnet_bn")
+    twin = copy.deepcopy(model).double()
+    with capture(twin, storage="device") as full:
+        F.cross_entropy(twin(x), y).backward()
+    with capture(model, storage="reductions") as cap:
+        loss = F.cross_entropy(model(x.float()), y)
+        loss.backward(retain_graph=True)
+    kept = [{k: v.clone() for k, v in r.reductions.items()} for r in cap.records]
+    loss.backward()
+    for reference, reduced, before in zip(full.records, cap.records, kept):
+        assert all(torch.equal(reduced.reductions[k], before[k]) for k in before)
+        _assert_sums_close(reduced.reductions, _reference_sums(reference), 1e-5)
+
+
 def test_reductions_without_backward(digits32):
     model = build_model("mlp_bn")
     with capture(model, storage="reductions") as cap, torch.no_grad():

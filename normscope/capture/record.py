@@ -133,6 +133,45 @@ def partial_sums(record: SiteRecord) -> dict[str, torch.Tensor]:
     return sums
 
 
+BATCH_NORM_NODES = ("NativeBatchNormBackward0", "CudnnBatchNormBackward0")
+
+
+def batch_norm_node(y: torch.Tensor, layout: Layout):
+    """The autograd node of torch's BatchNorm kernel that produced ``y`` when the kernel's own
+    per-channel sums can stand in for passes over x and dL/dy (:func:`kernel_sums`): a per-channel
+    affine layout normalizing with batch statistics, the node's saved batch mean and ``1/sqrt(var +
+    eps)`` and its eps equal to the layout's; else ``None``."""
+    node = y.grad_fn
+    if (node is None or type(node).__name__ not in BATCH_NORM_NODES or _mode(layout) != "centered"
+            or not _per_channel(layout) or float(node._saved_eps) != layout.eps):
+        return None
+    return node
+
+
+def kernel_sums(record: SiteRecord, mean: torch.Tensor, invstd: torch.Tensor, grads: tuple) -> dict[str, torch.Tensor]:
+    """:func:`partial_sums` from what torch's BatchNorm kernel computed, with one pass (over u) instead of six.
+
+    The forward saved the batch ``mean`` and ``invstd = 1 / sqrt(var + eps)`` (biased var), and the
+    backward returns ``grads = (dL/dx, dL/dgamma, dL/dbeta)`` with ``dL/dbeta = sum u`` and
+    ``dL/dgamma = sum u (x - mean) invstd`` (u = dL/dy; Ioffe and Szegedy (2015), §3). So
+    ``sum_c2 = n (1/invstd^2 - eps)``, ``sum_u = dL/dbeta``, ``sum_uc = dL/dgamma / invstd``, and only
+    ``sum_u2`` is a pass, over u. In float64 arithmetic from the kernel's values; ``grads`` without
+    ``dL/dgamma`` or ``dL/dbeta`` (frozen affine parameters) fall back to :func:`partial_sums`.
+    """
+    _, grad_weight, grad_bias = grads
+    if grad_weight is None or grad_bias is None:
+        return partial_sums(record)
+    channels = record.shape[1]
+    n = torch.full((channels,), float(record.dy.numel() // channels), dtype=torch.float64, device=mean.device)
+    invstd = invstd.detach().to(torch.float64)
+    u = _partition_view(record.dy, record.layout)
+    sums = {"n": n, "mean": mean.detach().to(torch.float64), "sum_c2": n * (1 / invstd**2 - record.layout.eps),
+            "sum_u": grad_bias.detach().to(torch.float64), "sum_u2": _dot(u, u),
+            "sum_uc": grad_weight.detach().to(torch.float64) / invstd}
+    record.x = record.y = record.dy = record.dx = None
+    return sums
+
+
 def _mode(layout: Layout) -> str:
     """How a layout normalizes: ``weight`` (weight norm), ``running`` (running statistics),
     ``centered`` or ``uncentered`` (batch statistics)."""

@@ -11,7 +11,7 @@ from torch.nn.utils.parametrizations import _WeightNorm
 from torch.overrides import TorchFunctionMode
 
 from normscope.capture.functional import FUNCTIONAL_NORMS, RELU_FUNCTIONS, bind_call
-from normscope.capture.record import Site, SiteRecord, finish_reductions, partial_sums, to_host
+from normscope.capture.record import Site, SiteRecord, batch_norm_node, finish_reductions, kernel_sums, partial_sums, to_host
 from normscope.capture.sites import find_unrecognized, matches, module_sites
 from normscope.capture.verify import Verification, verify
 from normscope.errors import InvalidArgumentError, UnknownNameError
@@ -51,7 +51,9 @@ class Capture:
         sites: fnmatch pattern(s) on site names, e.g. ``"*bn*"``. Default: all.
         kinds: kind name(s), e.g. ``"batchnorm"``. Default: all.
         storage: ``"device"`` keeps tensors where they are, ``"cpu"`` copies them to host memory,
-            ``"reductions"`` keeps only per-partition sums (see :func:`finish_reductions`), complete after the block.
+            ``"reductions"`` keeps only per-partition sums (see :func:`finish_reductions`), complete after the block;
+            a training-mode BatchNorm's come from its kernel's own saved statistics and parameter
+            gradients, with one pass over dL/dy (:func:`~normscope.capture.record.kernel_sums`).
             Default: ``"device"``.
         functional: also capture functional norm calls. Default: True.
         preserve: restore the model's parameters, buffers, flags and ``.grad`` on exit, so the
@@ -98,6 +100,7 @@ class Capture:
         self._site_modules: set[int] = set()
         self._producers: dict[int, str] = {}
         self._pending: list[tuple[torch.Tensor, SiteRecord]] = []
+        self._node_hooks: list[Any] = []  # reductions: hooks on BatchNorm kernels' autograd nodes, removed on exit
         self._partial: list[tuple[SiteRecord, dict[str, torch.Tensor]]] = []  # reductions: partial_sums of the block
         self._call_counts: dict[str, int] = {}
         self._record_counts: dict[str, int] = {}
@@ -163,9 +166,10 @@ class Capture:
             self._mode.__enter__()
 
     def _remove(self) -> None:
-        for handle in self._handles:
+        for handle in self._handles + self._node_hooks:
             handle.remove()
         self._handles.clear()
+        self._node_hooks.clear()
         if self._mode is not None:
             self._mode.__exit__(None, None, None)
             self._mode = None
@@ -252,14 +256,25 @@ class Capture:
         if self.storage != "reductions":
             record.y = self._keep(y)
         self._pending.append((y, record))
-        if record.grad_enabled and y.requires_grad:
+        if not (record.grad_enabled and y.requires_grad):
+            return
+        node = batch_norm_node(y, record.layout) if self.storage == "reductions" else None
+        if node is None:
             y.register_hook(self._dy_hook(record, expects_dx=id(record) in self._awaiting_dx))
+        else:  # the kernel's own sums (record.kernel_sums); the hook is removed when the block ends
+            self._node_hooks.append(node.register_hook(self._kernel_hook(record, node._saved_result1, node._saved_result2)))
 
     def _dy_hook(self, record: SiteRecord, expects_dx: bool):
         def hook(grad: torch.Tensor) -> None:
             record.dy = grad.detach() if self.storage != "cpu" else grad.detach().cpu()
             if self.storage == "reductions" and not expects_dx:
                 self._partial.append((record, partial_sums(record)))
+        return hook
+
+    def _kernel_hook(self, record: SiteRecord, mean: torch.Tensor, invstd: torch.Tensor):
+        def hook(grad_inputs: tuple, grad_outputs: tuple) -> None:
+            record.dy = grad_outputs[0].detach()
+            self._partial.append((record, kernel_sums(record, mean, invstd, grad_inputs)))
         return hook
 
     def _dx_hook(self, record: SiteRecord):

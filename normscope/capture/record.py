@@ -153,21 +153,20 @@ def kernel_sums(record: SiteRecord, mean: torch.Tensor, invstd: torch.Tensor, gr
 
     The forward saved the batch ``mean`` and ``invstd = 1 / sqrt(var + eps)`` (biased var), and the
     backward returns ``grads = (dL/dx, dL/dgamma, dL/dbeta)`` with ``dL/dbeta = sum u`` and
-    ``dL/dgamma = sum u (x - mean) invstd`` (u = dL/dy; Ioffe and Szegedy (2015), §3). So
-    ``sum_c2 = n (1/invstd^2 - eps)``, ``sum_u = dL/dbeta``, ``sum_uc = dL/dgamma / invstd``, and only
-    ``sum_u2`` is a pass, over u. In float64 arithmetic from the kernel's values; ``grads`` without
-    ``dL/dgamma`` or ``dL/dbeta`` (frozen affine parameters) fall back to :func:`partial_sums`.
+    ``dL/dgamma = sum u (x - mean) invstd`` (u = dL/dy; Ioffe and Szegedy (2015), §3). These are
+    kept as they are (``invstd``, ``sum_u``, ``grad_weight``) with ``sum_u2``, the one pass, over u;
+    :func:`finish_reductions` turns them into ``var = 1/invstd^2 - eps`` and ``sum_uc = grad_weight / invstd``
+    in float64. ``grads`` without ``dL/dgamma`` or ``dL/dbeta`` (frozen affine parameters) fall back
+    to :func:`partial_sums`.
     """
     _, grad_weight, grad_bias = grads
     if grad_weight is None or grad_bias is None:
         return partial_sums(record)
     channels = record.shape[1]
-    n = torch.full((channels,), float(record.dy.numel() // channels), dtype=torch.float64, device=mean.device)
-    invstd = invstd.detach().to(torch.float64)
     u = _partition_view(record.dy, record.layout)
-    sums = {"n": n, "mean": mean.detach().to(torch.float64), "sum_c2": n * (1 / invstd**2 - record.layout.eps),
-            "sum_u": grad_bias.detach().to(torch.float64), "sum_u2": _dot(u, u),
-            "sum_uc": grad_weight.detach().to(torch.float64) / invstd}
+    sums = {"n": torch.full((channels,), float(record.dy.numel() // channels), dtype=torch.float64, device=mean.device),
+            "mean": mean.detach(), "invstd": invstd.detach(), "sum_u": grad_bias.detach(), "sum_u2": _dot(u, u),
+            "grad_weight": grad_weight.detach()}
     record.x = record.y = record.dy = record.dx = None
     return sums
 
@@ -204,7 +203,8 @@ def finish_reductions(pending: list[tuple[SiteRecord, dict[str, torch.Tensor]]])
     """Set each record's ``reductions`` from its :func:`partial_sums`, the records of one kind of
     normalization (mode, eps, affine, with or without backward) in one concatenated computation.
 
-    Per partition (MATH.md §1-2): ``n``, ``mean``, ``var = sum_c2 / n`` (biased), ``scale`` (the
+    Per partition (MATH.md §1-2): ``n``, ``mean``, ``var = sum_c2 / n`` (biased; ``1/invstd^2 - eps``
+    from a BatchNorm kernel, :func:`kernel_sums`, whose ``sum_uc`` is ``grad_weight / invstd``), ``scale`` (the
     normalizer s, :func:`_shift_scale`), ``sum_x = n mean``, ``sum_x2 = n (var + mean^2)`` and, with
     ``z = (x - shift) / s`` and ``o = mean - shift``, ``sum_z = n o / s``, ``sum_z2 = n (var + o^2) / s^2``;
     after backward ``sum_g = a sum_u``, ``sum_g2 = a^2 sum_u2``, ``sum_gz = (a sum_uc + o sum_g) / s`` with
@@ -214,19 +214,21 @@ def finish_reductions(pending: list[tuple[SiteRecord, dict[str, torch.Tensor]]])
     groups: dict[tuple, list[tuple[SiteRecord, dict[str, torch.Tensor]]]] = {}
     for record, sums in pending:
         layout = record.layout
-        key = (_mode(layout), layout.eps, "sum_u" in sums, _per_channel(layout), layout.weight_offset, sums["n"].device)
+        key = (_mode(layout), layout.eps, "sum_u" in sums, "invstd" in sums, _per_channel(layout), layout.weight_offset,
+               sums["n"].device)
         groups.setdefault(key, []).append((record, sums))
-    for (mode, eps, grad, per_channel, weight_offset, _), members in groups.items():
+    for (mode, eps, grad, kernel, per_channel, weight_offset, _), members in groups.items():
         def cat(key: str) -> torch.Tensor:
-            return torch.cat([sums[key] for _, sums in members])
+            return torch.cat([sums[key] for _, sums in members]).to(torch.float64)
         n, mean = cat("n"), cat("mean")
-        var = cat("sum_c2") / n
+        invstd = cat("invstd") if kernel else None
+        var = 1 / invstd**2 - eps if kernel else cat("sum_c2") / n
         shift, scale = _shift_scale(mode, eps, n, mean, var, (cat("running_mean"), cat("running_var")) if mode == "running" else None)
         offset = mean - shift
         red = {"n": n, "mean": mean, "var": var, "scale": scale, "sum_x": n * mean, "sum_x2": n * (var + mean * mean),
                "sum_z": n * offset / scale, "sum_z2": n * (var + offset * offset) / scale**2}
         if grad:
-            sum_g, sum_g2, sum_gc = cat("sum_u"), cat("sum_u2"), cat("sum_uc")
+            sum_g, sum_g2, sum_gc = cat("sum_u"), cat("sum_u2"), cat("grad_weight") / invstd if kernel else cat("sum_uc")
             if per_channel:
                 gamma = torch.cat([r.layout.weight.detach().reshape(-1) for r, _ in members]).to(torch.float64) + weight_offset
                 sum_g, sum_g2, sum_gc = gamma * sum_g, gamma * gamma * sum_g2, gamma * sum_gc

@@ -405,3 +405,27 @@ def test_step_rows_equal_exactly_rounded_sums_to_float64_rounding(name, digits64
         want = expected[(site, metric)]
         scale = 1.0 if metric in ("r2_pooled", "beta_mean", "r2_mean") else abs(want)  # 1 - ratio, sums of +-terms
         assert value == want or (math.isnan(value) and math.isnan(want)) or abs(value - want) <= 1e-13 * max(scale, 1e-300), (site, metric, value, want)
+
+
+def test_rows_of_several_steps_at_once_equal_each_step_alone(digits64):
+    """The monitor computes the rows of all steps since the last flush in one call (steps_rows):
+    each equals the rows of its step computed alone, bit for bit (NaN where NaN)."""
+    from normscope.monitor.metrics import step_rows, steps_rows
+
+    x, y = digits64
+    model = _Mixed().double().train()
+    session = capture(model, storage="reductions", preserve=False, functional=True)
+    steps = []
+    for step, batch in enumerate((slice(0, 40), slice(40, 64), slice(8, 64))):
+        running = running_stats(model)
+        with session as cap:
+            F.cross_entropy(model(x[batch] * (1 + step)), y[batch]).backward()
+        steps.append((10 * step, cap.records, running))
+    together = steps_rows(steps)
+    assert list(together) == [0, 10, 20]
+    for step, records, running in steps:
+        alone = step_rows(records, running)
+        assert len(alone) == len(together[step]) > 0
+        for (site, metric, value), (site2, metric2, value2) in zip(alone, together[step]):
+            assert (site, metric) == (site2, metric2)
+            assert value == value2 or (math.isnan(value) and math.isnan(value2))

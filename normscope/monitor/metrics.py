@@ -22,6 +22,7 @@ item order, so they agree with the snapshot's pairwise numpy sums to float64 rou
 from __future__ import annotations
 
 import math
+from typing import Hashable
 
 import numpy as np
 import torch
@@ -97,10 +98,11 @@ def _segment_median(values: Tensor, starts: np.ndarray, skip_nan: bool) -> Tenso
     return torch.from_numpy(np.where((m > 0) & ((nan == 0) | skip_nan), median, np.nan))
 
 
-def stats_values(sites: list[str], records: list[list[SiteRecord]],
-                 running: dict[str, tuple[Tensor, Tensor]]) -> tuple[dict[str, Tensor], list[int]]:
-    """The norm statistics of every site, one (S,) float64 tensor per metric (see the module docstring),
-    and the indices of the sites with drift figures.
+def stats_values(sites: list[Hashable], records: list[list[SiteRecord]],
+                 running: dict[Hashable, tuple[Tensor, Tensor]]) -> tuple[dict[str, Tensor], list[int]]:
+    """The norm statistics of every site (``sites``: its key in ``running``, with ``records`` its
+    records), one (S,) float64 tensor per metric (see the module docstring), and the indices of the
+    sites with drift figures.
 
     Per partition of a record: ``eps_fraction = eps / (v + eps)`` with ``v = var`` (centered kinds) or
     ``var + mean^2``; for per-channel sites with running statistics of as many channels
@@ -190,21 +192,32 @@ def gls_values(fits: list[list[SiteRecord]]) -> dict[str, Tensor]:
 def step_rows(records: list[SiteRecord], running: dict[str, tuple[Tensor, Tensor]]) -> list[Row]:
     """``(site, metric, value)`` for every site of one captured step: the norm statistics of every
     site in forward order, then the gradient-least-squares figures of every site with a gradient."""
-    by_site: dict[str, list[SiteRecord]] = {}
-    for record in records:
-        by_site.setdefault(record.site.name, []).append(record)
+    return steps_rows([(0, records, running)]).get(0, [])
+
+
+def steps_rows(steps: list[tuple[int, list[SiteRecord], dict[str, tuple[Tensor, Tensor]]]]) -> dict[int, list[Row]]:
+    """:func:`step_rows` of several captured steps ``(step, records, running statistics)`` in one
+    computation, by step: each (step, site) is a segment of the concatenated sums, so every row equals
+    the one of its step computed alone, bit for bit."""
+    by_site: dict[tuple[int, str], list[SiteRecord]] = {}
+    running_by_site: dict[tuple[int, str], tuple[Tensor, Tensor]] = {}
+    for step, records, running in steps:
+        for record in records:
+            by_site.setdefault((step, record.site.name), []).append(record)
+        running_by_site.update({(step, name): value for name, value in running.items()})
     if not by_site:
-        return []
-    sites, groups = list(by_site), list(by_site.values())
-    stats, drifting = stats_values(sites, groups, running)
+        return {}
+    keys, groups = list(by_site), list(by_site.values())
+    stats, drifting = stats_values(keys, groups, running_by_site)
     values = {name: value.tolist() for name, value in stats.items()}
-    rows: list[Row] = []
-    for s, site in enumerate(sites):
+    rows: dict[int, list[Row]] = {}
+    for s, (step, site) in enumerate(keys):
         names = (*STATS_METRICS[:2], *STATS_METRICS[2:] * (groups[s][0].layout.weight is not None), *DRIFT_METRICS * (s in drifting))
-        rows += [(site, name, values[name][s]) for name in names]
-    fits = {site: [r for r in group if r.has_grad] for site, group in by_site.items()}
-    fits = {site: group for site, group in fits.items() if group}
+        rows.setdefault(step, []).extend((site, name, values[name][s]) for name in names)
+    fits = {key: [r for r in group if r.has_grad] for key, group in by_site.items()}
+    fits = {key: group for key, group in fits.items() if group}
     if fits:
         gls = {name: value.tolist() for name, value in gls_values(list(fits.values())).items()}
-        rows += [(site, name, gls[name][s]) for s, site in enumerate(fits) for name in GLS_METRICS]
+        for s, (step, site) in enumerate(fits):
+            rows[step].extend((site, name, gls[name][s]) for name in GLS_METRICS)
     return rows

@@ -15,10 +15,11 @@ from normscope.capture import capture
 from normscope.errors import InvalidArgumentError
 from normscope.monitor import distributed
 from normscope.monitor.curvature import MODEL_SITE, curvature_step
-from normscope.monitor.metrics import running_stats, step_rows
+from normscope.monitor.metrics import running_stats, step_rows, steps_rows
 from normscope.monitor.store import RecordStore
 
 TENSORBOARD_DIR = "_tensorboard"  # "_": Parquet readers of the run folder skip it
+WAITING_PARTITIONS = 2**16  # captured partitions whose rows may wait for the next flush (about 6 MB of sums)
 
 
 class Monitor:
@@ -26,7 +27,9 @@ class Monitor:
 
     Every ``every``-th call of :meth:`step`, the step's own forward and backward run under
     :func:`normscope.capture` with ``storage="reductions"`` (no extra pass): per-site norm
-    statistics and gradient least squares (:mod:`normscope.monitor.metrics`). Every
+    statistics and gradient least squares (:mod:`normscope.monitor.metrics`), computed from the
+    captured sums of all steps since the last flush at once (in one process; per step under
+    ``torch.distributed``). Every
     ``every_curvature``-th step, on that step's batch: a_crit of the step and of the layers it moves
     most against the lr, lambda_max (warm-started from the previous curvature step) and the trace,
     with the Hessian-vector products spent (:mod:`normscope.monitor.curvature`); this needs the batch, passed to
@@ -98,6 +101,8 @@ class Monitor:
         if self.gathering:
             self.rank = distributed.dist.get_rank()
         self.steps = 0
+        self._waiting: list[tuple[int, list, dict]] = []  # captured steps whose rows are computed at the next flush
+        self._waiting_partitions = 0
         self._ritz: torch.Tensor | None = None  # lambda_max's last Ritz vector: the next curvature step starts there
         # one capture entered on every statistics step: the sites are found and their readings
         # verified once; steps that record nothing install no hooks
@@ -121,6 +126,7 @@ class Monitor:
 
     def close(self) -> None:
         """Write what is buffered and close TensorBoard."""
+        self._compute_waiting()
         if self.store is not None:
             self.store.flush()
         if self._writer is not None:
@@ -164,13 +170,26 @@ class Monitor:
         running = running_stats(self.model)
         with self._capture as cap:
             yield
-        rows = step_rows(cap.records, running)
-        if self.gathering:
+        if self.gathering:  # every rank computes and gathers now: the collectives run in step
             after = distributed.gather(running_stats(self.model))
             eps = {r.site.name: r.layout.eps for r in cap.records}
             if self.rank == 0:
                 self.store.append(index, distributed.running_spread_rows(after, eps), rank=distributed.ALL_RANKS)
-        self.record(index, rows)
+            self.record(index, step_rows(cap.records, running))
+            return
+        self._waiting.append((index, cap.records, running))
+        self._waiting_partitions += sum(r.reductions["n"].numel() for r in cap.records)
+        if self.store.due() or self._waiting_partitions > WAITING_PARTITIONS:
+            self._compute_waiting()
+
+    def _compute_waiting(self) -> None:
+        """The rows of the captured steps waiting since the last flush, in one computation
+        (:func:`~normscope.monitor.metrics.steps_rows`: the same rows as step by step)."""
+        if not self._waiting:
+            return
+        for index, rows in steps_rows(self._waiting).items():
+            self.record(index, rows)
+        self._waiting, self._waiting_partitions = [], 0
 
     def current_lr(self) -> float | None:
         """The optimizer's learning rate (first parameter group), else the monitor's ``lr``."""

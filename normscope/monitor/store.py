@@ -39,8 +39,12 @@ class RecordStore:
             self._columns["site"].append(site)
             self._columns["metric"].append(metric)
             self._columns["value"].append(value)
-        if time.monotonic() - self._last_flush >= self.flush_seconds:
+        if self.due():
             self.flush()
+
+    def due(self) -> bool:
+        """Whether ``flush_seconds`` have passed since the last flush."""
+        return time.monotonic() - self._last_flush >= self.flush_seconds
 
     def flush(self) -> Path | None:
         """Write the buffered rows as one complete Parquet file (temporary name, then rename)."""

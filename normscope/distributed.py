@@ -137,20 +137,22 @@ def _wire(tensor: torch.Tensor, world: World) -> torch.Tensor:
     return tensor.detach().to(device, copy=True)
 
 
-def all_reduce(tensor: torch.Tensor, world: World | None = None) -> torch.Tensor:
-    """``sum_r tensor_r`` over the ranks, on ``tensor``'s device and dtype (``tensor`` itself in
-    one process). Every rank must call it, in the same order, with the same shape."""
+def all_reduce(tensor: torch.Tensor, world: World | None = None, op: str = "sum") -> torch.Tensor:
+    """``sum_r tensor_r`` (``op="max"``: the elementwise ``max_r tensor_r``) over the ranks, on
+    ``tensor``'s device and dtype (``tensor`` itself in one process). Every rank must call it, in
+    the same order, with the same shape."""
     world = world or current()
     if not world.active:
         return tensor
     wire = _wire(tensor, world)
-    dist.all_reduce(wire, op=dist.ReduceOp.SUM)
+    dist.all_reduce(wire, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
     return wire.to(tensor.device)
 
 
-def all_reduce_float(value: float, world: World | None = None) -> float:
-    """:func:`all_reduce` of one number, in float64."""
-    return float(all_reduce(torch.tensor([float(value)], dtype=torch.float64), world)[0])
+def all_reduce_float(value: float, world: World | None = None, op: str = "sum") -> float:
+    """:func:`all_reduce` of one number, in float64 (``op="max"``: the largest over the ranks, the
+    way to make a decision taken from a measurement, such as a time, the same on every rank)."""
+    return float(all_reduce(torch.tensor([float(value)], dtype=torch.float64), world, op)[0])
 
 
 def merge_owned(rows: torch.Tensor, world: World | None = None) -> torch.Tensor:

@@ -5,8 +5,12 @@ group itself (gloo for a CPU device, NCCL for CUDA, with a timeout so that a fai
 hang the others for ever) unless the caller has one already, and destroys only a group it created.
 Inside a session the analyzers' full-data passes read :func:`current`: each rank streams its
 :func:`shard` of the examples and the per-rank sums are added with :func:`all_reduce`, so a rank
-ends with the same sums as one process over all the data. Outside a session (or with one rank)
-every helper is the identity: one process is a world of size 1.
+ends with the same sums as one process over all the data. The descent analyzer's Hessian-vector
+products split the minibatch's examples the same way where the loss decomposes over them
+(``HessianOperator(split=current())`` in :mod:`normscope.analyzers.hvp`); work shared out by item
+(:func:`share_out`, :meth:`World.owns`) runs on one rank per item and must call no collective.
+Every collective here must be called by all ranks in the same order (lockstep). Outside a session
+(or with one rank) every helper is the identity: one process is a world of size 1.
 """
 
 from __future__ import annotations

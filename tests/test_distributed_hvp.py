@@ -151,3 +151,13 @@ def test_coupled_or_unverifiable_losses_stay_replicated(ranks):
         assert got["train_world"] is None and got["train_pieces"] is None  # BatchNorm's batch statistics couple the examples
         assert got["float32_pieces"] is None  # the decomposition is verified in float64 only
     torch.testing.assert_close(ranks[1]["train"], ranks[1]["train_whole"], rtol=0, atol=0)
+
+
+def test_balanced_example_chunks_and_no_split_in_one_process():
+    loss = BatchLoss(two_level_net(), *data(), mode="eval")
+    assert [len(part.targets) for _, part in loss.example_chunks(count=4)] == [25, 25, 25, 26]
+    assert sum(w for w, _ in loss.example_chunks(count=4)) == pytest.approx(1.0, abs=1e-15)
+    for bad in ({}, {"chunk": 4, "count": 4}, {"count": EXAMPLES + 1}):
+        with pytest.raises(Exception, match="chunk"):
+            loss.example_chunks(**bad)
+    assert rank_pieces(loss, World()) is None and HessianOperator(loss, split=World()).world is None

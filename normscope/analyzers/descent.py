@@ -420,6 +420,8 @@ def _mode_tables(tables: dict[str, list[dict]], plan: Budget, loss: BatchLoss, t
     traces: dict[str, tuple[float, float]] = {}
     if products >= 2:
         trace_op = total.local()  # krylov_trace calls products on the sample's owner only: no collective
+        if trace_op is not total:
+            total.release()  # one graph at a time: the twin's whole batch, then again this rank's pieces
         traces = krylov_trace(trace_op, products, seed, layers)
         if trace_op is not total:
             trace_op.release()

@@ -5,8 +5,12 @@ group itself (gloo for a CPU device, NCCL for CUDA, with a timeout so that a fai
 hang the others for ever) unless the caller has one already, and destroys only a group it created.
 Inside a session the analyzers' full-data passes read :func:`current`: each rank streams its
 :func:`shard` of the examples and the per-rank sums are added with :func:`all_reduce`, so a rank
-ends with the same sums as one process over all the data. Outside a session (or with one rank)
-every helper is the identity: one process is a world of size 1.
+ends with the same sums as one process over all the data. The descent analyzer's Hessian-vector
+products split the minibatch's examples the same way where the loss decomposes over them
+(``HessianOperator(split=current())`` in :mod:`normscope.analyzers.hvp`); work shared out by item
+(:func:`share_out`, :meth:`World.owns`) runs on one rank per item and must call no collective.
+Every collective here must be called by all ranks in the same order (lockstep). Outside a session
+(or with one rank) every helper is the identity: one process is a world of size 1.
 """
 
 from __future__ import annotations
@@ -137,20 +141,22 @@ def _wire(tensor: torch.Tensor, world: World) -> torch.Tensor:
     return tensor.detach().to(device, copy=True)
 
 
-def all_reduce(tensor: torch.Tensor, world: World | None = None) -> torch.Tensor:
-    """``sum_r tensor_r`` over the ranks, on ``tensor``'s device and dtype (``tensor`` itself in
-    one process). Every rank must call it, in the same order, with the same shape."""
+def all_reduce(tensor: torch.Tensor, world: World | None = None, op: str = "sum") -> torch.Tensor:
+    """``sum_r tensor_r`` (``op="max"``: the elementwise ``max_r tensor_r``) over the ranks, on
+    ``tensor``'s device and dtype (``tensor`` itself in one process). Every rank must call it, in
+    the same order, with the same shape."""
     world = world or current()
     if not world.active:
         return tensor
     wire = _wire(tensor, world)
-    dist.all_reduce(wire, op=dist.ReduceOp.SUM)
+    dist.all_reduce(wire, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
     return wire.to(tensor.device)
 
 
-def all_reduce_float(value: float, world: World | None = None) -> float:
-    """:func:`all_reduce` of one number, in float64."""
-    return float(all_reduce(torch.tensor([float(value)], dtype=torch.float64), world)[0])
+def all_reduce_float(value: float, world: World | None = None, op: str = "sum") -> float:
+    """:func:`all_reduce` of one number, in float64 (``op="max"``: the largest over the ranks, the
+    way to make a decision taken from a measurement, such as a time, the same on every rank)."""
+    return float(all_reduce(torch.tensor([float(value)], dtype=torch.float64), world, op)[0])
 
 
 def merge_owned(rows: torch.Tensor, world: World | None = None) -> torch.Tensor:

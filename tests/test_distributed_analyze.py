@@ -43,7 +43,8 @@ def _rank(rank: int, world: int, port: int, out: str) -> None:
     unchanged = model.training and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     initialized = torch.distributed.is_initialized()  # analyze destroys the group it created
     with open(Path(out) / f"rank{rank}.pkl", "wb") as f:
-        pickle.dump({"tables": result.tables, "meta": result.meta, "unchanged": unchanged, "initialized": initialized}, f)
+        pickle.dump({"tables": result.tables, "meta": result.meta, "headline": result.headline, "unchanged": unchanged,
+                     "initialized": initialized}, f)
 
 
 def _assert_close(single: pd.DataFrame, spread: pd.DataFrame, name: str) -> None:
@@ -87,6 +88,28 @@ def test_the_distributed_run_equals_the_single_process_one(runs):
     recalibrated = single.tables["stats_recalibration"]
     assert recalibrated["examples"].tolist() == [EXAMPLES, EXAMPLES]  # every example once, over the two shards
     assert single.tables["descent_trace"]["trace"].notna().all() and len(single.tables["bias_jacobian"])
+    for r in ranks:  # eval mode's products were split over the ranks; train mode's BatchNorm couples the examples
+        assert (r["headline"]["descent"]["hvp_ranks_eval"], r["headline"]["descent"]["hvp_ranks_train"]) == (2, 1)
+    assert "hvp_ranks_eval" not in single.headline["descent"]
+
+
+def test_the_split_products_are_within_1e_10_of_one_process(runs):
+    """The eval-mode rows that come from the split operator (the total's and the layers' direction
+    rows, the quadratic model, the top eigenvalues): the largest relative difference, reported."""
+    single, ranks = runs
+    worst = 0.0
+    for name, columns in {"descent_directions": ["slope", "curvature", "a_crit"], "descent_quadratic": ["quadratic"],
+                          "descent_spectrum": ["eigenvalue"]}.items():
+        a, b = single.tables[name], ranks[0]["tables"][name]
+        a, b = a[a["mode"] == "eval"], b[b["mode"] == "eval"]
+        assert len(a) and len(a) == len(b)
+        for column in columns:
+            x, y = a[column].to_numpy(dtype=float), b[column].to_numpy(dtype=float)
+            finite = np.isfinite(x)
+            assert (np.isfinite(y) == finite).all()
+            worst = max(worst, float((np.abs(x[finite] - y[finite]) / np.maximum(np.abs(x[finite]), 1e-300)).max(initial=0.0)))
+    print(f"largest relative difference of the split eval-mode figures: {worst:.2e}")
+    assert worst <= 1e-10
 
 
 def test_the_model_is_left_bit_identical_on_every_rank(runs):

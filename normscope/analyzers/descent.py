@@ -334,8 +334,18 @@ def descent_tables(
     used. ``meta`` (the second return value) gives each mode's backend and examples per chunk.
 
     Under :func:`normscope.distributed.session` (no budget there) every rank computes the same
-    rows, except that the trace's Hutchinson samples and the layers' spectra are shared out over
-    the ranks and gathered (the same values as in one process).
+    rows. Where the mode's loss decomposes over examples (eval mode, or train mode without
+    BatchNorm's batch statistics; float64) the total operator splits its products and gradient
+    over the ranks (``split`` of :class:`~normscope.analyzers.hvp.HessianOperator`: each rank its
+    share of the examples, the partial sums all-reduced), so the direction rows (total and
+    layers), the quadratic model's slope and curvature and the top eigenvalues cost each rank
+    ``1/W`` of the examples; every call on it is made in lockstep on all ranks. The trace's
+    Hutchinson samples and the layers' spectra are shared out over the ranks and gathered; they
+    run on one rank per item, so they use unsplit operators (:meth:`HessianOperator.local`; the
+    trace's Lanczos basis, computed by every rank before its samples, is therefore replicated).
+    In train mode through BatchNorm the batch statistics couple the examples and every product
+    is replicated. ``meta[mode]["ranks"]`` is the number of ranks the mode's products were split
+    over (1: replicated or one process). The same values as in one process, to rounding.
     """
     settings = QUICK if quick else FULL
     budget = budget or Budget(None)
@@ -346,14 +356,15 @@ def descent_tables(
     for index, mode in enumerate(track(modes, "descent", total=len(modes))):
         plan = budget.share(f"descent ({mode} mode)", [f"descent ({m} mode)" for m in modes[index:]])
         loss = BatchLoss(model, inputs, targets, loss_fn, mode, dtype)
-        total = HessianOperator(loss, backend=backend, chunks=_chunks(loss), trial_seconds=TRIAL_SHARE * plan.remaining())
+        total = HessianOperator(loss, backend=backend, chunks=_chunks(loss), trial_seconds=TRIAL_SHARE * plan.remaining(),
+                                split=current())
         budget.cost("forward", lambda: seconds_of(torch.no_grad()(loss.__call__)))
         budget.cost("gradient", lambda: seconds_of(total.gradient))
         try:
             _mode_tables(tables, plan, loss, total, model, optimizer, lr, settings, seed, sites)
         finally:
             total.release()
-        meta[mode] = {"backend": total.backend, "chunk": total.chunk}
+        meta[mode] = {"backend": total.backend, "chunk": total.chunk, "ranks": 1 if total.world is None else total.world.size}
         del loss, total
     return {name: _frame(name, rows) for name, rows in tables.items()}, meta
 
@@ -408,7 +419,12 @@ def _mode_tables(tables: dict[str, list[dict]], plan: Budget, loss: BatchLoss, t
     products = plan.affordable("hvp", settings["trace_products"])
     traces: dict[str, tuple[float, float]] = {}
     if products >= 2:
-        traces = krylov_trace(total, products, seed, layers)
+        trace_op = total.local()  # krylov_trace calls products on the sample's owner only: no collective
+        if trace_op is not total:
+            total.release()  # one graph at a time: the twin's whole batch, then again this rank's pieces
+        traces = krylov_trace(trace_op, products, seed, layers)
+        if trace_op is not total:
+            trace_op.release()
         tables["descent_trace"] += _trace_rows(mode, traces, products)
         plan.spend("hvp", products)
         if products < settings["trace_products"]:
@@ -426,6 +442,7 @@ def _mode_tables(tables: dict[str, list[dict]], plan: Budget, loss: BatchLoss, t
                  "one Hessian-vector product each did not fit")
     spectra = spectrum_layers(traces, {g: layers[g] for g in done}, settings["layer_spectra"])
     if current().active:  # no budget here: the layers' Lanczos runs are independent, shared out over the ranks
+        # (each on its owner only, so unsplit operators: a split one would all-reduce on one rank)
 
         def layer_spectrum(item: tuple[int, str]) -> list[dict]:
             i, group = item
@@ -522,7 +539,9 @@ def analyze(ctx: AnalysisContext) -> AnalyzerOutput:
     in train and eval mode, float64, quick settings when ``ctx.quick``, within ``ctx.budget``, per-layer
     work restricted to ``ctx.sites``. Options (``ctx.options``):
     ``descent_optimizer`` (a ``torch.optim`` optimizer of ``ctx.model`` whose update to check),
-    ``descent_backend`` (``auto``). ``ctx.lr`` defaults to 0.1 (said in the findings)."""
+    ``descent_backend`` (``auto``). ``ctx.lr`` defaults to 0.1 (said in the findings). Under
+    ``torch.distributed`` the headline's ``hvp_ranks_<mode>`` says over how many ranks each mode's
+    products were split (1: replicated, the examples coupled by batch statistics)."""
     inputs, targets = ctx.batches[0]
     lr = DEFAULT_LR if ctx.lr is None else float(ctx.lr)
     if not lr > 0:
@@ -545,5 +564,8 @@ def analyze(ctx: AnalysisContext) -> AnalyzerOutput:
         part = tables["descent_quadratic"][tables["descent_quadratic"]["mode"] == mode]
         if len(part):
             headline[f"parting_step_{mode}"] = parting_step(part)
+    if current().active:  # how the products ran under torch.distributed: split over the ranks or replicated
+        for mode, described in meta.items():
+            headline[f"hvp_ranks_{mode}"] = described["ranks"]
     tables["descent_verdicts"] = verdicts(tables)
     return AnalyzerOutput(tables, findings(tables, ctx.lr is not None, lr, ctx.quick), headline)

@@ -28,6 +28,20 @@ model that does not couple the examples in this mode): ``H v = sum_c w_c H_c v``
 before it is used; the graph of one chunk at a time is alive, none is kept between products, so a
 product costs a forward, a backward and a double backward of every chunk.
 
+``split`` (a :class:`~normscope.distributed.World` of several ranks, e.g.
+:func:`normscope.distributed.current` under ``torchrun``) splits the products and the gradient
+over the ranks where the loss decomposes (:func:`rank_pieces`): the batch is cut into ``W m``
+balanced pieces (``m`` pieces per rank: 1, or as many as the memory chunks need), rank ``r``
+computes the pieces ``i`` with ``i % W == r`` and the partial sums ``sum_i w_i H_i v`` and
+``sum_i w_i g_i`` are all-reduced, so every rank ends with the vector of one process. Such an
+operator is *collective*: every rank must construct it and call every product, gradient,
+:meth:`HessianOperator.block` and :meth:`HessianOperator.local` in the same order (lockstep
+code). Work shared out by item (the Hutchinson samples of a trace, the layers' Lanczos runs,
+:func:`normscope.distributed.share_out`) calls products on the owning rank only and must use an
+unsplit operator (``split=None``, the default, or :meth:`HessianOperator.local`), which runs no
+collective. Where the loss couples the examples (training-mode BatchNorm) or is not float64 the
+operator stays replicated: every rank computes the whole product.
+
 Everything runs on a deep copy of the
 user's model, so its parameters, buffers and flags are never touched; in ``train`` mode the copy's
 BatchNorms stop tracking running statistics, so they normalize with batch statistics and update
@@ -54,6 +68,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from normscope.batch import cast_inputs, forward, size, take
 from normscope.budget import HVP_MEMORY
+from normscope.distributed import World, all_reduce, all_reduce_float
 from normscope.errors import InvalidArgumentError, UnknownNameError
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -136,8 +151,9 @@ class BatchLoss:
         twin.inputs, twin.targets = take((self.inputs, self.targets), index)
         return twin
 
-    def example_chunks(self, chunk: int) -> list[tuple[float, "BatchLoss"]]:
-        """``[(w_c, L_c)]`` over consecutive chunks of ``chunk`` examples, ``w_c = n_c / n``, after
+    def example_chunks(self, chunk: int | None = None, count: int | None = None) -> list[tuple[float, "BatchLoss"]]:
+        """``[(w_c, L_c)]`` over consecutive chunks of ``chunk`` examples (or, given ``count``
+        instead, ``count`` balanced chunks ``[c n // count, (c + 1) n // count)``), ``w_c = n_c / n``, after
         checking in float64 that ``L = sum_c w_c L_c`` to :data:`DECOMPOSITION_TOL` (relative) at
         the parameters and at a seeded perturbation of them (1% of each tensor's RMS), so that
         ``g = sum_c w_c g_c`` and ``H v = sum_c w_c H_c v`` hold exactly.
@@ -145,12 +161,19 @@ class BatchLoss:
         Raises:
             InvalidArgumentError: the loss is not float64, or it is not the example-weighted mean
                 of the chunks' losses (a model that couples the examples in this mode, such as
-                BatchNorm with batch statistics, or a loss that is no mean over examples).
+                BatchNorm with batch statistics, or a loss that is no mean over examples), or neither or both of ``chunk`` and ``count`` given, or
+                more chunks than examples.
         """
+        if (chunk is None) == (count is None):
+            raise InvalidArgumentError("give example_chunks either chunk (examples per chunk) or count (chunks)")
         if self.params and next(iter(self.params.values())).dtype != torch.float64:
             raise InvalidArgumentError("example chunks are verified only in float64; use dtype=torch.float64")
         n = size(self.inputs)
-        parts = [self.on_examples(slice(start, start + chunk)) for start in range(0, n, chunk)]
+        if count is not None and not 1 <= count <= n:
+            raise InvalidArgumentError(f"{count} chunks of {n} examples: every chunk needs an example")
+        bounds = ([(start, start + chunk) for start in range(0, n, chunk)] if chunk is not None
+                  else [(c * n // count, (c + 1) * n // count) for c in range(count)])
+        parts = [self.on_examples(slice(start, stop)) for start, stop in bounds]
         weights = [size(part.inputs) / n for part in parts]
         generator = torch.Generator(device="cpu").manual_seed(0)
         nudge = {name: p + 0.01 * p.pow(2).mean().sqrt() * torch.randn(p.shape, generator=generator, dtype=p.dtype).to(p.device)
@@ -198,6 +221,37 @@ def graph_chunk(loss: BatchLoss, memory: int = HVP_MEMORY, factor: float = GRAPH
     return math.ceil(n / math.ceil(n / chunk))
 
 
+def rank_pieces(loss: BatchLoss, world: World, chunks: list[tuple[float, BatchLoss]] | None = None
+                ) -> list[tuple[float, BatchLoss]] | None:
+    """The verified ``[(w_i, L_i)]`` to split ``loss``'s products over the ranks of ``world``:
+    ``W m`` balanced consecutive pieces (:meth:`BatchLoss.example_chunks` with ``count``; sizes
+    differ by one example at most), ``m = ceil(len(chunks) / W)`` so that no piece is larger than
+    a memory chunk (``m = 1`` when ``chunks`` is ``None``: the whole batch's graph fits), at most
+    ``n // W``. Rank ``r`` owns the pieces ``i`` with ``i % W == r`` (:meth:`World.owns`): ``m``
+    each, so every rank has work and the same number of examples to one. ``None`` (stay
+    replicated) for one rank, fewer examples than ranks, or a loss that does not decompose
+    (not float64, or examples coupled, e.g. by training-mode BatchNorm).
+
+    Collective when ``world`` is active (every rank calls it at the same point): the verdict and
+    the piece count are all-reduced, so that every rank splits the same way or none does.
+    """
+    if not world.active:
+        return None
+    n = size(loss.inputs)
+    per_rank = min(1 if chunks is None else math.ceil(len(chunks) / world.size), n // world.size)
+    pieces = None
+    if per_rank >= 1:
+        try:
+            pieces = loss.example_chunks(count=world.size * per_rank)
+        except InvalidArgumentError:
+            pieces = None
+    count = 0 if pieces is None else len(pieces)
+    spread = all_reduce(torch.tensor([float(pieces is None), count, -count], dtype=torch.float64), world, op="max")
+    if spread[0] > 0 or spread[1] != -spread[2]:
+        return None
+    return pieces
+
+
 class HessianOperator:
     """``v -> H v`` for the block of the Hessian ``H = d^2 L / dtheta^2`` of a :class:`BatchLoss`
     over ``names`` (MATH.md §5).
@@ -210,10 +264,19 @@ class HessianOperator:
     ``trial_seconds``: what ``backend="auto"`` may spend trying ``func`` (:func:`select_backend`);
     :attr:`backend` is ``None`` until the first product (or :meth:`block`) chooses it, and the
     products the choice ran beyond that first one are in :attr:`selection_products`.
+    ``split``: the ranks to split products and gradient over where the loss decomposes
+    (:func:`rank_pieces`, module docstring); :attr:`world` is that world when the operator splits
+    (then it is collective: every rank calls it in lockstep; :meth:`local` gives an unsplit twin
+    for work done on one rank) and ``None`` when it does not (replicated, or one process);
+    :attr:`pieces` the verified pieces of all ranks. With ``chunks=None`` and double backward each
+    rank keeps the graphs of its own pieces, as the whole-batch operator keeps the batch's; with
+    memory ``chunks`` every piece's graph is freed after use. Constructing with an active
+    ``split`` is itself collective.
     """
 
     def __init__(self, loss: BatchLoss, names: Sequence[str] | None = None, backend: str = "auto",
-                 chunks: list[tuple[float, BatchLoss]] | None = None, trial_seconds: float = math.inf) -> None:
+                 chunks: list[tuple[float, BatchLoss]] | None = None, trial_seconds: float = math.inf,
+                 split: World | None = None) -> None:
         if backend not in BACKENDS:
             raise UnknownNameError("HVP backend", backend, BACKENDS)
         self.loss = loss
@@ -232,6 +295,9 @@ class HessianOperator:
         self._gradient: Tensor | None = None
         self._graph: tuple[list[Tensor], list[Tensor]] | None = None
         self._parent: HessianOperator | None = None
+        self.pieces = None if split is None else rank_pieces(loss, split, chunks)
+        self.world: World | None = split if self.pieces is not None else None
+        self._piece_graphs: dict[int, tuple[list[Tensor], list[Tensor]]] = {}
         self.selection_products = 0
         self.trial_seconds = trial_seconds
         self.backend: str | None = cached_backend(self) if backend == "auto" else backend
@@ -253,12 +319,16 @@ class HessianOperator:
         return torch.cat([tensors[n].reshape(-1) for n in self.names])
 
     def gradient(self) -> Tensor:
-        """The flat gradient ``dL/dtheta`` over ``names``, computed once: ``sum_c w_c g_c`` with
-        chunks; else, for a whole-batch double-backward operator, from the graph its products keep
+        """The flat gradient ``dL/dtheta`` over ``names``, computed once: split over ranks, the
+        all-reduced ``sum_i w_i g_i`` of every rank's own pieces (collective; from the kept graphs
+        of the pieces for a double-backward operator without memory chunks); else ``sum_c w_c g_c``
+        with chunks; else, for a whole-batch double-backward operator, from the graph its products keep
         (built now if need be, so that the products after it cost no second gradient); else one
         backward pass."""
         if self._gradient is None:
-            if self.chunks is not None:
+            if self.world is not None:
+                self._gradient = self._reduced(self._own_gradient)
+            elif self.chunks is not None:
                 self._gradient = sum(w * self.flatten(part.gradient(self.names)) for w, part in self.chunks)
             elif self._graph is not None or (self.backend == "double_backward" and self._parent is None):
                 _, grads = self._kept_graph()
@@ -268,8 +338,75 @@ class HessianOperator:
         return self._gradient
 
     def release(self) -> None:
-        """Drop the kept double-backward graph (the next product rebuilds it)."""
+        """Drop the kept double-backward graphs (the next product rebuilds them)."""
         self._graph = None
+        self._piece_graphs.clear()
+
+    def local(self) -> "HessianOperator":
+        """This operator without the split over ranks (itself when it does not split): the same
+        loss, parameters, backend and memory chunks, every product computed whole on the calling
+        rank with no collective, for work that runs on one rank only (an item of
+        :func:`normscope.distributed.share_out`, a Hutchinson sample owned by one rank). Its graph
+        is its own (:meth:`release` it after use). An ``auto`` backend not chosen yet is chosen
+        first, from a product (collective)."""
+        if self.world is None:
+            return self
+        if self.backend is None:
+            generator = torch.Generator(device="cpu").manual_seed(0)
+            self(torch.randn(self.numel, generator=generator, dtype=torch.float64).to(self.device))
+        twin = HessianOperator(self.loss, self.names, self.backend, self.chunks)
+        twin.timings = dict(self.timings)
+        return twin
+
+    def _own(self) -> list[tuple[int, float, BatchLoss]]:
+        """``(i, w_i, L_i)`` of this rank's pieces."""
+        return [(i, w, part) for i, (w, part) in enumerate(self.pieces or []) if self.world is not None and self.world.owns(i)]
+
+    def _keeps_piece_graphs(self) -> bool:
+        return self.chunks is None and self._parent is None and self.backend == "double_backward"
+
+    def _piece_graph(self, i: int, part: BatchLoss) -> tuple[list[Tensor], list[Tensor]]:
+        if i not in self._piece_graphs:
+            self._piece_graphs[i] = self._gradient_graph(part)
+        return self._piece_graphs[i]
+
+    def _own_gradient(self) -> Tensor:
+        """``sum_i w_i g_i`` over this rank's pieces (uncounted, not reduced)."""
+        if self._keeps_piece_graphs():
+            return sum(w * torch.cat([g.detach().reshape(-1) for g in self._piece_graph(i, part)[1]]) for i, w, part in self._own())
+        return sum(w * self.flatten(part.gradient(self.names)) for _, w, part in self._own())
+
+    def _own_product(self, v: Tensor) -> Tensor:
+        """``sum_i w_i H_i v`` over this rank's pieces (uncounted, not reduced)."""
+        if self.backend == "func":
+            return sum(w * self._hvp_func(v, part) for _, w, part in self._own())
+        if self._keeps_piece_graphs():
+            return sum(w * self._backward_of_gradient(self._piece_graph(i, part), v, keep=True) for i, w, part in self._own())
+        return sum(w * self._hvp_once(v, part) for _, w, part in self._own())
+
+    def _reduced(self, compute: Callable[[], Tensor]) -> Tensor:
+        """``compute()`` (this rank's partial sum) summed over :attr:`world`: exactly one all-reduce
+        per call on every rank, also when ``compute`` raises on some ranks (a flag travels with the
+        sum; every rank then raises, the failing ones their own error), so that no rank waits in a
+        collective the others have left."""
+        error: Exception | None = None
+        try:
+            partial = compute().reshape(-1).to(self.dtype)
+        except (RuntimeError, NotImplementedError, ValueError) as exc:
+            error, partial = exc, torch.zeros(self.numel, dtype=self.dtype, device=self.device)
+        flag = torch.ones(1, dtype=self.dtype, device=self.device) * float(error is not None)
+        summed = all_reduce(torch.cat([partial, flag]), self.world)
+        if error is not None:
+            raise error
+        if summed[-1] > 0:
+            raise RuntimeError(f"a Hessian-vector product failed on {int(summed[-1])} other rank(s)")
+        return summed[:-1]
+
+    def agreed(self, seconds: float) -> float:
+        """A timing every rank agrees on: the largest over :attr:`world`'s ranks when the operator
+        splits (collective), so that decisions taken from it (:func:`select_backend`) are the
+        same everywhere; ``seconds`` itself otherwise."""
+        return seconds if self.world is None else all_reduce_float(seconds, self.world, op="max")
 
     def __call__(self, v: Tensor) -> Tensor:
         """``H v`` (flat, in the parameters' dtype and device); ``sum_c w_c H_c v`` with chunks.
@@ -282,7 +419,11 @@ class HessianOperator:
         return hv
 
     def _product(self, v: Tensor) -> Tensor:
-        """``H v`` with :attr:`backend` (uncounted)."""
+        """``H v`` with :attr:`backend` (uncounted; collective when the operator splits)."""
+        if self._parent is not None:
+            return self._hvp_double_backward(v)
+        if self.world is not None:
+            return self._reduced(lambda: self._own_product(v))
         if self.chunks is not None:
             product = self._hvp_func if self.backend == "func" else self._hvp_once
             return sum(w * product(v, part) for w, part in self.chunks)
@@ -291,14 +432,16 @@ class HessianOperator:
         return self._hvp_double_backward(v)
 
     def block(self, names: Sequence[str]) -> "HessianOperator":
-        """The operator of the diagonal block ``H_gg`` over ``names`` (same backend and chunks);
-        with double backward on the whole batch it shares this operator's gradient graph:
-        ``H_gg v_g = (H [v_g; 0])_g``. An ``auto`` backend not chosen yet is chosen first, from a
-        product with a seeded random vector."""
+        """The operator of the diagonal block ``H_gg`` over ``names`` (same backend, chunks and
+        split over ranks: a block of a splitting operator is collective too);
+        with double backward without memory chunks it shares this operator's gradient graph (the
+        whole batch's, or this rank's pieces'): ``H_gg v_g = (H [v_g; 0])_g``. An ``auto`` backend
+        not chosen yet is chosen first, from a product with a seeded random vector."""
         if self.backend is None:
             generator = torch.Generator(device="cpu").manual_seed(0)
             self(torch.randn(self.numel, generator=generator, dtype=torch.float64).to(self.device))
         child = HessianOperator(self.loss, names, self.backend, self.chunks)
+        child.world, child.pieces = self.world, self.pieces
         if self.backend == "double_backward" and self.chunks is None:
             child._parent = self
         return child
@@ -307,7 +450,7 @@ class HessianOperator:
         if self._parent is not None:
             padded = {n: torch.zeros_like(p) for n, p in self._parent.loss.params.items() if n in self._parent.names}
             padded.update(self.split(v))
-            return self.flatten(self._parent.split(self._parent._hvp_double_backward(self._parent.flatten(padded))))
+            return self.flatten(self._parent.split(self._parent._product(self._parent.flatten(padded))))
         return self._backward_of_gradient(self._kept_graph(), v, keep=True)
 
     def _gradient_graph(self, loss: BatchLoss) -> tuple[list[Tensor], list[Tensor]]:
@@ -377,7 +520,10 @@ def select_backend(op: HessianOperator, v: Tensor, trial_seconds: float = math.i
     * otherwise the faster of one more double-backward product (the cost with the graph kept)
       and a timed ``func`` product after a warm-up one: 3 products beyond ``H v``.
 
-    A backend that raises on this model (e.g. ``func`` through a layer that mutates buffers) is
+    On an operator that splits over ranks every timing is the largest over the ranks
+    (:meth:`HessianOperator.agreed`) and a failure on one rank fails the product on all
+    (:meth:`HessianOperator._reduced`), so every rank runs the same products and keeps the same
+    backend. A backend that raises on this model (e.g. ``func`` through a layer that mutates buffers) is
     not chosen. One backend's memory at a time: the double-backward graph is dropped before
     ``func`` runs (the next product rebuilds it if double backward wins). The seconds are left in
     ``op.timings`` (a single double-backward figure is the first product, an upper bound on later
@@ -386,16 +532,17 @@ def select_backend(op: HessianOperator, v: Tensor, trial_seconds: float = math.i
     """
     op.backend = "double_backward"
     hv, first = _timed(op, v)
+    first = op.agreed(first)
     op.timings["double_backward"] = first
     products = int(hv is not None)
     if not (first < good_enough or (math.isfinite(first) and 4 * first > trial_seconds)):
         if hv is not None:
-            op.timings["double_backward"] = _timed(op, v)[1]
+            op.timings["double_backward"] = op.agreed(_timed(op, v)[1])
             products += 1
         op.release()
         op.backend = "func"
         warm, _ = _timed(op, v)
-        op.timings["func"] = _timed(op, v)[1] if warm is not None else math.inf
+        op.timings["func"] = op.agreed(_timed(op, v)[1]) if warm is not None else math.inf
         products += 2 * (warm is not None)
         hv = warm if hv is None else hv
     op.backend = min(op.timings, key=op.timings.get)

@@ -419,12 +419,7 @@ def _mode_tables(tables: dict[str, list[dict]], plan: Budget, loss: BatchLoss, t
     products = plan.affordable("hvp", settings["trace_products"])
     traces: dict[str, tuple[float, float]] = {}
     if products >= 2:
-        trace_op = total.local()  # krylov_trace calls products on the sample's owner only: no collective
-        if trace_op is not total:
-            total.release()  # one graph at a time: the twin's whole batch, then again this rank's pieces
-        traces = krylov_trace(trace_op, products, seed, layers)
-        if trace_op is not total:
-            trace_op.release()
+        traces = krylov_trace(total, products, seed, layers)
         tables["descent_trace"] += _trace_rows(mode, traces, products)
         plan.spend("hvp", products)
         if products < settings["trace_products"]:

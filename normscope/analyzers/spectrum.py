@@ -209,8 +209,13 @@ def _plus_deflated_samples(op: HessianOperator, Q: Tensor, exact: dict[str, floa
     Under :func:`normscope.distributed.session` the samples are shared out over the ranks (sample
     ``i`` on rank ``i % W``; every rank draws every ``v`` from the same seeded generator) and
     merged exactly (:func:`normscope.distributed.merge_owned`), so each rank holds the values one
-    process would compute, from ``1/W`` of the products."""
+    process would compute, from ``1/W`` of the products. A sample runs on its owner alone, so an
+    operator split over the ranks computes it with its unsplit twin (:meth:`HessianOperator.local`;
+    the split operator's graphs are released first: one graph at a time)."""
     world = current()
+    sampler = op.local()
+    if sampler is not op:
+        op.release()
     blocks = ["total", *index]
     values = torch.zeros(n_samples, len(blocks), dtype=torch.float64)
     for i in range(n_samples):
@@ -218,9 +223,11 @@ def _plus_deflated_samples(op: HessianOperator, Q: Tensor, exact: dict[str, floa
         if not world.owns(i):
             continue
         w = v - Q @ (Q.T @ v)
-        hw = op(w.to(op.dtype)).double()
+        hw = sampler(w.to(op.dtype)).double()
         sums = _block_sums(w * (hw - Q @ (Q.T @ hw)), index)
         values[i] = torch.tensor([sums[block] for block in blocks], dtype=torch.float64)
+    if sampler is not op:
+        sampler.release()
     values = merge_owned(values).numpy()
     return {block: (exact[block] + float(np.mean(values[:, j])), float(np.std(values[:, j], ddof=1) / math.sqrt(n_samples)))
             for j, block in enumerate(blocks)}

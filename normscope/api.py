@@ -94,11 +94,13 @@ def analyze(
             mode. Said in ``meta["random_layers"]``. Default: ``off``.
 
     Under ``torchrun`` (or any initialized process group of several ranks) every rank runs this
-    call: the full-data passes shard the examples and all-reduce their sums, the rest is
-    replicated or shared out by work item (:mod:`normscope.distributed`, README "Data beyond one
+    call: the full-data passes shard the examples and all-reduce their sums, descent's
+    Hessian-vector products are split over the ranks where the loss decomposes over examples, the
+    rest is replicated or shared out by work item (:mod:`normscope.distributed`, README "Data beyond one
     process"); every rank returns the same result. A CUDA ``device`` without an index is
-    ``cuda:LOCAL_RANK``. The budget is not applied there (the ranks' clocks would cut different
-    work); said in the findings. ``meta["distributed"]`` holds the world size and backend.
+    ``cuda:LOCAL_RANK``. The budget holds there too: every rank plans and cuts from the largest
+    elapsed time and unit costs over the ranks (:mod:`normscope.budget`), so all make the same cuts.
+    ``meta["distributed"]`` holds the world size and backend.
 
     Raises:
         DataShapeError: the data is in no accepted form or does not fit the model or loss.
@@ -131,7 +133,7 @@ def analyze(
             seed=seed,
             track=track,
             quick=quick,
-            budget=as_budget(None if world.active else budget),
+            budget=as_budget(budget),
             sites=sites,
         )
         with deterministic(random_layers, seed) as randomness:
@@ -153,10 +155,6 @@ def analyze(
         result.findings["model"] = model_findings
     if ctx.budget.cuts or "interrupted" in errors:
         result.findings["budget"] = budget_findings(ctx.budget, errors.get("interrupted"))
-    if world.active and as_budget(budget).limited:
-        result.findings.setdefault("budget", []).append(
-            f"The time budget is not applied under torch.distributed ({world.size} ranks): cuts made from each rank's own "
-            "clock would differ between the ranks and leave their collectives unmatched, so every stage ran in full.")
     result.meta = {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "versions": {"normscope": normscope.__version__, "torch": torch.__version__, "python": platform.python_version()},

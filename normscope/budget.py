@@ -12,6 +12,11 @@ not measured yet is priced at 0 (the first use measures it).
 
 ``clock="planned"`` makes the elapsed time the sum of the costs charged with :meth:`spend`
 instead of wall time, so that plans and cuts are reproducible (tests).
+
+Under :func:`normscope.distributed.session` every decision is the same on every rank: the time
+left (:meth:`Budget.remaining`), measured unit costs and the timings an analyzer compares with the
+time left (:func:`agreed`) are the largest over the ranks, so the ranks plan, cut and run the same
+collectives. Those calls are collectives themselves: every rank makes them in the same order.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+from normscope.distributed import all_reduce_float
 from normscope.errors import InvalidArgumentError
 
 DEFAULT_BUDGET = 120.0
@@ -79,12 +85,16 @@ class Budget:
         return self.seconds is not None and math.isfinite(self.seconds)
 
     def elapsed(self) -> float:
-        """Seconds spent since this budget (or share) started."""
+        """Seconds spent since this budget (or share) started, on this process's clock."""
         return self._now() - self._start
 
     def remaining(self) -> float:
-        """Seconds left (``inf`` when unlimited, never below 0)."""
-        return math.inf if not self.limited else max(0.0, self.seconds - self.elapsed())
+        """Seconds left (``inf`` when unlimited, never below 0); under torch.distributed from the
+        largest elapsed time over the ranks (a wall clock; a collective)."""
+        if not self.limited:
+            return math.inf
+        spent = self.elapsed() if self.clock == "planned" else agreed(self.elapsed())
+        return max(0.0, self.seconds - spent)
 
     def cost(self, unit: str, measure: Callable[[], float] | None = None) -> float:
         """The seconds one ``unit`` costs: injected, measured before, or measured now by ``measure``
@@ -92,7 +102,7 @@ class Budget:
         if unit not in UNITS:
             raise InvalidArgumentError(f"unknown unit {unit!r}; units are {', '.join(UNITS)}")
         if unit not in self.costs and measure is not None:
-            self.costs[unit] = float(measure())
+            self.costs[unit] = agreed(float(measure()))
         return self.costs.get(unit, 0.0)
 
     def price(self, units: dict[str, float]) -> float:
@@ -158,6 +168,12 @@ def chunk_for_memory(parameters: int, itemsize: int, memory: int = CHUNK_MEMORY,
     """Examples per chunk of per-example gradients so that one chunk's gradients and their work
     (about 3 parameter-sized copies per example) stay within ``memory`` bytes; 1 to ``largest``."""
     return max(1, min(largest, memory // max(1, 3 * parameters * itemsize)))
+
+
+def agreed(seconds: float) -> float:
+    """``seconds`` measured on this rank as every rank sees it: the largest over the ranks under
+    :func:`normscope.distributed.session` (a collective), ``seconds`` itself in one process."""
+    return all_reduce_float(seconds, op="max")
 
 
 def as_budget(budget: "Budget | float | None") -> Budget:

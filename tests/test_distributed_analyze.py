@@ -8,6 +8,7 @@ import pickle
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -116,6 +117,34 @@ def test_the_model_is_left_bit_identical_on_every_rank(runs):
     _, ranks = runs
     assert all(r["unchanged"] for r in ranks)
     assert not any(r["initialized"] for r in ranks)
+
+
+def _budget_rank(rank: int, world: int, port: int, out: str) -> None:
+    """One rank of an analysis whose wall-clock budget is too small for all of it."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    result = normscope.analyze(two_level_net(), data(), **{**SETTINGS, "budget": 1.5})
+    with open(Path(out) / f"rank{rank}.pkl", "wb") as f:
+        pickle.dump({"tables": result.tables, "budget": result.meta["budget"]}, f)
+
+
+def test_a_budget_cuts_the_same_work_on_every_rank(tmp_path):
+    """Under torch.distributed the budget holds and the ranks agree on every cut (their clocks and
+    timings are made the largest over the ranks): the run ends, with the same cuts and tables on both."""
+    context = mp.start_processes(_budget_rank, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=False, start_method="spawn")
+    deadline = time.monotonic() + 300
+    while not context.join(timeout=5):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail("the ranks did not finish: a budget decision differed between them")
+    ranks = [pickle.loads((tmp_path / f"rank{r}.pkl").read_bytes()) for r in range(2)]
+    assert ranks[0]["budget"]["seconds"] == 1.5 and ranks[0]["budget"]["cuts"]
+    assert ranks[0]["budget"]["cuts"] == ranks[1]["budget"]["cuts"]
+    assert ranks[0]["budget"]["unit_costs"] == ranks[1]["budget"]["unit_costs"]
+    for name, table in ranks[0]["tables"].items():
+        _assert_close(table, ranks[1]["tables"][name], name)
 
 
 def test_shards_cover_a_non_divisible_data_set_once():

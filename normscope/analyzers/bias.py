@@ -41,7 +41,7 @@ from normscope.analyzers.population_gradient import (
     population_gradient,
     streamed_population_gradient,
 )
-from normscope.budget import Budget, chunk_for_memory
+from normscope.budget import Budget, agreed, chunk_for_memory
 from normscope.distributed import current, shard
 from normscope.errors import InvalidArgumentError, UnknownNameError
 from normscope.findings import Finding, plural
@@ -354,7 +354,7 @@ def estimator_bias(
             rows.append(
                 {"estimator": estimator, "batch_size": b, "group": group, **figures.__dict__, "settings": est.settings[estimator]}
             )
-        longest = max(longest, time.perf_counter() - started)
+        longest = max(longest, agreed(time.perf_counter() - started))
     return pd.DataFrame(rows), g_star
 
 

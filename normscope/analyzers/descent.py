@@ -333,8 +333,8 @@ def descent_tables(
     products and gradients are summed exactly over example chunks; otherwise the whole batch is
     used. ``meta`` (the second return value) gives each mode's backend and examples per chunk.
 
-    Under :func:`normscope.distributed.session` (no budget there) every rank computes the same
-    rows. Where the mode's loss decomposes over examples (eval mode, or train mode without
+    Under :func:`normscope.distributed.session` every rank computes the same rows and makes the
+    same budget decisions (:mod:`normscope.budget`). Where the mode's loss decomposes over examples (eval mode, or train mode without
     BatchNorm's batch statistics; float64) the total operator splits its products and gradient
     over the ranks (``split`` of :class:`~normscope.analyzers.hvp.HessianOperator`: each rank its
     share of the examples, the partial sums all-reduced), so the direction rows (total and
@@ -436,15 +436,24 @@ def _mode_tables(tables: dict[str, list[dict]], plan: Budget, loss: BatchLoss, t
         plan.cut(f"per-layer critical steps of {len(layers) - len(done)} of {len(layers)} layers",
                  "one Hessian-vector product each did not fit")
     spectra = spectrum_layers(traces, {g: layers[g] for g in done}, settings["layer_spectra"])
-    if current().active:  # no budget here: the layers' Lanczos runs are independent, shared out over the ranks
-        # (each on its owner only, so unsplit operators: a split one would all-reduce on one rank)
+    world = current()
+    if world.active:  # the layers' Lanczos runs are independent: shared out over the ranks, each on its owner
+        # only, so with unsplit operators (a split one would all-reduce on one rank), a product of which costs
+        # about as many of the measured (split) products as the ranks it was split over; planned per round of W layers
+        per_layer = 2 * settings["layer_k"] + 10
+        each = per_layer * (1 if total.world is None else total.world.size)
+        rounds = plan.affordable("hvp", math.ceil(len(spectra) / world.size) * each) // each
+        if rounds * world.size < len(spectra):
+            plan.cut(f"the spectra of {len(spectra) - rounds * world.size} of {len(spectra)} layers", "no time left")
+        spectra = spectra[: rounds * world.size]
 
         def layer_spectrum(item: tuple[int, str]) -> list[dict]:
             i, group = item
             op = HessianOperator(loss, layers[group], total.backend, total.chunks)
-            return spectrum_rows(op, mode, group, settings["layer_k"], settings["tol"], seed + i, 2 * settings["layer_k"] + 10)
+            return spectrum_rows(op, mode, group, settings["layer_k"], settings["tol"], seed + i, per_layer)
 
         tables["descent_spectrum"] += [row for rows in share_out(list(enumerate(spectra, start=1)), layer_spectrum) for row in rows]
+        plan.spend("hvp", rounds * each)
         spectra = []
     for i, group in enumerate(spectra, start=1):
         products = plan.affordable("hvp", 2 * settings["layer_k"] + 10)

@@ -32,6 +32,7 @@ from normscope import batch as batches
 from normscope.findings import Finding
 from normscope.rules import gls_findings
 from normscope.analyzers import AnalysisContext, AnalyzerOutput, no_progress
+from normscope.budget import agreed
 from normscope.capture import Capture, capture
 from normscope.capture.record import SiteRecord
 from normscope.errors import AnalyzerError, DataShapeError, UnknownNameError
@@ -720,7 +721,7 @@ def analyze(ctx: AnalysisContext) -> AnalyzerOutput:
     inputs, targets = ctx.batches[0]
     started = time.perf_counter()
     tables = gls_step(ctx.model, (inputs, targets), ctx.loss_fn, sites=ctx.sites)
-    step_seconds = time.perf_counter() - started
+    step_seconds = agreed(time.perf_counter() - started)
     data = _sweep_data(ctx, 64 if ctx.quick else 512)
     if data is not None and ctx.options.get("gls_sweep", True):
         steps = sum(len(data[0]) // b for b in range(4, len(data[0]) + 1) if len(data[0]) % b == 0)

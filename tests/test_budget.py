@@ -146,3 +146,19 @@ def test_the_lanczos_cap_is_no_budget_cut(unlimited, monkeypatch):
     tight = Budget(7.5, {**COSTS, "forward": 0.0}, clock="planned")  # train: 3.75 s, 1.5 s of directions, room for 2 products
     tables, _ = descent_tables(model, x, y, budget=tight)
     assert [c.what for c in tight.cuts if "Lanczos" in c.what]
+
+
+def test_a_product_not_measured_yet_is_priced_in_gradients(unlimited):
+    """Before the first Hessian-vector product measures its cost, the direction rows are priced at
+    FIRST_PRODUCT_GRADIENTS gradients a product: a share that holds the gradients but not that is cut."""
+    from normscope.analyzers.descent import FIRST_PRODUCT_GRADIENTS
+
+    model, x, y, _ = unlimited
+    costs = {"gradient": 0.5, "forward": 0.0}
+    needed = 0.5 * (1 + FIRST_PRODUCT_GRADIENTS)  # one direction (no optimizer): its gradient and first product
+    short = Budget(0.9 * needed, dict(costs), clock="planned")
+    tables, _ = descent_tables(model, x, y, budget=short, modes=("train",))
+    assert [c.what for c in short.cuts] == ["every table of this mode"] and tables["descent_directions"].empty
+    enough = Budget(1.1 * needed, dict(costs), clock="planned")
+    tables, _ = descent_tables(model, x, y, budget=enough, modes=("train",))
+    assert not tables["descent_directions"].empty

@@ -23,6 +23,7 @@ import normscope
 from normscope.analyzers.gls import gls_tables
 from normscope.analyzers.stats import stats_tables
 from normscope.capture import capture
+from normscope.errors import InvalidArgumentError
 from normscope.models import MLP, build_model
 from normscope.monitor.metrics import DRIFT_METRICS, GLS_METRICS, STATS_METRICS, running_stats
 
@@ -319,6 +320,22 @@ def test_curvature_layers_k_takes_the_layers_the_step_moves_most(digits64):
     biggest = set(sorted(size, key=size.get, reverse=True)[:2])
     rows = curvature_rows(model, x, y, F.cross_entropy, optimizer, layers=2)
     assert {site for site, metric, _ in rows if metric == "a_crit"} == {"model", *biggest}
+
+
+def test_curvature_without_the_trace_spends_its_samples_less(digits64, tmp_path):
+    """curvature_samples=0: no trace rows and exactly the Hutchinson products fewer; 1 is refused."""
+    from normscope.monitor.curvature import curvature_rows
+
+    x, y = digits64[0][:32], digits64[1][:32]
+    torch.manual_seed(0)
+    model = MLP(width=8, depth=2).double().train()
+    rows = {samples: {(site, metric): value for site, metric, value in curvature_rows(model, x, y, F.cross_entropy, lr=0.1, layers=1,
+                                                                                     samples=samples)}
+            for samples in (0, 3)}
+    assert ("model", "trace") in rows[3] and not any(metric == "trace" for _, metric in rows[0])
+    assert rows[3][("model", "products")] - rows[0][("model", "products")] == 3
+    with pytest.raises(InvalidArgumentError, match="curvature_samples"):
+        normscope.Monitor(model, tmp_path, curvature_samples=1)
 
 
 class _Mixed(nn.Module):

@@ -16,8 +16,8 @@ descent analysis of batch normalization it builds on):
   (``lambda_max_products``); started from ``start`` (the monitor passes the previous curvature
   step's Ritz vector plus a seeded random part, so a slowly turning top eigenvector costs a few
   products), and ``stability_limit = 2 / lambda_max``;
-* ``trace``, Hutchinson's estimate of ``tr H`` from ``samples`` Rademacher products, with
-  ``trace_stderr``; the same products give each layer's ``trace`` (its block ``H_gg``);
+* ``trace``, Hutchinson's estimate of ``tr H`` from ``samples`` Rademacher products (at least 2;
+  0: no trace), with ``trace_stderr``; the same products give each layer's ``trace`` (its block ``H_gg``);
 * ``products``: the Hessian-vector products the step spent in all.
 
 The global random state is forked, so dropout in the copy draws nothing from the user's stream.
@@ -114,9 +114,10 @@ def curvature_step(
                  (MODEL_SITE, "lambda_max_error", float(top.errors[0])),
                  (MODEL_SITE, "lambda_max_products", float(top.products)),
                  (MODEL_SITE, "stability_limit", 2.0 / lam if lam > 0 else math.nan)]
-        traces = hutchinson_trace(total, samples, seed, groups)
-        rows += [(MODEL_SITE, "trace", traces["total"][0]), (MODEL_SITE, "trace_stderr", traces["total"][1])]
-        rows += [(g, "trace", t) for g, (t, _) in traces.items() if g != "total"]
+        if samples:
+            traces = hutchinson_trace(total, samples, seed, groups)
+            rows += [(MODEL_SITE, "trace", traces["total"][0]), (MODEL_SITE, "trace_stderr", traces["total"][1])]
+            rows += [(g, "trace", t) for g, (t, _) in traces.items() if g != "total"]
         rows.append((MODEL_SITE, "products", float(sum(op.products for op in ops.values()))))
     return rows, ritz
 

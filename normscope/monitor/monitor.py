@@ -56,7 +56,9 @@ class Monitor:
             training steps) each: fnmatch patterns on layer names, an int ``k`` for the ``k``
             layers the step moves most (largest ``||d_g||``, so the layers can change from one
             curvature step to the next) or ``None`` for every layer. Default: 2.
-        curvature_samples: Hutchinson products for the trace. Default: 4.
+        curvature_samples: Hutchinson products for the trace (0: no trace). Default: 4. A product costs
+            about two training steps (the reference ResNet: 46-62 ms against 25 ms); with the defaults a
+            curvature step spends about 9 (2 for lambda_max warm-started, 1 + 2 for a_crit, 4 for the trace).
         tensorboard: also write TensorBoard scalars. Default: False.
         flush_seconds: write buffered rows at most this often (0: every recorded step). Default: 10.
         rank: the process rank written with each row. Under ``torch.distributed`` with more than one
@@ -91,6 +93,8 @@ class Monitor:
     ) -> None:
         if every < 0 or (every_curvature is not None and every_curvature < 1):
             raise InvalidArgumentError(f"every must be >= 0 and every_curvature >= 1 (got {every}, {every_curvature})")
+        if curvature_samples == 1 or curvature_samples < 0:
+            raise InvalidArgumentError(f"curvature_samples must be 0 (no trace) or at least 2 for a standard error (got {curvature_samples})")
         self.model, self.out = model, Path(out)
         self.every, self.every_curvature = every, every_curvature
         self.optimizer, self.lr, self.loss_fn = optimizer, lr, loss_fn

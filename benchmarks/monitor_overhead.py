@@ -2,8 +2,9 @@
 
 Reference ResNet (``build_model("resnet_bn")``, 10 BatchNorm sites) at batch 128 on digits images,
 SGD with momentum, one process. Configurations: the capture alone (``storage="reductions"`` every
-step, no metrics), the monitor with statistics and GLS every step and every 10 steps, and every 10
-steps plus curvature every 100 steps. Each configuration is timed in blocks of whole cadences
+step, no metrics), the monitor with statistics and GLS every step and every 10 steps, every 10
+steps plus curvature every 100 steps (the defaults: a_crit, lambda_max, a 4-sample trace) and the same
+without the trace. Each configuration is timed in blocks of whole cadences
 (100 steps), alternating with blocks of the plain loop so that load from other jobs affects both
 alike; each ratio is (median monitored block) / (median plain block), in wall time and in process
 CPU time. The load average (``os.getloadavg()``) is printed before, after each configuration and after.
@@ -29,7 +30,7 @@ from normscope.data import load_digits
 from normscope.models import build_model
 
 TARGETS = {"stats+GLS every step": 1.3, "stats+GLS every 10": 1.05, "every 10 + curvature every 100": 1.10,
-           "capture (reductions) every step": 1.2}
+           "capture (reductions) every step": 1.2, "the same, no trace (curvature_samples=0)": 1.10}
 
 
 def _sync(device: torch.device) -> None:
@@ -80,6 +81,8 @@ def run(device: torch.device, rounds: int, block: int, batch: int = 128) -> list
             "stats+GLS every step": (None, dict(every=1)),
             "stats+GLS every 10": (None, dict(every=10)),
             "every 10 + curvature every 100": (None, dict(every=10, every_curvature=100, optimizer=optimizer)),
+            "the same, no trace (curvature_samples=0)": (None, dict(every=10, every_curvature=100, optimizer=optimizer,
+                                                                     curvature_samples=0)),
         }
         for name, (step, kwargs) in configs.items():
             monitor = normscope.Monitor(model, os.path.join(tmp, name.replace(" ", "_")), **kwargs) if kwargs else None
@@ -109,9 +112,9 @@ def main() -> None:
     device = torch.device(args.device)
     print(f"torch {torch.__version__}, {device}, threads {torch.get_num_threads()}, load before {os.getloadavg()}")
     print(f"resnet_bn, batch 128, blocks of {args.block} steps x {args.rounds} rounds")
-    print(f"{'configuration':<34}{'plain ms':>10}{'with ms':>10}{'ratio':>8}{'cpu ratio':>10}{'target':>8}{'load':>6}")
+    print(f"{'configuration':<42}{'plain ms':>10}{'with ms':>10}{'ratio':>8}{'cpu ratio':>10}{'target':>8}{'load':>6}")
     for name, plain, watched, ratio, cpu_ratio, load in run(device, args.rounds, args.block):
-        print(f"{name:<34}{plain:>10.2f}{watched:>10.2f}{ratio:>8.3f}{cpu_ratio:>10.3f}{TARGETS[name]:>8.2f}{load:>6.1f}")
+        print(f"{name:<42}{plain:>10.2f}{watched:>10.2f}{ratio:>8.3f}{cpu_ratio:>10.3f}{TARGETS[name]:>8.2f}{load:>6.1f}")
     print(f"load after {os.getloadavg()}")
 
 

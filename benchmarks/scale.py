@@ -102,6 +102,7 @@ def child(case: str, what: str, hidden: int | None, threads: int, analyzers: str
     else:
         result = normscope.analyze(model, (inputs, y), analyzers=analyzers)
         written = time.perf_counter()
+        out["analysis_peak_mb_above_base"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
         with tempfile.TemporaryDirectory() as folder:
             result.save(Path(folder) / "out")  # tables, summary and report, as the CLI writes them
         out["writing_seconds"] = time.perf_counter() - written
@@ -141,7 +142,7 @@ def main() -> None:
         print(f"{case}: {full['params']} parameters; analyze {full['seconds']:.1f} s {full['seconds_by_analyzer']} "
               f"(ran {full['analyzers']}, writing {full['writing_seconds']:.1f} s, cuts {full['cuts']}, unit costs {full['unit_costs']}); peak memory above base "
               f"{full['peak_mb_above_base']:.0f} MB vs training step {step['peak_mb_above_base']:.0f} MB = "
-              f"{full['peak_mb_above_base'] / max(step['peak_mb_above_base'], 1):.2f}x (func code {full['func_code_mb']:.0f} MB; with it "
+              f"{full['peak_mb_above_base'] / max(step['peak_mb_above_base'], 1):.2f}x (before writing {full['analysis_peak_mb_above_base']:.0f} MB; func code {full['func_code_mb']:.0f} MB; with it "
               f"{(full['peak_mb_above_base'] + full['func_code_mb']) / max(step['peak_mb_above_base'], 1):.2f}x); "
               f"load {full['load']} -> {full['load_after']}",
               flush=True)

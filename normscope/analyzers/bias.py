@@ -207,6 +207,19 @@ def _batch_grad(model: nn.Module, inputs: Tensor, targets: Tensor, loss_fn: Loss
     return dict(zip(params, torch.autograd.grad(loss, list(params.values()), allow_unused=False)))
 
 
+def _chunked_grad(model: nn.Module, inputs: Tensor, targets: Tensor, loss_fn: LossFn, chunk_size: int) -> dict[str, Tensor]:
+    """The gradient of the mean loss over all N examples of a model that does not couple them
+    (eval mode) from chunks of ``chunk_size``: ``g = sum_c (n_c / N) g_c`` (one chunk's graph alive)."""
+    n = batches.size(inputs)
+    total: dict[str, Tensor] = {}
+    for start in range(0, n, chunk_size):
+        x, y = batches.take((inputs, targets), slice(start, start + chunk_size))
+        weight = batches.size(x) / n
+        for name, g in _batch_grad(model, x, y, loss_fn).items():
+            total[name] = weight * g if name not in total else total[name] + weight * g
+    return total
+
+
 def _set_moments(model: nn.Module, moments: PopulationGradient) -> None:
     with torch.no_grad():
         for name, module in norm_sites(model).items():
@@ -344,7 +357,7 @@ def estimator_bias(
     est = _Estimators(work, g_star, loss_fn, options or {})
     names = est.names
     star = _flat(g_star.grads, names)
-    control_target = _flat(_batch_grad(est.base, inputs, targets, loss_fn), names)
+    control_target = _flat(_chunked_grad(est.base, inputs, targets, loss_fn, 8 * est.chunk_size), names)
     groups = _groups(work)
     generator = torch.Generator().manual_seed(seed)
     draws = {b: [torch.randperm(n, generator=generator)[:b] for _ in range(repeats)] for b in sizes}

@@ -171,9 +171,11 @@ def step_memory(model: torch.nn.Module, batch: tuple, loss_fn: Callable) -> int:
 
     ``step = 2 * parameter bytes (weights and their gradients) + bytes saved for backward``
 
-    by a training-mode forward and loss, counted once per storage with
-    ``torch.autograd.graph.saved_tensors_hooks`` (parameters among them not counted again).
-    Runs on a deep copy inside :func:`normscope.guard.preserved`: ``model`` and the RNG are untouched."""
+    by a forward and loss, counted once per storage with ``torch.autograd.graph.saved_tensors_hooks``
+    (parameters among them not counted again). The forward runs in eval mode, so that it works on any
+    batch (BatchNorm refuses one example in training mode) and draws no dropout masks (not counted);
+    the activations saved are those of the training step. Runs on a deep copy inside
+    :func:`normscope.guard.preserved`: ``model`` and the RNG are untouched."""
     import copy
 
     import torch
@@ -182,7 +184,7 @@ def step_memory(model: torch.nn.Module, batch: tuple, loss_fn: Callable) -> int:
     from normscope.guard import preserved
 
     with preserved(model):
-        work = copy.deepcopy(model).train()
+        work = copy.deepcopy(model).eval()
         params = list(work.parameters())
         seen = {p.untyped_storage().data_ptr() for p in params}
         saved = [0]

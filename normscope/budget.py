@@ -17,6 +17,10 @@ Under :func:`normscope.distributed.session` every decision is the same on every 
 left (:meth:`Budget.remaining`), measured unit costs and the timings an analyzer compares with the
 time left (:func:`agreed`) are the largest over the ranks, so the ranks plan, cut and run the same
 collectives. Those calls are collectives themselves: every rank makes them in the same order.
+
+Memory: an analyzer's working memory follows the model's training step (:func:`step_memory`:
+parameters, gradients and the bytes a forward saves for backward), :func:`memory_budget` is a
+small multiple of it with a floor, and :func:`chunk_for_memory` sizes per-example chunks from it.
 """
 
 from __future__ import annotations
@@ -24,10 +28,13 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from normscope.distributed import all_reduce_float
 from normscope.errors import InvalidArgumentError
+
+if TYPE_CHECKING:
+    import torch
 
 DEFAULT_BUDGET = 120.0
 UNITS = ("forward", "gradient", "hvp", "example_chunk")
@@ -156,15 +163,62 @@ class Budget:
         }
 
 
-CHUNK_MEMORY = 256 * 2**20
-HVP_MEMORY = 2 * CHUNK_MEMORY
+HVP_MEMORY = 512 * 2**20
 """Bytes one example chunk's double-backward graph may take (``normscope.analyzers.hvp.graph_chunk``):
 on the 3.5M-parameter BERT of ``benchmarks/scale.py`` (float64, batch 128) 512 MiB gives 16-example
 chunks and a descent peak of 1.34 GB (2.1x a training step) at 18 s a product, 1 GiB 32-example
 chunks, 1.94 GB and 12 s (load 2.2 on 2 cores)."""
 
+MEMORY_FACTOR = 2.0
+"""Working memory an analyzer may hold, in training steps (:func:`memory_budget`)."""
+MEMORY_FLOOR = 16 * 2**20
+"""The least working memory (bytes) of :func:`memory_budget`, for models whose step is tiny."""
 
-def chunk_for_memory(parameters: int, itemsize: int, memory: int = CHUNK_MEMORY, largest: int = 64) -> int:
+
+def step_memory(model: torch.nn.Module, batch: tuple, loss_fn: Callable) -> int:
+    """Bytes of one training step of ``model`` on ``batch`` (``(inputs, targets)`` in any form of
+    :mod:`normscope.batch`), optimizer state left out:
+
+    ``step = 2 * parameter bytes (weights and their gradients) + bytes saved for backward``
+
+    by a forward and loss, counted once per storage with ``torch.autograd.graph.saved_tensors_hooks``
+    (parameters among them not counted again). The forward runs in eval mode, so that it works on any
+    batch (BatchNorm refuses one example in training mode) and draws no dropout masks (not counted);
+    the activations saved are those of the training step. Runs on a deep copy inside
+    :func:`normscope.guard.preserved`: ``model`` and the RNG are untouched."""
+    import copy
+
+    import torch
+
+    from normscope import batch as batches
+    from normscope.guard import preserved
+
+    with preserved(model):
+        work = copy.deepcopy(model).eval()
+        params = list(work.parameters())
+        seen = {p.untyped_storage().data_ptr() for p in params}
+        saved = [0]
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                saved[0] += storage.nbytes()
+            return t
+
+        inputs, targets = batch
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss_fn(batches.forward(work, inputs), targets)
+    return 2 * sum(p.numel() * p.element_size() for p in params) + saved[0]
+
+
+def memory_budget(step: int, factor: float = MEMORY_FACTOR, floor: int = MEMORY_FLOOR) -> int:
+    """Bytes of working memory an analyzer may hold beyond its inputs: ``max(floor, factor * step)``
+    with ``step`` from :func:`step_memory`."""
+    return max(int(floor), int(factor * step))
+
+
+def chunk_for_memory(parameters: int, itemsize: int, memory: int, largest: int = 64) -> int:
     """Examples per chunk of per-example gradients so that one chunk's gradients and their work
     (about 3 parameter-sized copies per example) stay within ``memory`` bytes; 1 to ``largest``."""
     return max(1, min(largest, memory // max(1, 3 * parameters * itemsize)))

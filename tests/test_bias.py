@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from normscope.rules import log_log_fit
 from normscope.analyzers import AnalysisContext, get_analyzer
 from normscope.analyzers.bias import (
+    _Estimators,
     bias_statistics,
     estimator_bias,
     jacobian_product_bias,
@@ -216,6 +217,41 @@ def test_analyze_quick_on_the_default_model(digits) -> None:
     assert out.headline["bias_examples"] == 256
     again = get_analyzer("bias")(ctx)
     assert again.tables["bias_estimators"].equals(estimators)
+
+
+def test_per_example_means_are_the_draws_mean_per_example_gradients(digits) -> None:
+    model = copy.deepcopy(_two_layer_mlp(2)).to(DT).eval()
+    x, y = digits[0][:40], digits[1][:40]
+    g_star = population_gradient(model, x, y)
+    generator = torch.Generator().manual_seed(1)
+    draws = [torch.randperm(40, generator=generator)[:b] for b in (3, 7, 7, 16)]
+    est = _Estimators(model, g_star, F.cross_entropy, {"chunk_size": 5})
+    every = per_example_grads(est.base, x, y)
+    flat = torch.cat([every[name].reshape(40, -1) for name in est.names], dim=1)
+    means = est.samples("control", x, y, draws)
+    assert means.shape == (4, flat.shape[1])
+    for row, idx in zip(means, draws):
+        assert torch.allclose(row, flat[idx].mean(dim=0), rtol=0, atol=1e-14)
+
+
+def test_a_small_memory_budget_gives_small_chunks_and_the_same_bias(digits) -> None:
+    """``bias_memory`` (default: a multiple of the training step) sizes the per-example chunks;
+    the figures do not depend on it beyond float64 rounding."""
+    model = build_model("mlp_bn")
+    state = snapshot(model)
+    x, y = digits[0][:96].float(), digits[1][:96]
+    options = {"bias_repeats": 3, "bias_batch_sizes": (4, 16), "bias_examples": 96}
+    tables = {}
+    for memory in (10**9, 1):
+        ctx = AnalysisContext(model=model, batches=[(x[:32], y[:32])], dataset=(x, y), options={**options, "bias_memory": memory})
+        tables[memory] = get_analyzer("bias")(ctx).tables["bias_estimators"]
+    assert_unchanged(model, state)
+    chunks = {m: set(t.loc[t["estimator"] == "two_stage", "settings"]) for m, t in tables.items()}
+    assert chunks == {10**9: {"r_m=1, r_v=1, no caps, chunks of 64"}, 1: {"r_m=1, r_v=1, no caps, chunks of 1"}}
+    large, small = tables[10**9], tables[1]
+    numbers = [c for c in large.columns if large[c].dtype.kind == "f"]
+    assert large[["estimator", "batch_size", "group"]].equals(small[["estimator", "batch_size", "group"]])
+    np.testing.assert_allclose(small[numbers].to_numpy(), large[numbers].to_numpy(), rtol=1e-10, atol=1e-12)
 
 
 def test_analyze_without_batchnorm_explains_why() -> None:

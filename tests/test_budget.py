@@ -9,7 +9,7 @@ import torch
 import normscope
 from normscope.analyzers import ANALYZERS
 from normscope.analyzers.descent import QUICK, descent_tables, findings
-from normscope.budget import Budget, as_budget
+from normscope.budget import MEMORY_FLOOR, Budget, as_budget, chunk_for_memory, memory_budget, step_memory
 from normscope.errors import InvalidArgumentError
 from normscope.guard import assert_unchanged, snapshot
 from normscope.models import build_model
@@ -162,3 +162,18 @@ def test_a_product_not_measured_yet_is_priced_in_gradients(unlimited):
     enough = Budget(1.1 * needed, dict(costs), clock="planned")
     tables, _ = descent_tables(model, x, y, budget=enough, modes=("train",))
     assert not tables["descent_directions"].empty
+
+
+def test_step_memory_counts_weights_gradients_and_saved_activations_of_a_copy():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.BatchNorm1d(32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+    x, y = torch.randn(16, 8), torch.randint(0, 4, (16,))
+    state = snapshot(model)
+    small = step_memory(model, (x, y), torch.nn.functional.cross_entropy)
+    large = step_memory(model, (torch.cat([x] * 4), torch.cat([y] * 4)), torch.nn.functional.cross_entropy)
+    assert_unchanged(model, state)
+    weights = sum(p.numel() * 4 for p in model.parameters())
+    assert small > 2 * weights + 16 * 32 * 4  # at least the saved BatchNorm input
+    assert large - 2 * weights > 3.5 * (small - 2 * weights)  # the saved part grows with the examples
+    assert memory_budget(small) == MEMORY_FLOOR and memory_budget(10 * MEMORY_FLOOR) == 20 * MEMORY_FLOOR
+    assert chunk_for_memory(1000, 8, 10**9) == 64 > chunk_for_memory(1000, 8, 240_000) == 10 > chunk_for_memory(1000, 8, 1) == 1

@@ -26,7 +26,6 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
@@ -41,7 +40,7 @@ from normscope.analyzers.population_gradient import (
     population_gradient,
     streamed_population_gradient,
 )
-from normscope.budget import Budget, agreed, chunk_for_memory
+from normscope.budget import Budget, agreed, chunk_for_memory, memory_budget, step_memory
 from normscope.distributed import current, shard
 from normscope.errors import InvalidArgumentError, UnknownNameError
 from normscope.findings import Finding, plural
@@ -67,7 +66,6 @@ LABELS = {
 QUICK = {"batch_sizes": (4, 16, 64), "repeats": 16, "examples": 256}
 FULL = {"batch_sizes": (2, 4, 8, 16, 32, 64, 128), "repeats": 32, "examples": None}
 FULL_BATCH_MAX = 4096
-PER_EXAMPLE_MEMORY = 256 * 2**20
 
 
 # ---------------------------------------------------------------- per-example gradients
@@ -208,6 +206,19 @@ def _batch_grad(model: nn.Module, inputs: Tensor, targets: Tensor, loss_fn: Loss
     return dict(zip(params, torch.autograd.grad(loss, list(params.values()), allow_unused=False)))
 
 
+def _chunked_grad(model: nn.Module, inputs: Tensor, targets: Tensor, loss_fn: LossFn, chunk_size: int) -> dict[str, Tensor]:
+    """The gradient of the mean loss over all N examples of a model that does not couple them
+    (eval mode) from chunks of ``chunk_size``: ``g = sum_c (n_c / N) g_c`` (one chunk's graph alive)."""
+    n = batches.size(inputs)
+    total: dict[str, Tensor] = {}
+    for start in range(0, n, chunk_size):
+        x, y = batches.take((inputs, targets), slice(start, start + chunk_size))
+        weight = batches.size(x) / n
+        for name, g in _batch_grad(model, x, y, loss_fn).items():
+            total[name] = weight * g if name not in total else total[name] + weight * g
+    return total
+
+
 def _set_moments(model: nn.Module, moments: PopulationGradient) -> None:
     with torch.no_grad():
         for name, module in norm_sites(model).items():
@@ -243,7 +254,6 @@ class _Estimators:
         self.population_options = population
         self.renorm = _swap(self.base, "renorm", bn_steps=0, rmax_steps=0, dmax_steps=0)  # constant rmax 3, dmax 5
         self.chunk_size = int(options.get("chunk_size", 64))
-        self.cache: dict[str, Tensor] = {}
         norm = next(m for m in self.per_example.modules() if isinstance(m, PopulationNorm))
         renorm = next(m for m in self.renorm.modules() if isinstance(m, BatchRenorm))
         shared = f"r_m={norm.r_m}, r_v={norm.r_v}, f_max={norm.f_max}, u_max={norm.u_max}"
@@ -256,25 +266,38 @@ class _Estimators:
             "control": "eval-mode BN, per-example gradients",
         }
 
-    def _per_example_flat(self, key: str, model: nn.Module, inputs: Tensor, targets: Tensor, idx: Tensor) -> Tensor:
-        """Mean per-example gradient over ``idx``; all N cached when they fit in memory."""
-        n, element_size = batches.size(inputs), next(iter(parameters(model).values())).element_size()
-        if n * sum(p.numel() for p in parameters(model).values()) * element_size <= PER_EXAMPLE_MEMORY:
-            if key not in self.cache:
-                grads = per_example_grads(model, inputs, targets, self.loss_fn, self.chunk_size)
-                self.cache[key] = torch.cat([grads[name].reshape(n, -1) for name in self.names], dim=1)
-            return self.cache[key][idx].mean(dim=0)
-        grads = per_example_grads(model, *batches.take((inputs, targets), idx), self.loss_fn, self.chunk_size)
-        return torch.cat([grads[n].reshape(len(idx), -1) for n in self.names], dim=1).mean(dim=0)
+    def _per_example_means(self, model: nn.Module, inputs: Tensor, targets: Tensor, draws: list[Tensor]) -> Tensor:
+        """``(R, P)``: the mean per-example gradient of each of the R ``draws``, from one pass over
+        the examples the draws hold, ``chunk_size`` at a time: ``means += W[:, c] @ G_c`` with
+        ``G_c`` the chunk's per-example gradients and ``W[r, n] = 1/B_r`` for ``n`` in draw ``r``.
+        Memory: the R means and one chunk's gradients, never the gradients of all N examples."""
+        used = torch.unique(torch.cat(draws))
+        dtype = next(iter(parameters(model).values())).dtype
+        weights = torch.zeros(len(draws), len(used), dtype=dtype)
+        for r, idx in enumerate(draws):
+            weights[r, torch.searchsorted(used, idx)] = 1.0 / len(idx)
+        weights = weights.to(batches.device(inputs))
+        means = None
+        for start in range(0, len(used), self.chunk_size):
+            rows = used[start : start + self.chunk_size]
+            grads = per_example_grads(model, *batches.take((inputs, targets), rows), self.loss_fn, self.chunk_size)
+            part = weights[:, start : start + len(rows)] @ torch.cat([grads[n].reshape(len(rows), -1) for n in self.names], dim=1)
+            means = part if means is None else means + part
+        return means
 
-    def estimate(self, name: str, inputs: Tensor, targets: Tensor, idx: Tensor) -> Tensor:
+    def samples(self, name: str, inputs: Tensor, targets: Tensor, draws: list[Tensor]) -> Tensor:
+        """``(R, P)``: estimator ``name``'s gradient on each of the R ``draws`` (index tensors)."""
+        if name == "per_example":
+            return self._per_example_means(self.per_example, inputs, targets, draws)
+        if name == "control":
+            return self._per_example_means(self.base, inputs, targets, draws)
+        return torch.stack([self._estimate(name, inputs, targets, idx) for idx in draws])
+
+    def _estimate(self, name: str, inputs: Tensor, targets: Tensor, idx: Tensor) -> Tensor:
+        """A minibatch estimator's gradient on the examples ``idx``."""
         x, y = batches.take((inputs, targets), idx)
         if name == "batchnorm":
             return _flat(_batch_grad(self.train_bn, x, y, self.loss_fn), self.names)
-        if name == "per_example":
-            return self._per_example_flat(name, self.per_example, inputs, targets, idx)
-        if name == "control":
-            return self._per_example_flat(name, self.base, inputs, targets, idx)
         if name == "microbatch":
             k = min(self.microbatch_size, len(idx))
             if k not in self.microbatch:
@@ -333,7 +356,7 @@ def estimator_bias(
     est = _Estimators(work, g_star, loss_fn, options or {})
     names = est.names
     star = _flat(g_star.grads, names)
-    control_target = _flat(_batch_grad(est.base, inputs, targets, loss_fn), names)
+    control_target = _flat(_chunked_grad(est.base, inputs, targets, loss_fn, 8 * est.chunk_size), names)
     groups = _groups(work)
     generator = torch.Generator().manual_seed(seed)
     draws = {b: [torch.randperm(n, generator=generator)[:b] for _ in range(repeats)] for b in sizes}
@@ -346,7 +369,7 @@ def estimator_bias(
                        f"each took up to {longest:.3g} s, {budget.remaining():.3g} s were left")
             break
         started = time.perf_counter()
-        samples = torch.stack([est.estimate(estimator, inputs, targets, idx) for idx in draws[b]])
+        samples = est.samples(estimator, inputs, targets, draws[b])
         reference = control_target if estimator == "control" else star
         total_norm = float(reference.double().norm())
         for group, part in groups.items():
@@ -448,8 +471,14 @@ def analyze(ctx: AnalysisContext) -> AnalyzerOutput:
 
     Options (``ctx.options``, prefix ``bias_``): ``batch_sizes``, ``repeats``, ``examples``,
     ``estimators``, ``dtype`` (float64), ``microbatch`` (2), ``r_m``, ``r_v``, ``f_max``,
-    ``u_max``, ``chunk_size`` (per-example gradient chunks: at most 64 examples, fewer when
-    their gradients would pass :data:`normscope.budget.CHUNK_MEMORY`). ``ctx.quick``: B in {4, 16, 64}, 16 repeats, 256 examples.
+    ``u_max``, ``memory`` (bytes of working memory; default
+    :func:`normscope.budget.memory_budget` of :func:`~normscope.budget.step_memory` on the first
+    batch: ``max(16 MiB, 2 x the training step)``), ``chunk_size`` (examples per chunk of
+    per-example gradients and of two-stage backprop; default
+    :func:`~normscope.budget.chunk_for_memory` of ``memory``: at most 64, fewer when 3 copies of
+    their gradients would pass it). The per-example estimators hold the R means of a batch size's
+    draws and one chunk's gradients, never the gradients of all N examples.
+    ``ctx.quick``: B in {4, 16, 64}, 16 repeats, 256 examples.
     Data sets over 4096 examples get g* streamed (2L + 1 passes, L normalization levels).
 
     Under :func:`normscope.distributed.session` g* is streamed over this rank's shard of the
@@ -470,7 +499,9 @@ def analyze(ctx: AnalysisContext) -> AnalyzerOutput:
     target = None
     with preserved(ctx.model):
         work = copy.deepcopy(ctx.model).to(dtype).eval()
-    opts.setdefault("chunk_size", chunk_for_memory(sum(p.numel() for p in work.parameters()), next(work.parameters()).element_size()))
+    if "chunk_size" not in opts:
+        memory = int(opts["memory"]) if "memory" in opts else memory_budget(step_memory(ctx.model, ctx.batches[0], ctx.loss_fn))
+        opts["chunk_size"] = chunk_for_memory(sum(p.numel() for p in work.parameters()), next(work.parameters()).element_size(), memory)
     world = current()
     if n > FULL_BATCH_MAX or world.active:
         step = int(opts.get("chunk_size", 64)) * 8

@@ -21,6 +21,7 @@ item order, so they agree with the snapshot's pairwise numpy sums to float64 rou
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Hashable
 
@@ -113,7 +114,7 @@ def stats_values(sites: list[Hashable], records: list[list[SiteRecord]],
     used = [(s, r) for s, group in enumerate(records) for r in (group if group[0].layout.rule == "channel" else group[:1])]
     sizes = torch.tensor([r.reductions["n"].numel() for _, r in used])
     site_size = [records[s][0].reductions["n"].numel() for s in range(len(sites))]
-    site_start = [sum(site_size[:s]) for s in range(len(sites))]
+    site_start = [0, *itertools.accumulate(site_size)][:-1]
     record_start = (sizes.cumsum(0) - sizes).tolist()
     slot = torch.arange(int(sizes.sum())) - _repeat([a - site_start[s] for (s, _), a in zip(used, record_start)], sizes, torch.long)
     slots = sum(site_size)
@@ -123,9 +124,10 @@ def stats_values(sites: list[Hashable], records: list[list[SiteRecord]],
     eps_fraction = eps / (var.where(centered, var + mean * mean) + eps)
     drifting = [s for s, group in enumerate(records)
                 if group[0].layout.rule == "channel" and sites[s] in running and running[sites[s]][0].numel() == site_size[s]]
-    on = torch.tensor([s in drifting for s, _ in used]).repeat_interleave(sizes)
-    rm = _cat([running[sites[s]][0] for s, _ in used if s in drifting])
-    rv = _cat([running[sites[s]][1] for s, _ in used if s in drifting])
+    drifts = set(drifting)
+    on = torch.tensor([s in drifts for s, _ in used]).repeat_interleave(sizes)
+    rm = _cat([running[sites[s]][0] for s, _ in used if s in drifts])
+    rv = _cat([running[sites[s]][1] for s, _ in used if s in drifts])
     drift = (mean[on] - rm).abs() / (rv + eps[on]).sqrt()
     figures = torch.full((3, len(slot)), math.nan, dtype=F64)
     figures[0], figures[1, on], figures[2, on] = eps_fraction, drift, var[on] / rv
@@ -153,7 +155,7 @@ def _figures(fits: list[SiteRecord]) -> dict[str, Tensor]:
     for i, r in enumerate(fits):
         groups.setdefault((r.layout.kind.centered, r.layout.rule == "weight", r.layout.batch_stats), []).append(i)
     sizes = [r.reductions["n"].numel() for r in fits]
-    starts = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+    starts = [0, *itertools.accumulate(sizes)]
     out: dict[str, Tensor] = {}
     for (centered, unit, batch_stats), members in groups.items():
         sums = {k: _cat([fits[i].reductions[k] for i in members]) for k in FIT_SUMS}
@@ -209,6 +211,7 @@ def steps_rows(steps: list[tuple[int, list[SiteRecord], dict[str, tuple[Tensor, 
         return {}
     keys, groups = list(by_site), list(by_site.values())
     stats, drifting = stats_values(keys, groups, running_by_site)
+    drifting = set(drifting)
     values = {name: value.tolist() for name, value in stats.items()}
     rows: dict[int, list[Row]] = {}
     for s, (step, site) in enumerate(keys):

@@ -33,12 +33,13 @@ class RecordStore:
     def append(self, step: int, rows: list[tuple[str, str, float]], rank: int | None = None) -> None:
         """Add ``(site, metric, value)`` rows of one step; flush when the interval has passed."""
         rank = self.rank if rank is None else rank
-        for site, metric, value in rows:
-            self._columns["step"].append(step)
-            self._columns["rank"].append(rank)
-            self._columns["site"].append(site)
-            self._columns["metric"].append(metric)
-            self._columns["value"].append(value)
+        if rows:
+            sites, metrics, values = zip(*rows)
+            self._columns["step"] += [step] * len(rows)
+            self._columns["rank"] += [rank] * len(rows)
+            self._columns["site"] += sites
+            self._columns["metric"] += metrics
+            self._columns["value"] += values
         if self.due():
             self.flush()
 

@@ -1,9 +1,11 @@
 """Capture overhead: (training step with capture of every site) / (plain training step).
 
 Reference ResNet (``build_model("resnet_bn")``) at batch 128 on digits images, for each storage
-option, with and without functional-call capture, on CPU and on CUDA when present. One process;
-each figure is the median of repeated steps after warm-up, captured and plain steps timed
-alternately so that load from other jobs affects both alike.
+option, with and without functional-call capture, on CPU and on CUDA when present: one capture
+entered at every step, as ``normscope.Monitor`` does (the sites are found and their readings
+verified once), and, for ``reductions``, a new capture each step (every site's reading verified
+against its output at every step). One process; each figure is the median of repeated steps after
+warm-up, captured and plain steps timed alternately so that load from other jobs affects both alike.
 
 Run: ``python benchmarks/capture_overhead.py [--repeats 30]``
 """
@@ -57,10 +59,12 @@ def run(device: torch.device, repeats: int, batch: int = 128, size: int = 8) -> 
         F.cross_entropy(model(x), y).backward()
         optimizer.step()
 
-    def captured(storage: str, functional: bool):
+    def captured(storage: str, functional: bool, fresh: bool = False):
+        session = capture(model, storage=storage, functional=functional, preserve=False)
+
         def step():
             optimizer.zero_grad(set_to_none=True)
-            with capture(model, storage=storage, functional=functional, preserve=False):
+            with capture(model, storage=storage, functional=functional, preserve=False) if fresh else session:
                 F.cross_entropy(model(x), y).backward()
             optimizer.step()
         return step
@@ -70,6 +74,8 @@ def run(device: torch.device, repeats: int, batch: int = 128, size: int = 8) -> 
         for functional in (False, True):
             t, base = time_pair(captured(storage, functional), plain, device, repeats)
             rows.append((f"{storage}{' + functional' if functional else ''}", t, base, t / base))
+    t, base = time_pair(captured("reductions", False, fresh=True), plain, device, repeats)
+    rows.append(("reductions, a new capture each step", t, base, t / base))
     return rows
 
 
@@ -83,9 +89,9 @@ def main() -> None:
     sizes = [int(v) for v in args.sizes.split(",")]
     for device, size in ((d, s) for d in devices for s in sizes):
         print(f"\nresnet_bn, batch 128, {size}x{size} images, {device.type}")
-        print(f"{'configuration':<28}{'ms/step':>10}{'plain ms':>10}{'ratio':>8}")
+        print(f"{'configuration':<38}{'ms/step':>10}{'plain ms':>10}{'ratio':>8}")
         for name, seconds, base, ratio in run(device, args.repeats, size=size):
-            print(f"{name:<28}{seconds * 1e3:>10.2f}{base * 1e3:>10.2f}{ratio:>8.2f}")
+            print(f"{name:<38}{seconds * 1e3:>10.2f}{base * 1e3:>10.2f}{ratio:>8.2f}")
 
 
 if __name__ == "__main__":

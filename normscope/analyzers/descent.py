@@ -93,8 +93,12 @@ def optimizer_direction(model: nn.Module, optimizer: torch.optim.Optimizer, loss
     copies of the parameters whose ``.grad`` is ``dL/dtheta`` of ``loss`` (``grads`` when already
     computed, by parameter name); returns
     ``d = (theta_after - theta_before) / lr`` (zero for parameters the optimizer does not hold)
-    and ``lr`` (the first group's). ``model`` and ``optimizer`` are not touched.
+    and ``lr`` (the first group's). ``model`` and ``optimizer`` are not touched. A wrapper that
+    holds the optimizer as ``.optimizer`` (``accelerate``'s, as the Hugging Face Trainer uses) is
+    read through to the optimizer it wraps.
     """
+    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
+        optimizer = optimizer.optimizer
     names = {id(p): n for n, p in model.named_parameters()}
     lr = float(optimizer.param_groups[0]["lr"])
     if lr <= 0:

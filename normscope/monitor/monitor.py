@@ -105,6 +105,7 @@ class Monitor:
         if self.gathering:
             self.rank = distributed.dist.get_rank()
         self.steps = 0
+        self._lr_step: int | None = None  # the last step whose lr row is written
         self._waiting: list[tuple[int, list, dict]] = []  # captured steps whose rows are computed at the next flush
         self._waiting_partitions = 0
         self._ritz: torch.Tensor | None = None  # lambda_max's last Ritz vector: the next curvature step starts there
@@ -158,16 +159,13 @@ class Monitor:
         index = self.steps if step is None else int(step)
         self.steps += 1
         curvature, stats = self.wants_curvature(index), self.wants_stats(index)
-        lr = self.current_lr()
-        if (curvature or stats) and lr is not None:
-            self.record(index, [(MODEL_SITE, "lr", lr)])
+        if curvature or stats:
+            self._record_lr(index)
         if curvature:
             if batch is None:
                 raise InvalidArgumentError(f"step {index} measures curvature (every_curvature={self.every_curvature}): "
                                            "pass the batch, monitor.step((inputs, targets))")
-            rows, self._ritz = curvature_step(self.model, batch[0], batch[1], loss_fn or self.loss_fn, self.optimizer, lr,
-                                              self.curvature_layers, self.curvature_samples, seed=index, start=self._ritz)
-            self.record(index, rows)
+            self.curvature(batch, loss_fn, step=index)
         if not stats:
             yield
             return
@@ -194,6 +192,27 @@ class Monitor:
         for index, rows in steps_rows(self._waiting).items():
             self.record(index, rows)
         self._waiting, self._waiting_partitions = [], 0
+
+    def curvature(self, batch: tuple, loss_fn: Callable | None = None, step: int | None = None) -> None:
+        """Record the curvature rows of ``batch = (inputs, targets)`` at the model's parameters now
+        (:func:`~normscope.monitor.curvature.curvature_step`), with the lr, as step ``step`` (default:
+        the last step). :meth:`step` calls it on every ``every_curvature``-th step before the forward;
+        an integration that sees the batch only in the forward (the Hugging Face Trainer) calls it
+        before the optimizer's step. ``inputs`` may be a dict of keyword arguments, and ``targets``
+        ``None`` for a ``loss_fn`` that reads the model's own loss (:func:`normscope.losses.model_loss`)."""
+        index = self.steps - 1 if step is None else int(step)
+        self._record_lr(index)
+        rows, self._ritz = curvature_step(self.model, batch[0], batch[1], loss_fn or self.loss_fn, self.optimizer,
+                                          self.current_lr(), self.curvature_layers, self.curvature_samples, seed=index,
+                                          start=self._ritz)
+        self.record(index, rows)
+
+    def _record_lr(self, step: int) -> None:
+        """The lr row of ``step``, once per step."""
+        lr = self.current_lr()
+        if lr is not None and step != self._lr_step:
+            self._lr_step = step
+            self.record(step, [(MODEL_SITE, "lr", lr)])
 
     def current_lr(self) -> float | None:
         """The optimizer's learning rate (first parameter group), else the monitor's ``lr``."""

@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 from normscope.distributed import all_reduce_float
 from normscope.errors import InvalidArgumentError
@@ -175,17 +175,39 @@ MEMORY_FLOOR = 16 * 2**20
 """The least working memory (bytes) of :func:`memory_budget`, for models whose step is tiny."""
 
 
+def saved_bytes(run: Callable[[], object], unique: bool = True, skip: "Iterable[torch.Tensor]" = ()) -> int:
+    """Bytes that ``run()`` saves for backward, counted with ``torch.autograd.graph.saved_tensors_hooks``:
+    each storage once (``unique``; the storages of ``skip``, e.g. the parameters, not at all), or
+    each saved tensor's own bytes (``unique=False``)."""
+    import torch
+
+    seen = {t.untyped_storage().data_ptr() for t in skip}
+    total = [0]
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if not unique:
+            total[0] += t.numel() * t.element_size()
+        elif t.untyped_storage().data_ptr() not in seen:
+            seen.add(t.untyped_storage().data_ptr())
+            total[0] += t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        run()
+    return total[0]
+
+
 def step_memory(model: torch.nn.Module, batch: tuple, loss_fn: Callable) -> int:
     """Bytes of one training step of ``model`` on ``batch`` (``(inputs, targets)`` in any form of
     :mod:`normscope.batch`), optimizer state left out:
 
     ``step = 2 * parameter bytes (weights and their gradients) + bytes saved for backward``
 
-    by a forward and loss, counted once per storage with ``torch.autograd.graph.saved_tensors_hooks``
-    (parameters among them not counted again). The forward runs in eval mode, so that it works on any
-    batch (BatchNorm refuses one example in training mode) and draws no dropout masks (not counted);
-    the activations saved are those of the training step. Runs on a deep copy inside
-    :func:`normscope.guard.preserved`: ``model`` and the RNG are untouched."""
+    by a forward and loss (:func:`saved_bytes`, each storage once, parameters not again). The
+    forward runs in eval mode, so that it works on any batch (BatchNorm refuses one example in
+    training mode) and draws no dropout masks (not counted); the activations saved are those of the
+    training step. Runs on a deep copy inside :func:`normscope.guard.preserved`: ``model`` and the
+    RNG are untouched."""
     import copy
 
     import torch
@@ -196,20 +218,10 @@ def step_memory(model: torch.nn.Module, batch: tuple, loss_fn: Callable) -> int:
     with preserved(model):
         work = copy.deepcopy(model).eval()
         params = list(work.parameters())
-        seen = {p.untyped_storage().data_ptr() for p in params}
-        saved = [0]
-
-        def pack(t: torch.Tensor) -> torch.Tensor:
-            storage = t.untyped_storage()
-            if storage.data_ptr() not in seen:
-                seen.add(storage.data_ptr())
-                saved[0] += storage.nbytes()
-            return t
-
         inputs, targets = batch
-        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            loss_fn(batches.forward(work, inputs), targets)
-    return 2 * sum(p.numel() * p.element_size() for p in params) + saved[0]
+        with torch.enable_grad():
+            saved = saved_bytes(lambda: loss_fn(batches.forward(work, inputs), targets), skip=params)
+    return 2 * sum(p.numel() * p.element_size() for p in params) + saved
 
 
 def memory_budget(step: int, factor: float = MEMORY_FACTOR, floor: int = MEMORY_FLOOR) -> int:

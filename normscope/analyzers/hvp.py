@@ -67,7 +67,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from normscope.batch import cast_inputs, forward, size, take
-from normscope.budget import HVP_MEMORY
+from normscope.budget import HVP_MEMORY, saved_bytes
 from normscope.distributed import World, all_reduce, all_reduce_float
 from normscope.errors import InvalidArgumentError, UnknownNameError
 
@@ -195,7 +195,7 @@ def graph_chunk(loss: BatchLoss, memory: int = HVP_MEMORY, factor: float = GRAPH
     ``None`` when the whole batch fits, when it has fewer than 4 examples, or when the mode
     couples the examples (:attr:`BatchLoss.couples_examples`: no chunks possible). The graph of
     ``c`` examples is estimated as ``factor * c * (s_4 - s_2) / 2``, with ``s_k`` the bytes saved
-    for backward by a forward of the first ``k`` examples (counted by saved-tensor hooks; the
+    for backward by a forward of the first ``k`` examples (:func:`normscope.budget.saved_bytes`, per saved tensor; the
     difference leaves out what does not grow with the examples, such as the weights). Chunks
     are balanced: ``ceil(n / ceil(n / c))`` examples each."""
     n = size(loss.inputs)
@@ -203,17 +203,9 @@ def graph_chunk(loss: BatchLoss, memory: int = HVP_MEMORY, factor: float = GRAPH
         return None
     saved = []
     for k in (2, 4):
-        count = [0]
-
-        def pack(t: Tensor) -> Tensor:
-            count[0] += t.numel() * t.element_size()
-            return t
-
         part = loss.on_examples(slice(0, k))
         leaves = {name: p.detach().requires_grad_(True) for name, p in part.params.items()}
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            part(leaves)
-        saved.append(count[0])
+        saved.append(saved_bytes(lambda: part(leaves), unique=False))
     per_example = factor * max(saved[1] - saved[0], 1) / 2
     chunk = max(1, int(memory // per_example))
     if chunk >= n:

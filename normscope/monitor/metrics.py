@@ -100,7 +100,7 @@ def _segment_median(values: Tensor, starts: np.ndarray, skip_nan: bool) -> Tenso
 
 
 def stats_values(sites: list[Hashable], records: list[list[SiteRecord]],
-                 running: dict[Hashable, tuple[Tensor, Tensor]]) -> tuple[dict[str, Tensor], list[int]]:
+                 running: dict[Hashable, tuple[Tensor, Tensor]]) -> tuple[dict[str, Tensor], set[int]]:
     """The norm statistics of every site (``sites``: its key in ``running``, with ``records`` its
     records), one (S,) float64 tensor per metric (see the module docstring), and the indices of the
     sites with drift figures.
@@ -122,12 +122,11 @@ def stats_values(sites: list[Hashable], records: list[list[SiteRecord]],
     eps = _repeat([r.layout.eps for _, r in used], sizes)
     centered = _repeat([r.layout.kind.centered for _, r in used], sizes, torch.bool)
     eps_fraction = eps / (var.where(centered, var + mean * mean) + eps)
-    drifting = [s for s, group in enumerate(records)
-                if group[0].layout.rule == "channel" and sites[s] in running and running[sites[s]][0].numel() == site_size[s]]
-    drifts = set(drifting)
-    on = torch.tensor([s in drifts for s, _ in used]).repeat_interleave(sizes)
-    rm = _cat([running[sites[s]][0] for s, _ in used if s in drifts])
-    rv = _cat([running[sites[s]][1] for s, _ in used if s in drifts])
+    drifting = {s for s, group in enumerate(records)
+                if group[0].layout.rule == "channel" and sites[s] in running and running[sites[s]][0].numel() == site_size[s]}
+    on = torch.tensor([s in drifting for s, _ in used]).repeat_interleave(sizes)
+    rm = _cat([running[sites[s]][0] for s, _ in used if s in drifting])
+    rv = _cat([running[sites[s]][1] for s, _ in used if s in drifting])
     drift = (mean[on] - rm).abs() / (rv + eps[on]).sqrt()
     figures = torch.full((3, len(slot)), math.nan, dtype=F64)
     figures[0], figures[1, on], figures[2, on] = eps_fraction, drift, var[on] / rv
@@ -211,7 +210,6 @@ def steps_rows(steps: list[tuple[int, list[SiteRecord], dict[str, tuple[Tensor, 
         return {}
     keys, groups = list(by_site), list(by_site.values())
     stats, drifting = stats_values(keys, groups, running_by_site)
-    drifting = set(drifting)
     values = {name: value.tolist() for name, value in stats.items()}
     rows: dict[int, list[Row]] = {}
     for s, (step, site) in enumerate(keys):

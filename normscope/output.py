@@ -9,6 +9,7 @@
   or it is older than a day) is swept by the next run in the same parent folder. A folder
   without the marker is never removed.
 * Folders and files get the modes of the user's umask (``mkdtemp`` alone would give 0700).
+* An ``out`` that is a symbolic link (dangling or not) is refused before anything runs.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 from normscope.errors import OutputError
+from normscope.safe_io import describe, umask
 
 MARKER = ".normscope-staging"
 STAGING_SUFFIX = ".partial"
@@ -30,20 +32,13 @@ STALE_SECONDS = 24 * 3600
 MAX_STEM = 40
 
 
-def umask() -> int:
-    """The process umask (read by setting it and putting it back)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def describe(error: OSError) -> str:
-    """``strerror`` of an OS error, else its text."""
-    return error.strerror or str(error)
-
-
 def check_out_path(out: Path) -> None:
-    """Refuse ``.``, ``..``, a file system root or a name the file system cannot hold."""
+    """Refuse ``.``, ``..``, a file system root, a symbolic link (dangling or not: the output
+    would land wherever it points) or a name the file system cannot hold."""
+    if os.path.islink(out):
+        target = os.readlink(out)
+        state = "" if out.exists() else ", which does not exist"
+        raise OutputError(f"--out {out} is a symbolic link (to {target}{state}); normscope writes only to a real path: pass the folder itself or a new name")
     if out.name in ("", ".", "..") or out.resolve() == Path(out.resolve().anchor):
         raise OutputError(f"--out {out} names the current, parent or root folder; pass a new folder name such as {out / 'normscope-out'}")
     try:
@@ -157,23 +152,3 @@ def move_into_place(staging: Path, out: Path, overwrite: bool) -> None:
     os.replace(out, retired / out.name)
     os.rename(staging, out)
     shutil.rmtree(retired, ignore_errors=True)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path`` and rename it over ``path`` (mode per umask).
-
-    Raises:
-        OutputError: the file cannot be written (read-only or full file system, no permission).
-    """
-    temporary = None
-    try:
-        handle, temporary = tempfile.mkstemp(prefix=f".{path.name[:MAX_STEM]}.", suffix=STAGING_SUFFIX, dir=path.parent)
-        os.fchmod(handle, 0o666 & ~umask())
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(text)
-        os.replace(temporary, path)
-    except OSError as error:
-        raise OutputError(f"cannot write {path} ({describe(error)}); nothing was changed") from error
-    finally:
-        if temporary is not None and Path(temporary).exists():
-            Path(temporary).unlink(missing_ok=True)

@@ -4,14 +4,23 @@ An output folder holds ``tables/NAME.csv`` and ``tables/NAME.parquet`` for every
 ``docs/tables.md``), ``summary.json`` (headline figures, findings and metadata) and
 ``report.html``. :meth:`AnalysisResult.save` writes it atomically; :meth:`AnalysisResult.load`
 reads it back (tables from Parquet, which keeps the dtypes). Staging, concurrency and clean-up
-are :mod:`normscope.output`'s.
+are :mod:`normscope.output`'s; every file is written and read through :mod:`normscope.safe_io`
+(no symbolic links, FIFOs or folders in place of files, formula cells neutralised in CSV).
+
+Loading checks the schema of what it reads, so a crafted or damaged folder is one
+:class:`~normscope.errors.OutputError` naming the file: ``summary.json`` must be an object whose
+``findings`` map names to lists of sentences, ``headline`` names to objects and ``meta`` is an
+object (its ``model`` an object or a name, its lists lists); every table must parse, and the
+tables the report reads by column (:data:`REQUIRED_COLUMNS`) must have those columns.
 """
 
 from __future__ import annotations
 
 import html
+import io
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,11 +30,20 @@ import pandas as pd
 
 from normscope.checkpoint import first_line
 from normscope.errors import OutputError
-from normscope.output import check_out_path, exists, write_folder_atomic, write_text_atomic
+from normscope.output import check_out_path, exists, write_folder_atomic
+from normscope.safe_io import list_files, read_bytes, write_csv, write_parquet, write_text
 
 SUMMARY_FILE = "summary.json"
 REPORT_FILE = "report.html"
 TABLES_DIR = "tables"
+REQUIRED_COLUMNS = {
+    "findings": ("analyzer", "severity", "rank", "site", "label", "sentence"),
+    "sites_overview": ("site", "severity"),
+    "descent_directions": ("mode", "direction", "group", "a_crit", "lr"),
+    "bias_estimators": ("estimator", "batch_size", "group", "rel_bias", "rel_bias_lo", "rel_bias_hi"),
+    "bias_slopes": ("estimator", "group", "slope", "n_points"),
+}
+META_LISTS = ("sites", "unrecognized", "unverified", "analyzers")
 
 
 @dataclass
@@ -94,8 +112,8 @@ class AnalysisResult:
 
         def write(staging: Path) -> None:
             write_tables(staging / TABLES_DIR, self.tables)
-            (staging / SUMMARY_FILE).write_text(json.dumps(self.summary(), indent=2, allow_nan=False) + "\n")
-            (staging / REPORT_FILE).write_text(render_page(self), encoding="utf-8")
+            write_text(staging / SUMMARY_FILE, json.dumps(self.summary(), indent=2, allow_nan=False) + "\n")
+            write_text(staging / REPORT_FILE, render_page(self))
 
         try:
             write_folder_atomic(out, write, overwrite=overwrite)
@@ -112,18 +130,20 @@ class AnalysisResult:
         """Read an output folder written by :meth:`save` (tables from Parquet, else CSV).
 
         Raises:
-            OutputError: ``folder`` is missing or is not a normscope output folder.
+            OutputError: ``folder`` is missing or is not a normscope output folder, or a file in it
+                is not what normscope writes (one line naming the file).
         """
         folder = Path(folder)
         summary_path = folder / SUMMARY_FILE
-        if not summary_path.is_file():
+        if not os.path.lexists(summary_path):
             raise OutputError(f"{folder} is not a normscope output folder (no {SUMMARY_FILE}); pass a folder written by normscope analyze")
         try:
-            summary = json.loads(summary_path.read_text())
-        except json.JSONDecodeError as error:
-            raise OutputError(f"{summary_path} is not valid JSON ({error}); re-run normscope analyze") from error
+            summary = json.loads(read_bytes(summary_path, folder).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise OutputError(f"{summary_path} is not valid JSON ({first_line(error)}); re-run normscope analyze") from error
+        check_summary(summary, summary_path)
         return cls(
-            tables=read_tables(folder / TABLES_DIR),
+            tables=read_tables(folder / TABLES_DIR, folder),
             findings=summary.get("findings", {}),
             headline=summary.get("headline", {}),
             meta=summary.get("meta", {}),
@@ -137,7 +157,7 @@ class AnalysisResult:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as error:
             raise OutputError(f"cannot create {path.parent} ({error.strerror or error}); choose another path") from error
-        write_text_atomic(path, render_page(self, compare))
+        write_text(path, render_page(self, compare))
         return path
 
     def _repr_html_(self) -> str:
@@ -154,24 +174,80 @@ def render_page(result: AnalysisResult, compare: dict[str, pd.DataFrame] | None 
 
 
 def write_tables(folder: Path, tables: dict[str, pd.DataFrame]) -> None:
-    """Write each table as ``NAME.csv`` and ``NAME.parquet`` (without the index) in ``folder``."""
+    """Write each table as ``NAME.csv`` (formula cells neutralised) and ``NAME.parquet`` (raw
+    values), without the index, in ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)
     for name, table in tables.items():
         frame = table.reset_index(drop=True)
-        frame.to_csv(folder / f"{name}.csv", index=False)
-        frame.to_parquet(folder / f"{name}.parquet", index=False)
+        write_csv(folder / f"{name}.csv", frame)
+        write_parquet(folder / f"{name}.parquet", frame)
 
 
-def read_tables(folder: Path) -> dict[str, pd.DataFrame]:
-    """Tables by name from ``folder``: Parquet where present, CSV otherwise."""
-    if not folder.is_dir():
+def read_tables(folder: Path, root: Path | None = None) -> dict[str, pd.DataFrame]:
+    """Tables by name from ``folder``: Parquet where present, CSV otherwise; listed and read
+    through :mod:`normscope.safe_io` inside ``root`` (default: ``folder``'s parent) and checked
+    (:func:`read_table`)."""
+    root = folder.parent if root is None else root
+    if not os.path.lexists(folder):
         return {}
-    paths = {path.stem: path for path in sorted(folder.glob("*.csv"))}
-    paths.update({path.stem: path for path in sorted(folder.glob("*.parquet"))})
-    return {
-        name: pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
-        for name, path in sorted(paths.items())
-    }
+    paths = {path.stem: path for path in list_files(folder, root, (".csv",))}
+    paths.update({path.stem: path for path in list_files(folder, root, (".parquet",))})
+    return {name: read_table(path, root) for name, path in sorted(paths.items())}
+
+
+def read_table(path: Path, root: Path) -> pd.DataFrame:
+    """One table file, parsed and checked against :data:`REQUIRED_COLUMNS`.
+
+    Raises:
+        OutputError: the file is unsafe to read, does not parse, or lacks required columns.
+    """
+    data = read_bytes(path, root)
+    try:
+        table = pd.read_parquet(io.BytesIO(data)) if path.suffix == ".parquet" else pd.read_csv(io.BytesIO(data))
+    except Exception as error:  # a damaged file: pyarrow, pandas and the CSV parser raise many types
+        raise OutputError(f"{path} is not a readable table ({type(error).__name__}: {first_line(error)}); re-run normscope analyze") from error
+    missing = [column for column in REQUIRED_COLUMNS.get(path.stem, ()) if column not in table.columns]
+    if missing:
+        raise OutputError(f"{path} lacks the column(s) {', '.join(missing)} normscope writes; re-run normscope analyze")
+    return table
+
+
+def check_summary(summary: Any, path: Path) -> None:
+    """Raise :class:`OutputError` naming ``path`` unless ``summary`` has the types
+    :meth:`AnalysisResult.summary` writes (see the module docstring)."""
+    def wrong(what: str, value: Any, expected: str) -> OutputError:
+        return OutputError(f"{path}: {what} is {json_kind(value)}, not {expected}; pass a folder written by normscope analyze")
+
+    if not isinstance(summary, dict):
+        raise wrong("the content", summary, "an object")
+    findings, headline, meta = summary.get("findings", {}), summary.get("headline", {}), summary.get("meta", {})
+    for key, value, expected in (("findings", findings, dict), ("headline", headline, dict), ("meta", meta, dict)):
+        if not isinstance(value, expected):
+            raise wrong(f'"{key}"', value, "an object")
+    for name, sentences in findings.items():
+        if not isinstance(sentences, list) or not all(isinstance(s, str) for s in sentences):
+            raise wrong(f'"findings"."{name}"', sentences, "a list of sentences")
+    for name, figures in headline.items():
+        if not isinstance(figures, dict):
+            raise wrong(f'"headline"."{name}"', figures, "an object")
+    if not isinstance(meta.get("model", {}), (dict, str)):
+        raise wrong('"meta"."model"', meta["model"], "an object or a name")
+    for key in META_LISTS:
+        if not isinstance(meta.get(key, []), list):
+            raise wrong(f'"meta"."{key}"', meta[key], "a list")
+    if not isinstance(meta.get("analyzer_errors", {}), dict):
+        raise wrong('"meta"."analyzer_errors"', meta["analyzer_errors"], "an object")
+    sites = meta.get("sites", [])
+    if not all(isinstance(site, dict) and isinstance(site.get("name"), str) for site in sites):
+        raise OutputError(f'{path}: "meta"."sites" must list objects with a "name"; pass a folder written by normscope analyze')
+
+
+def json_kind(value: Any) -> str:
+    """How JSON calls the type of ``value`` (with the value, when short)."""
+    kind = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(type(value))
+    kind = kind or ("a number" if isinstance(value, (int, float)) else type(value).__name__)
+    shown = json.dumps(value) if isinstance(value, (int, float, str, bool)) or value is None else ""
+    return f"{kind} {shown[:40]}" if shown and value is not None else kind
 
 
 def refuse_nonempty(out: Path, overwrite: bool) -> None:

@@ -6,7 +6,8 @@ R^2 of the gradient regression, running-statistic drift and variance ratio, and 
 the normalizer over steps; for the model, a_crit of the step against the lr, and lambda_max's
 stability limit 2/lambda_max against the lr. Findings over time are records ``(site, step,
 finding)``, also written to ``_findings.csv`` next to the page (names starting with ``_`` are
-skipped by Parquet readers of the run folder).
+skipped by Parquet readers of the run folder). Parts are read and checked by
+:mod:`normscope.monitor.parts`; both files are written through :mod:`normscope.safe_io`.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from normscope.errors import OutputError  # noqa: E402
+from normscope.monitor.parts import read_rows  # noqa: E402
+from normscope.safe_io import write_csv, write_text  # noqa: E402
 
 REPORT_FILE = "_report.html"
 FINDINGS_FILE = "_findings.csv"
@@ -42,7 +45,7 @@ def load_rows(folder: Path) -> pd.DataFrame:
     """The rows of rank 0 of a run folder (or of its lowest rank), sorted by step."""
     if not is_run_folder(folder):
         raise OutputError(f"{folder} has no part-*.parquet files: pass the out folder of a normscope.Monitor run")
-    rows = pd.read_parquet(folder)
+    rows = read_rows(folder)
     ranks = rows.loc[rows["rank"] >= 0, "rank"]
     rows = rows[rows["rank"] == (ranks.min() if len(ranks) else rows["rank"].min())]
     return rows.sort_values("step", kind="stable").reset_index(drop=True)
@@ -56,8 +59,8 @@ def series(rows: pd.DataFrame, site: str, metric: str) -> pd.Series:
 
 def _change(s: pd.Series, site: str, name: str) -> list[tuple[str, int, str]]:
     """A fall or rise of more than R2_CHANGE between the first and the last value: from the first
-    step after which every value stays on the far side of the midpoint."""
-    s = s.dropna()
+    step after which every value stays on the far side of the midpoint (finite values only)."""
+    s = s[s.map(math.isfinite)]
     if len(s) < 2 or abs(s.iloc[-1] - s.iloc[0]) <= R2_CHANGE:
         return []
     first, last = s.iloc[0], s.iloc[-1]
@@ -152,7 +155,7 @@ def render_run(folder: Path, out: Path | None = None) -> Path:
     folder = Path(folder)
     rows = load_rows(folder)
     found = findings(rows)
-    found.to_csv(folder / FINDINGS_FILE, index=False)
+    write_csv(folder / FINDINGS_FILE, found)
     sites = [s for s in dict.fromkeys(rows["site"]) if s != MODEL_SITE and "eps_fraction_max" in set(rows.loc[rows["site"] == s, "metric"])]
     parts = [f"<h1>normscope run: {html.escape(str(folder))}</h1>",
              f"<p>{rows['step'].nunique()} recorded steps ({int(rows['step'].min())}–{int(rows['step'].max())}), {len(sites)} sites.</p>",
@@ -168,8 +171,4 @@ def render_run(folder: Path, out: Path | None = None) -> Path:
     page = ("<!doctype html><html><head><meta charset='utf-8'><title>normscope run</title>"
             "<style>body{font-family:sans-serif;max-width:1300px;margin:1em auto}img{max-width:100%}</style></head><body>"
             + "\n".join(parts) + "</body></html>")
-    target = Path(out) if out else folder / REPORT_FILE
-    temporary = target.with_name(f".{target.name}.tmp")
-    temporary.write_text(page, encoding="utf-8")
-    temporary.replace(target)
-    return target
+    return write_text(Path(out) if out else folder / REPORT_FILE, page)

@@ -13,13 +13,13 @@ import typer
 from rich.console import Console
 from torch.utils.data import DataLoader
 
-from normscope.api import Data, analyzer_names
+from normscope.api import DEVICE_TYPES, SEED_RANGE, Data, analyzer_names
 from normscope.api import analyze as run_analysis
 from normscope.budget import DEFAULT_BUDGET
 from normscope.checkpoint import call_user, import_attribute, load_model
 from normscope.distributed import launch_rank
 from normscope.data import DIGITS
-from normscope.cli.boundary import boundary, warn
+from normscope.cli.boundary import boundary, printable, warn
 from normscope.cli.options import flag, option
 from normscope.cli.summary import print_summary
 from normscope.errors import DataShapeError, UnknownNameError
@@ -59,7 +59,7 @@ def analyze(
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Minibatch size.")] = 128,
     batches: Annotated[int, typer.Option("--batches", min=1, help="Minibatches for the per-step analyses.")] = 4,
     device: Annotated[str, typer.Option("--device", help="'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:N'.")] = "auto",
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the batch order and of every random choice.")] = 0,
+    seed: Annotated[int, typer.Option("--seed", min=SEED_RANGE[0], max=SEED_RANGE[1], help="Seed of the batch order and of every random choice.")] = 0,
     lr: Annotated[
         Optional[float], option("--lr", help="Learning rate to check step sizes against.", default_text="the built-in's training lr")
     ] = None,
@@ -77,9 +77,9 @@ def analyze(
 
     Under ``torchrun`` every rank runs the analysis (README "Data beyond one process"); only rank 0
     writes the output folder and prints, the other ranks end quietly with exit code 0."""
-    writer = launch_rank() == 0
-    console = Console(stderr=True, quiet=not writer)
     with boundary(debug) as outcome:
+        writer = launch_rank() == 0
+        console = Console(stderr=True, quiet=not writer)
         names = None if analyzers is None else analyzer_names(analyzers)
         target = resolve_device(device)
         out = default_out() if out is None else out
@@ -122,13 +122,14 @@ def analyze(
         print_summary(result, out, Console(), elapsed=time.perf_counter() - started)
         for message in result.meta["analyzer_errors"].values():
             warn(message)
-        typer.echo(str(out))
+        typer.echo(printable(str(out)))
         if "interrupted" in result.meta["analyzer_errors"]:
             raise typer.Exit(130)
 
 
 def resolve_device(device: str) -> torch.device:
-    """``auto`` is CUDA when present, else CPU; other names must parse and be available."""
+    """``auto`` is CUDA when present, else CPU; other names must parse, be a CPU or CUDA device
+    (not meta, XLA or MPS) and be available."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     valid = ["auto", "cpu"] + (["cuda"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else [])
@@ -136,6 +137,8 @@ def resolve_device(device: str) -> torch.device:
         parsed = torch.device(device)
     except (RuntimeError, ValueError):
         raise UnknownNameError("device", device, valid) from None
+    if parsed.type not in DEVICE_TYPES:
+        raise UnknownNameError("device (normscope runs on CPU or CUDA)", device, valid)
     if parsed.type == "cuda" and (not torch.cuda.is_available() or (parsed.index or 0) >= torch.cuda.device_count()):
         raise UnknownNameError("device (no such CUDA device here)", device, valid)
     return parsed

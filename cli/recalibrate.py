@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -13,14 +12,15 @@ from rich.console import Console
 from rich.table import Table
 
 from normscope.api import make_loader
-from normscope.checkpoint import load_model
+from normscope.checkpoint import first_line, load_model
 from normscope.cli.analyze import load_data
-from normscope.cli.boundary import boundary
+from normscope.cli.boundary import boundary, printable
 from normscope.cli.options import flag, option
 from normscope.errors import InvalidArgumentError, OutputError
 from normscope.findings import number, percent
 from normscope.models import MODELS
 from normscope.recalibration import evaluate, recalibrate as recalibrated_copy, running_stat_layers
+from normscope.safe_io import describe, write_file
 
 
 def recalibrate(
@@ -39,7 +39,9 @@ def recalibrate(
     """Write a copy of CHECKPOINT whose BatchNorm running statistics are the population moments of
     --data (the original is left untouched), and print eval loss and accuracy before and after."""
     with boundary(debug):
-        if out.exists() and not overwrite:
+        if out.is_dir() and not out.is_symlink():
+            raise OutputError(f"--out {out} is a folder; pass a file path such as {out / 'recalibrated.pt'}")
+        if os.path.lexists(out) and not overwrite:
             raise OutputError(f"{out} already exists; choose another --out or pass --overwrite")
         if out.resolve() == checkpoint.resolve():
             raise InvalidArgumentError("--out must differ from CHECKPOINT: the original is never overwritten")
@@ -51,23 +53,23 @@ def recalibrate(
         fixed = recalibrated_copy(net, batches)
         before, after = evaluate(net, batches), evaluate(fixed, batches)
         write_state_dict(fixed.state_dict(), out)
-    table = Table(title=f"normscope recalibrate · {checkpoint.name} on {source} ({before['examples']} examples, eval mode)")
+    table = Table(title=printable(f"normscope recalibrate · {checkpoint.name} on {source} ({before['examples']} examples, eval mode)"))
     for column in ("running statistics", "loss", "accuracy"):
         table.add_column(column, justify="left" if column == "running statistics" else "right")
     table.add_row("before (as saved)", number(before["loss"], 4), percent(before["accuracy"]))
     table.add_row("after (population moments)", number(after["loss"], 4), percent(after["accuracy"]))
     Console().print(table)
-    typer.echo(str(out))
+    typer.echo(printable(str(out)))
 
 
 def write_state_dict(state: dict[str, torch.Tensor], out: Path) -> None:
-    """``torch.save(state, out)`` through a temporary file renamed into place (never half-written)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent)
-    os.close(handle)
+    """``torch.save(state)`` to ``out`` through :func:`normscope.safe_io.write_file` (a new file
+    renamed into place: never half-written, never written through a link)."""
     try:
-        torch.save(state, temporary)
-        os.replace(temporary, out)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise OutputError(f"cannot create {out.parent} ({describe(error)}); choose another --out") from error
+    try:
+        write_file(out, lambda stream: torch.save(state, stream))
+    except RuntimeError as error:  # torch.save reports a failed write (a full disk) as RuntimeError
+        raise OutputError(f"cannot write {out} ({first_line(error)}); nothing was changed") from error

@@ -1,7 +1,8 @@
 """``normscope report DIR``: rebuild ``DIR/report.html`` from the saved tables.
 
 ``DIR`` is an output folder of ``normscope analyze`` (with ``--compare``, the tables of a
-``normscope compare`` folder are added) or a ``normscope compare`` folder on its own.
+``normscope compare`` folder are added) or a ``normscope compare`` folder on its own. Every file is read and written through
+:mod:`normscope.safe_io`: links, FIFOs and folders where files belong are refused with one line.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from normscope.cli.boundary import boundary
+from normscope.cli.boundary import boundary, printable
 from normscope.cli.options import flag
 from normscope.errors import OutputError
 from normscope.reports.timeseries import is_run_folder, render_run
@@ -30,7 +31,7 @@ def report(
     """Rebuild report.html in FOLDER from its tables and summary.json (and --compare results)."""
     with boundary(debug):
         if is_run_folder(folder):
-            typer.echo(str(render_run(folder)))
+            typer.echo(printable(str(render_run(folder))))
             return
         if not (folder / SUMMARY_FILE).is_file() and compare is None and (folder / TABLES_DIR).is_dir():
             result, extra = AnalysisResult(meta={"model": {"name": f"comparison in {folder.name}"}}), compare_tables(folder)
@@ -38,7 +39,7 @@ def report(
             result = AnalysisResult.load(folder)
             extra = None if compare is None else compare_tables(compare)
         path = result.to_html(folder / REPORT_FILE, compare=extra)
-    typer.echo(str(path))
+    typer.echo(printable(str(path)))
 
 
 def compare_tables(folder: Path) -> dict:

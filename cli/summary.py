@@ -10,6 +10,7 @@ from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 
+from normscope.cli.boundary import printable
 from normscope.reports.render import headline_card
 from normscope.result import AnalysisResult
 
@@ -25,13 +26,13 @@ def print_summary(result: AnalysisResult, out: Path, console: Console, elapsed: 
     kinds = Counter(site["kind"] for site in meta.get("sites", []))
     data = meta.get("data", {})
     overview = Table.grid(padding=(0, 2))
-    overview.add_row("model", f"{meta['model'].get('name') or meta['model']['class']} ({meta['model']['parameters']:,} parameters)")
+    overview.add_row("model", printable(f"{meta['model'].get('name') or meta['model']['class']} ({meta['model']['parameters']:,} parameters)"))
     overview.add_row("sites", ", ".join(f"{count} {kind}" for kind, count in kinds.items()))
     overview.add_row("data", f"{data.get('source')}: {data.get('batches')} batches of {data.get('batch_size')} on {meta.get('device')}")
     analysis = meta["seconds"]["total"]
     overview.add_row("time", f"{elapsed:.1f} s in all (analysis {analysis:.1f} s; the rest loading the model and data and writing)"
                      if elapsed is not None else f"{analysis:.1f} s")
-    overview.add_row("output", f"{out} (open {out / 'report.html'} for everything)")
+    overview.add_row("output", printable(f"{out} (open {out / 'report.html'} for everything)"))
     parts = [overview]
     severe = result.findings_table
     severe = severe[severe["severity"].isin(("critical", "warning"))].head(MAX_SEVERE) if len(severe) else severe

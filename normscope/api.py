@@ -33,13 +33,17 @@ from normscope.capture.verify import Verification
 from normscope.checkpoint import first_line, nonfinite_weights
 from normscope.data import DIGITS, digits_form, digits_loader, load_digits
 from normscope.determinism import random_layers as deterministic
-from normscope.errors import AnalyzerError, DataShapeError, NoNormSitesError, NormscopeError, UnknownNameError
+from normscope.capture.sites import matches
+from normscope.errors import AnalyzerError, DataShapeError, InvalidArgumentError, NoNormSitesError, NormscopeError, UnknownNameError
 from normscope.guard import grad_enabled, preserved
 from normscope.overview import attach as attach_overview
 from normscope.result import AnalysisResult
 
 T = TypeVar("T")
 Data = DataLoader | tuple | dict | torch.Tensor | None
+SEED_RANGE = (0, 2**63 - 1)
+DEVICE_TYPES = ("cpu", "cuda")
+MAX_NAMED_SITES = 12
 
 
 def analyze(
@@ -107,11 +111,14 @@ def analyze(
         NoNormSitesError: no normalization site ran in the forward pass.
         UnknownNameError: an analyzer name is not registered.
         AnalyzerError: none of the requested analyzers could run.
+        InvalidArgumentError: ``seed`` is outside [0, 2**63 - 1], ``device`` is not a CPU or CUDA
+            device, or the model's tensors are on the meta device (they hold no values).
     """
     names = analyzer_names(analyzers)
     loss = resolve_loss(loss_fn)
+    check_seed(seed)
     home = model_device(model)
-    target = distributed.rank_device(home if device is None else torch.device(device))
+    target = distributed.rank_device(home if device is None else checked_device(device))
     inner = model.module if isinstance(model, nn.DataParallel) else model  # torch.func refuses the wrapper
     work = inner if home == target else copy.deepcopy(inner).to(target)
     dtype = floating_dtype(work)
@@ -123,6 +130,7 @@ def analyze(
         chosen = take_batches(loader, batches, target, dtype, track, loss)
         loss = loss or default_for(_raw(chosen[0]))
         ran, unrecognized, unverified = check_fit(work, chosen[0], loss)
+        check_selection(ran, sites)
         ctx = AnalysisContext(
             model=work,
             batches=chosen,
@@ -186,6 +194,35 @@ def analyze(
     return result
 
 
+def check_seed(seed: int) -> None:
+    """Raise :class:`InvalidArgumentError` unless ``seed`` is an int in :data:`SEED_RANGE`."""
+    low, high = SEED_RANGE
+    if isinstance(seed, bool) or not isinstance(seed, int) or not low <= seed <= high:
+        raise InvalidArgumentError(f"seed {seed!r} is outside [{low}, 2**63 - 1]; pass a smaller non-negative integer")
+
+
+def checked_device(device: str | torch.device) -> torch.device:
+    """``device`` parsed; only CPU and CUDA devices run analyses (a meta tensor holds no values,
+    XLA and MPS are not supported)."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise InvalidArgumentError(f"device {device!r} is not a device name; pass 'cpu', 'cuda' or 'cuda:N'") from None
+    if parsed.type not in DEVICE_TYPES:
+        raise InvalidArgumentError(f"device {device!r} is not supported: normscope analyzes on 'cpu', 'cuda' or 'cuda:N'")
+    return parsed
+
+
+def check_selection(ran: list, sites: str | Sequence[str] | None) -> None:
+    """Raise :class:`NoNormSitesError` naming the sites that ran when the pattern(s) ``sites``
+    match none of them (an analysis of nothing)."""
+    if sites is None or any(matches(site.name, site.kind, sites, None) for site in ran):
+        return
+    names = [site.name for site in ran]
+    shown = ", ".join(names[:MAX_NAMED_SITES]) + (f" and {len(names) - MAX_NAMED_SITES} more" if len(names) > MAX_NAMED_SITES else "")
+    raise NoNormSitesError(f"the site pattern {sites!r} matches none of the {len(names)} normalization sites: {shown}")
+
+
 def seed_generators(seed: int, device: torch.device) -> None:
     """Seed the CPU generator and, for a CUDA ``device``, that device's generator only
     (``torch.manual_seed`` would also reseed every CUDA device, lazily, after restore)."""
@@ -217,9 +254,17 @@ def analyzer_names(analyzers: str | Sequence[str] | None) -> list[str]:
 
 
 def model_device(model: nn.Module) -> torch.device:
-    """The device of the model's first parameter or buffer (CPU for a model without any)."""
-    first = next(itertools.chain(model.parameters(), model.buffers()), None)
-    return torch.device("cpu") if first is None else first.device
+    """The device of the model's first parameter or buffer (CPU for a model without any).
+
+    Raises:
+        InvalidArgumentError: a parameter or buffer is on the meta device (shapes, no values).
+    """
+    tensors = list(itertools.chain(model.parameters(), model.buffers()))
+    meta = next((t for t in tensors if t.is_meta), None)
+    if meta is not None:
+        raise InvalidArgumentError(f"{type(model).__name__} has tensors on the meta device (shapes without values); "
+                                   "load its weights first, e.g. model.to_empty(device='cpu') then load_state_dict")
+    return torch.device("cpu") if not tensors else tensors[0].device
 
 
 def floating_dtype(model: nn.Module) -> torch.dtype:
@@ -247,7 +292,9 @@ def make_loader(data: Data, batch_size: int, seed: int) -> tuple[DataLoader, Any
                 f"data {describe(data)} has tensors of {' and '.join(map(str, counts))} examples; "
                 "pass inputs and targets of equal length"
             )
-        n = counts[0]
+        n = counts[0] if counts else 0
+        if n == 0:
+            raise DataShapeError(f"data {describe(data)} holds no examples; pass at least one")
         generator = torch.Generator().manual_seed(seed)
         loader = DataLoader(WholeBatch(data, n), batch_size=batch_size, shuffle=True, generator=generator,
                             collate_fn=WholeBatch.collate)
@@ -288,7 +335,7 @@ def take_batches(
     if count < 1:
         raise DataShapeError(f"batches must be at least 1 (got {count})")
     chosen = []
-    for raw in track(loader, "loading batches", count):
+    for raw in track(user_batches(loader), "loading batches", count):
         loss = loss or default_for(raw)
         chosen.append(to_device(loss.batch(raw), device, dtype))
         if len(chosen) == count:
@@ -296,6 +343,24 @@ def take_batches(
     if not chosen:
         raise DataShapeError("data is empty: the loader yielded no batch")
     return chosen
+
+
+def user_batches(loader: Iterable[T]) -> Iterator[T]:
+    """The batches of ``loader``; an exception while the user's loader produces one becomes
+    :class:`DataShapeError` naming the loader and the batch (it is the data's error, not
+    normscope's). Interrupts propagate."""
+    batches = iter(loader)
+    for index in itertools.count():
+        try:
+            raw = next(batches)
+        except StopIteration:
+            return
+        except Exception as error:
+            dataset = getattr(loader, "dataset", None)
+            name = f"DataLoader({type(dataset).__name__})" if dataset is not None else type(loader).__name__
+            raise DataShapeError(f"the data loader {name} raised on batch {index} ({type(error).__name__}: {first_line(error)}); "
+                                 "fix the loader or its data") from error
+        yield raw
 
 
 def check_fit(model: nn.Module, batch: Batch, loss_fn: Callable) -> tuple[list, list[tuple[str, str]], list[Verification]]:

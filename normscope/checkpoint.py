@@ -11,7 +11,11 @@ Accepted, in order of preference:
 
 Files are always opened with ``torch.load(weights_only=True)`` first, which never runs code
 from the file, and zip archives are checked against their CRC-32s first (the legacy format and
-safetensors have no checksum: a flipped bit in their tensor data loads silently). Every failure raises a :mod:`normscope.errors` class whose message names the
+safetensors have no checksum: a flipped bit in their tensor data loads silently). Before anything
+is inflated, a zip archive's declared decompressed size must fit within the larger of the file's
+size and the model's tensor bytes (plus :data:`ZIP_SLACK` for the pickle and small members):
+``torch.save`` stores its members uncompressed, so only a re-compressed archive declares more
+than its file size, and a zip bomb is refused at once. Every failure raises a :mod:`normscope.errors` class whose message names the
 problem and what to do in one line.
 """
 
@@ -41,6 +45,7 @@ WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 ZIP_MAGIC = b"PK\x03\x04"
 PICKLE_PROTOCOL_OPCODE = 0x80
 MAX_NAMED_KEYS = 6
+ZIP_SLACK = 1 << 20
 
 
 def load_model(checkpoint: Path | str | None, model_spec: str | None = None, trust: bool = False) -> nn.Module:
@@ -67,7 +72,15 @@ def load_model(checkpoint: Path | str | None, model_spec: str | None = None, tru
 
         return train_reference(model_spec.strip().lower() if model_spec else DEFAULT_MODEL)
     path = Path(checkpoint)
-    content = read_checkpoint(path, trust=trust)
+    built: list[nn.Module] = []
+
+    def expected_bytes() -> int:
+        """The tensor bytes of the model ``model_spec`` builds (built once, kept for below)."""
+        if not built:
+            built.append(build_from_spec(model_spec))
+        return state_bytes(built[0])
+
+    content = read_checkpoint(path, trust=trust, expected_bytes=expected_bytes if model_spec is not None else None)
     if isinstance(content, nn.Module):
         return content
     state_dict = extract_state_dict(content, path)
@@ -78,13 +91,20 @@ def load_model(checkpoint: Path | str | None, model_spec: str | None = None, tru
             f"{path} holds a state dict but no model: pass --model NAME (one of {', '.join(MODELS)}) "
             "or --model package.module:factory"
         )
-    model = build_from_spec(model_spec)
+    model = built[0] if built else build_from_spec(model_spec)
     load_weights(model, state_dict, path)
     return model
 
 
-def read_checkpoint(path: Path, trust: bool = False) -> Any:
-    """Read ``path`` without running code from it (unless ``trust``); diagnose what is wrong."""
+def state_bytes(model: nn.Module) -> int:
+    """Bytes of the tensors of ``model``'s state dict."""
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values() if isinstance(t, torch.Tensor))
+
+
+def read_checkpoint(path: Path, trust: bool = False, expected_bytes: Callable[[], int] | None = None) -> Any:
+    """Read ``path`` without running code from it (unless ``trust``); diagnose what is wrong.
+    ``expected_bytes`` gives the model's tensor bytes, the decompressed size a zip checkpoint
+    may declare beyond its file size (:func:`check_declared_sizes`)."""
     if not path.exists():
         raise CheckpointError(f"checkpoint file not found: {path}; check the path")
     if not path.is_file():
@@ -94,7 +114,7 @@ def read_checkpoint(path: Path, trust: bool = False) -> Any:
     if path.suffix == ".safetensors" or looks_like_safetensors(path, head):
         return read_safetensors(path)
     if head.startswith(ZIP_MAGIC):
-        verify_zip(path)
+        verify_zip(path, expected_bytes)
     elif not head or head[0] != PICKLE_PROTOCOL_OPCODE:
         raise CheckpointError(
             f"{path} is not a PyTorch checkpoint (expected a file written by torch.save or safetensors)"
@@ -126,18 +146,42 @@ def corrupted(path: Path, error: BaseException) -> CheckpointError:
     )
 
 
-def verify_zip(path: Path) -> None:
-    """Check a zip checkpoint's structure and every member's CRC-32 (torch.save writes them), so
-    a flipped bit anywhere in the archive is an error instead of silently different weights."""
+def verify_zip(path: Path, expected_bytes: Callable[[], int] | None = None) -> None:
+    """Check a zip checkpoint's structure, its declared sizes (:func:`check_declared_sizes`,
+    before anything is inflated) and every member's CRC-32 (torch.save writes them), so a flipped
+    bit anywhere in the archive is an error instead of silently different weights."""
     try:
         with zipfile.ZipFile(path) as archive:
+            check_declared_sizes(path, archive.infolist(), expected_bytes)
             bad = archive.testzip()
+    except CheckpointError:
+        raise
     except Exception as error:
         raise CheckpointError(
             f"checkpoint {path} is truncated or corrupted (incomplete zip archive: {first_line(error)}); re-save or re-download it"
         ) from error
     if bad is not None:
         raise CheckpointError(f"checkpoint {path} is corrupted (checksum mismatch in {bad}); re-save or re-download it")
+
+
+def check_declared_sizes(path: Path, members: list[zipfile.ZipInfo], expected_bytes: Callable[[], int] | None) -> None:
+    """Refuse an archive whose members declare more compressed bytes than the file holds, or more
+    decompressed bytes than ``max(file size, model's tensor bytes) + ZIP_SLACK`` (the model's
+    bytes are asked for only when the declared size exceeds the file's)."""
+    size = path.stat().st_size
+    compressed, inflated = sum(m.compress_size for m in members), sum(m.file_size for m in members)
+    if compressed > size:
+        raise CheckpointError(f"checkpoint {path} is corrupted (its members declare {compressed:,} bytes, the file has {size:,}); "
+                              "re-save or re-download it")
+    if inflated <= size + ZIP_SLACK:
+        return
+    model = expected_bytes() if expected_bytes is not None else 0
+    if inflated > max(size, model) + ZIP_SLACK:
+        against = f" and the model's {model:,} tensor bytes" if expected_bytes is not None else ""
+        raise CheckpointError(
+            f"checkpoint {path} declares {inflated:,} bytes once decompressed, more than its {size:,} file bytes{against}; "
+            "refused before decompressing anything (torch.save writes uncompressed archives): re-save it with torch.save"
+        )
 
 
 def looks_like_safetensors(path: Path, head: bytes) -> bool:

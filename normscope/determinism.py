@@ -8,7 +8,8 @@ scaled dot-product attention), so train/eval flags stay as the analysis set them
 
 * ``"off"`` (default): dropout is the identity (attention ``dropout_p`` 0);
 * ``"fixed"``: dropout stays on, with a fixed mask per call position within each forward
-  (the k-th random call of every forward draws from seed ``seed + k``);
+  (the k-th random call of every forward draws from seed ``seed + k``, on the CPU generator and
+  the generator of the tensor's CUDA device only, both restored after the call);
 * ``"on"``: untouched (masks change between forwards).
 """
 
@@ -58,14 +59,28 @@ class _RandomCalls(TorchFunctionMode):
 
     def _seeded(self, func, args, kwargs):
         self.position += 1
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed + self.position)
+        tensor = args[0] if args else next(iter(kwargs.values()))
+        with seeded_on(tensor.device, self.seed + self.position):
             return func(*args, **kwargs)
 
     def describe(self) -> str:
         calls = ", ".join(f"{n} x{c}" for n, c in sorted(self.calls.items())) or "no random call ran"
         what = {"off": "turned off", "fixed": "kept with fixed masks", "on": "left on (masks vary)"}[self.mode]
         return f"dropout {what}; normalization layers in each analysis's mode ({calls})"
+
+
+@contextlib.contextmanager
+def seeded_on(device: torch.device, seed: int) -> Iterator[None]:
+    """Within the block the CPU generator and, for a CUDA ``device``, that device's generator
+    alone are seeded with ``seed``; both are restored on exit. (``torch.manual_seed`` would
+    reseed every CUDA device, and ``fork_rng(devices=[])`` would restore none of them.)"""
+    cuda = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.default_generator.manual_seed(seed)
+        if cuda:
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            torch.cuda.default_generators[index].manual_seed(seed)
+        yield
 
 
 @contextlib.contextmanager

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -33,7 +34,7 @@ def report(
         if is_run_folder(folder):
             typer.echo(printable(str(render_run(folder))))
             return
-        if not (folder / SUMMARY_FILE).is_file() and compare is None and (folder / TABLES_DIR).is_dir():
+        if not os.path.lexists(folder / SUMMARY_FILE) and compare is None and (folder / TABLES_DIR).is_dir():
             result, extra = AnalysisResult(meta={"model": {"name": f"comparison in {folder.name}"}}), compare_tables(folder)
         else:
             result = AnalysisResult.load(folder)

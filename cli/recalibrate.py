@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from normscope.api import make_loader
+from normscope.api import make_loader, user_batches
 from normscope.checkpoint import first_line, load_model
 from normscope.cli.analyze import load_data
 from normscope.cli.boundary import boundary, printable
@@ -49,7 +49,7 @@ def recalibrate(
         if not running_stat_layers(net):
             raise InvalidArgumentError(f"{type(net).__name__} has no layer with running statistics (BatchNorm); there is nothing to recalibrate")
         loader, _, source = make_loader(load_data(data, batch_size), batch_size, 0)
-        batches = [(b[0], b[1]) for b in loader]
+        batches = [(b[0], b[1]) for b in user_batches(loader)]
         fixed = recalibrated_copy(net, batches)
         before, after = evaluate(net, batches), evaluate(fixed, batches)
         write_state_dict(fixed.state_dict(), out)

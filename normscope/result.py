@@ -111,9 +111,13 @@ class AnalysisResult:
         refuse_nonempty(out, overwrite)
 
         def write(staging: Path) -> None:
-            write_tables(staging / TABLES_DIR, self.tables)
-            write_text(staging / SUMMARY_FILE, json.dumps(self.summary(), indent=2, allow_nan=False) + "\n")
-            write_text(staging / REPORT_FILE, render_page(self))
+            try:
+                write_tables(staging / TABLES_DIR, self.tables)
+                write_text(staging / SUMMARY_FILE, json.dumps(self.summary(), indent=2, allow_nan=False) + "\n")
+                write_text(staging / REPORT_FILE, render_page(self))
+            except OutputError as error:  # name the output, not the hidden staging file
+                cause = error.__cause__ or error
+                raise OutputError(f"writing {out} failed ({type(cause).__name__}: {first_line(cause)}); nothing was written") from error
 
         try:
             write_folder_atomic(out, write, overwrite=overwrite)

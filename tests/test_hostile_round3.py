@@ -544,6 +544,12 @@ def test_recalibrate_onto_an_existing_folder_is_one_line(tmp_path, checkpoint, o
     assert changed(before, tree(tmp_path)) == set()
 
 
+def test_recalibrate_with_a_loader_raising_midway_is_one_line(tmp_path, checkpoint):
+    arguments = ["recalibrate", str(checkpoint), *MODEL, "--data", f"{ME}:breaking_loader", "--out", str(tmp_path / "fixed.pt")]
+    check(invoke(arguments), 1, "the data loader DataLoader(BreaksAt) raised on batch 2")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_recalibrate_on_a_full_file_system_is_one_line_and_leaves_nothing(tmp_path, checkpoint, mounts):
     small = make_tmpfs(mounts, tmp_path / "small", "4k")
     check(invoke(["recalibrate", str(checkpoint), *MODEL, "--out", str(small / "fixed.pt")], seconds=120), 1, "nothing was changed")

@@ -19,7 +19,7 @@ from normscope.budget import DEFAULT_BUDGET
 from normscope.checkpoint import call_user, import_attribute, load_model
 from normscope.distributed import launch_rank
 from normscope.data import DIGITS
-from normscope.cli.boundary import boundary, printable, warn
+from normscope.cli.boundary import boundary, check_launch_environment, printable, warn
 from normscope.cli.options import flag, option
 from normscope.cli.summary import print_summary
 from normscope.errors import DataShapeError, UnknownNameError
@@ -78,6 +78,7 @@ def analyze(
     Under ``torchrun`` every rank runs the analysis (README "Data beyond one process"); only rank 0
     writes the output folder and prints, the other ranks end quietly with exit code 0."""
     with boundary(debug) as outcome:
+        check_launch_environment()
         writer = launch_rank() == 0
         console = Console(stderr=True, quiet=not writer)
         names = None if analyzers is None else analyzer_names(analyzers)

@@ -5,10 +5,11 @@ line each); 1 an error of the input or the output (one ``normscope: error:`` lin
 error or an internal error (a bug: ``--debug`` shows the traceback); 130 interrupted (Ctrl-C),
 143 terminated (SIGTERM).
 
-The boundary also checks the launcher's environment (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``,
-``LOCAL_WORLD_SIZE``, ``MASTER_PORT``) before a command starts, so a bad value is one line, and
-every line is :func:`printable`: control characters in paths and names (ESC, BEL, bidirectional
-overrides) are shown as ``\\xNN`` escapes instead of reaching the terminal.
+:func:`check_launch_environment` checks the launcher's variables (``WORLD_SIZE``, ``RANK``,
+``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``) inside the boundary of a
+command that launches (``analyze``), so a bad value is one line. Every line is :func:`printable`:
+control characters in paths and names (ESC, BEL, bidirectional overrides) are shown as ``\\xNN``
+escapes instead of reaching the terminal.
 """
 
 from __future__ import annotations
@@ -145,7 +146,6 @@ def boundary(debug: bool) -> Iterator[Outcome]:
     outcome = Outcome()
     try:
         with own_warnings_only(debug):
-            check_launch_environment()
             yield outcome
     except (typer.Exit, typer.Abort):
         raise

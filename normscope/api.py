@@ -10,6 +10,7 @@ import copy
 import dataclasses
 import inspect
 import itertools
+import numbers
 import platform
 import time
 from datetime import datetime, timezone
@@ -195,9 +196,9 @@ def analyze(
 
 
 def check_seed(seed: int) -> None:
-    """Raise :class:`InvalidArgumentError` unless ``seed`` is an int in :data:`SEED_RANGE`."""
+    """Raise :class:`InvalidArgumentError` unless ``seed`` is an integer (Python's or NumPy's) in :data:`SEED_RANGE`."""
     low, high = SEED_RANGE
-    if isinstance(seed, bool) or not isinstance(seed, int) or not low <= seed <= high:
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not low <= int(seed) <= high:
         raise InvalidArgumentError(f"seed {seed!r} is outside [{low}, 2**63 - 1]; pass a smaller non-negative integer")
 
 

@@ -23,6 +23,7 @@ import time
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -33,6 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 from typer.testing import CliRunner
 
 import normscope
+from normscope.api import check_seed
 from normscope.cli.app import app
 from normscope.cli.boundary import printable
 from normscope.errors import InvalidArgumentError, OutputError
@@ -522,9 +524,10 @@ def test_a_symlinked_out_is_refused_before_the_analysis(tmp_path, link):
 def test_the_api_refuses_a_meta_model_a_bad_device_and_a_huge_seed():
     with pytest.raises(InvalidArgumentError, match="meta device"):
         normscope.analyze(meta_net(), analyzers="stats", batches=1)
-    for bad in ({"device": "meta"}, {"device": "mps"}, {"seed": 2**70}, {"seed": -1}):
+    for bad in ({"device": "meta"}, {"device": "mps"}, {"seed": 2**70}, {"seed": -1}, {"seed": 1.5}):
         with pytest.raises(InvalidArgumentError):
             normscope.analyze(small_bn_net(), analyzers="stats", batches=1, **bad)
+    check_seed(np.int64(2**63 - 1))
 
 
 @pytest.fixture(scope="module")

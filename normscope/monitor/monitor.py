@@ -230,8 +230,7 @@ class Monitor:
             with self._own(index, "lr"):
                 self._record_lr(index)
         if curvature:
-            with self._own(index, "curvature"):
-                self.curvature(batch, loss_fn, step=index)
+            self.curvature(batch, loss_fn, step=index)
         session = None
         if stats:
             with self._own(index, "capture"):
@@ -316,13 +315,16 @@ class Monitor:
         the last step). :meth:`step` calls it on every ``every_curvature``-th step before the forward;
         an integration that sees the batch only in the forward (the Hugging Face Trainer) calls it
         before the optimizer's step. ``inputs`` may be a dict of keyword arguments, and ``targets``
-        ``None`` for a ``loss_fn`` that reads the model's own loss (:func:`normscope.losses.model_loss`)."""
+        ``None`` for a ``loss_fn`` that reads the model's own loss (:func:`normscope.losses.model_loss`).
+        A failure is an error row (see the class), not an exception."""
         index = self.steps - 1 if step is None else int(step)
-        self._record_lr(index)
-        rows, self._ritz = curvature_step(self.model, batch[0], batch[1], loss_fn or self.loss_fn, self.optimizer,
-                                          self.current_lr(), self.curvature_layers, self.curvature_samples, seed=index,
-                                          start=self._ritz)
-        self.record(index, rows)
+        with self._own(index, "lr"):
+            self._record_lr(index)
+        with self._own(index, "curvature"):
+            rows, self._ritz = curvature_step(self.model, batch[0], batch[1], loss_fn or self.loss_fn, self.optimizer,
+                                              self.current_lr(), self.curvature_layers, self.curvature_samples, seed=index,
+                                              start=self._ritz)
+            self.record(index, rows)
 
     def _record_lr(self, step: int) -> None:
         """The lr row of ``step``, once per step."""

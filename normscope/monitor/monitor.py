@@ -357,8 +357,9 @@ class Monitor:
 def nonfinite_gradient_rows(model: nn.Module) -> list[tuple[str, str, float]]:
     """``(layer, "nonfinite_gradient", 1.0)`` for every layer (module path) with a NaN or an infinity in a
     parameter's ``.grad``: one fused norm over all gradients, and the layers only when it is not finite."""
-    grads = [(name, p.grad) for name, p in model.named_parameters() if p.grad is not None]
-    if not grads or torch.nn.utils.get_total_norm([g for _, g in grads]).isfinite():
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads or torch.nn.utils.get_total_norm(grads, foreach=True).isfinite():
         return []
-    layers = dict.fromkeys(name.rpartition(".")[0] for name, g in grads if not torch.isfinite(g).all())
+    layers = dict.fromkeys(name.rpartition(".")[0] for name, p in model.named_parameters()
+                           if p.grad is not None and not torch.isfinite(p.grad).all())
     return [(layer or MODEL_SITE, "nonfinite_gradient", 1.0) for layer in layers]

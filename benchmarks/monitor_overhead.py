@@ -26,7 +26,7 @@ import os
 import statistics
 import tempfile
 import time
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -47,7 +47,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def run(device: torch.device, rounds: int, block: int, batch: int = 128) -> list[tuple[str, float, float, float, float, float]]:
+def run(device: torch.device, rounds: int, block: int, batch: int = 128) -> Iterator[tuple[str, float, float, float, float, float, float]]:
     images, labels = load_digits()
     x, y = images[:batch].to(device), labels[:batch].to(device)
     model = build_model("resnet_bn").to(device).train()
@@ -83,7 +83,6 @@ def run(device: torch.device, rounds: int, block: int, batch: int = 128) -> list
         _sync(device)
         return time.perf_counter() - start, time.process_time() - cpu
 
-    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         configs = {
             "capture (reductions) every step": (capture_step, None),
@@ -108,9 +107,8 @@ def run(device: torch.device, rounds: int, block: int, batch: int = 128) -> list
                     times["monitored"].append(block_seconds_of(monitor.close))
             (plain, plain_cpu), (watched, watched_cpu) = ([sum(t) for t in zip(*times[k])] for k in ("plain", "monitored"))
             median = statistics.median(t for t, _ in times["monitored"][:rounds]) / statistics.median(t for t, _ in times["plain"])
-            rows.append((name, plain / block / rounds * 1e3, watched / block / rounds * 1e3, watched / plain, median,
-                         watched_cpu / plain_cpu, os.getloadavg()[0]))
-    return rows
+            yield (name, plain / block / rounds * 1e3, watched / block / rounds * 1e3, watched / plain, median,
+                   watched_cpu / plain_cpu, os.getloadavg()[0])
 
 
 def block_seconds_of(work: Callable[[], None]) -> tuple[float, float]:
@@ -216,7 +214,7 @@ def _callback_rows(framework: str, times: dict[str, list[float]], steps: int) ->
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=5, help="blocks of each loop, alternated")
+    parser.add_argument("--rounds", type=int, default=5, help="blocks of each loop, alternated (0: only the callbacks)")
     parser.add_argument("--block", type=int, default=100, help="steps per block (a multiple of 100)")
     parser.add_argument("--threads", default=f"{torch.get_num_threads()},1",
                         help="torch.set_num_threads for each pass, comma-separated (default: torch's own count, then 1)")
@@ -230,12 +228,14 @@ def main() -> None:
         torch.set_num_threads(threads)
         print(f"\nthreads {threads}: resnet_bn, batch 128, blocks of {args.block} steps x {args.rounds} rounds")
         print(f"{'configuration':<52}{'plain ms':>10}{'with ms':>10}{'ratio':>8}{'median':>8}{'cpu ratio':>10}{'target':>8}{'load':>6}")
-        for name, plain, watched, ratio, median, cpu_ratio, load in run(device, args.rounds, args.block):
-            print(f"{name:<52}{plain:>10.2f}{watched:>10.2f}{ratio:>8.3f}{median:>8.3f}{cpu_ratio:>10.3f}{TARGETS[name]:>8.2f}{load:>6.1f}")
+        for name, plain, watched, ratio, median, cpu_ratio, load in (run(device, args.rounds, args.block) if args.rounds else []):
+            print(f"{name:<52}{plain:>10.2f}{watched:>10.2f}{ratio:>8.3f}{median:>8.3f}{cpu_ratio:>10.3f}{TARGETS[name]:>8.2f}{load:>6.1f}",
+                  flush=True)
         if args.fits and device.type == "cpu":
             print(f"threads {threads}: callbacks, {args.fit_steps}-step runs x {args.fits} rounds (ms per step include the framework's set-up)")
             for name, plain, watched, ratio, median, load in lightning_rows(args.fits, args.fit_steps) + transformers_rows(args.fits, args.fit_steps):
-                print(f"{name:<52}{plain:>10.2f}{watched:>10.2f}{ratio:>8.3f}{median:>8.3f}{'':>10}{TARGETS[name]:>8.2f}{load:>6.1f}")
+                print(f"{name:<52}{plain:>10.2f}{watched:>10.2f}{ratio:>8.3f}{median:>8.3f}{'':>10}{TARGETS[name]:>8.2f}{load:>6.1f}",
+                      flush=True)
     print(f"load after {os.getloadavg()}")
 
 

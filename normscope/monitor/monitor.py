@@ -55,7 +55,7 @@ class Monitor:
       holds a NaN or an infinity (the first such step is where they started, to within ``every``);
     * normalization sites added, removed or replaced (a module swapped in under the same name, e.g.
       ``model[2] = nn.BatchNorm1d(16)``): rows ``site_added``, ``site_removed``, ``site_replaced``
-      (1.0) at the step that first runs without them, a warning, and the new sites recorded from then on.
+      (1.0) at the first recorded step after the change, a warning, and the sites now there recorded from then on.
 
     A run folder only ever gains rows. Entering a monitor again (the same one, or a new one on the
     same folder: a second ``with``, a second ``trainer.fit``, a notebook cell run twice) resumes the

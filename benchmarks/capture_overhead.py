@@ -7,12 +7,16 @@ verified once), and, for ``reductions``, a new capture each step (every site's r
 against its output at every step). One process; each figure is the median of repeated steps after
 warm-up, captured and plain steps timed alternately so that load from other jobs affects both alike.
 
-Run: ``python benchmarks/capture_overhead.py [--repeats 30]``
+Every figure at each thread count of ``--threads`` (default: torch's own count, then 1), with the
+load average (``os.getloadavg()``) after it; a target counts at the default count.
+
+Run: ``python benchmarks/capture_overhead.py [--repeats 30] [--threads 2,1]``
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -83,15 +87,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--sizes", default="8,32", help="image sizes (digits are 8x8; larger ones are upsampled)")
+    parser.add_argument("--threads", default=f"{torch.get_num_threads()},1",
+                        help="torch.set_num_threads for each pass, comma-separated (default: torch's own count, then 1)")
     args = parser.parse_args()
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
+    print(f"torch {torch.__version__}, default threads {torch.get_num_threads()}, load before {os.getloadavg()}")
     sizes = [int(v) for v in args.sizes.split(",")]
-    for device, size in ((d, s) for d in devices for s in sizes):
-        print(f"\nresnet_bn, batch 128, {size}x{size} images, {device.type}")
-        print(f"{'configuration':<38}{'ms/step':>10}{'plain ms':>10}{'ratio':>8}")
-        for name, seconds, base, ratio in run(device, args.repeats, size=size):
-            print(f"{name:<38}{seconds * 1e3:>10.2f}{base * 1e3:>10.2f}{ratio:>8.2f}")
+    for threads in (int(t) for t in args.threads.split(",")):
+        torch.set_num_threads(threads)
+        for device, size in ((d, s) for d in devices for s in sizes):
+            print(f"\nthreads {threads}: resnet_bn, batch 128, {size}x{size} images, {device.type}")
+            print(f"{'configuration':<38}{'ms/step':>10}{'plain ms':>10}{'ratio':>8}{'load':>6}")
+            for name, seconds, base, ratio in run(device, args.repeats, size=size):
+                print(f"{name:<38}{seconds * 1e3:>10.2f}{base * 1e3:>10.2f}{ratio:>8.2f}{os.getloadavg()[0]:>6.1f}")
+    print(f"load after {os.getloadavg()}")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,13 @@ alike; each ratio is (all monitored blocks + the monitor's closing flush) / (all
 wall time and in process CPU time: the monitor computes its rows when it flushes, so its cost comes
 in bursts that a median would leave out (the median ratio is printed beside it). The load average (``os.getloadavg()``) is printed before, after each configuration and after.
 
-Run: ``python benchmarks/monitor_overhead.py [--rounds 5] [--block 100] [--threads N] [--device cuda]``
+Every configuration runs at each thread count of ``--threads`` (default: torch's own count, then 1);
+a target counts at the default count. Then the Lightning and Hugging Face ``Trainer`` callbacks
+(:mod:`normscope.integrations`) on short real runs: whole ``fit``/``train`` calls of ``--fit-steps``
+steps with and without the callback, alternated, each from the same initial weights (ratio of totals
+and median).
+
+Run: ``python benchmarks/monitor_overhead.py [--rounds 5] [--block 100] [--threads 2,1] [--device cuda] [--fits 3]``
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import os
 import statistics
 import tempfile
 import time
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -30,8 +36,10 @@ from normscope.capture import capture
 from normscope.data import load_digits
 from normscope.models import build_model
 
-TARGETS = {"stats+GLS every step": 1.3, "stats+GLS every 10": 1.05, "every 10 + curvature every 100": 1.10,
-           "capture (reductions) every step": 1.2, "the same, no trace (curvature_samples=0)": 1.10}
+TARGETS = {"stats+GLS every step": 1.15, "stats+GLS every 10": 1.03, "every 10 + curvature every 100": 1.10,
+           "capture (reductions) every step": 1.05, "the same, no trace (curvature_samples=0)": 1.10,
+           "Lightning callback, every 10": 1.03, "Lightning callback, every 10 + curvature every 100": 1.10,
+           "HF Trainer callback, every 10": 1.03, "HF Trainer callback, every 10 + curvature every 100": 1.10}
 
 
 def _sync(device: torch.device) -> None:
@@ -39,7 +47,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def run(device: torch.device, rounds: int, block: int, batch: int = 128) -> list[tuple[str, float, float, float, float, float]]:
+def run(device: torch.device, rounds: int, block: int, batch: int = 128) -> Iterator[tuple[str, float, float, float, float, float, float]]:
     images, labels = load_digits()
     x, y = images[:batch].to(device), labels[:batch].to(device)
     model = build_model("resnet_bn").to(device).train()
@@ -75,7 +83,6 @@ def run(device: torch.device, rounds: int, block: int, batch: int = 128) -> list
         _sync(device)
         return time.perf_counter() - start, time.process_time() - cpu
 
-    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         configs = {
             "capture (reductions) every step": (capture_step, None),
@@ -100,9 +107,8 @@ def run(device: torch.device, rounds: int, block: int, batch: int = 128) -> list
                     times["monitored"].append(block_seconds_of(monitor.close))
             (plain, plain_cpu), (watched, watched_cpu) = ([sum(t) for t in zip(*times[k])] for k in ("plain", "monitored"))
             median = statistics.median(t for t, _ in times["monitored"][:rounds]) / statistics.median(t for t, _ in times["plain"])
-            rows.append((name, plain / block / rounds * 1e3, watched / block / rounds * 1e3, watched / plain, median,
-                         watched_cpu / plain_cpu, os.getloadavg()[0]))
-    return rows
+            yield (name, plain / block / rounds * 1e3, watched / block / rounds * 1e3, watched / plain, median,
+                   watched_cpu / plain_cpu, os.getloadavg()[0])
 
 
 def block_seconds_of(work: Callable[[], None]) -> tuple[float, float]:
@@ -112,21 +118,124 @@ def block_seconds_of(work: Callable[[], None]) -> tuple[float, float]:
     return time.perf_counter() - start, time.process_time() - cpu
 
 
+def _interleaved(runs: dict[str, Callable[[], None]], rounds: int) -> dict[str, list[float]]:
+    """Wall seconds of each run, the runs alternated ``rounds`` times after one warm-up round."""
+    for run_once in runs.values():
+        run_once()
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, run_once in runs.items():
+            start = time.perf_counter()
+            run_once()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def lightning_rows(rounds: int, steps: int) -> list[tuple[str, float, float, float, float, float]]:
+    """``trainer.fit`` of the reference ResNet on digits (batch 128, SGD with momentum) for ``steps``
+    steps, plain and with :class:`~normscope.integrations.lightning.NormscopeCallback`."""
+    import copy
+
+    import lightning
+    from normscope.integrations.lightning import NormscopeCallback
+
+    class Classifier(lightning.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = build_model("resnet_bn")
+
+        def forward(self, x):
+            return self.net(x)
+
+        def training_step(self, batch, batch_idx):
+            return F.cross_entropy(self(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01, momentum=0.9)
+
+    images, labels = load_digits()
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, labels), batch_size=128, shuffle=True,
+                                       drop_last=True)
+    initial = Classifier()
+
+    def fit(**monitor) -> Callable[[], None]:
+        def run_once() -> None:
+            with tempfile.TemporaryDirectory() as tmp:
+                callbacks = [NormscopeCallback(tmp, **monitor)] if monitor else []
+                trainer = lightning.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                                            enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks)
+                trainer.fit(copy.deepcopy(initial), data)
+        return run_once
+
+    times = _interleaved({"plain": fit(), "every 10": fit(every=10),
+                          "every 10 + curvature every 100": fit(every=10, every_curvature=100)}, rounds)
+    return _callback_rows("Lightning callback", times, steps)
+
+
+def transformers_rows(rounds: int, steps: int) -> list[tuple[str, float, float, float, float, float]]:
+    """``Trainer.train`` of a small BERT (2 layers, hidden 64, 5 LayerNorms) on digits as 64-token
+    sequences (batch 32) for ``steps`` steps, plain and with
+    :class:`~normscope.integrations.transformers.NormscopeCallback`."""
+    import copy
+
+    import transformers
+    from normscope.integrations.transformers import NormscopeCallback
+
+    transformers.logging.set_verbosity_error()
+    config = transformers.BertConfig(vocab_size=17, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=128, max_position_embeddings=64, num_labels=10)
+    transformers.set_seed(0)
+    initial = transformers.BertForSequenceClassification(config)
+    images, labels = load_digits()
+    tokens = (images.reshape(len(images), 64) * 16).round().long()
+    dataset = [{"input_ids": tokens[i], "labels": labels[i]} for i in range(len(tokens))]
+
+    def train(**monitor) -> Callable[[], None]:
+        def run_once() -> None:
+            with tempfile.TemporaryDirectory() as tmp:
+                args = transformers.TrainingArguments(output_dir=tmp, max_steps=steps, per_device_train_batch_size=32,
+                                                      learning_rate=1e-3, report_to=[], use_cpu=True, save_strategy="no",
+                                                      logging_strategy="no", seed=0, disable_tqdm=True)
+                callbacks = [NormscopeCallback(os.path.join(tmp, "run"), **monitor)] if monitor else []
+                transformers.Trainer(model=copy.deepcopy(initial), args=args, train_dataset=dataset, callbacks=callbacks).train()
+        return run_once
+
+    times = _interleaved({"plain": train(), "every 10": train(every=10),
+                          "every 10 + curvature every 100": train(every=10, every_curvature=100)}, rounds)
+    return _callback_rows("HF Trainer callback", times, steps)
+
+
+def _callback_rows(framework: str, times: dict[str, list[float]], steps: int) -> list[tuple[str, float, float, float, float, float]]:
+    plain = times.pop("plain")
+    return [(f"{framework}, {name}", sum(plain) / len(plain) / steps * 1e3, sum(t) / len(t) / steps * 1e3,
+             sum(t) / sum(plain), statistics.median(t) / statistics.median(plain), os.getloadavg()[0])
+            for name, t in times.items()]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=5, help="blocks of each loop, alternated")
+    parser.add_argument("--rounds", type=int, default=5, help="blocks of each loop, alternated (0: only the callbacks)")
     parser.add_argument("--block", type=int, default=100, help="steps per block (a multiple of 100)")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--threads", default=f"{torch.get_num_threads()},1",
+                        help="torch.set_num_threads for each pass, comma-separated (default: torch's own count, then 1)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--fits", type=int, default=3, help="alternated fit/train calls of each callback run (0: none)")
+    parser.add_argument("--fit-steps", type=int, default=100, help="steps of each fit/train call")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    print(f"torch {torch.__version__}, {device}, threads {torch.get_num_threads()}, load before {os.getloadavg()}")
-    print(f"resnet_bn, batch 128, blocks of {args.block} steps x {args.rounds} rounds")
-    print(f"{'configuration':<42}{'plain ms':>10}{'with ms':>10}{'ratio':>8}{'median':>8}{'cpu ratio':>10}{'target':>8}{'load':>6}")
-    for name, plain, watched, ratio, median, cpu_ratio, load in run(device, args.rounds, args.block):
-        print(f"{name:<42}{plain:>10.2f}{watched:>10.2f}{ratio:>8.3f}{median:>8.3f}{cpu_ratio:>10.3f}{TARGETS[name]:>8.2f}{load:>6.1f}")
+    print(f"torch {torch.__version__}, {device}, default threads {torch.get_num_threads()}, load before {os.getloadavg()}")
+    for threads in (int(t) for t in args.threads.split(",")):
+        torch.set_num_threads(threads)
+        print(f"\nthreads {threads}: resnet_bn, batch 128, blocks of {args.block} steps x {args.rounds} rounds")
+        print(f"{'configuration':<52}{'plain ms':>10}{'with ms':>10}{'ratio':>8}{'median':>8}{'cpu ratio':>10}{'target':>8}{'load':>6}")
+        for name, plain, watched, ratio, median, cpu_ratio, load in (run(device, args.rounds, args.block) if args.rounds else []):
+            print(f"{name:<52}{plain:>10.2f}{watched:>10.2f}{ratio:>8.3f}{median:>8.3f}{cpu_ratio:>10.3f}{TARGETS[name]:>8.2f}{load:>6.1f}",
+                  flush=True)
+        if args.fits and device.type == "cpu":
+            print(f"threads {threads}: callbacks, {args.fit_steps}-step runs x {args.fits} rounds (ms per step include the framework's set-up)")
+            for name, plain, watched, ratio, median, load in lightning_rows(args.fits, args.fit_steps) + transformers_rows(args.fits, args.fit_steps):
+                print(f"{name:<52}{plain:>10.2f}{watched:>10.2f}{ratio:>8.3f}{median:>8.3f}{'':>10}{TARGETS[name]:>8.2f}{load:>6.1f}",
+                      flush=True)
     print(f"load after {os.getloadavg()}")
 
 

@@ -8,7 +8,9 @@ Each training batch is one monitor step (numbered from 0 in the order Lightning 
 capture spans the batch's forward, backward and optimizer step, and curvature steps measure
 ``loss_fn(pl_module(inputs), targets)`` on the batch ``(inputs, targets)`` at the parameters before
 the update, against the lr of the trainer's first optimizer. Each process writes its own rows
-(``rank`` = the trainer's global rank).
+(``rank`` = the trainer's global rank). A second ``trainer.fit`` with the same callback (or on the
+same folder) resumes the run: its rows are added, its steps numbered on from the last recorded one.
+The monitor's own failures are error rows, never exceptions in the training (:class:`normscope.Monitor`).
 """
 
 from __future__ import annotations

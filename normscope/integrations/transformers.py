@@ -13,6 +13,9 @@ optimizer. The Trainer does not hand its batches to callbacks, so on a curvature
 first forward (its first micro-batch, labels included) and is removed at once; before the
 optimizer's step the monitor measures the curvature of the model's own loss (``outputs.loss``,
 :func:`normscope.losses.model_loss`) on that micro-batch, at the parameters the step starts from.
+Steps keep the Trainer's numbers, so a second ``trainer.train()`` from step 0 on the same folder adds
+rows under the same step numbers (a segment of its own; :mod:`normscope.monitor.store`). The
+monitor's own failures are error rows, never exceptions in the training (:class:`normscope.Monitor`).
 """
 
 from __future__ import annotations

@@ -20,6 +20,8 @@ descent analysis of batch normalization it builds on):
   0: no trace), with ``trace_stderr``; the same products give each layer's ``trace`` (its block ``H_gg``);
 * ``products``: the Hessian-vector products the step spent in all.
 
+A gradient that is not finite (a NaN or an infinity in the batch, the loss or the parameters) stops
+the step with a ``FloatingPointError`` before any product (the monitor records it as an error row).
 The global random state is forked, so dropout in the copy draws nothing from the user's stream.
 """
 
@@ -92,7 +94,11 @@ def curvature_step(
     with torch.random.fork_rng(devices=devices):
         loss = BatchLoss(model, inputs, targets, loss_fn, "train", dtype)
         total = HessianOperator(loss, backend="double_backward")
-        gradient = total.split(total.gradient())  # from the graph the products below reuse
+        flat_gradient = total.gradient()  # from the graph the products below reuse
+        if not bool(flat_gradient.isfinite().all()):
+            raise FloatingPointError("the gradient of the loss on the step's batch is not finite (a NaN or an "
+                                     "infinity in the batch, the loss or the parameters): no curvature at this step")
+        gradient = total.split(flat_gradient)
         if optimizer is not None:
             d, lr = optimizer_direction(model, optimizer, loss, gradient)
         else:

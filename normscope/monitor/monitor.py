@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from normscope.capture import capture
+from normscope.capture.sites import matches, module_sites
 from normscope.errors import InvalidArgumentError
 from normscope.monitor import distributed
 from normscope.monitor.curvature import MODEL_SITE, curvature_step
@@ -20,6 +22,8 @@ from normscope.monitor.store import RecordStore
 
 TENSORBOARD_DIR = "_tensorboard"  # "_": Parquet readers of the run folder skip it
 WAITING_PARTITIONS = 2**16  # captured partitions whose rows may wait for the next flush (about 6 MB of sums)
+ERROR_METRIC = "error"
+MESSAGE_CHARS = 500  # an error row's message (its ``site``) is cut to this length
 
 
 class Monitor:
@@ -40,6 +44,23 @@ class Monitor:
     The monitor never changes training: the capture keeps only sums, the curvature works on a
     private copy with the random state forked, and nothing is written to parameters, buffers,
     ``.grad`` or the optimizer.
+
+    The monitor never raises into the training loop for its own failures (a curvature that does not
+    converge, rows that cannot be computed or written): each is a row ``metric="error"`` whose
+    ``site`` is the message (``"<part>: <exception>: <text>"``, value 1.0), with a warning the first
+    time a part fails, and training goes on. Misuse (a curvature step without its batch) still raises.
+    On every recorded step it also looks for
+
+    * non-finite gradients: a row ``(layer, "nonfinite_gradient", 1.0)`` for every layer whose ``.grad``
+      holds a NaN or an infinity (the first such step is where they started, to within ``every``);
+    * normalization sites added, removed or replaced (a module swapped in under the same name, e.g.
+      ``model[2] = nn.BatchNorm1d(16)``): rows ``site_added``, ``site_removed``, ``site_replaced``
+      (1.0) at the first recorded step after the change, a warning, and the sites now there recorded from then on.
+
+    A run folder only ever gains rows. Entering a monitor again (the same one, or a new one on the
+    same folder: a second ``with``, a second ``trainer.fit``, a notebook cell run twice) resumes the
+    run: its rows go to a fresh segment of part files (:mod:`normscope.monitor.store`), and, unless
+    :meth:`step` is given the step, a new monitor numbers its steps on from the last step in the folder.
 
     Args:
         model: the module being trained (the one whose forward runs inside :meth:`step`).
@@ -112,6 +133,9 @@ class Monitor:
         # one capture entered on every statistics step: the sites are found and their readings
         # verified once; steps that record nothing install no hooks
         self._capture = capture(model, sites=sites, kinds=kinds, storage="reductions", functional=functional, preserve=False)
+        self._modules: dict[str, int] = {}  # module path -> id of the module, when the sites were last read
+        self._sites: dict[str, int] = {}  # site name -> id of its module
+        self._warned: set[str] = set()
         self.store: RecordStore | None = None
         self._entered = False
         self._writer = None
@@ -119,6 +143,8 @@ class Monitor:
     # -- context ---------------------------------------------------------------------------
     def __enter__(self) -> "Monitor":
         self.store = RecordStore(self.out, self.flush_seconds, self.rank) if self.rank == 0 or not self.gathering else None
+        if self.steps == 0:
+            self.steps = self._resumed_steps()
         self._entered = True
         if self.tensorboard and self.store is not None:
             from torch.utils.tensorboard import SummaryWriter
@@ -130,13 +156,51 @@ class Monitor:
         self.close()
 
     def close(self) -> None:
-        """Write what is buffered and close TensorBoard."""
+        """Write what is buffered and close TensorBoard (a failure to write is a warning, not an error)."""
         self._compute_waiting()
         if self.store is not None:
-            self.store.flush()
+            with self._own(None, "store"):
+                self.store.flush()
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+        self._entered = False
+
+    def _resumed_steps(self) -> int:
+        """Where a new monitor's step count starts: after the last step already in the folder (0 for
+        a new folder); under ``torch.distributed`` rank 0's count, on every rank."""
+        last = self.store.last_step() if self.store is not None else None
+        start = 0 if last is None else last + 1
+        if self.gathering:
+            shared = [start]
+            distributed.dist.broadcast_object_list(shared, src=0)
+            start = shared[0]
+        return start
+
+    # -- the monitor's own failures ----------------------------------------------------------
+    @contextlib.contextmanager
+    def _own(self, step: int | None, part: str) -> Iterator[None]:
+        """Run a part of the monitor's own work: an ``Exception`` in it becomes an error row of
+        ``step`` (:meth:`failed`) instead of reaching the training loop."""
+        try:
+            yield
+        except Exception as exc:  # the monitor's own failure: recorded, training goes on
+            self.failed(step, part, exc)
+
+    def failed(self, step: int | None, part: str, exc: BaseException) -> None:
+        """Record ``exc`` from ``part`` of the monitor as the row ``(message, "error", 1.0)`` of
+        ``step`` (the last step when ``None``) and warn the first time ``part`` fails."""
+        message = f"{part}: {type(exc).__name__}: {exc}"[:MESSAGE_CHARS]
+        if part not in self._warned:
+            self._warned.add(part)
+            warnings.warn(f"normscope.Monitor: {message} (recorded as an error row; training goes on; "
+                          "later failures of this part are recorded without a warning)", RuntimeWarning, stacklevel=4)
+        if part == "store" or self.store is None:
+            return
+        try:
+            self.store.append(max(self.steps - 1, 0) if step is None else step, [(message, ERROR_METRIC, 1.0)])
+        except Exception:  # the store itself fails: the warning above is all that can be said
+            pass
 
     # -- one step --------------------------------------------------------------------------
     def wants_stats(self, step: int) -> bool:
@@ -157,21 +221,43 @@ class Monitor:
         if not self._entered:
             raise InvalidArgumentError("use the monitor as a context manager: with normscope.Monitor(...) as monitor")
         index = self.steps if step is None else int(step)
-        self.steps += 1
+        self.steps = index + 1
         curvature, stats = self.wants_curvature(index), self.wants_stats(index)
+        if curvature and batch is None:
+            raise InvalidArgumentError(f"step {index} measures curvature (every_curvature={self.every_curvature}): "
+                                       "pass the batch, monitor.step((inputs, targets))")
         if curvature or stats:
-            self._record_lr(index)
+            with self._own(index, "lr"):
+                self._record_lr(index)
         if curvature:
-            if batch is None:
-                raise InvalidArgumentError(f"step {index} measures curvature (every_curvature={self.every_curvature}): "
-                                           "pass the batch, monitor.step((inputs, targets))")
             self.curvature(batch, loss_fn, step=index)
-        if not stats:
+        session = None
+        if stats:
+            with self._own(index, "capture"):
+                running = running_stats(self.model)
+                self._check_sites(index)
+                session = self._capture.__enter__()
+        if session is None:
             yield
             return
-        running = running_stats(self.model)
-        with self._capture as cap:
+        try:
             yield
+        except BaseException:  # the user's own error: the hooks go, the error goes on to the loop
+            with self._own(index, "capture"):
+                session.__exit__(None, None, None)
+            raise
+        closed = False
+        with self._own(index, "capture"):
+            session.__exit__(None, None, None)
+            closed = True
+        with self._own(index, "gradients"):
+            self.record(index, nonfinite_gradient_rows(self.model))
+        if closed:
+            with self._own(index, "rows"):
+                self._after_capture(index, session, running)
+
+    def _after_capture(self, index: int, cap, running: dict) -> None:
+        """The rows of a captured step: now under ``torch.distributed``, else at the next flush."""
         if self.gathering:  # every rank computes and gathers now: the collectives run in step
             after = distributed.gather(running_stats(self.model))
             eps = {r.site.name: r.layout.eps for r in cap.records}
@@ -184,14 +270,44 @@ class Monitor:
         if self.store.due() or self._waiting_partitions > WAITING_PARTITIONS:
             self._compute_waiting()
 
+    def _check_sites(self, step: int) -> None:
+        """Compare the model's normalization sites with those of the last recorded step: rows
+        ``site_added``, ``site_removed`` and ``site_replaced`` (another module under the same name) and a
+        warning. The module tree is compared first (one walk); when it changed, a new capture reads it."""
+        modules = {name: id(m) for name, m in self.model.named_modules()}
+        if modules == self._modules:
+            return
+        sites = {name: id(m) for name, m, how in module_sites(self.model)
+                 if matches(name, how.kind.name, self.sites, self.kinds)}
+        if self._modules:  # a new capture reads the new module tree (producers and consumers too)
+            self._capture = capture(self.model, sites=self.sites, kinds=self.kinds, storage="reductions",
+                                    functional=self.functional, preserve=False)
+            rows = [(name, "site_added", 1.0) for name in sites.keys() - self._sites.keys()]
+            rows += [(name, "site_removed", 1.0) for name in self._sites.keys() - sites.keys()]
+            rows += [(name, "site_replaced", 1.0) for name in sites.keys() & self._sites.keys() if sites[name] != self._sites[name]]
+            if rows:
+                self.record(step, rows)
+                changes = ", ".join(f"{site} {metric.removeprefix('site_')}" for site, metric, _ in rows)
+                warnings.warn(f"normscope.Monitor: the model's normalization sites changed at step {step}: {changes}; "
+                              "recorded as rows, the sites now there are watched from this step", RuntimeWarning, stacklevel=5)
+        self._modules, self._sites = modules, sites
+
     def _compute_waiting(self) -> None:
         """The rows of the captured steps waiting since the last flush, in one computation
         (:func:`~normscope.monitor.metrics.steps_rows`: the same rows as step by step)."""
         if not self._waiting:
             return
-        for index, rows in steps_rows(self._waiting).items():
-            self.record(index, rows)
-        self._waiting, self._waiting_partitions = [], 0
+        waiting, self._waiting, self._waiting_partitions = self._waiting, [], 0
+        try:
+            computed = steps_rows(waiting)
+        except Exception:  # one step's sums spoil the lot: each step alone, the failing ones as error rows
+            computed = {}
+            for index, records, running in waiting:
+                with self._own(index, "rows"):
+                    computed.update(steps_rows([(index, records, running)]))
+        with self._own(None, "store"):
+            for index, rows in computed.items():
+                self.record(index, rows)
 
     def curvature(self, batch: tuple, loss_fn: Callable | None = None, step: int | None = None) -> None:
         """Record the curvature rows of ``batch = (inputs, targets)`` at the model's parameters now
@@ -199,13 +315,16 @@ class Monitor:
         the last step). :meth:`step` calls it on every ``every_curvature``-th step before the forward;
         an integration that sees the batch only in the forward (the Hugging Face Trainer) calls it
         before the optimizer's step. ``inputs`` may be a dict of keyword arguments, and ``targets``
-        ``None`` for a ``loss_fn`` that reads the model's own loss (:func:`normscope.losses.model_loss`)."""
+        ``None`` for a ``loss_fn`` that reads the model's own loss (:func:`normscope.losses.model_loss`).
+        A failure is an error row (see the class), not an exception."""
         index = self.steps - 1 if step is None else int(step)
-        self._record_lr(index)
-        rows, self._ritz = curvature_step(self.model, batch[0], batch[1], loss_fn or self.loss_fn, self.optimizer,
-                                          self.current_lr(), self.curvature_layers, self.curvature_samples, seed=index,
-                                          start=self._ritz)
-        self.record(index, rows)
+        with self._own(index, "lr"):
+            self._record_lr(index)
+        with self._own(index, "curvature"):
+            rows, self._ritz = curvature_step(self.model, batch[0], batch[1], loss_fn or self.loss_fn, self.optimizer,
+                                              self.current_lr(), self.curvature_layers, self.curvature_samples, seed=index,
+                                              start=self._ritz)
+            self.record(index, rows)
 
     def _record_lr(self, step: int) -> None:
         """The lr row of ``step``, once per step."""
@@ -233,3 +352,14 @@ class Monitor:
         if self._writer is not None:
             for site, metric, value in rows:
                 self._writer.add_scalar(f"normscope/{metric}/{site}", value, step)
+
+
+def nonfinite_gradient_rows(model: nn.Module) -> list[tuple[str, str, float]]:
+    """``(layer, "nonfinite_gradient", 1.0)`` for every layer (module path) with a NaN or an infinity in a
+    parameter's ``.grad``: one fused norm over all gradients, and the layers only when it is not finite."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads or torch.nn.utils.get_total_norm(grads, foreach=True).isfinite():
+        return []
+    layers = dict.fromkeys(name.rpartition(".")[0] for name, p in model.named_parameters()
+                           if p.grad is not None and not torch.isfinite(p.grad).all())
+    return [(layer or MODEL_SITE, "nonfinite_gradient", 1.0) for layer in layers]

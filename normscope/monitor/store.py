@@ -19,6 +19,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..safe_io import write_file
+
 SCHEMA = pa.schema([("step", pa.int64()), ("rank", pa.int32()), ("site", pa.string()),
                     ("metric", pa.string()), ("value", pa.float64())])
 
@@ -66,9 +68,7 @@ class RecordStore:
             return None
         table = pa.table(self._columns, schema=SCHEMA)
         name = f"part-{self.rank:03d}-{self.segment}-{self.files:06d}.parquet"
-        final, temporary = self.folder / name, self.folder / f".{name}.tmp"
-        pq.write_table(table, temporary)
-        os.replace(temporary, final)
+        final = write_file(self.folder / name, lambda stream: pq.write_table(table, stream))
         self.files += 1
         self._columns = {name: [] for name in SCHEMA.names}
         return final

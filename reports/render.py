@@ -151,8 +151,12 @@ def render_html(result: AnalysisResult, compare: dict[str, pd.DataFrame] | None 
         overview = sites_overview(tables, records, meta.get("sites"), meta)
     with quiet():
         sections = [_section(spec, result, tables, records) for spec in SECTIONS]
-    template = _environment().get_template("report.html.j2")
+    template = environment().get_template("report.html.j2")
     return template.render(
+        kind="report",
+        heading="Normalization report",
+        nav=[("summary", "At a glance", True), ("model", "Model and sites", True),
+             *((section.key, section.title, section.ran) for section in sections)],
         title=_model_name(meta),
         sites_overview=_overview_table(overview, meta),
         top_findings=_top_findings(records),
@@ -227,7 +231,8 @@ def dotted(name: object) -> Markup:
     return Markup(".<wbr>".join(escape(part) for part in str(name).split(".")))
 
 
-def _environment() -> jinja2.Environment:
+def environment() -> jinja2.Environment:
+    """The Jinja2 environment of every normscope report (templates in ``reports/templates``)."""
     env = jinja2.Environment(
         loader=jinja2.PackageLoader("normscope.reports", "templates"),
         autoescape=jinja2.select_autoescape(default=True, default_for_string=True),
@@ -252,7 +257,7 @@ def _section(spec: SectionSpec, result: AnalysisResult, tables: dict[str, pd.Dat
     section.findings = [(severity.get(s, "note"), s) for s in sentences]
     section.headline = [headline_card(str(k), v, tables) for k, v in result.headline.get(spec.key, {}).items()]
     section.figures = render_figures(spec.key, tables)
-    section.tables = [_html_table(name, own[name], spec.views.get(name, "")) for name in spec.tables if name in own and not own[name].empty]
+    section.tables = [html_table(name, own[name], spec.views.get(name, "")) for name in spec.tables if name in own and not own[name].empty]
     section.other_tables = [(name, len(t)) for name, t in sorted(own.items()) if name not in spec.tables or t.empty]
     return section
 
@@ -280,7 +285,7 @@ def headline_card(key: str, value: object, tables: dict[str, pd.DataFrame]) -> t
     return label, text, interval
 
 
-def _html_table(name: str, table: pd.DataFrame, view: str = "") -> HtmlTable:
+def html_table(name: str, table: pd.DataFrame, view: str = "") -> HtmlTable:
     """The first ``MAX_ROWS`` rows of ``table``, of those that match the pandas query ``view``
     (when the table has rows that match)."""
     shown = table
@@ -338,4 +343,4 @@ def _rows_table(name: str, rows: object) -> HtmlTable | None:
     """A list of dicts (or of names) from the metadata as a table; ``None`` when empty."""
     if not isinstance(rows, (list, tuple)) or not rows:
         return None
-    return _html_table(name, pd.DataFrame([r if isinstance(r, dict) else {"name": r} for r in rows]))
+    return html_table(name, pd.DataFrame([r if isinstance(r, dict) else {"name": r} for r in rows]))

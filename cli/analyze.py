@@ -24,7 +24,9 @@ from normscope.cli.options import flag, option
 from normscope.cli.summary import print_summary
 from normscope.errors import DataShapeError, UnknownNameError
 from normscope.models import DEFAULT_MODEL, MODELS
+from normscope.overview import attach as attach_overview
 from normscope.result import refuse_nonempty
+from normscope.rules import advise, recalibrate_hint
 from normscope.train import train_reference
 
 DEFAULT_OUT_ROOT = Path("normscope-out")
@@ -114,6 +116,8 @@ def analyze(
             spec=model or (DEFAULT_MODEL if checkpoint is None else None),
         )
         result.meta["data"]["spec"] = data
+        result.findings = advise(result.findings, recalibrate_hint(None if checkpoint is None else str(checkpoint), model, data))
+        attach_overview(result)
         result.meta["seconds"]["load_model"] = loading
         if not writer:
             return

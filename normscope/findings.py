@@ -70,6 +70,11 @@ class Finding(str):
         """0 for critical, 1 warning, 2 note, 3 ok: smaller is more severe."""
         return SEVERITIES.index(self.severity)
 
+    def reworded(self, sentence: str) -> "Finding":
+        """The same record with another sentence (advice fitted to how the model was given)."""
+        return Finding(sentence, self.analyzer, self.severity, self.site, self.label, self.metric, self.value,
+                       self.threshold, self.table, self.where, self.statistic)
+
     def record(self) -> dict:
         """The finding as one row of the ``findings`` table (``where`` as JSON)."""
         return {

@@ -47,7 +47,9 @@ LOSS_COST = 1.25
 MIN_SLOPE_POINTS = 3
 WIDE_INTERVAL = 1.0
 """A bias interval wider than this (100% of the population gradient's norm) says nothing at this number of draws."""
-RECALIBRATE_HINT = "`normscope recalibrate CHECKPOINT --out fixed.pt` writes a copy with the population statistics"
+RECALIBRATE_HINT = "`normscope.recalibrate(model, data)` returns a copy with the population statistics"
+"""The advice of a stale-statistics finding for a model given as an object (the API);
+:func:`recalibrate_hint` fits it to a checkpoint or a factory, :func:`advise` puts it in the findings."""
 
 
 def _site_finding(analyzer: str, sentence: str, severity: str, row, label: str, metric: str, threshold: float = math.nan,
@@ -134,6 +136,36 @@ def _recalibration_finding(table: pd.DataFrame, stale: bool) -> Finding:
     return Finding(sentence, "stats", "critical" if costly else "ok", label="running statistics cost" if costly else "running statistics fine",
                    metric=metric, value=float(running[metric]), threshold=float(population[metric]),
                    table="stats_recalibration", where={"statistics": "running"})
+
+
+def recalibrate_hint(checkpoint: str | None, model: str | None, data: str = "digits") -> str:
+    """The recalibration advice that fits how ``normscope analyze`` was given the model: the
+    ``normscope recalibrate`` command for a checkpoint (with its ``--model`` and ``--data``); with
+    no checkpoint, the API call on the factory (``--model pkg.module:fn``) or on the model."""
+    if checkpoint:
+        options = (f" --model {model}" if model else "") + ("" if data in ("digits", None) else f" --data {data}")
+        return f"`normscope recalibrate {checkpoint}{options} --out fixed.pt` writes a copy with the population statistics"
+    if model and ":" in model:
+        module, _, function = model.partition(":")
+        return (f"with no checkpoint, `normscope.recalibrate({function}(), data)` (after `from {module} import {function}`) "
+                "returns a copy with the population statistics")
+    return ("the built-in model was trained for this analysis and not saved, so there is no checkpoint to recalibrate; "
+            f"in Python, {RECALIBRATE_HINT}")
+
+
+def advise(findings: dict[str, list], hint: str) -> dict[str, list]:
+    """``findings`` with :data:`RECALIBRATE_HINT` replaced by ``hint`` in every sentence that carries it
+    (also where it opens a sentence, capitalized)."""
+
+    def capital(text: str) -> str:
+        return text[0].upper() + text[1:]
+
+    def swap(finding):
+        if not isinstance(finding, Finding) or (RECALIBRATE_HINT not in finding and capital(RECALIBRATE_HINT) not in finding):
+            return finding
+        return finding.reworded(str(finding).replace(RECALIBRATE_HINT, hint).replace(capital(RECALIBRATE_HINT), capital(hint)))
+
+    return {name: [swap(f) for f in items] for name, items in findings.items()}
 
 
 # ---------------------------------------------------------------- gradient least squares

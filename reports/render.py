@@ -19,7 +19,7 @@ import pandas as pd
 from markupsafe import Markup, escape
 
 from normscope.findings import SEVERITIES, Finding, findings_table, percent
-from normscope.missing import cut_line, reason
+from normscope.missing import cut_line, cuts_by_analyzer, reason
 from normscope.overview import sites_overview
 from normscope.reports.figures import RenderedFigure, quiet, render_figures
 from normscope.reports.findings import derived_findings
@@ -137,6 +137,7 @@ class Section:
     figures: list[RenderedFigure] = field(default_factory=list)
     tables: list[HtmlTable] = field(default_factory=list)
     other_tables: list[tuple[str, int]] = field(default_factory=list)
+    cuts: list[str] = field(default_factory=list)
 
 
 def render_html(result: AnalysisResult, compare: dict[str, pd.DataFrame] | None = None) -> str:
@@ -255,11 +256,18 @@ def _section(spec: SectionSpec, result: AnalysisResult, tables: dict[str, pd.Dat
     severity = dict(zip(records["sentence"], records["severity"])) if len(records) else {}
     sentences = [str(s) for s in result.findings.get(spec.key, [])] or derived_findings(spec.key, tables)
     section.findings = [(severity.get(s, "note"), s) for s in sentences]
+    section.cuts = [f"not measured: {cut['what']}{_qualifier(cut['analyzer'])} ({cut['why']})" for cut in cuts_by_analyzer(meta).get(spec.key, [])]
     section.headline = [headline_card(str(k), v, tables) for k, v in result.headline.get(spec.key, {}).items()]
     section.figures = render_figures(spec.key, tables)
     section.tables = [html_table(name, own[name], spec.views.get(name, "")) for name in spec.tables if name in own and not own[name].empty]
     section.other_tables = [(name, len(t)) for name, t in sorted(own.items()) if name not in spec.tables or t.empty]
     return section
+
+
+def _qualifier(analyzer: str) -> str:
+    """``" (train mode)"`` from the budget's ``"descent (train mode)"``."""
+    _, _, rest = analyzer.partition(" ")
+    return f" {rest}" if rest else ""
 
 
 def headline_card(key: str, value: object, tables: dict[str, pd.DataFrame]) -> tuple[str, str, str]:

@@ -82,6 +82,11 @@ def test_cut_run_says_so_in_cells_verdicts_and_one_first_screen_line(cut_run):
     assert first.count('data-cut="budget"') == 1 and "nothing critical or worth a warning)" not in first
     cells = re.findall(r'<span class="missing">([^<]+)</span>', first)
     assert cells == ["not measured: budget"] * len(overview), "lr / a_crit of every site says it was cut"
+    descent = page.split('id="descent"')[1].split("</section>")[0]
+    assert "The analyzer reported no findings" not in descent
+    assert re.findall(r'data-cut="descent">([^<]+)<', descent) == [
+        f"not measured: every table of this mode ({mode} mode) ({cut['why']})"
+        for mode, cut in zip(("train", "eval"), cut_run.meta["budget"]["cuts"][-2:])]
 
 
 def test_long_overview_folds_healthy_sites_under_a_count():

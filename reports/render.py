@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import re
 from dataclasses import dataclass, field
 
 import jinja2
@@ -227,6 +228,11 @@ def _missing_reasons(text: object) -> dict[str, str]:
     return {column: why for column, _, why in (part.partition(": ") for part in text.split("; "))}
 
 
+def backticks(text: object) -> Markup:
+    """Escaped text whose `quoted` commands are set as code (findings write commands in backticks)."""
+    return Markup(re.sub(r"`([^`]+)`", r"<code>\1</code>", str(escape(text))))
+
+
 def dotted(name: object) -> Markup:
     """A dotted name that may wrap only after its dots (``model.<wbr>layers.<wbr>0...``), escaped."""
     return Markup(".<wbr>".join(escape(part) for part in str(name).split(".")))
@@ -242,6 +248,7 @@ def environment() -> jinja2.Environment:
         undefined=jinja2.StrictUndefined,
     )
     env.filters["dotted"] = dotted
+    env.filters["backticks"] = backticks
     return env
 
 

@@ -24,7 +24,7 @@ from normscope.models import build_model
 from normscope.reports.figures import FIGURES, missing_data, render_figures
 from normscope.reports.findings import compare_findings
 from normscope.reports.glossary import headline_label
-from normscope.reports.render import MAX_ROWS, SECTIONS, render_html
+from normscope.reports.render import MAX_ROWS, SECTIONS, backticks, render_html
 from normscope.result import AnalysisResult, read_tables, write_tables
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
@@ -99,7 +99,7 @@ def test_compare_findings_match_normscope_compare(page, compare_output):
     tables = {"compare_summary": compare_output.tables["compare_summary"].drop(columns=["diverged"])}
     assert compare_findings(tables) == expected and len(expected) == 3 and expected[0].startswith("Equal budget in")
     for finding in expected:
-        assert str(escape(finding)) in page
+        assert str(backticks(finding)) in page
 
 
 def test_sections_findings_and_headline(page, result):
@@ -108,7 +108,7 @@ def test_sections_findings_and_headline(page, result):
         assert "not-run-line" not in page.split(f'id="{spec.key}"')[1].split("</section>")[0]
     for name, findings in result.findings.items():
         for finding in findings:
-            assert str(escape(finding)) in page
+            assert str(backticks(finding)) in page
     for label in result.headline["stats"]:
         assert str(escape(headline_label(label))) in page
 

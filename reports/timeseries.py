@@ -47,6 +47,10 @@ STATS_INPUTS = {"var_ratio_median": math.nan, "mean_drift_mean": math.nan, "eps_
                 "eps_dominated_fraction": math.nan, "relu_zero_fraction": math.nan, "nonfinite": 0.0}
 """The columns :func:`normscope.rules.stats_findings` reads, with the value of one the monitor did not record."""
 FINDING_COLUMNS = ["site", "step", "last_step", "severity", "label", "metric", "first_value", "last_value", "threshold", "finding"]
+MAX_LISTED = 40
+"""Findings over time listed in words; the rest are in the table below and in ``_findings.csv``."""
+MAX_EVENTS = 3
+"""Intervals named per site on the first screen; the rest are counted."""
 SHOWN = {"var_ratio_median": "variance ratio (batch / running)", "mean_drift_mean": "mean drift (running std)",
          "eps_fraction_max": "eps share", "r2_median": "explained gradient (median R²)"}
 
@@ -241,6 +245,7 @@ class RunPage:
     overview: Overview | None
     curvature_line: str
     findings: list[tuple[str, str]]
+    unlisted: int
     findings_table: HtmlTable | None
     curvature_figure: RenderedFigure
     curvature_table: HtmlTable | None
@@ -277,7 +282,8 @@ def first_screen(rows: pd.DataFrame, found: pd.DataFrame) -> Overview | None:
                                       key, missing=missing))
         mine = found[found["site"] == site]
         events = "; ".join(f"{r.label} ({r.severity}) " + (f"steps {r.step}–{r.last_step}" if r.last_step != r.step else f"at step {r.step}")
-                           for r in mine.itertuples())
+                           for r in mine.head(MAX_EVENTS).itertuples())
+        events += f"; and {len(mine) - MAX_EVENTS} more" if len(mine) > MAX_EVENTS else ""
         cells.append(OverviewCell(events or "nothing crossed analyze's thresholds", str(len(mine))))
         last_step = int(series(rows, site, "eps_fraction_max").index.max())
         now = mine[(mine["last_step"] == last_step) & (mine["severity"].isin(SEVERITIES[:3]))]
@@ -431,7 +437,8 @@ def render_run(folder: Path, out: Path | None = None, compare: Path | None = Non
                f"curvature at {len(curve)} steps." if steps else "No recorded steps."),
         overview=first_screen(rows, found),
         curvature_line=_curvature_line(curve),
-        findings=[(str(r.severity), str(r.finding)) for r in found.itertuples()],
+        findings=[(str(r.severity), str(r.finding)) for r in found.head(MAX_LISTED).itertuples()],
+        unlisted=max(0, len(found) - MAX_LISTED),
         findings_table=_table("findings_over_time", found.drop(columns=["finding"])),
         curvature_figure=curvature_figure(rows),
         curvature_table=_table("curvature", curve),

@@ -119,3 +119,23 @@ def test_run_report_first_screen_in_headless_chromium(run_folder, analysis_folde
     assert sections == ["summary", "findings", "curvature", "sites", "analysis", "glossary"]
     link = browser.execute_script("const a = document.querySelector('#analysis a'); return a ? a.href : ''")
     assert link.endswith("/final/report.html")
+
+
+def test_a_noisy_run_lists_the_first_findings_and_counts_the_rest(tmp_path):
+    from normscope.reports.timeseries import MAX_EVENTS, MAX_LISTED
+
+    steps = range(0, 4 * (MAX_LISTED + 10), 2)  # the variance ratio crosses 0.5 at every other recorded step
+    rows = pd.DataFrame([(s, 0, "net.2", m, v) for s in steps for m, v in (("var_ratio_median", 0.3 if s % 4 else 1.0),
+                                                                              ("mean_drift_mean", 0.1), ("eps_fraction_max", 0.01))],
+                        columns=["step", "rank", "site", "metric", "value"])
+    folder = tmp_path / "noisy"
+    folder.mkdir()
+    rows.to_parquet(folder / "part-0-1-0.parquet")
+    page = render_run(folder).read_text()
+    found = pd.read_csv(folder / FINDINGS_FILE)
+    assert len(found) == len(steps) // 2 > MAX_LISTED
+    listed = page.split('id="findings"')[1].split("</ul>")[0]
+    assert listed.count("<li") == MAX_LISTED and f"and {len(found) - MAX_LISTED} more, in the table below" in page
+    first = page.split('data-table="run_overview"')[1].split("</table>")[0]
+    assert first.count("stale running variance (warning) steps") + first.count("stale running variance (warning) at step") == MAX_EVENTS
+    assert f"; and {len(found) - MAX_EVENTS} more" in first

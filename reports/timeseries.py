@@ -387,25 +387,25 @@ def _table(name: str, frame: pd.DataFrame) -> HtmlTable | None:
     return html_table(name, frame) if len(frame) else None
 
 
-def side_by_side(rows: pd.DataFrame, analysis) -> Overview:
-    """Per site the run's last recorded figures beside the analysis's ``sites_overview``."""
+def side_by_side(rows: pd.DataFrame, screen: Overview | None, analysis) -> Overview:
+    """Per site the run's last recorded figures beside the analysis's ``sites_overview``; the
+    run's state at its last step from its first ``screen``."""
     overview = analysis.overview.set_index("site") if len(analysis.overview) else pd.DataFrame()
     pairs = [("var_ratio_median", "var_ratio"), ("mean_drift_mean", "mean_drift"), ("eps_fraction_max", "eps_share"), ("r2_median", "r2_median")]
     columns = ["site"] + [f"{label}: {who}" for metric, _ in pairs for label in [SHOWN[metric]] for who in ("run, last step", "analysis")]
     columns += ["run: at the last recorded step", "analysis: verdict"]
-    found = findings(rows)
-    screen = {row[0].text: row for row in (first_screen(rows, found).shown if norm_sites(rows) else [])}
+    by_site = {row[0].text: row for row in (screen.shown if screen is not None else [])}
     table = []
     for site in list(dict.fromkeys([*norm_sites(rows), *overview.index])):
         cells = [OverviewCell(site, site, name=True)]
         for metric, column in pairs:
             run = series(rows, site, metric).dropna()
             cells.append(OverviewCell(number(run.iloc[-1]), repr(float(run.iloc[-1]))) if len(run) else
-                         OverviewCell("not in the run" if site not in screen else "not recorded", "", missing=True))
+                         OverviewCell("not in the run" if site not in by_site else "not recorded", "", missing=True))
             value = overview[column].get(site, math.nan) if column in overview.columns else math.nan
             cells.append(OverviewCell(number(value), repr(float(value))) if pd.notna(value) else
                          OverviewCell("not in the analysis" if site not in overview.index else "not measured", "", missing=True))
-        cells.append(screen[site][-1] if site in screen else OverviewCell("not in the run", "", missing=True))
+        cells.append(by_site[site][-1] if site in by_site else OverviewCell("not in the run", "", missing=True))
         if site in overview.index:
             severity = str(overview.loc[site].get("severity", ""))
             cells.append(OverviewCell(str(overview.loc[site]["verdict"]), str(SEVERITIES.index(severity)) if severity in SEVERITIES else "", severity))
@@ -445,7 +445,7 @@ def render_run(folder: Path, out: Path | None = None, compare: Path | None = Non
         site_figures=[site_figure(rows, site) for site in sites],
     )
     if analysis is not None:
-        page.side_by_side = side_by_side(rows, analysis)
+        page.side_by_side = side_by_side(rows, page.overview, analysis)
         page.analysis_report = os.path.relpath(link, target.parent) if link.exists() else ""
     html = environment().get_template("run.html.j2").render(
         kind="run report", heading="Training run report", title=folder.name or str(folder),

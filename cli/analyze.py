@@ -24,15 +24,18 @@ from normscope.cli.options import flag, option
 from normscope.cli.summary import print_summary
 from normscope.errors import DataShapeError, UnknownNameError
 from normscope.models import DEFAULT_MODEL, MODELS
+from normscope.overview import attach as attach_overview
 from normscope.result import refuse_nonempty
+from normscope.rules import advise, recalibrate_hint
 from normscope.train import train_reference
 
 DEFAULT_OUT_ROOT = Path("normscope-out")
 TRAIN_LR = inspect.signature(train_reference).parameters["lr"].default
 LOSS_HELP = (
-    "cross_entropy, mse, lm (next-token), model (the model's own .loss from the batch's labels) or "
-    "package.module:function.  [default: cross_entropy with targets, lm for token ids]"
+    "cross_entropy, mse, lm (next-token), model (the model's own .loss from the batch's labels), or a function "
+    "pkg.module:function called as fn(outputs, targets)."
 )
+LOSS_DEFAULT = "cross_entropy with targets, lm for token ids"
 
 
 def analyze(
@@ -52,7 +55,7 @@ def analyze(
     data: Annotated[
         str, typer.Option("--data", help="'digits' (N, 1, 8, 8), 'digits-flat' (N, 64; chosen by itself for a first Linear of 64 features) or package.module:loader.")
     ] = "digits",
-    loss: Annotated[Optional[str], typer.Option("--loss", help=LOSS_HELP, show_default=False)] = None,
+    loss: Annotated[Optional[str], option("--loss", help=LOSS_HELP, default_text=LOSS_DEFAULT)] = None,
     random_layers: Annotated[
         str, typer.Option("--random-layers", help="Dropout during the analyses: off, fixed (on, fixed masks) or on.")
     ] = "off",
@@ -114,6 +117,8 @@ def analyze(
             spec=model or (DEFAULT_MODEL if checkpoint is None else None),
         )
         result.meta["data"]["spec"] = data
+        result.findings = advise(result.findings, recalibrate_hint(None if checkpoint is None else str(checkpoint), model, data))
+        attach_overview(result)
         result.meta["seconds"]["load_model"] = loading
         if not writer:
             return

@@ -29,7 +29,17 @@ except ImportError:  # pragma: no cover - depends on the installed Typer
     from click import exceptions as click
 
 
-class OneLineErrors(TyperGroup):
+class HelpAsFlag:
+    """``--help`` shown as a flag, like the commands' own flags (no ``<bool>``)."""
+
+    def get_help_option(self, ctx: Any) -> Any:
+        option = super().get_help_option(ctx)  # type: ignore[misc]
+        if option is not None:
+            option.metavar = ""
+        return option
+
+
+class OneLineErrors(HelpAsFlag, TyperGroup):
     """The app's group: a usage error (bad option value, unknown option or command) is one line,
     ``normscope: usage error: ... (see normscope COMMAND --help)``, exit code 2."""
 
@@ -50,14 +60,8 @@ class OneLineErrors(TyperGroup):
         sys.exit(code)
 
 
-class FlagHelp(TyperCommand):
-    """A command whose ``--help`` is shown as a flag, like the commands' own flags."""
-
-    def get_help_option(self, ctx: Any) -> Any:
-        option = super().get_help_option(ctx)
-        if option is not None:
-            option.metavar = ""
-        return option
+class FlagHelp(HelpAsFlag, TyperCommand):
+    """A command whose ``--help`` is shown as a flag."""
 
 
 app = typer.Typer(
@@ -79,7 +83,8 @@ def show_version(value: bool) -> None:
 @app.callback()
 def options(
     version: Annotated[
-        Optional[bool], typer.Option("--version", callback=show_version, is_eager=True, help="Print the version and exit.")
+        Optional[bool],
+        typer.Option("--version", callback=show_version, is_eager=True, help="Print the version and exit.", metavar=""),
     ] = None,
 ) -> None:
     """Diagnostics for the normalization layers of PyTorch models."""

@@ -29,7 +29,8 @@ LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {"cros
 OPS_HELP = (
     f"Comma-separated variants: ops from {', '.join(norm_names())}, rmsnorm (LayerNorm sites), two_stage "
     "(PopulationNorm trained by two-stage backprop), model (unchanged); options follow a colon, "
-    "e.g. 'bn,population:microbatch=1,rotation=hadamard,r_m=0,r_v=0.8,ema=0.2,warmup=200,label=pop1'."
+    "e.g. 'bn,population:ema=0.2'; an op's options (microbatch, rotation, r_m, r_v, ema, warmup, label) "
+    "run on until the next op name."
 )
 
 
@@ -48,7 +49,7 @@ def compare(
     seed: Annotated[int, typer.Option("--seed", help="First seed of the initial weights and the batch order.")] = 0,
     seeds: Annotated[int, typer.Option("--seeds", min=1, help="Seeds per variant (seed, seed+1, ...): mean ± std, and a winner only beyond the spread.")] = 1,
     data: Annotated[str, typer.Option("--data", help="'digits', 'digits-flat' (N, 64), or package.module:loader as for analyze (the last 20% of its examples are the test split; or it returns train_x, train_y, test_x, test_y).")] = "digits",
-    loss: Annotated[str, typer.Option("--loss", help="'cross_entropy', 'mse' or package.module:function(outputs, targets).")] = "cross_entropy",
+    loss: Annotated[str, typer.Option("--loss", help="'cross_entropy', 'mse' or pkg.module:function, called as fn(outputs, targets).")] = "cross_entropy",
     out: Annotated[Optional[Path], option("--out", "-o", help="Output folder.", default_text="normscope-out/<UTC time>")] = None,
     device: Annotated[str, typer.Option("--device", help="'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:N'.")] = "auto",
     trust: Annotated[bool, flag("--trust", "Allow loading a whole pickled model (runs code from the file).")] = False,

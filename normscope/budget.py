@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Callable, Iterable
 
 from normscope.distributed import all_reduce_float
 from normscope.errors import InvalidArgumentError
+from normscope.findings import seconds as seconds_text
 
 if TYPE_CHECKING:
     import torch
@@ -136,7 +137,7 @@ class Budget:
         needed = self.price(units)
         if needed <= self.remaining():
             return True
-        self.cut(what, f"needs about {needed:.3g} s, {self.remaining():.3g} s of the {self.seconds:.3g} s left")
+        self.cut(what, f"needs about {seconds_text(needed)}, {seconds_text(self.remaining())} left")
         return False
 
     def cut(self, what: str, why: str) -> None:

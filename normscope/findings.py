@@ -70,6 +70,11 @@ class Finding(str):
         """0 for critical, 1 warning, 2 note, 3 ok: smaller is more severe."""
         return SEVERITIES.index(self.severity)
 
+    def reworded(self, sentence: str) -> "Finding":
+        """The same record with another sentence (advice fitted to how the model was given)."""
+        return Finding(sentence, self.analyzer, self.severity, self.site, self.label, self.metric, self.value,
+                       self.threshold, self.table, self.where, self.statistic)
+
     def record(self) -> dict:
         """The finding as one row of the ``findings`` table (``where`` as JSON)."""
         return {
@@ -159,3 +164,23 @@ def percent(value: float) -> str:
     if value != 0 and abs(value) < 0.01:
         return f"{value:.1%}" if abs(value) >= 0.001 else f"{value * 100:.1g}%"
     return f"{value:.0%}"
+
+
+def seconds(value: float) -> str:
+    """A duration as people read it: ``0 s`` below 0.05 s, ``2.5 s`` below 10 s, ``48 s``, ``3 min 20 s``;
+    never ``1e-09 s``; ``not measured`` for NaN, ``no limit`` for None or infinity."""
+    if value is None:
+        return "no limit"
+    value = _float(value)
+    if math.isnan(value):
+        return "not measured"
+    if math.isinf(value):
+        return "no limit"
+    if value < 0.05:
+        return "0 s"
+    if value < 10:
+        return f"{value:.1f} s"
+    if value < 120:
+        return f"{value:.0f} s"
+    minutes, rest = divmod(round(value), 60)
+    return f"{minutes} min {rest} s" if rest else f"{minutes} min"

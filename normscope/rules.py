@@ -45,7 +45,11 @@ RELU_DEAD = 0.9
 ACCURACY_COST = 0.02
 LOSS_COST = 1.25
 MIN_SLOPE_POINTS = 3
-RECALIBRATE_HINT = "`normscope recalibrate CHECKPOINT --out fixed.pt` writes a copy with the population statistics"
+WIDE_INTERVAL = 1.0
+"""A bias interval wider than this (100% of the population gradient's norm) says nothing at this number of draws."""
+RECALIBRATE_HINT = "`normscope.recalibrate(model, data)` returns a copy with the population statistics"
+"""The advice of a stale-statistics finding for a model given as an object (the API);
+:func:`recalibrate_hint` fits it to a checkpoint or a factory, :func:`advise` puts it in the findings."""
 
 
 def _site_finding(analyzer: str, sentence: str, severity: str, row, label: str, metric: str, threshold: float = math.nan,
@@ -132,6 +136,36 @@ def _recalibration_finding(table: pd.DataFrame, stale: bool) -> Finding:
     return Finding(sentence, "stats", "critical" if costly else "ok", label="running statistics cost" if costly else "running statistics fine",
                    metric=metric, value=float(running[metric]), threshold=float(population[metric]),
                    table="stats_recalibration", where={"statistics": "running"})
+
+
+def recalibrate_hint(checkpoint: str | None, model: str | None, data: str = "digits") -> str:
+    """The recalibration advice that fits how ``normscope analyze`` was given the model: the
+    ``normscope recalibrate`` command for a checkpoint (with its ``--model`` and ``--data``); with
+    no checkpoint, the API call on the factory (``--model pkg.module:fn``) or on the model."""
+    if checkpoint:
+        options = (f" --model {model}" if model else "") + ("" if data in ("digits", None) else f" --data {data}")
+        return f"`normscope recalibrate {checkpoint}{options} --out fixed.pt` writes a copy with the population statistics"
+    if model and ":" in model:
+        module, _, function = model.partition(":")
+        return (f"with no checkpoint, `normscope.recalibrate({function}(), data)` (after `from {module} import {function}`) "
+                "returns a copy with the population statistics")
+    return ("the built-in model was trained for this analysis and not saved, so there is no checkpoint to recalibrate; "
+            f"in Python, {RECALIBRATE_HINT}")
+
+
+def advise(findings: dict[str, list], hint: str) -> dict[str, list]:
+    """``findings`` with :data:`RECALIBRATE_HINT` replaced by ``hint`` in every sentence that carries it
+    (also where it opens a sentence, capitalized)."""
+
+    def capital(text: str) -> str:
+        return text[0].upper() + text[1:]
+
+    def swap(finding):
+        if not isinstance(finding, Finding) or (RECALIBRATE_HINT not in finding and capital(RECALIBRATE_HINT) not in finding):
+            return finding
+        return finding.reworded(str(finding).replace(RECALIBRATE_HINT, hint).replace(capital(RECALIBRATE_HINT), capital(hint)))
+
+    return {name: [swap(f) for f in items] for name, items in findings.items()}
 
 
 # ---------------------------------------------------------------- gradient least squares
@@ -246,8 +280,13 @@ def single_value_sites(model: nn.Module, inputs) -> list[str]:
     return list(dict.fromkeys(found))
 
 
-def bias_findings(table: pd.DataFrame, slopes: pd.DataFrame, labels: dict[str, str]) -> list[Finding]:
-    """Per estimator its bias at the smallest batch size against the noise floor, and its slope."""
+def bias_findings(table: pd.DataFrame, slopes: pd.DataFrame, labels: dict[str, str], jacobian: pd.DataFrame | None = None,
+                  examples: int = 0, single_value: list[str] | tuple = (), quick: bool = True) -> list[Finding]:
+    """One finding per estimator, saying what is known and what is not: its bias at the smallest
+    batch size against the noise floor (measurable, bounded above, or not measurable at this
+    number of draws when the 95% interval is wider than :data:`WIDE_INTERVAL`), its slope against
+    the batch size, and for two-stage backprop the gap on all ``examples`` (``jacobian``, no
+    draws, so no sampling noise: :func:`two_stage_gap`). Then the control's noise floor."""
     total = table[table["group"] == "total"]
     if total.empty:
         return []
@@ -262,33 +301,26 @@ def bias_findings(table: pd.DataFrame, slopes: pd.DataFrame, labels: dict[str, s
         first = rows.iloc[0]
         where = {"estimator": estimator, "batch_size": int(first["batch_size"]), "group": "total"}
         label = labels.get(estimator, estimator)
-        interval = f"95% interval {percent(first['rel_bias_lo'])} to {percent(first['rel_bias_hi'])}"
+        lo, hi = float(first["rel_bias_lo"]), float(first["rel_bias_hi"])
+        interval = f"95% interval {percent(lo)} to {percent(hi)}"
+        draws = plural(int(first["repeats"]), "draw")
         if bool(first["measurable"]):
             text = (f"{label} at batch size {smallest} is biased by {percent(first['rel_bias'])} of the population gradient "
-                    f"({interval}; the control's noise floor is {percent(floor)}).")
-            severity = "warning" if estimator == "batchnorm" else "note"
+                    f"({interval}; the control's noise floor is {percent(floor)})")
+            severity, tag = ("warning" if estimator == "batchnorm" else "note"), "bias"
+        elif hi - max(lo, 0.0) > WIDE_INTERVAL:
+            text = (f"{label} at batch size {smallest}: not measurable at this number of draws (interval {percent(max(lo, 0.0))} "
+                    f"to {percent(hi)} from {draws})" + ("; `--full` draws more" if quick else ""))
+            severity, tag = "note", "not measurable at these draws"
         else:
-            text = (f"{label} at batch size {smallest}: no bias measurable above the noise (estimate {percent(first['rel_bias'])}, "
-                    f"{interval}, control's noise floor {percent(floor)}, {plural(int(first['repeats']), 'repeat')}).")
-            severity = "note"
-        out.append(Finding(text, "bias", severity, site=estimator, label="bias" if bool(first["measurable"]) else "no measurable bias",
-                           metric="rel_bias", value=first["rel_bias"], threshold=floor, table="bias_estimators", where=where))
-        slope = slopes[(slopes["estimator"] == estimator) & (slopes["group"] == "total")]
-        if len(slope) and np.isfinite(slope["slope"].iloc[0]):
-            s = slope.iloc[0]
-            expect = "; the Extreme Normalization paper expects about −1 for BatchNorm" if estimator == "batchnorm" else ""
-            out.append(Finding(f"{label}: the bias falls like B^{number(s['slope'], 2)} (log-log slope, 95% interval "
-                               f"{number(s['slope_lo'], 2)} to {number(s['slope_hi'], 2)}, over {plural(int(s['n_points']), 'measurable batch size')}{expect}).",
-                               "bias", "note", site=estimator, label="bias slope", metric="slope", value=s["slope"],
-                               table="bias_slopes", where={"estimator": estimator, "group": "total"}))
-        elif estimator == "batchnorm":
-            count = int(rows["measurable"].sum())
-            n_points = int(slope["n_points"].iloc[0]) if len(slope) else 0
-            which = (f"none of the {len(rows)} batch sizes has" if n_points == 0 else
-                     f"only {n_points} of the {len(rows)} batch sizes {'has' if n_points == 1 else 'have'}")
-            out.append(Finding(f"{label}: no slope against the batch size, since {which} a measurable bias ({MIN_SLOPE_POINTS} needed).", "bias", "note",
-                               site=estimator, label="no slope", metric="n_points", value=n_points, threshold=MIN_SLOPE_POINTS,
-                               table="bias_slopes", where={"estimator": estimator, "group": "total"}))
+            text = (f"{label} at batch size {smallest}: no bias above the noise, at most {percent(hi)} of the population gradient "
+                    f"(estimate {percent(first['rel_bias'])}, {interval}, control's noise floor {percent(floor)}, {draws})")
+            severity, tag = "note", "no measurable bias"
+        text += _slope_clause(estimator, rows, slopes)
+        if estimator == "two_stage" and jacobian is not None and len(jacobian):
+            text += ". " + two_stage_gap(jacobian, examples, list(single_value))
+        out.append(Finding(text.rstrip(".") + ".", "bias", severity, site=estimator, label=tag, metric="rel_bias",
+                           value=first["rel_bias"], threshold=floor, table="bias_estimators", where=where))
     if len(control):
         c = control.iloc[0]
         out.append(Finding(f"Noise floor: the control estimator, unbiased by construction, shows an apparent bias of {percent(c['rel_bias'])} "
@@ -299,19 +331,35 @@ def bias_findings(table: pd.DataFrame, slopes: pd.DataFrame, labels: dict[str, s
     return sorted(out, key=lambda f: f.rank)
 
 
-def two_stage_finding(jacobian: pd.DataFrame, n: int, single_value: list[str]) -> Finding:
-    """The Jacobian-product gap of two-stage backprop on all examples, explained for fully connected sites."""
+def _slope_clause(estimator: str, rows: pd.DataFrame, slopes: pd.DataFrame) -> str:
+    """``"; it falls like B^-0.98 (...)"`` from ``bias_slopes``; for BatchNorm, why there is no slope."""
+    slope = slopes[(slopes["estimator"] == estimator) & (slopes["group"] == "total")]
+    if len(slope) and np.isfinite(slope["slope"].iloc[0]):
+        s = slope.iloc[0]
+        expect = "; the Extreme Normalization paper expects about −1 for BatchNorm" if estimator == "batchnorm" else ""
+        return (f"; over the batch sizes it falls like B^{number(s['slope'], 2)} (log-log slope, 95% interval "
+                f"{number(s['slope_lo'], 2)} to {number(s['slope_hi'], 2)}, over {plural(int(s['n_points']), 'measurable batch size')}{expect})")
+    if estimator != "batchnorm":
+        return ""
+    n_points = int(slope["n_points"].iloc[0]) if len(slope) else 0
+    which = (f"none of the {len(rows)} batch sizes has" if n_points == 0 else
+             f"only {n_points} of the {len(rows)} batch sizes {'has' if n_points == 1 else 'have'}")
+    return f"; no slope against the batch size, since {which} a measurable bias ({MIN_SLOPE_POINTS} needed)"
+
+
+def two_stage_gap(jacobian: pd.DataFrame, n: int, single_value: list[str]) -> str:
+    """The Jacobian-product gap of two-stage backprop on all ``n`` examples (no draws, so no
+    sampling noise), explained for fully connected sites."""
     row = jacobian.iloc[0]
     levels = int(row["n_norm_layers"])
-    text = (f"Two-stage backprop on all {plural(n, 'example')} misses the population gradient by {percent(row['relative_gap'])}: "
-            f"the Jacobian-product bias of {plural(levels, 'normalization level')} in series (exactly 0 with one level).")
+    text = (f"On all {plural(n, 'example')}, where no draw adds noise, it misses the population gradient by {percent(row['relative_gap'])}: "
+            f"the Jacobian-product bias of {plural(levels, 'normalization level')} in series (exactly 0 with one level)")
     if single_value and levels > 1:
-        text += (f" On this fully connected model most of it comes from per-example normalization over a single value: "
+        text += (f". On this fully connected model most of it comes from per-example normalization over a single value: "
                  f"{', '.join(single_value[:3])} get one value per channel from each example (d = 1), so the first tower "
                  "normalizes x − mean = 0 and its per-example Jacobian is degenerate; the gap is a property of the "
-                 "estimator, not a numerical error.")
-    return Finding(text, "bias", "note", label="two-stage gap", metric="relative_gap", value=row["relative_gap"],
-                   table="bias_jacobian", where={"n_norm_layers": levels})
+                 "estimator, not a numerical error")
+    return text
 
 
 # ---------------------------------------------------------------- descent

@@ -22,6 +22,9 @@ GLOSSARY: tuple[tuple[str, str], ...] = (
     ("critical step a_crit", "2 ||d||² / dᵀHd: the largest step along direction d that still lowers the quadratic model of the loss."),
     ("λ_max", "the largest eigenvalue of the Hessian H (the sharpest curvature); gradient descent is stable for lr < 2 / λ_max."),
     ("parting step", "the step size from which the quadratic model and the real loss differ by more than 10%."),
+    ("not measured", "a number the analysis does not have, with the reason: budget (the time budget cut the work; a larger "
+     "--budget measures it), analyzer failed, not run (not selected with --analyzers), not applicable (running statistics of a "
+     "kind that keeps none, the critical step of a site without parameters)."),
 )
 
 REFERENCES: tuple[tuple[str, str], ...] = (

@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import math
 import numbers
+import re
 from dataclasses import dataclass, field
 
 import jinja2
 import pandas as pd
+from markupsafe import Markup, escape
 
 from normscope.findings import SEVERITIES, Finding, findings_table, percent
+from normscope.missing import cut_line, cuts_by_analyzer, reason
 from normscope.overview import sites_overview
 from normscope.reports.figures import RenderedFigure, quiet, render_figures
 from normscope.reports.findings import derived_findings
@@ -26,6 +29,9 @@ from normscope.result import AnalysisResult
 
 MAX_ROWS = 200
 TOP_FINDINGS = 5
+FOLD_AFTER = 12
+"""A per-site overview longer than this shows the sites needing attention and folds the rest under a count."""
+ATTENTION = ("critical", "warning", "note")
 
 
 @dataclass(frozen=True)
@@ -96,6 +102,28 @@ class HtmlTable:
     view: str = ""
 
 
+@dataclass(frozen=True)
+class OverviewCell:
+    """One cell of the per-site overview: text, sort key, the verdict's severity (verdict column
+    only), whether the text is a site name, and whether it says why a number is missing."""
+
+    text: str
+    key: str
+    severity: str = ""
+    name: bool = False
+    missing: bool = False
+
+
+@dataclass
+class Overview:
+    """The per-site overview: rows needing attention first, the rest folded under a count when long."""
+
+    columns: list[str]
+    shown: list[list[OverviewCell]]
+    folded: list[list[OverviewCell]]
+    total_rows: int
+
+
 @dataclass
 class Section:
     """One rendered section of the page."""
@@ -110,6 +138,7 @@ class Section:
     figures: list[RenderedFigure] = field(default_factory=list)
     tables: list[HtmlTable] = field(default_factory=list)
     other_tables: list[tuple[str, int]] = field(default_factory=list)
+    cuts: list[str] = field(default_factory=list)
 
 
 def render_html(result: AnalysisResult, compare: dict[str, pd.DataFrame] | None = None) -> str:
@@ -121,14 +150,19 @@ def render_html(result: AnalysisResult, compare: dict[str, pd.DataFrame] | None 
     records = findings_table(result.findings) if fresh or "findings" not in tables else tables["findings"]
     overview = tables.get("sites_overview")
     if (fresh or overview is None) and meta.get("sites"):
-        overview = sites_overview(tables, records, meta.get("sites"))
+        overview = sites_overview(tables, records, meta.get("sites"), meta)
     with quiet():
         sections = [_section(spec, result, tables, records) for spec in SECTIONS]
-    template = _environment().get_template("report.html.j2")
+    template = environment().get_template("report.html.j2")
     return template.render(
+        kind="report",
+        heading="Normalization report",
+        nav=[("summary", "At a glance", True), ("model", "Model and sites", True),
+             *((section.key, section.title, section.ran) for section in sections)],
         title=_model_name(meta),
-        sites_overview=_overview_table(overview),
+        sites_overview=_overview_table(overview, meta),
         top_findings=_top_findings(records),
+        cut_line=cut_line(meta),
         overview=_overview(meta),
         model_findings=[str(s) for key, items in result.findings.items() if key not in {spec.key for spec in SECTIONS} for s in items],
         sites=_rows_table("sites", meta.get("sites")),
@@ -152,20 +186,60 @@ def _top_findings(records: pd.DataFrame) -> list[tuple[str, str, str]]:
     return [(str(r["severity"]), str(r["analyzer"]), str(r["sentence"])) for _, r in severe.iterrows()]
 
 
-def _overview_table(overview: pd.DataFrame | None) -> HtmlTable | None:
-    """``sites_overview`` with readable headers; the verdict cell carries the severity."""
+def _overview_table(overview: pd.DataFrame | None, meta: dict) -> Overview | None:
+    """``sites_overview`` with readable headers: a missing number says why (the ``missing``
+    column, else :func:`normscope.missing.reason`), the verdict cell carries the severity, and
+    past :data:`FOLD_AFTER` sites the sites needing attention come first and the rest is folded."""
     if overview is None or overview.empty:
         return None
-    shown = overview[[c for c in OVERVIEW_HEADERS if c in overview.columns]]
-    rows = []
-    for (_, record), severity in zip(shown.iterrows(), overview["severity"]):
-        cells = [_cell(v, digits=3) for v in record]
-        rank = str(SEVERITIES.index(severity)) if severity in SEVERITIES else ""
-        rows.append([(text, rank, severity) if column == "verdict" else (text, key, "") for (text, key), column in zip(cells, shown.columns)])
-    return HtmlTable("sites_overview", [OVERVIEW_HEADERS[c] for c in shown.columns], rows, len(overview))
+    columns = [c for c in OVERVIEW_HEADERS if c in overview.columns]
+    rows, needs = [], []
+    for _, record in overview.iterrows():
+        why = _missing_reasons(record.get("missing"))
+        cells = []
+        for column in columns:
+            value = record[column]
+            if column == "verdict":
+                severity = str(record.get("severity", ""))
+                rank = str(SEVERITIES.index(severity)) if severity in SEVERITIES else ""
+                cells.append(OverviewCell(str(value), rank, severity))
+            elif column in why or (column != "site" and _missing(value)):
+                text = why.get(column) or reason(column, record.get("kind", ""), meta)
+                cells.append(OverviewCell(text, "", missing=True))
+            else:
+                cells.append(OverviewCell(*_cell(value, digits=3), name=column == "site"))
+        rows.append(cells)
+        needs.append(record.get("severity") in ATTENTION)
+    if len(rows) <= FOLD_AFTER:
+        return Overview([OVERVIEW_HEADERS[c] for c in columns], rows, [], len(rows))
+    shown = [row for row, flag in zip(rows, needs) if flag]
+    folded = [row for row, flag in zip(rows, needs) if not flag]
+    return Overview([OVERVIEW_HEADERS[c] for c in columns], shown, folded, len(rows))
 
 
-def _environment() -> jinja2.Environment:
+def _missing(value: object) -> bool:
+    return value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value))
+
+
+def _missing_reasons(text: object) -> dict[str, str]:
+    """``{column: reason}`` from the overview's ``missing`` column (``"a_crit: not measured: budget; ..."``)."""
+    if not isinstance(text, str) or not text:
+        return {}
+    return {column: why for column, _, why in (part.partition(": ") for part in text.split("; "))}
+
+
+def backticks(text: object) -> Markup:
+    """Escaped text whose `quoted` commands are set as code (findings write commands in backticks)."""
+    return Markup(re.sub(r"`([^`]+)`", r"<code>\1</code>", str(escape(text))))
+
+
+def dotted(name: object) -> Markup:
+    """A dotted name that may wrap only after its dots (``model.<wbr>layers.<wbr>0...``), escaped."""
+    return Markup(".<wbr>".join(escape(part) for part in str(name).split(".")))
+
+
+def environment() -> jinja2.Environment:
+    """The Jinja2 environment of every normscope report (templates in ``reports/templates``)."""
     env = jinja2.Environment(
         loader=jinja2.PackageLoader("normscope.reports", "templates"),
         autoescape=jinja2.select_autoescape(default=True, default_for_string=True),
@@ -173,6 +247,8 @@ def _environment() -> jinja2.Environment:
         lstrip_blocks=True,
         undefined=jinja2.StrictUndefined,
     )
+    env.filters["dotted"] = dotted
+    env.filters["backticks"] = backticks
     return env
 
 
@@ -187,11 +263,18 @@ def _section(spec: SectionSpec, result: AnalysisResult, tables: dict[str, pd.Dat
     severity = dict(zip(records["sentence"], records["severity"])) if len(records) else {}
     sentences = [str(s) for s in result.findings.get(spec.key, [])] or derived_findings(spec.key, tables)
     section.findings = [(severity.get(s, "note"), s) for s in sentences]
+    section.cuts = [f"not measured: {cut['what']}{_qualifier(cut['analyzer'])} ({cut['why']})" for cut in cuts_by_analyzer(meta).get(spec.key, [])]
     section.headline = [headline_card(str(k), v, tables) for k, v in result.headline.get(spec.key, {}).items()]
     section.figures = render_figures(spec.key, tables)
-    section.tables = [_html_table(name, own[name], spec.views.get(name, "")) for name in spec.tables if name in own and not own[name].empty]
+    section.tables = [html_table(name, own[name], spec.views.get(name, "")) for name in spec.tables if name in own and not own[name].empty]
     section.other_tables = [(name, len(t)) for name, t in sorted(own.items()) if name not in spec.tables or t.empty]
     return section
+
+
+def _qualifier(analyzer: str) -> str:
+    """``" (train mode)"`` from the budget's ``"descent (train mode)"``."""
+    _, _, rest = analyzer.partition(" ")
+    return f" {rest}" if rest else ""
 
 
 def headline_card(key: str, value: object, tables: dict[str, pd.DataFrame]) -> tuple[str, str, str]:
@@ -217,7 +300,7 @@ def headline_card(key: str, value: object, tables: dict[str, pd.DataFrame]) -> t
     return label, text, interval
 
 
-def _html_table(name: str, table: pd.DataFrame, view: str = "") -> HtmlTable:
+def html_table(name: str, table: pd.DataFrame, view: str = "") -> HtmlTable:
     """The first ``MAX_ROWS`` rows of ``table``, of those that match the pandas query ``view``
     (when the table has rows that match)."""
     shown = table
@@ -275,4 +358,4 @@ def _rows_table(name: str, rows: object) -> HtmlTable | None:
     """A list of dicts (or of names) from the metadata as a table; ``None`` when empty."""
     if not isinstance(rows, (list, tuple)) or not rows:
         return None
-    return _html_table(name, pd.DataFrame([r if isinstance(r, dict) else {"name": r} for r in rows]))
+    return html_table(name, pd.DataFrame([r if isinstance(r, dict) else {"name": r} for r in rows]))

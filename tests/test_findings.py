@@ -48,7 +48,7 @@ def test_running_variance_times_100_is_critical_and_costs_accuracy(trained, digi
     assert 0.005 < ratio < 0.02
     stale_var = [f for f in out.findings if f.label == "stale running variance"]
     assert [f.site for f in stale_var] == ["net.2"] and stale_var[0].severity == "critical"
-    assert "normscope recalibrate" in stale_var[0] and stale_var[0].value == pytest.approx(ratio)
+    assert "normscope.recalibrate(model, data)" in stale_var[0] and stale_var[0].value == pytest.approx(ratio)
     cost = out.tables["stats_recalibration"].set_index("statistics")
     assert cost.loc["running", "accuracy"] < 0.5 < 0.9 < cost.loc["population", "accuracy"]
     first = out.findings[0]

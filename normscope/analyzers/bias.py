@@ -49,7 +49,7 @@ from normscope.ops.norm_sites import norm_sites, parameters
 from normscope.ops.population import PopulationNorm
 from normscope.ops.renorm import BatchRenorm
 from normscope.ops.swap import swap_norms
-from normscope.rules import bias_findings, log_log_fit, measurable, single_value_sites, two_stage_finding
+from normscope.rules import bias_findings, log_log_fit, measurable, single_value_sites
 from normscope.ops.two_stage import two_stage_gradient
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -436,9 +436,9 @@ def _data(ctx: AnalysisContext, limit: int | None) -> tuple:
 
 
 def _findings(table: pd.DataFrame, slope_table: pd.DataFrame, jacobian: pd.DataFrame, g_star: PopulationGradient, n: int,
-              single_value: list[str]) -> list[Finding]:
+              single_value: list[str], quick: bool = True) -> list[Finding]:
     total = table[table["group"] == "total"]
-    out = bias_findings(table, slope_table, LABELS)
+    out = bias_findings(table, slope_table, LABELS, jacobian, n, single_value, quick)
     smallest = total["batch_size"].min()
     best = total[(total["batch_size"] == smallest) & (total["estimator"] != "control")].sort_values("mse")
     if len(best):
@@ -455,7 +455,6 @@ def _findings(table: pd.DataFrame, slope_table: pd.DataFrame, jacobian: pd.DataF
             "(e.g. the bias of a layer feeding a BatchNorm), so they have no relative bias (shown as –); the largest absolute "
             f"bias among them is {largest:.2g}.", "bias", "note", metric="abs_bias", value=largest, table="bias_estimators",
             where={"zero_gradient": True}, statistic="max"))
-    out.append(two_stage_finding(jacobian, n, single_value))
     ranks = current().size
     out.append(Finding(
         f"The population gradient was computed {g_star.method} over {plural(n, 'example')} in {plural(g_star.passes, 'pass', 'passes')}"
@@ -539,6 +538,6 @@ def analyze(ctx: AnalysisContext) -> AnalyzerOutput:
         headline["bias_batchnorm_slope"] = float(slope.iloc[0])
     return AnalyzerOutput(
         tables={"bias_estimators": table, "bias_slopes": slope_table, "bias_jacobian": jacobian},
-        findings=_findings(table, slope_table, jacobian, g_star, n, single_value_sites(work, inputs)),
+        findings=_findings(table, slope_table, jacobian, g_star, n, single_value_sites(work, inputs), ctx.quick),
         headline=headline,
     )

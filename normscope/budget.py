@@ -88,6 +88,11 @@ class Budget:
         return self._ledger[0] if self.clock == "planned" else self.clock()
 
     @property
+    def measure_clock(self) -> Callable[[], float]:
+        """The clock work is timed with: this budget's (wall ``time.perf_counter`` for a planned one)."""
+        return time.perf_counter if self.clock == "planned" else self.clock
+
+    @property
     def limited(self) -> bool:
         return self.seconds is not None and math.isfinite(self.seconds)
 

@@ -25,12 +25,11 @@ import torch
 from torch import nn
 
 from normscope.analyzers import AnalysisContext, AnalyzerOutput
-from normscope.batch import concat, forward
-from normscope.capture import capture
+from normscope.batch import concat
 from normscope.capture.record import SiteRecord
 from normscope.distributed import current, shard
 from normscope.findings import Finding
-from normscope.guard import preserved
+from normscope.plan import Pass
 from normscope.recalibration import recalibration_table, running_stat_layers
 from normscope.rules import stats_findings
 
@@ -163,26 +162,26 @@ def findings(sites: pd.DataFrame, recalibration: pd.DataFrame | None = None) -> 
     return stats_findings(sites, recalibration)
 
 
+def passes(ctx: AnalysisContext) -> list[Pass]:
+    """A training-mode forward over every batch (:mod:`normscope.plan`)."""
+    return [Pass("train", i) for i in range(len(ctx.batches))]
+
+
 def analyze(ctx: AnalysisContext) -> AnalyzerOutput:
-    """Norm-layer statistics of ``ctx.model`` over ``ctx.batches`` (forward only, training mode,
-    so that normalizations use batch statistics); the model is left bit-identical.
+    """Norm-layer statistics of ``ctx.model`` over ``ctx.batches`` (the records of :func:`passes`:
+    training mode, so that normalizations use batch statistics); the model is left bit-identical.
 
     Under :func:`normscope.distributed.session` the batch statistics are replicated (every rank
     captures the same batches) and the recalibration's full-data passes run on this rank's shard
     of ``ctx.dataset`` (of the joined batches without one), their sums all-reduced."""
     model = ctx.model
     running = _running_stats(model)
-    with preserved(model), torch.no_grad():
-        model.train()
-        with capture(model, sites=ctx.sites, storage="device", preserve=False) as cap:
-            for inputs, _ in ctx.track(ctx.batches, "stats", total=len(ctx.batches)):
-                forward(model, inputs)
-    tables = stats_tables(cap.records, model, running)
+    tables = stats_tables(ctx.records("train", range(len(ctx.batches))), model, running)
     if running_stat_layers(model):
         data = ctx.dataset if ctx.dataset is not None else ctx.batches
         if current().active:
             data = shard(data if ctx.dataset is not None else concat(data))
-        tables["stats_recalibration"] = recalibration_table(model, data, ctx.loss_fn)
+        tables["stats_recalibration"] = recalibration_table(model, data, ctx.loss_fn, ctx.passes().graph)
     sites = tables["stats_sites"]
     headline = {
         "sites": int(len(sites)),

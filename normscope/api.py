@@ -27,7 +27,7 @@ from normscope.batch import size as batch_size_of
 from normscope.losses import Loss, default_for, describe_outputs, fitting_presets
 from normscope.losses import resolve as resolve_loss
 from normscope.analyzers import ANALYZERS, AnalysisContext, AnalyzerOutput, get_analyzer, no_progress
-from normscope.budget import DEFAULT_BUDGET, Budget, as_budget
+from normscope.budget import DEFAULT_BUDGET, HEADLINES, Budget, as_budget
 from normscope.capture import find_unrecognized
 from normscope.capture.verify import Verification
 from normscope.checkpoint import first_line, nonfinite_weights
@@ -143,6 +143,7 @@ def analyze(
             declared = needs(names, ctx)
             driver.need([p for passes in declared.values() for p in passes])
             ran, unrecognized, unverified = check_fit(work, chosen[0], loss, driver)
+            hold_headlines(plan_budget, names, driver, len(chosen))
             outputs, errors, timings = run_analyzers(ctx, names, track, explicit=analyzers is not None, declared=declared)
     result = AnalysisResult()
     for name, output in outputs.items():
@@ -434,6 +435,7 @@ def run_analyzers(
             errors[name] = f"analyzer {name} failed ({type(error).__name__}: {first_line(error)})"
             continue
         finally:
+            ctx.budget.release(name)
             if declared is not None and not any(declared.get(n) for n in names[index + 1:]):
                 ctx.passes().release()
         timings[name] = time.perf_counter() - started
@@ -442,6 +444,19 @@ def run_analyzers(
             raise KeyboardInterrupt
         raise AnalyzerError("no analyzer could run: " + "; ".join(errors.values()))
     return outputs, errors, timings
+
+
+def hold_headlines(budget: Budget, names: Sequence[str], driver: Driver, batches: int) -> None:
+    """Price every analyzer's headline in first passes (:data:`normscope.budget.HEADLINES`, stats
+    once more per further batch) at the seconds the driver's first pass took, and hold that time
+    (:meth:`normscope.budget.Budget.reserve`) before any analyzer runs."""
+    first = next(iter(driver.results.values()), None)
+    if first is None or not budget.limited:
+        return
+    for key, passes in HEADLINES.items():
+        analyzer = key.split(" (")[0]
+        if analyzer in names:
+            budget.reserve(key, first.seconds * (passes + (batches - 1 if analyzer == "stats" else 0)))
 
 
 def budget_findings(budget: Budget, interrupted: str | None) -> list[str]:

@@ -1,8 +1,18 @@
-"""A time budget for an analysis: unit costs measured once, work planned and cut from them.
+"""A time budget for an analysis: a plan priced from unit costs, headlines first, re-measured as work proceeds.
 
 The analysis gets ``seconds`` in all (:data:`DEFAULT_BUDGET`, about two minutes; ``None`` is no
-limit). Each analyzer receives a share of what is left (:meth:`Budget.share`, weighted by
-:data:`WEIGHTS`, so time an analyzer does not use passes to the next). Before a stage, an
+limit). Before any analyzer runs, :func:`normscope.api.analyze` measures the unit costs on the
+first batch (the driver's first pass, :mod:`normscope.plan`) and reserves every analyzer's
+headline (:data:`HEADLINES`: stats per site, gls R² per site, bias at one batch size, descent's
+λ_max and total critical step in both modes) at those costs (:meth:`Budget.reserve`). Each
+analyzer then receives its reserved headline plus a weighted share (:data:`WEIGHTS`) of what is
+left after the headlines still to come (:meth:`Budget.share`), so refinements (sweeps, traces,
+per-layer spectra, more batch sizes and draws) never take the time of a later headline; time an
+analyzer does not use passes to the next. Reservations are kept as units, so they are re-priced
+whenever a unit cost changes. Unit costs are re-measured as work proceeds: every
+:meth:`Budget.spend` compares the time the stage took on the budget's clock with its price and
+rescales every unit cost by the ratio (:meth:`Budget.observe`), so a machine that slows down
+mid-run makes the later refinements cost more and cuts them, not the headlines. Before a stage, an
 analyzer asks :meth:`Budget.allows` whether the stage's units (``forward``, ``gradient``,
 ``hvp``, ``example_chunk``: one chunk of per-example gradients) fit in what is left at their
 measured cost; a stage that does not fit is recorded in :attr:`Budget.cuts` with the reason, and
@@ -39,6 +49,13 @@ if TYPE_CHECKING:
 DEFAULT_BUDGET = 120.0
 UNITS = ("forward", "gradient", "hvp", "example_chunk")
 WEIGHTS = {"stats": 1.0, "gls": 2.0, "bias": 3.0, "descent": 4.0}
+HEADLINES = {"stats": 1.0, "gls": 1.0, "bias": 16.0, "descent (train mode)": 40.0, "descent (eval mode)": 40.0}
+"""Each headline's price in first passes (one captured forward and backward of the first batch,
+timed by the driver): stats' forwards over the other batches are added per batch; bias's g* and
+per-example gradients at its smallest batch size; per descent mode the gradient, the first
+products and Lanczos for λ_max (a float64 Hessian-vector product costs 2-14 gradients)."""
+RESCALE_BOUNDS = (0.25, 20.0)
+"""The least and largest factor one re-measurement (:meth:`Budget.observe`) rescales the unit costs by."""
 
 
 @dataclass
@@ -71,6 +88,7 @@ class Budget:
         clock: Callable[[], float] | str = time.monotonic,
         name: str = "analysis",
         _parent: "Budget | None" = None,
+        _others: Iterable[str] = (),
     ) -> None:
         if seconds is not None and not (seconds > 0):
             raise InvalidArgumentError(f"budget must be a positive number of seconds or None (got {seconds})")
@@ -81,8 +99,12 @@ class Budget:
         self.seconds, self.clock, self.name = seconds, clock, name
         self.cuts: list[Cut] = [] if _parent is None else _parent.cuts
         self._ledger = [0.0] if _parent is None else _parent._ledger
+        self.reserved: dict[str, float] = {} if _parent is None else _parent.reserved
+        self._pace = [1.0] if _parent is None else _parent._pace
+        self._parent, self._others = _parent, list(_others)
         self.charged = 0.0
         self._start = self._now()
+        self._mark, self._stage = self._start, 0.0
 
     def _now(self) -> float:
         return self._ledger[0] if self.clock == "planned" else self.clock()
@@ -102,11 +124,15 @@ class Budget:
 
     def remaining(self) -> float:
         """Seconds left (``inf`` when unlimited, never below 0); under torch.distributed from the
-        largest elapsed time over the ranks (a wall clock; a collective)."""
+        largest elapsed time over the ranks (a wall clock; a collective). A share's time left is
+        also never more than its parent's left after the headlines held for the analyzers after it."""
         if not self.limited:
             return math.inf
         spent = self.elapsed() if self.clock == "planned" else agreed(self.elapsed())
-        return max(0.0, self.seconds - spent)
+        left = max(0.0, self.seconds - spent)
+        if self._parent is not None and self._others:  # never the time of a later headline, as re-priced now
+            left = min(left, max(0.0, self._parent.remaining() - self._parent.held(self._others)))
+        return left
 
     def cost(self, unit: str, measure: Callable[[], float] | None = None) -> float:
         """The seconds one ``unit`` costs: injected, measured before, or measured now by ``measure``
@@ -122,15 +148,55 @@ class Budget:
         return sum(self.cost(unit) * count for unit, count in units.items())
 
     def spend(self, unit: str, count: float = 1) -> None:
-        """Charge ``count`` units (advances a ``"planned"`` clock; recorded in ``charged``)."""
+        """Charge ``count`` units (advances a ``"planned"`` clock; recorded in ``charged``); on a
+        timed clock the stage's charges re-measure the unit costs when the next stage begins."""
         seconds = self.cost(unit) * count
         self.charged += seconds
         self._ledger[0] += seconds
+        self._stage += seconds
+
+    def _next_stage(self) -> None:
+        """A stage begins (:meth:`allows`, :meth:`affordable`): the one before it, charged since the
+        last mark, re-measures the unit costs (:meth:`observe`) on a timed clock."""
+        if self.clock != "planned" and self._stage > 0:
+            self.observe(self._stage, self._now() - self._mark)
+        self._stage, self._mark = 0.0, self._now()
+
+    def observe(self, priced: float, took: float) -> None:
+        """Re-measure: a stage priced ``priced`` seconds took ``took`` (the largest over the ranks);
+        every unit cost is rescaled by ``took / priced`` (within :data:`RESCALE_BOUNDS`), so the
+        plan follows a machine that slows down or speeds up. Stages priced under a millisecond
+        are too short to tell and change nothing."""
+        took = agreed(took)
+        if priced < 1e-3 or took <= 0:
+            return
+        factor = min(max(took / priced, RESCALE_BOUNDS[0]), RESCALE_BOUNDS[1])
+        for unit in self.costs:
+            self.costs[unit] *= factor
+        self._pace[0] *= factor
+
+    def measure(self, unit: str, count: float, fn: Callable[[], object]) -> object:
+        """Run ``fn`` (``count`` units of ``unit``) timed on this budget's clock, and make the unit's
+        cost what it took per unit (the largest over the ranks); returns ``fn()``."""
+        started = self.measure_clock()
+        out = fn()
+        self.costs[unit] = agreed((self.measure_clock() - started) / max(count, 1e-12))
+        self._stage, self._mark = 0.0, self._now()
+        return out
+
+    def time(self, fn: Callable[[], object]) -> float:
+        """Seconds ``fn()`` takes on this budget's clock (wall: :func:`seconds_of`, CUDA synchronized)."""
+        if self.measure_clock in (time.perf_counter, time.monotonic):
+            return seconds_of(fn)
+        started = self.measure_clock()
+        fn()
+        return self.measure_clock() - started
 
     def affordable(self, unit: str, wanted: int, reserve: float = 0.0) -> int:
         """How many of ``wanted`` units fit in what is left after ``reserve`` seconds."""
         if not self.limited:
             return wanted
+        self._next_stage()
         each = self.cost(unit)
         if each <= 0:
             return wanted
@@ -138,7 +204,38 @@ class Budget:
 
     def allows(self, what: str, units: dict[str, float]) -> bool:
         """Whether a stage of ``units`` fits in what is left; if not, record the cut and say no."""
+        if self.limited:
+            self._next_stage()
         needed = self.price(units)
+        if needed <= self.remaining():
+            return True
+        self.cut(what, f"needs about {needed:.3g} s, {self.remaining():.3g} s of the {self.seconds:.3g} s left")
+        return False
+
+    def reserve(self, key: str, seconds: float) -> None:
+        """Hold ``seconds`` (at the pace of the first batch) for the headline ``key`` until
+        :meth:`release`; :meth:`share` keeps it from the refinements of earlier analyzers. The
+        hold follows the machine: it is ``seconds * pace`` (:meth:`observe`)."""
+        self.reserved[key] = float(seconds)
+
+    def release(self, key: str) -> None:
+        """The headline ``key`` (and ``key (...)``, its parts) ran or will not: the hold ends."""
+        for held in [k for k in self.reserved if k == key or k.startswith(key + " (")]:
+            del self.reserved[held]
+
+    def held(self, keys: Iterable[str] | None = None) -> float:
+        """Seconds held for the headlines ``keys`` (default all; a key also holds its parts
+        ``key (...)``) at the current pace."""
+        chosen = [k for k in self.reserved if keys is None or any(k == key or k.startswith(key + " (") for key in keys)]
+        return self._pace[0] * sum(self.reserved[k] for k in chosen)
+
+    def fits(self, what: str, seconds: float) -> bool:
+        """Whether work estimated at ``seconds`` (at the first batch's pace; scaled by the current
+        pace) fits in what is left (:meth:`remaining`); if not, record the cut."""
+        if not self.limited:
+            return True
+        self._next_stage()
+        needed = seconds * self._pace[0]
         if needed <= self.remaining():
             return True
         self.cut(what, f"needs about {needed:.3g} s, {self.remaining():.3g} s of the {self.seconds:.3g} s left")
@@ -150,12 +247,14 @@ class Budget:
 
     def share(self, name: str, pending: list[str]) -> "Budget":
         """The budget of analyzer ``name`` when ``pending`` (``name`` first) are still to run: its
-        :data:`WEIGHTS` share of the time left. Costs, clock and cuts are shared with this budget."""
+        reserved headline (:meth:`reserve`) plus its :data:`WEIGHTS` share of the time left after
+        the headlines of ``pending``. Costs, clock, cuts and reservations are shared with this budget."""
         seconds = None
         if self.limited:
             weights = [WEIGHTS.get(n, 1.0) for n in pending]
-            seconds = max(self.remaining() * WEIGHTS.get(name, 1.0) / sum(weights), 1e-9)
-        return Budget(seconds, clock=self.clock, name=name, _parent=self)
+            free = max(0.0, self.remaining() - self.held(pending))
+            seconds = max(self.held([name]) + free * WEIGHTS.get(name, 1.0) / sum(weights), 1e-9)
+        return Budget(seconds, clock=self.clock, name=name, _parent=self, _others=[n for n in pending if n != name])
 
     def report(self) -> dict:
         """JSON-safe account: budget, elapsed, unit costs and every cut."""
@@ -164,6 +263,8 @@ class Budget:
             "elapsed": self.elapsed(),
             "clock": "planned" if self.clock == "planned" else "wall",
             "unit_costs": dict(self.costs),
+            "reserved": {key: seconds * self._pace[0] for key, seconds in self.reserved.items()},
+            "pace": self._pace[0],
             "cuts": [{"analyzer": c.analyzer, "what": c.what, "why": c.why} for c in self.cuts],
         }
 

@@ -364,12 +364,13 @@ def estimator_bias(
     rows = []
     jobs = [(e, b) for b in sizes for e in estimators]
     longest = 0.0
+    clock = time.perf_counter if budget is None else budget.measure_clock
     for done, (estimator, b) in enumerate(track(jobs, description="estimator bias", total=len(jobs))):
         if budget is not None and longest > budget.remaining():
             budget.cut(f"{len(jobs) - done} of {len(jobs)} (estimator, batch size) cells from batch size {b} on",
                        f"each took up to {longest:.3g} s, {budget.remaining():.3g} s were left")
             break
-        started = time.perf_counter()
+        started = clock()
         samples = est.samples(estimator, inputs, targets, draws[b])
         reference = control_target if estimator == "control" else star
         total_norm = float(reference.double().norm())
@@ -378,7 +379,7 @@ def estimator_bias(
             rows.append(
                 {"estimator": estimator, "batch_size": b, "group": group, **figures.__dict__, "settings": est.settings[estimator]}
             )
-        longest = max(longest, agreed(time.perf_counter() - started))
+        longest = max(longest, agreed(clock() - started))
     return pd.DataFrame(rows), g_star
 
 

@@ -33,7 +33,7 @@ from normscope.analyzers import AnalysisContext, AnalyzerOutput
 from normscope.analyzers.hvp import MODES, BatchLoss, HessianOperator, graph_chunk
 from normscope.analyzers.reparam import reparam_check
 from normscope.analyzers.spectrum import hutchpp_split, krylov_trace, lanczos
-from normscope.budget import Budget, seconds_of
+from normscope.budget import Budget
 from normscope.capture.graph import SiteGraph, covering
 from normscope.distributed import current, share_out
 from normscope.findings import Finding
@@ -353,12 +353,13 @@ def descent_tables(
         loss = BatchLoss(model, inputs, targets, loss_fn, mode, dtype)
         total = HessianOperator(loss, backend=backend, chunks=_chunks(loss), trial_seconds=TRIAL_SHARE * plan.remaining(),
                                 split=current())
-        budget.cost("forward", lambda: seconds_of(torch.no_grad()(loss.__call__)))
-        budget.cost("gradient", lambda: seconds_of(total.gradient))
+        budget.cost("forward", lambda: budget.time(torch.no_grad()(loss.__call__)))
+        budget.cost("gradient", lambda: budget.time(total.gradient))
         try:
             _mode_tables(tables, plan, loss, total, model, optimizer, lr, settings, seed, sites, graph)
         finally:
             total.release()
+        budget.release(f"descent ({mode} mode)")
         meta[mode] = {"backend": total.backend, "chunk": total.chunk, "ranks": 1 if total.world is None else total.world.size}
         del loss, total
     return {name: _frame(name, rows) for name, rows in tables.items()}, meta

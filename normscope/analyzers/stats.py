@@ -26,6 +26,7 @@ from torch import nn
 
 from normscope.analyzers import AnalysisContext, AnalyzerOutput
 from normscope.batch import concat
+from normscope.batch import size as batch_size
 from normscope.capture.record import SiteRecord
 from normscope.distributed import current, shard
 from normscope.findings import Finding
@@ -162,6 +163,15 @@ def findings(sites: pd.DataFrame, recalibration: pd.DataFrame | None = None) -> 
     return stats_findings(sites, recalibration)
 
 
+def _recalibration_seconds(ctx: AnalysisContext, layers: int) -> float:
+    """The recalibration's price: at most one pass per layer plus two evaluations over the data,
+    each forward priced at the first pass (a forward and backward of the first batch) per batch."""
+    examples = batch_size(ctx.dataset[0]) if ctx.dataset is not None else sum(batch_size(b[0]) for b in ctx.batches)
+    first = ctx.passes().results
+    seconds = next(iter(first.values())).seconds if first else 0.0
+    return (layers + 2) * seconds * examples / max(1, batch_size(ctx.batches[0][0]))
+
+
 def passes(ctx: AnalysisContext) -> list[Pass]:
     """A training-mode forward over every batch (:mod:`normscope.plan`)."""
     return [Pass("train", i) for i in range(len(ctx.batches))]
@@ -177,7 +187,8 @@ def analyze(ctx: AnalysisContext) -> AnalyzerOutput:
     model = ctx.model
     running = _running_stats(model)
     tables = stats_tables(ctx.records("train", range(len(ctx.batches))), model, running)
-    if running_stat_layers(model):
+    layers = running_stat_layers(model)
+    if layers and ctx.budget.fits("the recalibration of the running statistics", _recalibration_seconds(ctx, len(layers))):
         data = ctx.dataset if ctx.dataset is not None else ctx.batches
         if current().active:
             data = shard(data if ctx.dataset is not None else concat(data))

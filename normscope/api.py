@@ -447,16 +447,18 @@ def run_analyzers(
 
 
 def hold_headlines(budget: Budget, names: Sequence[str], driver: Driver, batches: int) -> None:
-    """Price every analyzer's headline in first passes (:data:`normscope.budget.HEADLINES`, stats
-    once more per further batch) at the seconds the driver's first pass took, and hold that time
-    (:meth:`normscope.budget.Budget.reserve`) before any analyzer runs."""
-    first = next(iter(driver.results.values()), None)
+    """Price the units from the driver's first pass (:meth:`normscope.budget.Budget.seed`) and hold
+    every analyzer's headline (:data:`normscope.budget.HEADLINES`; stats a forward more per further
+    batch) before any analyzer runs (:meth:`normscope.budget.Budget.reserve`)."""
+    first = next(iter(driver.results.items()), None)
     if first is None or not budget.limited:
         return
-    for key, passes in HEADLINES.items():
+    budget.seed(first[1].seconds, first[0].backward)
+    for key, units in HEADLINES.items():
         analyzer = key.split(" (")[0]
         if analyzer in names:
-            budget.reserve(key, first.seconds * (passes + (batches - 1 if analyzer == "stats" else 0)))
+            extra = {"forward": units.get("forward", 0) + batches - 1} if analyzer == "stats" else {}
+            budget.reserve(key, {**units, **extra})
 
 
 def budget_findings(budget: Budget, interrupted: str | None) -> list[str]:

@@ -49,11 +49,14 @@ if TYPE_CHECKING:
 DEFAULT_BUDGET = 120.0
 UNITS = ("forward", "gradient", "hvp", "example_chunk")
 WEIGHTS = {"stats": 1.0, "gls": 2.0, "bias": 3.0, "descent": 4.0}
-HEADLINES = {"stats": 1.0, "gls": 1.0, "bias": 16.0, "descent (train mode)": 40.0, "descent (eval mode)": 40.0}
-"""Each headline's price in first passes (one captured forward and backward of the first batch,
-timed by the driver): stats' forwards over the other batches are added per batch; bias's g* and
-per-example gradients at its smallest batch size; per descent mode the gradient, the first
-products and Lanczos for λ_max (a float64 Hessian-vector product costs 2-14 gradients)."""
+HEADLINES = {"stats": {"forward": 1.0}, "gls": {"forward": 1.0}, "bias": {"gradient": 16.0},
+             "descent (train mode)": {"gradient": 2.0, "hvp": 20.0}, "descent (eval mode)": {"gradient": 2.0, "hvp": 20.0}}
+"""Each headline's price in units (:meth:`Budget.seed` prices them from the first pass): stats'
+tables (plus a forward per further batch) and gls's tables; bias's g* and per-example gradients
+at its smallest batch size; per descent mode the gradient, the first products and Lanczos for
+λ_max (about 20 products at the quick tolerance)."""
+FIRST_PRODUCT = 4.0
+"""A Hessian-vector product in gradients until one is measured (float64: 2-14, float32: 1.7-2.8)."""
 RESCALE_BOUNDS = (0.25, 20.0)
 """The least and largest factor one re-measurement (:meth:`Budget.observe`) rescales the unit costs by."""
 
@@ -97,6 +100,7 @@ class Budget:
         if unknown:
             raise InvalidArgumentError(f"unknown unit cost {sorted(unknown)[0]!r}; units are {', '.join(UNITS)}")
         self.seconds, self.clock, self.name = seconds, clock, name
+        self.injected = set(self.costs) if _parent is None else _parent.injected
         self.cuts: list[Cut] = [] if _parent is None else _parent.cuts
         self._ledger = [0.0] if _parent is None else _parent._ledger
         self.reserved: dict[str, float] = {} if _parent is None else _parent.reserved
@@ -212,11 +216,21 @@ class Budget:
         self.cut(what, f"needs about {needed:.3g} s, {self.remaining():.3g} s of the {self.seconds:.3g} s left")
         return False
 
-    def reserve(self, key: str, seconds: float) -> None:
-        """Hold ``seconds`` (at the pace of the first batch) for the headline ``key`` until
-        :meth:`release`; :meth:`share` keeps it from the refinements of earlier analyzers. The
-        hold follows the machine: it is ``seconds * pace`` (:meth:`observe`)."""
-        self.reserved[key] = float(seconds)
+    def seed(self, seconds: float, backward: bool) -> None:
+        """Price the units from the first pass (``seconds``; a forward and ``backward`` of the first
+        batch under capture, or a forward): ``gradient`` = the pass with a backward (3 forwards
+        without), ``forward`` = a third of it, ``hvp`` = :data:`FIRST_PRODUCT` gradients; units
+        injected or measured before keep their cost. The pace (:meth:`observe`) starts here."""
+        gradient = seconds if backward else 3 * seconds
+        for unit, cost in (("gradient", gradient), ("forward", gradient / 3), ("hvp", FIRST_PRODUCT * gradient)):
+            self.costs.setdefault(unit, cost)
+        self._pace[0] = 1.0
+
+    def reserve(self, key: str, units: dict[str, float]) -> None:
+        """Hold the time of ``units`` for the headline ``key`` until :meth:`release`; :meth:`share`
+        keeps it from the refinements of earlier analyzers. The hold is priced at the current unit
+        costs, so it follows the machine (:meth:`observe`)."""
+        self.reserved[key] = dict(units)
 
     def release(self, key: str) -> None:
         """The headline ``key`` (and ``key (...)``, its parts) ran or will not: the hold ends."""
@@ -225,13 +239,13 @@ class Budget:
 
     def held(self, keys: Iterable[str] | None = None) -> float:
         """Seconds held for the headlines ``keys`` (default all; a key also holds its parts
-        ``key (...)``) at the current pace."""
+        ``key (...)``) at the current unit costs."""
         chosen = [k for k in self.reserved if keys is None or any(k == key or k.startswith(key + " (") for key in keys)]
-        return self._pace[0] * sum(self.reserved[k] for k in chosen)
+        return sum(self.price(self.reserved[k]) for k in chosen)
 
     def fits(self, what: str, seconds: float) -> bool:
-        """Whether work estimated at ``seconds`` (at the first batch's pace; scaled by the current
-        pace) fits in what is left (:meth:`remaining`); if not, record the cut."""
+        """Whether work estimated at ``seconds`` (at the first batch's pace, :meth:`seed`; scaled by
+        the pace since) fits in what is left (:meth:`remaining`); if not, record the cut."""
         if not self.limited:
             return True
         self._next_stage()
@@ -263,7 +277,7 @@ class Budget:
             "elapsed": self.elapsed(),
             "clock": "planned" if self.clock == "planned" else "wall",
             "unit_costs": dict(self.costs),
-            "reserved": {key: seconds * self._pace[0] for key, seconds in self.reserved.items()},
+            "reserved": {key: self.price(units) for key, units in self.reserved.items()},
             "pace": self._pace[0],
             "cuts": [{"analyzer": c.analyzer, "what": c.what, "why": c.why} for c in self.cuts],
         }

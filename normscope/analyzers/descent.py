@@ -388,21 +388,19 @@ def _mode_tables(tables: dict[str, list[dict]], plan: Budget, loss: BatchLoss, t
     first = {"hvp": len(directions)} if "hvp" in plan.costs else {"gradient": FIRST_PRODUCT_GRADIENTS * len(directions)}
     if not plan.allows("every table of this mode", {**first, "gradient": len(directions) + first.get("gradient", 0)}):
         return
+    started = plan.measure_clock()
     chosen = [(name, *make()) for name, make in directions]
     for name, d, step_lr in chosen:
         tables["descent_directions"] += descent_rows(total, d, step_lr, name, {"total": None})
-    plan.cost("hvp", lambda: total.timings.get(total.backend, total.seconds))
+    took = plan.measure_clock() - started
+    products = len(chosen) + total.selection_products
+    # the product's cost on the budget's clock, from above: the whole stage (its gradients too) per product
+    if "hvp" not in plan.injected:
+        plan.costs["hvp"] = took / products
     plan.spend("gradient", len(chosen))
     plan.spend("hvp", len(chosen) + total.selection_products)
     _, d, step_lr = chosen[-1]
     row = next(r for r in reversed(tables["descent_directions"]) if r["group"] == "total" and r["mode"] == mode)
-    if plan.allows("the quadratic model", {"forward": settings["steps"] + 1}):
-        coarse = quadratic_model(total, d, step_grid(step_lr, row["a_crit"], settings["steps"]), row["slope"], row["curvature"])
-        plan.spend("forward", settings["steps"] + 1)
-        if plan.allows("a fine grid near the parting step", {"forward": REFINE_STEPS + 1}):
-            coarse = refine_near_parting(total, d, coarse, row["slope"], row["curvature"])
-            plan.spend("forward", REFINE_STEPS + 1)
-        tables["descent_quadratic"] += coarse.to_dict("records")
     cap = settings["lanczos_products"]
     products = plan.affordable("hvp", cap)
     if products >= 2:
@@ -413,6 +411,13 @@ def _mode_tables(tables: dict[str, list[dict]], plan: Budget, loss: BatchLoss, t
                      f"before tolerance {settings['tol']:g}; the residuals in descent_spectrum give the accuracy reached")
     else:
         plan.cut("the top eigenvalues", "no time left for 2 Hessian-vector products")
+    if plan.allows("the quadratic model", {"forward": settings["steps"] + 1}):
+        coarse = quadratic_model(total, d, step_grid(step_lr, row["a_crit"], settings["steps"]), row["slope"], row["curvature"])
+        plan.spend("forward", settings["steps"] + 1)
+        if plan.allows("a fine grid near the parting step", {"forward": REFINE_STEPS + 1}):
+            coarse = refine_near_parting(total, d, coarse, row["slope"], row["curvature"])
+            plan.spend("forward", REFINE_STEPS + 1)
+        tables["descent_quadratic"] += coarse.to_dict("records")
     products = plan.affordable("hvp", settings["trace_products"])
     traces: dict[str, tuple[float, float]] = {}
     if products >= 2:

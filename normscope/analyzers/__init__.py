@@ -32,6 +32,7 @@ ANALYZERS: dict[str, str] = {
     "gls": "normscope.analyzers.gls:analyze",
     "bias": "normscope.analyzers.bias:analyze",
     "descent": "normscope.analyzers.descent:analyze",
+    "dead": "normscope.analyzers.dead:analyze",
 }
 
 

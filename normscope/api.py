@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import normscope
 from normscope import distributed
-from normscope.batch import Batch, check_keys, describe, first_argument, forward, split, to_device
+from normscope.batch import Batch, check_keys, describe, first_argument, split, to_device
 from normscope.batch import size as batch_size_of
 from normscope.losses import Loss, default_for, describe_outputs, fitting_presets
 from normscope.losses import resolve as resolve_loss

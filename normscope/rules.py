@@ -29,7 +29,6 @@ import math
 
 import numpy as np
 import pandas as pd
-import torch
 from scipy import stats as scipy_stats
 from torch import nn
 

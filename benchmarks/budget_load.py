@@ -56,7 +56,12 @@ def main() -> None:
     parser.add_argument("--contention", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--models", default="gemma2,qwen3,bloom,mobilevit,efficientnet")
+    parser.add_argument("--root", default=None, help="import normscope from this folder (an older tree, for 'before')")
     args = parser.parse_args()
+    if args.root:
+        import sys
+
+        sys.path.insert(0, args.root)
     import torch
 
     import normscope

@@ -27,7 +27,7 @@ from normscope.batch import size as batch_size_of
 from normscope.losses import Loss, default_for, describe_outputs, fitting_presets
 from normscope.losses import resolve as resolve_loss
 from normscope.analyzers import ANALYZERS, AnalysisContext, AnalyzerOutput, get_analyzer, no_progress
-from normscope.budget import DEFAULT_BUDGET, HEADLINES, Budget, as_budget
+from normscope.budget import DEFAULT_BUDGET, HEADLINES, HOLD_SHARE, Budget, as_budget
 from normscope.capture import find_unrecognized
 from normscope.capture.verify import Verification
 from normscope.checkpoint import first_line, nonfinite_weights
@@ -449,16 +449,22 @@ def run_analyzers(
 def hold_headlines(budget: Budget, names: Sequence[str], driver: Driver, batches: int) -> None:
     """Price the units from the driver's first pass (:meth:`normscope.budget.Budget.seed`) and hold
     every analyzer's headline (:data:`normscope.budget.HEADLINES`; stats a forward more per further
-    batch) before any analyzer runs (:meth:`normscope.budget.Budget.reserve`)."""
+    batch) before any analyzer runs (:meth:`normscope.budget.Budget.reserve`); the holds together
+    take at most :data:`normscope.budget.HOLD_SHARE` of the budget (scaled down alike), so a first
+    pass priced high (it also verifies every site) does not leave the analyzers before descent nothing."""
     first = next(iter(driver.results.items()), None)
     if first is None or not budget.limited:
         return
     budget.seed(first[1].seconds, first[0].backward)
+    holds = {}
     for key, units in HEADLINES.items():
         analyzer = key.split(" (")[0]
         if analyzer in names:
-            extra = {"forward": units.get("forward", 0) + batches - 1} if analyzer == "stats" else {}
-            budget.reserve(key, {**units, **extra})
+            holds[key] = {**units, **({"forward": units.get("forward", 0) + batches - 1} if analyzer == "stats" else {})}
+    total = sum(budget.price(units) for units in holds.values())
+    scale = min(1.0, HOLD_SHARE * budget.remaining() / total) if total > 0 else 1.0
+    for key, units in holds.items():
+        budget.reserve(key, {unit: count * scale for unit, count in units.items()})
 
 
 def budget_findings(budget: Budget, interrupted: str | None) -> list[str]:

@@ -11,7 +11,7 @@ per-layer spectra, more batch sizes and draws) never take the time of a later he
 analyzer does not use passes to the next. Reservations are kept as units, so they are re-priced
 whenever a unit cost changes. Unit costs are re-measured as work proceeds: every
 :meth:`Budget.spend` compares the time the stage took on the budget's clock with its price and
-rescales every unit cost by the ratio (:meth:`Budget.observe`), so a machine that slows down
+rescales every unit cost by the square root of the ratio (:meth:`Budget.observe`), so a machine that slows down
 mid-run makes the later refinements cost more and cuts them, not the headlines. Before a stage, an
 analyzer asks :meth:`Budget.allows` whether the stage's units (``forward``, ``gradient``,
 ``hvp``, ``example_chunk``: one chunk of per-example gradients) fit in what is left at their
@@ -55,10 +55,14 @@ HEADLINES = {"stats": {"forward": 1.0}, "gls": {"forward": 1.0}, "bias": {"gradi
 tables (plus a forward per further batch) and gls's tables; bias's g* and per-example gradients
 at its smallest batch size; per descent mode the gradient, the first products and Lanczos for
 λ_max (about 20 products at the quick tolerance)."""
+HOLD_SHARE = 0.5
+"""The most of the budget the headline holds take together (:func:`normscope.api.hold_headlines`)."""
 FIRST_PRODUCT = 4.0
 """A Hessian-vector product in gradients until one is measured (float64: 2-14, float32: 1.7-2.8)."""
-RESCALE_BOUNDS = (0.25, 20.0)
+RESCALE_BOUNDS = (0.5, 4.0)
 """The least and largest factor one re-measurement (:meth:`Budget.observe`) rescales the unit costs by."""
+PACE_BOUNDS = (0.25, 20.0)
+"""The least and largest pace (all re-measurements together) the unit costs may reach."""
 
 
 @dataclass
@@ -168,13 +172,15 @@ class Budget:
 
     def observe(self, priced: float, took: float) -> None:
         """Re-measure: a stage priced ``priced`` seconds took ``took`` (the largest over the ranks);
-        every unit cost is rescaled by ``took / priced`` (within :data:`RESCALE_BOUNDS`), so the
-        plan follows a machine that slows down or speeds up. Stages priced under a millisecond
-        are too short to tell and change nothing."""
+        every unit cost is rescaled by ``sqrt(took / priced)`` within :data:`RESCALE_BOUNDS` (damped:
+        a stage also holds work no unit prices, which must not compound into the plan), so the plan
+        follows a machine that slows down or speeds up; the pace (the product of the factors) stays
+        within :data:`PACE_BOUNDS`. Stages priced under a millisecond are too short to tell."""
         took = agreed(took)
         if priced < 1e-3 or took <= 0:
             return
-        factor = min(max(took / priced, RESCALE_BOUNDS[0]), RESCALE_BOUNDS[1])
+        factor = min(max(math.sqrt(took / priced), RESCALE_BOUNDS[0]), RESCALE_BOUNDS[1])
+        factor = min(max(self._pace[0] * factor, PACE_BOUNDS[0]), PACE_BOUNDS[1]) / self._pace[0]
         for unit in self.costs:
             self.costs[unit] *= factor
         self._pace[0] *= factor

@@ -310,8 +310,8 @@ def descent_tables(
     ``budget`` (:class:`~normscope.budget.Budget`, unlimited by default) is split evenly between
     the modes; within a mode the stages run in this order, each only if its products fit in what
     is left at the measured HVP cost (gradients and forwards are priced at the measured gradient
-    and forward costs): the total's direction rows, the quadratic model, the top eigenvalues of
-    ``H``, the trace, the layers' direction rows (as many layers as fit), the layers' spectra,
+    and forward costs): the total's direction rows and the top eigenvalues of ``H`` (the headline: a_crit and λ_max), the
+    quadratic model, the trace, the layers' direction rows (as many layers as fit), the layers' spectra,
     the scale-invariance and reparameterization checks. What does not fit is recorded in
     ``budget.cuts``; the tables hold what finished. The HVP backend is chosen at the first product
     (the total's direction row; trying ``func`` only within :data:`TRIAL_SHARE` of the mode's

@@ -287,10 +287,10 @@ def findings(sites: pd.DataFrame, recalibration: pd.DataFrame | None = None) -> 
 
 def _recalibration_seconds(ctx: AnalysisContext, layers: int) -> float:
     """The recalibration's price: at most one pass per layer plus two evaluations over the data,
-    each forward priced at the first pass (a forward and backward of the first batch) per batch."""
+    each forward priced at the fastest of the driver's passes (a forward, or a forward and backward) per batch."""
     examples = batch_size(ctx.dataset[0]) if ctx.dataset is not None else sum(batch_size(b[0]) for b in ctx.batches)
-    first = ctx.passes().results
-    seconds = next(iter(first.values())).seconds if first else 0.0
+    results = ctx.passes().results
+    seconds = min((r.seconds for r in results.values()), default=0.0)  # the fastest: the first also verifies the sites
     return (layers + 2) * seconds * examples / max(1, batch_size(ctx.batches[0][0]))
 
 

@@ -142,14 +142,6 @@ class Budget:
             left = min(left, max(0.0, self._parent.remaining() - self._parent.held(self._others)))
         return left
 
-    def root_remaining(self) -> float:
-        """Seconds left of the whole analysis (the outermost budget), whatever this share holds:
-        a headline runs while this is positive (refinements only within :meth:`remaining`)."""
-        budget = self
-        while budget._parent is not None:
-            budget = budget._parent
-        return budget.remaining()
-
     def cost(self, unit: str, measure: Callable[[], float] | None = None) -> float:
         """The seconds one ``unit`` costs: injected, measured before, or measured now by ``measure``
         (and kept for every share); 0 when unknown and not measurable."""

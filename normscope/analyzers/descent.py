@@ -63,11 +63,6 @@ on the reference ResNet: 46-62 ms against 25 ms, 1 thread)."""
 TRIAL_SHARE = 0.02
 
 
-HEADLINE_PRODUCTS = 8
-"""Lanczos products λ_max gets while the analysis has time left, even when this mode's share has none
-(a headline: only refinements are cut by the shares)."""
-
-
 def critical_step(slope: float, curvature: float) -> float:
     """``a_crit = 2 (-g^T d) / d^T H d`` from the slope ``g^T d`` and the curvature ``d^T H d``:
     ``inf`` when ``d^T H d <= 0`` (the model decreases for every step), NaN when ``g^T d >= 0``
@@ -391,8 +386,8 @@ def _mode_tables(tables: dict[str, list[dict]], plan: Budget, loss: BatchLoss, t
     if optimizer is not None:
         directions.append((f"optimizer:{type(optimizer).__name__}", lambda: optimizer_direction(model, optimizer, loss, total.split(total.gradient()))))
     first = {"hvp": len(directions)} if "hvp" in plan.costs else {"gradient": FIRST_PRODUCT_GRADIENTS * len(directions)}
-    if plan.root_remaining() <= 0 and not plan.allows("every table of this mode", {**first, "gradient": len(directions) + first.get("gradient", 0)}):
-        return  # the critical step is a headline: it runs while the analysis has time left at all
+    if not plan.allows("every table of this mode", {**first, "gradient": len(directions) + first.get("gradient", 0)}):
+        return
     started = plan.measure_clock()
     chosen = [(name, *make()) for name, make in directions]
     for name, d, step_lr in chosen:
@@ -408,8 +403,6 @@ def _mode_tables(tables: dict[str, list[dict]], plan: Budget, loss: BatchLoss, t
     row = next(r for r in reversed(tables["descent_directions"]) if r["group"] == "total" and r["mode"] == mode)
     cap = settings["lanczos_products"]
     products = plan.affordable("hvp", cap)
-    if products < HEADLINE_PRODUCTS and plan.root_remaining() > 0:
-        products = min(cap, HEADLINE_PRODUCTS)  # λ_max is a headline: a few products while the analysis has time left
     if products >= 2:
         tables["descent_spectrum"] += spectrum_rows(total, mode, "total", settings["k"], settings["tol"], seed, products)
         plan.spend("hvp", tables["descent_spectrum"][-1]["products"])

@@ -23,13 +23,13 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import normscope
 from normscope import distributed
-from normscope.batch import Batch, check_keys, describe, first_argument, forward, split, to_device
+from normscope.batch import Batch, check_keys, describe, first_argument, split, to_device
 from normscope.batch import size as batch_size_of
 from normscope.losses import Loss, default_for, describe_outputs, fitting_presets
 from normscope.losses import resolve as resolve_loss
 from normscope.analyzers import ANALYZERS, AnalysisContext, AnalyzerOutput, get_analyzer, no_progress
-from normscope.budget import DEFAULT_BUDGET, Budget, as_budget
-from normscope.capture import capture
+from normscope.budget import DEFAULT_BUDGET, HEADLINES, HOLD_SHARE, Budget, as_budget
+from normscope.capture import find_unrecognized
 from normscope.capture.verify import Verification
 from normscope.checkpoint import first_line, nonfinite_weights
 from normscope.data import DIGITS, digits_form, digits_loader, load_digits
@@ -38,6 +38,7 @@ from normscope.capture.sites import matches
 from normscope.errors import AnalyzerError, DataShapeError, InvalidArgumentError, NoNormSitesError, NormscopeError, UnknownNameError
 from normscope.guard import grad_enabled, preserved
 from normscope.overview import attach as attach_overview
+from normscope.plan import Driver, PassFailure, needs
 from normscope.result import AnalysisResult
 
 T = TypeVar("T")
@@ -130,23 +131,29 @@ def analyze(
         loader, dataset, data_source = make_loader(digits_form(work) if data is None else data, batch_size, seed)
         chosen = take_batches(loader, batches, target, dtype, track, loss)
         loss = loss or default_for(_raw(chosen[0]))
-        ran, unrecognized, unverified = check_fit(work, chosen[0], loss)
-        check_selection(ran, sites)
-        ctx = AnalysisContext(
-            model=work,
-            batches=chosen,
-            dataset=None if dataset is None else to_device(loss.batch(dataset), target, dtype),
-            loader=loader,
-            loss_fn=loss,
-            lr=lr,
-            seed=seed,
-            track=track,
-            quick=quick,
-            budget=as_budget(budget),
-            sites=sites,
-        )
+        plan_budget = as_budget(budget)
         with deterministic(random_layers, seed) as randomness:
-            outputs, errors, timings = run_analyzers(ctx, names, track, explicit=analyzers is not None)
+            driver = Driver(work, chosen, loss, sites, plan_budget.measure_clock)
+            ctx = AnalysisContext(
+                model=work,
+                batches=chosen,
+                dataset=None if dataset is None else to_device(loss.batch(dataset), target, dtype),
+                loader=loader,
+                loss_fn=loss,
+                lr=lr,
+                seed=seed,
+                track=track,
+                quick=quick,
+                budget=plan_budget,
+                sites=sites,
+                driver=driver,
+            )
+            declared = needs(names, ctx)
+            driver.need([p for passes in declared.values() for p in passes])
+            ran, unrecognized, unverified = check_fit(work, chosen[0], loss, driver)
+            check_selection(ran, sites)
+            hold_headlines(plan_budget, names, driver, len(chosen))
+            outputs, errors, timings = run_analyzers(ctx, names, track, explicit=analyzers is not None, declared=declared)
     result = AnalysisResult()
     for name, output in outputs.items():
         result.tables.update(output.tables)
@@ -188,6 +195,7 @@ def analyze(
         "settings": "quick" if quick else "full",
         "sites_pattern": sites,
         "budget": ctx.budget.report(),
+        "passes": {"forwards": driver.forwards, "backwards": driver.backwards},
         "distributed": world.describe(),
         "seconds": {**timings, "total": time.perf_counter() - started},
     }
@@ -364,9 +372,15 @@ def user_batches(loader: Iterable[T]) -> Iterator[T]:
         yield raw
 
 
-def check_fit(model: nn.Module, batch: Batch, loss_fn: Callable) -> tuple[list, list[tuple[str, str]], list[Verification]]:
-    """Run one eval-mode forward on ``batch`` under capture; return the verified sites that ran,
-    the unrecognized norm-like modules and the unverified sites (:mod:`normscope.capture.verify`).
+def check_fit(model: nn.Module, batch: Batch, loss_fn: Callable,
+              driver: Driver | None = None) -> tuple[list, list[tuple[str, str]], list[Verification]]:
+    """Run the first captured pass on ``batch`` (the ``driver``'s planned pass on batch 0:
+    training mode with a backward when an analyzer needs one, else one eval-mode forward; a
+    private driver's eval forward without ``driver``) and check that the data and the loss fit;
+    return the verified sites that ran, the unrecognized norm-like modules and the unverified
+    sites (:mod:`normscope.capture.verify`). A training-mode pass that fails in its forward (a
+    BatchNorm given one example) is retried in eval mode; the analyzers that need it then report
+    the failure.
 
     Raises:
         DataShapeError: the model or the loss rejects the batch (the message names what fits).
@@ -374,37 +388,44 @@ def check_fit(model: nn.Module, batch: Batch, loss_fn: Callable) -> tuple[list, 
     """
     inputs, targets = batch
     check_keys(model, inputs)
-    with preserved(model), torch.no_grad(), capture(model, storage="cpu") as cap:
-        model.eval()
+    driver = driver or Driver(model, [batch], loss_fn)
+    first = next((p for p in driver.plan if p.batch == 0), None)
+    mode, backward = (first.mode, first.backward) if first is not None else ("eval", False)
+    try:
         try:
-            outputs = forward(model, inputs)
-        except Exception as error:
-            first = first_argument(model)
-            lacks = f"; the dict batch lacks {first}" if isinstance(inputs, dict) and first and first not in inputs else ""
+            result = driver.first(mode, backward)
+        except PassFailure as failure:
+            if mode == "eval" or failure.stage != "forward":
+                raise
+            result = driver.first("eval", False)
+    except PassFailure as failure:
+        error = failure.error
+        if failure.stage == "forward":
+            first_arg = first_argument(model)
+            lacks = f"; the dict batch lacks {first_arg}" if isinstance(inputs, dict) and first_arg and first_arg not in inputs else ""
             hint = " (the digits are (N, 1, 8, 8); --data digits-flat gives (N, 64))" if _digits_images(inputs) else ""
             raise DataShapeError(
                 f"inputs of shape {describe(inputs)} do not fit {type(model).__name__} "
                 f"({type(error).__name__}: {first_line(error)}){lacks}; pass data the model accepts{hint}"
             ) from error
-        try:
-            loss = loss_fn(outputs, targets)
-        except Exception as error:
-            name = getattr(loss_fn, "__name__", type(loss_fn).__name__)
-            fits = fitting_presets(outputs, _raw(batch), "labels" in _forward_arguments(model))
-            fit = f"presets that fit: {', '.join(fits)}" if fits else "no preset fits; pass a package.module:function loss"
-            raise DataShapeError(
-                f"loss {name} does not fit model outputs {describe_outputs(outputs)} and targets {describe(targets)} "
-                f"({type(error).__name__}: {first_line(error)}); {fit}"
-            ) from error
-    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        name = getattr(loss_fn, "__name__", type(loss_fn).__name__)
+        fits = fitting_presets(failure.outputs, _raw(batch), "labels" in _forward_arguments(model))
+        fit = f"presets that fit: {', '.join(fits)}" if fits else "no preset fits; pass a package.module:function loss"
+        raise DataShapeError(
+            f"loss {name} does not fit model outputs {describe_outputs(failure.outputs)} and targets {describe(targets)} "
+            f"({type(error).__name__}: {first_line(error)}); {fit}"
+        ) from error
+    if not result.scalar_loss:
         raise DataShapeError("loss_fn must return a scalar tensor; reduce it with a mean")
-    if not cap.sites:
-        unknown = ", ".join(f"{path} ({cls})" for path, cls in cap.unrecognized)
+    sites = list({r.site.name: r.site for r in result.records}.values())
+    unrecognized = find_unrecognized(model)
+    if not sites:
+        unknown = ", ".join(f"{path} ({cls})" for path, cls in unrecognized)
         hint = f"; norm-like modules not recognized: {unknown} (register them with normscope.register_norm)" if unknown else ""
-        if cap.unverified:
-            hint += "; unverified (reading does not reproduce the output): " + ", ".join(c.site for c in cap.unverified)
+        if result.unverified:
+            hint += "; unverified (reading does not reproduce the output): " + ", ".join(c.site for c in result.unverified)
         raise NoNormSitesError(f"{type(model).__name__} has no normalization layer that normscope can analyze{hint}")
-    return list(cap.sites), list(cap.unrecognized), list(cap.unverified)
+    return sites, list(unrecognized), list(result.unverified)
 
 
 def _digits_images(inputs: Any) -> bool:
@@ -445,11 +466,12 @@ def site_row(site) -> dict:
 
 
 def run_analyzers(
-    ctx: AnalysisContext, names: list[str], track: Callable, explicit: bool
+    ctx: AnalysisContext, names: list[str], track: Callable, explicit: bool, declared: dict | None = None
 ) -> tuple[dict[str, AnalyzerOutput], dict[str, str], dict[str, float]]:
     """Run each analyzer on ``ctx`` with the model preserved; a missing or failing analyzer is
     recorded in the errors (by name, with the exception's type and message) and the others
     still run. Any ``Exception`` of an analyzer counts as its failure; interrupts propagate.
+    The driver's records are dropped once no later analyzer ``declared`` captured passes.
 
     Raises:
         AnalyzerError: no analyzer produced output.
@@ -478,12 +500,37 @@ def run_analyzers(
         except Exception as error:
             errors[name] = f"analyzer {name} failed ({type(error).__name__}: {first_line(error)})"
             continue
+        finally:
+            ctx.budget.release(name)
+            if declared is not None and not any(declared.get(n) for n in names[index + 1:]):
+                ctx.passes().release()
         timings[name] = time.perf_counter() - started
     if not outputs:
         if "interrupted" in errors:
             raise KeyboardInterrupt
         raise AnalyzerError("no analyzer could run: " + "; ".join(errors.values()))
     return outputs, errors, timings
+
+
+def hold_headlines(budget: Budget, names: Sequence[str], driver: Driver, batches: int) -> None:
+    """Price the units from the driver's first pass (:meth:`normscope.budget.Budget.seed`) and hold
+    every analyzer's headline (:data:`normscope.budget.HEADLINES`; stats a forward more per further
+    batch) before any analyzer runs (:meth:`normscope.budget.Budget.reserve`); the holds together
+    take at most :data:`normscope.budget.HOLD_SHARE` of the budget (scaled down alike), so a first
+    pass priced high (it also verifies every site) does not leave the analyzers before descent nothing."""
+    first = next(iter(driver.results.items()), None)
+    if first is None or not budget.limited:
+        return
+    budget.seed(first[1].seconds, first[0].backward)
+    holds = {}
+    for key, units in HEADLINES.items():
+        analyzer = key.split(" (")[0]
+        if analyzer in names:
+            holds[key] = {**units, **({"forward": units.get("forward", 0) + batches - 1} if analyzer == "stats" else {})}
+    total = sum(budget.price(units) for units in holds.values())
+    scale = min(1.0, HOLD_SHARE * budget.remaining() / total) if total > 0 else 1.0
+    for key, units in holds.items():
+        budget.reserve(key, {unit: count * scale for unit, count in units.items()})
 
 
 def budget_findings(budget: Budget, interrupted: str | None) -> list[str]:

@@ -1,8 +1,18 @@
-"""A time budget for an analysis: unit costs measured once, work planned and cut from them.
+"""A time budget for an analysis: a plan priced from unit costs, headlines first, re-measured as work proceeds.
 
 The analysis gets ``seconds`` in all (:data:`DEFAULT_BUDGET`, about two minutes; ``None`` is no
-limit). Each analyzer receives a share of what is left (:meth:`Budget.share`, weighted by
-:data:`WEIGHTS`, so time an analyzer does not use passes to the next). Before a stage, an
+limit). Before any analyzer runs, :func:`normscope.api.analyze` measures the unit costs on the
+first batch (the driver's first pass, :mod:`normscope.plan`) and reserves every analyzer's
+headline (:data:`HEADLINES`: stats per site, gls R² per site, bias at one batch size, descent's
+λ_max and total critical step in both modes) at those costs (:meth:`Budget.reserve`). Each
+analyzer then receives its reserved headline plus a weighted share (:data:`WEIGHTS`) of what is
+left after the headlines still to come (:meth:`Budget.share`), so refinements (sweeps, traces,
+per-layer spectra, more batch sizes and draws) never take the time of a later headline; time an
+analyzer does not use passes to the next. Reservations are kept as units, so they are re-priced
+whenever a unit cost changes. Unit costs are re-measured as work proceeds: every
+:meth:`Budget.spend` compares the time the stage took on the budget's clock with its price and
+rescales every unit cost by the square root of the ratio (:meth:`Budget.observe`), so a machine that slows down
+mid-run makes the later refinements cost more and cuts them, not the headlines. Before a stage, an
 analyzer asks :meth:`Budget.allows` whether the stage's units (``forward``, ``gradient``,
 ``hvp``, ``example_chunk``: one chunk of per-example gradients) fit in what is left at their
 measured cost; a stage that does not fit is recorded in :attr:`Budget.cuts` with the reason, and
@@ -40,6 +50,20 @@ if TYPE_CHECKING:
 DEFAULT_BUDGET = 120.0
 UNITS = ("forward", "gradient", "hvp", "example_chunk")
 WEIGHTS = {"stats": 1.0, "gls": 2.0, "bias": 3.0, "descent": 4.0}
+HEADLINES = {"stats": {"forward": 1.0}, "gls": {"forward": 1.0}, "bias": {"gradient": 16.0},
+             "descent (train mode)": {"gradient": 2.0, "hvp": 20.0}, "descent (eval mode)": {"gradient": 2.0, "hvp": 20.0}}
+"""Each headline's price in units (:meth:`Budget.seed` prices them from the first pass): stats'
+tables (plus a forward per further batch) and gls's tables; bias's g* and per-example gradients
+at its smallest batch size; per descent mode the gradient, the first products and Lanczos for
+λ_max (about 20 products at the quick tolerance)."""
+HOLD_SHARE = 0.5
+"""The most of the budget the headline holds take together (:func:`normscope.api.hold_headlines`)."""
+FIRST_PRODUCT = 4.0
+"""A Hessian-vector product in gradients until one is measured (float64: 2-14, float32: 1.7-2.8)."""
+RESCALE_BOUNDS = (0.5, 4.0)
+"""The least and largest factor one re-measurement (:meth:`Budget.observe`) rescales the unit costs by."""
+PACE_BOUNDS = (0.25, 20.0)
+"""The least and largest pace (all re-measurements together) the unit costs may reach."""
 
 
 @dataclass
@@ -72,6 +96,7 @@ class Budget:
         clock: Callable[[], float] | str = time.monotonic,
         name: str = "analysis",
         _parent: "Budget | None" = None,
+        _others: Iterable[str] = (),
     ) -> None:
         if seconds is not None and not (seconds > 0):
             raise InvalidArgumentError(f"budget must be a positive number of seconds or None (got {seconds})")
@@ -80,13 +105,23 @@ class Budget:
         if unknown:
             raise InvalidArgumentError(f"unknown unit cost {sorted(unknown)[0]!r}; units are {', '.join(UNITS)}")
         self.seconds, self.clock, self.name = seconds, clock, name
+        self.injected = set(self.costs) if _parent is None else _parent.injected
         self.cuts: list[Cut] = [] if _parent is None else _parent.cuts
         self._ledger = [0.0] if _parent is None else _parent._ledger
+        self.reserved: dict[str, float] = {} if _parent is None else _parent.reserved
+        self._pace = [1.0] if _parent is None else _parent._pace
+        self._parent, self._others = _parent, list(_others)
         self.charged = 0.0
         self._start = self._now()
+        self._mark, self._stage = self._start, 0.0
 
     def _now(self) -> float:
         return self._ledger[0] if self.clock == "planned" else self.clock()
+
+    @property
+    def measure_clock(self) -> Callable[[], float]:
+        """The clock work is timed with: this budget's (wall ``time.perf_counter`` for a planned one)."""
+        return time.perf_counter if self.clock == "planned" else self.clock
 
     @property
     def limited(self) -> bool:
@@ -98,11 +133,15 @@ class Budget:
 
     def remaining(self) -> float:
         """Seconds left (``inf`` when unlimited, never below 0); under torch.distributed from the
-        largest elapsed time over the ranks (a wall clock; a collective)."""
+        largest elapsed time over the ranks (a wall clock; a collective). A share's time left is
+        also never more than its parent's left after the headlines held for the analyzers after it."""
         if not self.limited:
             return math.inf
         spent = self.elapsed() if self.clock == "planned" else agreed(self.elapsed())
-        return max(0.0, self.seconds - spent)
+        left = max(0.0, self.seconds - spent)
+        if self._parent is not None and self._others:  # never the time of a later headline, as re-priced now
+            left = min(left, max(0.0, self._parent.remaining() - self._parent.held(self._others)))
+        return left
 
     def cost(self, unit: str, measure: Callable[[], float] | None = None) -> float:
         """The seconds one ``unit`` costs: injected, measured before, or measured now by ``measure``
@@ -118,15 +157,57 @@ class Budget:
         return sum(self.cost(unit) * count for unit, count in units.items())
 
     def spend(self, unit: str, count: float = 1) -> None:
-        """Charge ``count`` units (advances a ``"planned"`` clock; recorded in ``charged``)."""
+        """Charge ``count`` units (advances a ``"planned"`` clock; recorded in ``charged``); on a
+        timed clock the stage's charges re-measure the unit costs when the next stage begins."""
         seconds = self.cost(unit) * count
         self.charged += seconds
         self._ledger[0] += seconds
+        self._stage += seconds
+
+    def _next_stage(self) -> None:
+        """A stage begins (:meth:`allows`, :meth:`affordable`): the one before it, charged since the
+        last mark, re-measures the unit costs (:meth:`observe`) on a timed clock."""
+        if self.clock != "planned" and self._stage > 0:
+            self.observe(self._stage, self._now() - self._mark)
+        self._stage, self._mark = 0.0, self._now()
+
+    def observe(self, priced: float, took: float) -> None:
+        """Re-measure: a stage priced ``priced`` seconds took ``took`` (the largest over the ranks);
+        every unit cost is rescaled by ``sqrt(took / priced)`` within :data:`RESCALE_BOUNDS` (damped:
+        a stage also holds work no unit prices, which must not compound into the plan), so the plan
+        follows a machine that slows down or speeds up; the pace (the product of the factors) stays
+        within :data:`PACE_BOUNDS`. Stages priced under a millisecond are too short to tell."""
+        took = agreed(took)
+        if priced < 1e-3 or took <= 0:
+            return
+        factor = min(max(math.sqrt(took / priced), RESCALE_BOUNDS[0]), RESCALE_BOUNDS[1])
+        factor = min(max(self._pace[0] * factor, PACE_BOUNDS[0]), PACE_BOUNDS[1]) / self._pace[0]
+        for unit in self.costs:
+            self.costs[unit] *= factor
+        self._pace[0] *= factor
+
+    def measure(self, unit: str, count: float, fn: Callable[[], object]) -> object:
+        """Run ``fn`` (``count`` units of ``unit``) timed on this budget's clock, and make the unit's
+        cost what it took per unit (the largest over the ranks); returns ``fn()``."""
+        started = self.measure_clock()
+        out = fn()
+        self.costs[unit] = agreed((self.measure_clock() - started) / max(count, 1e-12))
+        self._stage, self._mark = 0.0, self._now()
+        return out
+
+    def time(self, fn: Callable[[], object]) -> float:
+        """Seconds ``fn()`` takes on this budget's clock (wall: :func:`seconds_of`, CUDA synchronized)."""
+        if self.measure_clock in (time.perf_counter, time.monotonic):
+            return seconds_of(fn)
+        started = self.measure_clock()
+        fn()
+        return self.measure_clock() - started
 
     def affordable(self, unit: str, wanted: int, reserve: float = 0.0) -> int:
         """How many of ``wanted`` units fit in what is left after ``reserve`` seconds."""
         if not self.limited:
             return wanted
+        self._next_stage()
         each = self.cost(unit)
         if each <= 0:
             return wanted
@@ -134,10 +215,51 @@ class Budget:
 
     def allows(self, what: str, units: dict[str, float]) -> bool:
         """Whether a stage of ``units`` fits in what is left; if not, record the cut and say no."""
+        if self.limited:
+            self._next_stage()
         needed = self.price(units)
         if needed <= self.remaining():
             return True
         self.cut(what, f"needs about {seconds_text(needed)}, {seconds_text(self.remaining())} left")
+        return False
+
+    def seed(self, seconds: float, backward: bool) -> None:
+        """Price the units from the first pass (``seconds``; a forward and ``backward`` of the first
+        batch under capture, or a forward): ``gradient`` = the pass with a backward (3 forwards
+        without), ``forward`` = a third of it, ``hvp`` = :data:`FIRST_PRODUCT` gradients; units
+        injected or measured before keep their cost. The pace (:meth:`observe`) starts here."""
+        gradient = seconds if backward else 3 * seconds
+        for unit, cost in (("gradient", gradient), ("forward", gradient / 3), ("hvp", FIRST_PRODUCT * gradient)):
+            self.costs.setdefault(unit, cost)
+        self._pace[0] = 1.0
+
+    def reserve(self, key: str, units: dict[str, float]) -> None:
+        """Hold the time of ``units`` for the headline ``key`` until :meth:`release`; :meth:`share`
+        keeps it from the refinements of earlier analyzers. The hold is priced at the current unit
+        costs, so it follows the machine (:meth:`observe`)."""
+        self.reserved[key] = dict(units)
+
+    def release(self, key: str) -> None:
+        """The headline ``key`` (and ``key (...)``, its parts) ran or will not: the hold ends."""
+        for held in [k for k in self.reserved if k == key or k.startswith(key + " (")]:
+            del self.reserved[held]
+
+    def held(self, keys: Iterable[str] | None = None) -> float:
+        """Seconds held for the headlines ``keys`` (default all; a key also holds its parts
+        ``key (...)``) at the current unit costs."""
+        chosen = [k for k in self.reserved if keys is None or any(k == key or k.startswith(key + " (") for key in keys)]
+        return sum(self.price(self.reserved[k]) for k in chosen)
+
+    def fits(self, what: str, seconds: float) -> bool:
+        """Whether work estimated at ``seconds`` (at the first batch's pace, :meth:`seed`; scaled by
+        the pace since) fits in what is left (:meth:`remaining`); if not, record the cut."""
+        if not self.limited:
+            return True
+        self._next_stage()
+        needed = seconds * self._pace[0]
+        if needed <= self.remaining():
+            return True
+        self.cut(what, f"needs about {needed:.3g} s, {self.remaining():.3g} s of the {self.seconds:.3g} s left")
         return False
 
     def cut(self, what: str, why: str) -> None:
@@ -146,12 +268,14 @@ class Budget:
 
     def share(self, name: str, pending: list[str]) -> "Budget":
         """The budget of analyzer ``name`` when ``pending`` (``name`` first) are still to run: its
-        :data:`WEIGHTS` share of the time left. Costs, clock and cuts are shared with this budget."""
+        reserved headline (:meth:`reserve`) plus its :data:`WEIGHTS` share of the time left after
+        the headlines of ``pending``. Costs, clock, cuts and reservations are shared with this budget."""
         seconds = None
         if self.limited:
             weights = [WEIGHTS.get(n, 1.0) for n in pending]
-            seconds = max(self.remaining() * WEIGHTS.get(name, 1.0) / sum(weights), 1e-9)
-        return Budget(seconds, clock=self.clock, name=name, _parent=self)
+            free = max(0.0, self.remaining() - self.held(pending))
+            seconds = max(self.held([name]) + free * WEIGHTS.get(name, 1.0) / sum(weights), 1e-9)
+        return Budget(seconds, clock=self.clock, name=name, _parent=self, _others=[n for n in pending if n != name])
 
     def report(self) -> dict:
         """JSON-safe account: budget, elapsed, unit costs and every cut."""
@@ -160,6 +284,8 @@ class Budget:
             "elapsed": self.elapsed(),
             "clock": "planned" if self.clock == "planned" else "wall",
             "unit_costs": dict(self.costs),
+            "reserved": {key: self.price(units) for key, units in self.reserved.items()},
+            "pace": self._pace[0],
             "cuts": [{"analyzer": c.analyzer, "what": c.what, "why": c.why} for c in self.cuts],
         }
 

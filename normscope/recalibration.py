@@ -7,7 +7,8 @@ are stale, eval mode sees different statistics than training. :func:`recalibrate
 whose ``running_mean`` and ``running_var`` are the moments of each layer's input over the whole
 data, computed level by level in eval mode: a layer's input depends on the statistics of the
 layers before it, so each pass fixes the layers whose inputs depend only on layers already fixed
-(one pass per level of normalization in series). The variance is stored the way BatchNorm stores
+(one pass per level of normalization in series, from the site graph of
+:mod:`normscope.capture.graph`). The variance is stored the way BatchNorm stores
 it, unbiased: ``sum (x - mean)^2 / (n - 1)`` over the ``n`` values per channel.
 
 fvcore's ``update_bn_stats`` (precise BN) does this in place by averaging train-mode batch
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from normscope import batch as B
+from normscope.capture.graph import SiteGraph, covering
 from normscope.distributed import all_reduce, all_reduce_float
 
 Batch = tuple[Tensor, Tensor]
@@ -59,64 +61,91 @@ def _on_model(batch: Batch, model: nn.Module) -> Batch:
     return batch if reference is None else B.to_device(batch, reference.device, reference.dtype)
 
 
-def _first_two(inputs: B.Part) -> B.Part:
-    return B.take((inputs, None), slice(0, 2))[0]
+class Moments:
+    """Per-channel count, mean and sum of squared deviations ``M2`` of a stream of chunks, exact and
+    mergeable (Chan, Golub & LeVeque, "Algorithms for computing the sample variance", 1983): a chunk
+    of ``n_b`` values with mean ``mu_b`` and ``M2_b = sum (x - mu_b)^2`` (two passes over the chunk,
+    in float64) joins the running ``(n_a, mu_a, M2_a)`` as::
+
+        n = n_a + n_b,  delta = mu_b - mu_a,  mu = mu_a + delta n_b / n,
+        M2 = M2_a + M2_b + delta^2 n_a n_b / n
+
+    and the ranks of :func:`normscope.distributed.session` merge theirs the same way
+    (:meth:`all_ranks`). No sum of squares is ever formed, so an input far from zero (an offset of
+    1e6 on unit-variance data) loses no digits of its variance, unlike ``E x^2 - (E x)^2``. The one
+    implementation of population moments: :func:`population_moments` and
+    :func:`normscope.analyzers.population_gradient.streamed_population_gradient` use it.
+    """
+
+    def __init__(self) -> None:
+        self.count, self.mean, self.m2 = 0, None, None
+
+    def add(self, x: Tensor) -> None:
+        """Add the values of ``x`` (``(N, C, ...)``: channel dim 1; ``(N,)``: one channel)."""
+        x = x.detach().double()
+        flat = x.transpose(0, 1).reshape(x.shape[1], -1) if x.dim() > 1 else x[None]
+        n, mean = flat.shape[1], flat.mean(dim=1)
+        self.merge(n, mean, (flat - mean[:, None]).pow(2).sum(dim=1))
+
+    def merge(self, n: int, mean: Tensor, m2: Tensor) -> None:
+        """Join the moments ``(n, mean, M2)`` of other values (Chan's combination)."""
+        if n == 0:
+            return
+        if self.mean is None:
+            self.count, self.mean, self.m2 = n, mean, m2
+            return
+        total = self.count + n
+        delta = mean - self.mean
+        self.mean = self.mean + delta * (n / total)
+        self.m2 = self.m2 + m2 + delta.pow(2) * (self.count * n / total)
+        self.count = total
+
+    def all_ranks(self) -> tuple[Tensor, Tensor, int]:
+        """``(mean, M2, count)`` over every rank's values: ``n = sum_r n_r``, ``mu = sum_r n_r mu_r / n``,
+        ``M2 = sum_r (M2_r + n_r (mu_r - mu)^2)`` (this rank's own in one process)."""
+        count = int(all_reduce_float(self.count))
+        mean = all_reduce(self.mean * self.count) / count
+        m2 = all_reduce(self.m2 + (self.mean - mean).pow(2) * self.count)
+        return mean, m2, count
+
+    def variance(self, unbiased: bool = False) -> tuple[Tensor, Tensor, int]:
+        """``(mean, variance, count)`` over every rank (:meth:`all_ranks`): ``M2 / n``, or
+        ``M2 / (n - 1)`` when ``unbiased``."""
+        mean, m2, count = self.all_ranks()
+        return mean, m2 / (max(count - 1, 1) if unbiased else count), count
 
 
-def _call_order(model: nn.Module, layers: dict[str, nn.Module], inputs: B.Part) -> list[str]:
-    order: list[str] = []
-    handles = [m.register_forward_pre_hook(lambda mod, args, name=name: order.append(name)) for name, m in layers.items()]
-    try:
-        with torch.no_grad():
-            B.forward(model, _first_two(inputs))
-    finally:
-        for handle in handles:
-            handle.remove()
-    return list(dict.fromkeys(order))
-
-
-def _levels(model: nn.Module, layers: dict[str, nn.Module], inputs: B.Part) -> list[list[str]]:
-    """Groups of layers to fix in one pass, in forward order: the levels of
-    :func:`normscope.analyzers.population_gradient.site_levels` where every layer is a BatchNorm-style
-    site, else one layer per pass in call order."""
-    from normscope.analyzers.population_gradient import site_levels
+def _levels(model: nn.Module, layers: dict[str, nn.Module], graph: SiteGraph) -> list[list[str]]:
+    """Groups of layers to fix in one pass, in forward order: their levels in series in the site
+    graph (:meth:`normscope.capture.graph.SiteGraph.in_levels`) when every layer is a
+    BatchNorm-style site the graph saw, else one layer per pass in call order (layers the graph
+    did not see last, in definition order)."""
     from normscope.ops.norm_sites import norm_sites
 
-    order = _call_order(model, layers, inputs)
-    if set(order) <= set(norm_sites(model)):
-        try:
-            with torch.no_grad():
-                _, level = site_levels(model, _first_two(inputs))
-            depth = max(level.get(n, 1) for n in order) if order else 0
-            return [[n for n in order if level.get(n, 1) == k] for k in range(1, depth + 1)]
-        except Exception:  # noqa: BLE001 - fall back to one layer per pass
-            pass
-    return [[name] for name in order]
+    seen = [name for name in graph.order if name in layers]
+    if set(layers) <= set(seen) and set(layers) <= set(norm_sites(model)) and graph.wired:
+        return graph.in_levels(layers)
+    return [[name] for name in [*seen, *(n for n in layers if n not in seen)]]
 
 
-def population_moments(model: nn.Module, data: Batch | Iterable[Batch]) -> dict[str, tuple[Tensor, Tensor]]:
+def population_moments(model: nn.Module, data: Batch | Iterable[Batch],
+                       graph: SiteGraph | None = None) -> dict[str, tuple[Tensor, Tensor]]:
     """Per layer with running statistics: ``(mean, unbiased variance)`` of its input over every
-    example and position, with the earlier layers normalizing by their population moments
-    (eval mode on a copy; ``model`` is not touched). Under :func:`normscope.distributed.session`
-    ``data`` is this rank's shard and the per-level sums ``(n, sum x, sum x^2)`` are all-reduced."""
+    example and position (:class:`Moments`, float64), with the earlier layers normalizing by their
+    population moments (eval mode on a copy; ``model`` is not touched). ``graph``: the model's site
+    graph (:func:`normscope.capture.graph.site_graph` on the first chunk when not given). Under
+    :func:`normscope.distributed.session` ``data`` is this rank's shard and each level's moments are
+    merged over the ranks."""
     work = copy.deepcopy(model).eval()
     layers = running_stat_layers(work)
     chunks = [_on_model(b, work) for b in batches(data)]
     if not layers or not chunks:
         return {}
+    graph = covering(graph, work, chunks[0][0], layers)
     moments: dict[str, tuple[Tensor, Tensor]] = {}
-    for level in _levels(work, layers, chunks[0][0]):
-        sums = {name: [0, 0.0, 0.0] for name in level}
-
-        def accumulate(module: nn.Module, args: tuple, name: str) -> None:
-            x = args[0].detach().double()
-            flat = x.transpose(0, 1).reshape(x.shape[1], -1) if x.dim() > 1 else x[None]
-            entry = sums[name]
-            entry[0] += flat.shape[1]
-            entry[1] = entry[1] + flat.sum(dim=1)
-            entry[2] = entry[2] + flat.pow(2).sum(dim=1)
-
-        handles = [layers[name].register_forward_pre_hook(lambda m, args, name=name: accumulate(m, args, name)) for name in level]
+    for level in _levels(work, layers, graph):
+        stats = {name: Moments() for name in level}
+        handles = [layers[name].register_forward_pre_hook(lambda m, args, name=name: stats[name].add(args[0])) for name in level]
         try:
             with torch.no_grad():
                 for inputs, _ in chunks:
@@ -124,10 +153,8 @@ def population_moments(model: nn.Module, data: Batch | Iterable[Batch]) -> dict[
         finally:
             for handle in handles:
                 handle.remove()
-        for name, (count, total, squares) in sums.items():
-            count, total, squares = int(all_reduce_float(count)), all_reduce(total), all_reduce(squares)
-            mean = total / count
-            var = (squares - count * mean.pow(2)).clamp(min=0) / max(count - 1, 1)
+        for name, stat in stats.items():
+            mean, var, _ = stat.variance(unbiased=True)
             module = layers[name]
             module.running_mean.copy_(mean.to(module.running_mean.dtype))
             module.running_var.copy_(var.to(module.running_var.dtype))
@@ -135,10 +162,10 @@ def population_moments(model: nn.Module, data: Batch | Iterable[Batch]) -> dict[
     return moments
 
 
-def recalibrate(model: nn.Module, data: Batch | Iterable[Batch]) -> nn.Module:
+def recalibrate(model: nn.Module, data: Batch | Iterable[Batch], graph: SiteGraph | None = None) -> nn.Module:
     """A copy of ``model`` (in ``model``'s train/eval mode) whose running statistics are the
     population moments of :func:`population_moments`; ``model`` itself is not touched."""
-    moments = population_moments(model, data)
+    moments = population_moments(model, data, graph)
     fixed = copy.deepcopy(model)
     for name, module in running_stat_layers(fixed).items():
         if name in moments:
@@ -173,10 +200,11 @@ def evaluate(model: nn.Module, data: Batch | Iterable[Batch], loss_fn: LossFn = 
             "accuracy": correct / count if classified and count else math.nan, "examples": count}
 
 
-def recalibration_table(model: nn.Module, data: Batch | Iterable[Batch], loss_fn: LossFn = F.cross_entropy) -> pd.DataFrame:
+def recalibration_table(model: nn.Module, data: Batch | Iterable[Batch], loss_fn: LossFn = F.cross_entropy,
+                        graph: SiteGraph | None = None) -> pd.DataFrame:
     """The ``stats_recalibration`` table: eval loss and accuracy with the model's running
     statistics and with population statistics (:func:`recalibrate`) on the same data."""
-    fixed = recalibrate(model, data)
+    fixed = recalibrate(model, data, graph)
     rows = [{"statistics": "running", **evaluate(model, data, loss_fn)},
             {"statistics": "population", **evaluate(fixed, data, loss_fn)}]
     return pd.DataFrame(rows, columns=["statistics", "loss", "accuracy", "examples"])

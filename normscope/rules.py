@@ -29,7 +29,6 @@ import math
 
 import numpy as np
 import pandas as pd
-import torch
 from scipy import stats as scipy_stats
 from torch import nn
 
@@ -259,25 +258,15 @@ def log_log_fit(batch_sizes: np.ndarray, rel_bias: np.ndarray, keep: np.ndarray,
             "slope_hi": float(fit.slope + half), "n_points": n}
 
 
-def single_value_sites(model: nn.Module, inputs) -> list[str]:
+def single_value_sites(model: nn.Module, inputs, graph=None) -> list[str]:
     """The normalization sites that get one value per channel per example (2-D input, as after a
-    fully connected layer), found by one eval-mode forward of two examples (``inputs`` in any form
-    of :mod:`normscope.batch`); the model is left as it was."""
-    from normscope.batch import forward, take
-    from normscope.guard import preserved
+    fully connected layer), from the site graph (:mod:`normscope.capture.graph`: ``graph``, or one
+    captured forward of two examples of ``inputs``, any form of :mod:`normscope.batch`)."""
+    from normscope.capture.graph import covering
     from normscope.ops.norm_sites import norm_sites
 
-    found: list[str] = []
-    handles = [module.register_forward_pre_hook(lambda m, args, name=name: found.append(name) if args[0].dim() == 2 else None)
-               for name, module in norm_sites(model).items()]
-    try:
-        with preserved(model), torch.no_grad():
-            model.eval()
-            forward(model, take((inputs, None), slice(0, 2))[0])
-    finally:
-        for handle in handles:
-            handle.remove()
-    return list(dict.fromkeys(found))
+    sites = norm_sites(model)
+    return covering(graph, model, inputs, sites).single_value(sites)
 
 
 def bias_findings(table: pd.DataFrame, slopes: pd.DataFrame, labels: dict[str, str], jacobian: pd.DataFrame | None = None,

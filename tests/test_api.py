@@ -159,7 +159,7 @@ def test_data_that_does_not_fit_gives_a_clear_error():
 def test_no_sites_unknown_and_missing_analyzers(monkeypatch):
     with pytest.raises(NoNormSitesError, match="Sequential has no normalization layer"):
         normscope.analyze(no_norm_net(), analyzers="stats")
-    with pytest.raises(UnknownNameError, match="valid names: bias, descent, gls, stats"):
+    with pytest.raises(UnknownNameError, match="valid names: bias, dead, descent, gls, stats"):
         normscope.analyze(small_bn_net(), analyzers="stats,typo")
     monkeypatch.setitem(ANALYZERS, "ghost", "normscope.analyzers.ghost_not_written_yet:analyze")
     partial = normscope.analyze(small_bn_net(), analyzers=["ghost", "stats"], batches=1)

@@ -109,7 +109,7 @@ def test_sites_lists_modules_functional_calls_and_unrecognized(tmp_path):
 def test_unknown_analyzer_and_device_are_named_with_the_valid_choices(tmp_path):
     result = runner.invoke(app, ["analyze", "--analyzers", "stats,nope", "--out", str(tmp_path / "o")])
     assert result.exit_code == 1
-    assert result.stderr == "normscope: error: unknown analyzer 'nope'; valid names: bias, descent, gls, stats\n"
+    assert result.stderr == "normscope: error: unknown analyzer 'nope'; valid names: bias, dead, descent, gls, stats\n"
     result = runner.invoke(app, ["analyze", "--device", "tpu9", "--out", str(tmp_path / "o")])
     assert result.exit_code == 1 and "unknown device 'tpu9'" in result.stderr and "cpu" in result.stderr
     assert list(tmp_path.iterdir()) == []

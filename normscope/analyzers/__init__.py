@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 import pandas as pd
 import torch
@@ -21,6 +21,10 @@ from normscope.batch import device as batch_device
 from normscope.budget import Budget
 from normscope.errors import UnknownNameError
 
+if TYPE_CHECKING:
+    from normscope.capture.record import SiteRecord
+    from normscope.plan import Driver
+
 T = TypeVar("T")
 
 ANALYZERS: dict[str, str] = {
@@ -28,6 +32,7 @@ ANALYZERS: dict[str, str] = {
     "gls": "normscope.analyzers.gls:analyze",
     "bias": "normscope.analyzers.bias:analyze",
     "descent": "normscope.analyzers.descent:analyze",
+    "dead": "normscope.analyzers.dead:analyze",
 }
 
 
@@ -57,6 +62,8 @@ class AnalysisContext:
         budget: the time this analyzer may spend (:class:`normscope.budget.Budget`, unlimited by
             default); analyzers plan from its unit costs and record what they cut.
         sites: fnmatch pattern(s) on site and module names restricting the work; None is all.
+        driver: the :class:`normscope.plan.Driver` that runs each captured pass once and serves
+            its records (:meth:`records`); made on first use when not given.
     """
 
     model: nn.Module
@@ -71,6 +78,20 @@ class AnalysisContext:
     options: dict = field(default_factory=dict)
     budget: Budget = field(default_factory=lambda: Budget(None))
     sites: str | list[str] | None = None
+    driver: Any = None
+
+    def passes(self) -> "Driver":
+        """The driver of this context's captured passes (:mod:`normscope.plan`)."""
+        if self.driver is None:
+            from normscope.plan import Driver
+
+            self.driver = Driver(self.model, self.batches, self.loss_fn, self.sites, self.budget.measure_clock)
+        return self.driver
+
+    def records(self, mode: str, batches: Sequence[int], backward: bool = False) -> "list[SiteRecord]":
+        """The records of the captured passes in ``mode`` over ``batches`` (run once, shared by
+        every analyzer: :meth:`normscope.plan.Driver.records`)."""
+        return self.passes().records(mode, batches, backward)
 
     @property
     def device(self) -> torch.device:

@@ -41,6 +41,7 @@ from normscope.analyzers.population_gradient import (
     streamed_population_gradient,
 )
 from normscope.budget import Budget, agreed, chunk_for_memory, memory_budget, step_memory
+from normscope.capture.graph import covering
 from normscope.distributed import current, shard
 from normscope.errors import InvalidArgumentError, UnknownNameError
 from normscope.findings import Finding, plural
@@ -363,12 +364,13 @@ def estimator_bias(
     rows = []
     jobs = [(e, b) for b in sizes for e in estimators]
     longest = 0.0
+    clock = time.perf_counter if budget is None else budget.measure_clock
     for done, (estimator, b) in enumerate(track(jobs, description="estimator bias", total=len(jobs))):
         if budget is not None and longest > budget.remaining():
             budget.cut(f"{len(jobs) - done} of {len(jobs)} (estimator, batch size) cells from batch size {b} on",
                        f"each took up to {longest:.3g} s, {budget.remaining():.3g} s were left")
             break
-        started = time.perf_counter()
+        started = clock()
         samples = est.samples(estimator, inputs, targets, draws[b])
         reference = control_target if estimator == "control" else star
         total_norm = float(reference.double().norm())
@@ -377,7 +379,7 @@ def estimator_bias(
             rows.append(
                 {"estimator": estimator, "batch_size": b, "group": group, **figures.__dict__, "settings": est.settings[estimator]}
             )
-        longest = max(longest, agreed(time.perf_counter() - started))
+        longest = max(longest, agreed(clock() - started))
     return pd.DataFrame(rows), g_star
 
 
@@ -501,12 +503,13 @@ def analyze(ctx: AnalysisContext) -> AnalyzerOutput:
     if "chunk_size" not in opts:
         memory = int(opts["memory"]) if "memory" in opts else memory_budget(step_memory(ctx.model, ctx.batches[0], ctx.loss_fn))
         opts["chunk_size"] = chunk_for_memory(sum(p.numel() for p in work.parameters()), next(work.parameters()).element_size(), memory)
+    graph = ctx.driver.graph if ctx.driver is not None else None
     world = current()
     if n > FULL_BATCH_MAX or world.active:
         step = int(opts.get("chunk_size", 64)) * 8
         mine = shard((inputs, targets))
         chunks = [batches.take(mine, slice(start, start + step)) for start in range(0, batches.size(mine[0]), step)]
-        target = streamed_population_gradient(work, chunks, ctx.loss_fn)
+        target = streamed_population_gradient(work, chunks, ctx.loss_fn, covering(graph, work, inputs, norm_sites(work)))
     table, g_star = estimator_bias(
         work,
         inputs,
@@ -538,6 +541,6 @@ def analyze(ctx: AnalysisContext) -> AnalyzerOutput:
         headline["bias_batchnorm_slope"] = float(slope.iloc[0])
     return AnalyzerOutput(
         tables={"bias_estimators": table, "bias_slopes": slope_table, "bias_jacobian": jacobian},
-        findings=_findings(table, slope_table, jacobian, g_star, n, single_value_sites(work, inputs), ctx.quick),
+        findings=_findings(table, slope_table, jacobian, g_star, n, single_value_sites(work, inputs, graph), ctx.quick),
         headline=headline,
     )

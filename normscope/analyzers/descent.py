@@ -31,9 +31,10 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from normscope.analyzers import AnalysisContext, AnalyzerOutput
 from normscope.analyzers.hvp import MODES, BatchLoss, HessianOperator, graph_chunk
-from normscope.analyzers.reparam import no_grad_forward, reparam_check
+from normscope.analyzers.reparam import reparam_check
 from normscope.analyzers.spectrum import hutchpp_split, krylov_trace, lanczos
-from normscope.budget import Budget, seconds_of
+from normscope.budget import Budget
+from normscope.capture.graph import SiteGraph, covering
 from normscope.distributed import current, share_out
 from normscope.findings import Finding
 from normscope.rules import descent_findings, descent_verdicts
@@ -196,30 +197,13 @@ def step_grid(lr: float, a_crit: float, n: int) -> np.ndarray:
     return np.geomspace(low / 100, 4 * high, n)
 
 
-def feeding_layers(model: nn.Module, inputs: Tensor) -> dict[str, str]:
+def feeding_layers(model: nn.Module, inputs: Tensor, graph: SiteGraph | None = None) -> dict[str, str]:
     """``{linear_or_conv_name: batchnorm_name}`` for every Linear/Conv whose output tensor is the
-    very input of a BatchNorm (the scale-invariant weights of MATH.md §5), found by hooks in one
-    forward of ``model`` (a private copy), so it follows the real data flow, not definition order."""
-    produced: dict[int, tuple[str, Tensor]] = {}
-    pairs: dict[str, str] = {}
-    names = {m: n for n, m in model.named_modules()}
-
-    def on_output(module: nn.Module, args: tuple, output: Tensor) -> None:
-        produced[id(output)] = (names[module], output)
-
-    def on_input(module: nn.Module, args: tuple) -> None:
-        source = produced.get(id(args[0])) if args else None
-        if source is not None and source[1] is args[0]:
-            pairs[source[0]] = names[module]
-
-    handles = []
-    for m in model.modules():
-        if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)):
-            handles.append(m.register_forward_hook(on_output))
-        elif isinstance(m, _BatchNorm):
-            handles.append(m.register_forward_pre_hook(on_input))
-    no_grad_forward(model, inputs, handles)
-    return pairs
+    very input of a BatchNorm (the scale-invariant weights of MATH.md §5), from the site graph
+    (:mod:`normscope.capture.graph`: ``graph``, or one captured forward of ``inputs``), so it
+    follows the real data flow, not definition order."""
+    norms = [name for name, m in model.named_modules() if isinstance(m, _BatchNorm)]
+    return covering(graph, model, inputs, norms).feeding_layers(model)
 
 
 def scale_invariance(loss: BatchLoss, layer: str, lr: float, scales: Iterable[float] = SCALES, backend: str = "auto") -> list[dict]:
@@ -307,6 +291,7 @@ def descent_tables(
     track=None,
     budget: Budget | None = None,
     sites: str | Sequence[str] | None = None,
+    graph: SiteGraph | None = None,
 ) -> tuple[dict[str, pd.DataFrame], dict[str, dict]]:
     """Every ``descent_*`` table for ``model`` on one batch, and per mode the HVP backend and chunk.
 
@@ -318,13 +303,15 @@ def descent_tables(
     tolerance ``tol``, the top ``layer_k`` of each layer's block (quick: only the ``layer_spectra``
     layers with the largest block trace), a Krylov Hutch++ trace (:func:`krylov_trace`) from ``trace_products`` products shared
     by all blocks, ``steps`` grid steps. ``sites`` (fnmatch patterns on module paths) restricts the
-    per-layer work.
+    per-layer work. ``graph``: the model's site graph (:mod:`normscope.capture.graph`; the
+    scale-invariance checks read the layers feeding each BatchNorm from it; one captured forward
+    when not given).
 
     ``budget`` (:class:`~normscope.budget.Budget`, unlimited by default) is split evenly between
     the modes; within a mode the stages run in this order, each only if its products fit in what
     is left at the measured HVP cost (gradients and forwards are priced at the measured gradient
-    and forward costs): the total's direction rows, the quadratic model, the top eigenvalues of
-    ``H``, the trace, the layers' direction rows (as many layers as fit), the layers' spectra,
+    and forward costs): the total's direction rows and the top eigenvalues of ``H`` (the headline: a_crit and λ_max), the
+    quadratic model, the trace, the layers' direction rows (as many layers as fit), the layers' spectra,
     the scale-invariance and reparameterization checks. What does not fit is recorded in
     ``budget.cuts``; the tables hold what finished. The HVP backend is chosen at the first product
     (the total's direction row; trying ``func`` only within :data:`TRIAL_SHARE` of the mode's
@@ -366,12 +353,13 @@ def descent_tables(
         loss = BatchLoss(model, inputs, targets, loss_fn, mode, dtype)
         total = HessianOperator(loss, backend=backend, chunks=_chunks(loss), trial_seconds=TRIAL_SHARE * plan.remaining(),
                                 split=current())
-        budget.cost("forward", lambda: seconds_of(torch.no_grad()(loss.__call__)))
-        budget.cost("gradient", lambda: seconds_of(total.gradient))
+        budget.cost("forward", lambda: budget.time(torch.no_grad()(loss.__call__)))
+        budget.cost("gradient", lambda: budget.time(total.gradient))
         try:
-            _mode_tables(tables, plan, loss, total, model, optimizer, lr, settings, seed, sites)
+            _mode_tables(tables, plan, loss, total, model, optimizer, lr, settings, seed, sites, graph)
         finally:
             total.release()
+        budget.release(f"descent ({mode} mode)")
         meta[mode] = {"backend": total.backend, "chunk": total.chunk, "ranks": 1 if total.world is None else total.world.size}
         del loss, total
     return {name: _frame(name, rows) for name, rows in tables.items()}, meta
@@ -390,7 +378,7 @@ def _chunks(loss: BatchLoss) -> list[tuple[float, BatchLoss]] | None:
 
 
 def _mode_tables(tables: dict[str, list[dict]], plan: Budget, loss: BatchLoss, total: HessianOperator, model: nn.Module,
-                 optimizer, lr: float, settings: dict, seed: int, sites) -> None:
+                 optimizer, lr: float, settings: dict, seed: int, sites, graph: SiteGraph | None = None) -> None:
     """The stages of :func:`descent_tables` for one mode, within ``plan``, appended to ``tables``."""
     mode = loss.mode
     layers = selected_layers(loss.layers(), sites)
@@ -400,21 +388,19 @@ def _mode_tables(tables: dict[str, list[dict]], plan: Budget, loss: BatchLoss, t
     first = {"hvp": len(directions)} if "hvp" in plan.costs else {"gradient": FIRST_PRODUCT_GRADIENTS * len(directions)}
     if not plan.allows("every table of this mode", {**first, "gradient": len(directions) + first.get("gradient", 0)}):
         return
+    started = plan.measure_clock()
     chosen = [(name, *make()) for name, make in directions]
     for name, d, step_lr in chosen:
         tables["descent_directions"] += descent_rows(total, d, step_lr, name, {"total": None})
-    plan.cost("hvp", lambda: total.timings.get(total.backend, total.seconds))
+    took = plan.measure_clock() - started
+    products = len(chosen) + total.selection_products
+    # the product's cost on the budget's clock, from above: the whole stage (its gradients too) per product
+    if "hvp" not in plan.injected:
+        plan.costs["hvp"] = took / products
     plan.spend("gradient", len(chosen))
     plan.spend("hvp", len(chosen) + total.selection_products)
     _, d, step_lr = chosen[-1]
     row = next(r for r in reversed(tables["descent_directions"]) if r["group"] == "total" and r["mode"] == mode)
-    if plan.allows("the quadratic model", {"forward": settings["steps"] + 1}):
-        coarse = quadratic_model(total, d, step_grid(step_lr, row["a_crit"], settings["steps"]), row["slope"], row["curvature"])
-        plan.spend("forward", settings["steps"] + 1)
-        if plan.allows("a fine grid near the parting step", {"forward": REFINE_STEPS + 1}):
-            coarse = refine_near_parting(total, d, coarse, row["slope"], row["curvature"])
-            plan.spend("forward", REFINE_STEPS + 1)
-        tables["descent_quadratic"] += coarse.to_dict("records")
     cap = settings["lanczos_products"]
     products = plan.affordable("hvp", cap)
     if products >= 2:
@@ -425,6 +411,13 @@ def _mode_tables(tables: dict[str, list[dict]], plan: Budget, loss: BatchLoss, t
                      f"before tolerance {settings['tol']:g}; the residuals in descent_spectrum give the accuracy reached")
     else:
         plan.cut("the top eigenvalues", "no time left for 2 Hessian-vector products")
+    if plan.allows("the quadratic model", {"forward": settings["steps"] + 1}):
+        coarse = quadratic_model(total, d, step_grid(step_lr, row["a_crit"], settings["steps"]), row["slope"], row["curvature"])
+        plan.spend("forward", settings["steps"] + 1)
+        if plan.allows("a fine grid near the parting step", {"forward": REFINE_STEPS + 1}):
+            coarse = refine_near_parting(total, d, coarse, row["slope"], row["curvature"])
+            plan.spend("forward", REFINE_STEPS + 1)
+        tables["descent_quadratic"] += coarse.to_dict("records")
     products = plan.affordable("hvp", settings["trace_products"])
     traces: dict[str, tuple[float, float]] = {}
     if products >= 2:
@@ -473,7 +466,7 @@ def _mode_tables(tables: dict[str, list[dict]], plan: Budget, loss: BatchLoss, t
         tables["descent_spectrum"] += spectrum_rows(op, mode, group, settings["layer_k"], settings["tol"], seed + i, products)
         plan.spend("hvp", op.products)
     if mode == "train":
-        for layer, norm in feeding_layers(loss.model, loss.inputs).items():
+        for layer, norm in feeding_layers(loss.model, loss.inputs, graph).items():
             if sites is not None and not (selected_layers({layer: [], norm: []}, sites)):
                 continue
             if not plan.allows(f"scale invariance of {layer}", {"gradient": len(SCALES), "hvp": len(SCALES), "forward": len(SCALES)}):
@@ -562,7 +555,7 @@ def analyze(ctx: AnalysisContext) -> AnalyzerOutput:
     tables, meta = descent_tables(
         ctx.model, inputs, targets, ctx.loss_fn, lr, ctx.options.get("descent_optimizer"), quick=ctx.quick,
         seed=ctx.seed, backend=ctx.options.get("descent_backend", "auto"), track=ctx.track, budget=ctx.budget,
-        sites=ctx.sites)
+        sites=ctx.sites, graph=None if ctx.driver is None else ctx.driver.graph)
     directions, spectrum = tables["descent_directions"], tables["descent_spectrum"]
     train = meta.get("train", {"backend": "", "chunk": None})
     chunked = f" ({train['chunk']}-example chunks)" if train["chunk"] else ""

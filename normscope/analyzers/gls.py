@@ -37,6 +37,7 @@ from normscope.capture import Capture, capture
 from normscope.capture.record import SiteRecord
 from normscope.errors import AnalyzerError, DataShapeError, UnknownNameError
 from normscope.guard import preserved
+from normscope.plan import Pass
 from normscope.ops.ls_bn import regularized_moments
 from normscope.registry import from_rows, partition_moments, to_rows
 
@@ -603,6 +604,8 @@ def batch_size_sweep(
     momentum: float = 0.5,
     weight: float = 2.0,
     track: Callable = no_progress,
+    first_step: tuple[int, Sequence[SiteRecord]] | None = None,
+    budget=None,
 ) -> dict[str, pd.DataFrame]:
     """The site table as a function of batch size, and "Normalization Gradients are Least-Squares Residuals" (ICLR 2019 submission) Appendix C's regularization.
 
@@ -621,6 +624,12 @@ def batch_size_sweep(
     (per-item gradients of a mean-reduced loss, rescaled to a common scale); ``dist_*_residual``
     the same for ``B (g - alpha - beta z)``, the regression residual before the division by s.
     The model is restored afterwards (bit-identical).
+
+    ``first_step``: ``(size, records)`` of a training step already captured on the first ``size``
+    items (the driver's step on batch 0, :mod:`normscope.plan`), used instead of running it again.
+    ``budget`` (:class:`~normscope.budget.Budget`): before each batch size (largest first, the
+    reference always runs) the sweep prices that size's steps at the step seconds measured on the
+    size before it and stops, recording the cut, when they do not fit in what is left.
     """
     total = batches.check_sliceable((inputs, targets))
     sizes = sorted(set(batch_sizes or _powers_of_two(total)))
@@ -633,14 +642,30 @@ def batch_size_sweep(
         raise DataShapeError(f"momentum must be in [0, 1) and weight >= 0 (got momentum={momentum}, weight={weight})")
     runs = sorted({*sizes, total})  # the one batch of all L items is the reference, asked for or not
     sweep_rows, dx_plain, dx_reg = [], {}, {}
+    clock = time.perf_counter if budget is None else budget.measure_clock
+    step_seconds = 0.0
     with preserved(model):
         model.train()
         for size in track(runs[::-1], "gls batch-size sweep", len(runs)):
+            if budget is not None and size != total and budget.limited:
+                needed = agreed(step_seconds) * (total // size)
+                if needed > budget.remaining():
+                    left = [b for b in runs if b <= size]
+                    budget.cut(f"the batch-size sweep at batch sizes {', '.join(map(str, left))}",
+                               f"{total // size} steps of up to {step_seconds:.2g} s each at batch size {size} "
+                               f"did not fit in the {budget.remaining():.3g} s left")
+                    sizes = [b for b in sizes if b > size]
+                    break
             fits_b: list[RecordFit] = []
             running: dict[tuple[str, int], tuple[Tensor, Tensor]] = {}
             for start in range(0, total, size):
-                cap = _step(model, *batches.take((inputs, targets), slice(start, start + size)), loss_fn, sites, kinds)
-                for fit in fit_records(cap):
+                began = clock()
+                if start == 0 and first_step is not None and first_step[0] == size:
+                    records = first_step[1]
+                else:
+                    records = _step(model, *batches.take((inputs, targets), slice(start, start + size)), loss_fn, sites, kinds).records
+                step_seconds = clock() - began
+                for fit in fit_records(records):
                     key = (fit.record.site.name, fit.record.index)
                     if fit.record.layout.rule == "channel" and fit.record.layout.batch_stats:
                         alpha, beta = fit.figures["alpha"][:, None], fit.figures["beta"][:, None]
@@ -656,6 +681,8 @@ def batch_size_sweep(
                 table = sites_table(fits_b)
                 table["batch_size"] = size
                 sweep_rows.append(table)
+    if not sweep_rows:
+        return {"gls_batch_sweep": _empty("gls_batch_sweep"), "gls_regularization": _empty("gls_regularization")}
     sweep = pd.concat(sweep_rows, ignore_index=True)
     sweep = sweep.sort_values(["depth", "batch_size"], ignore_index=True)[COLUMNS["gls_batch_sweep"]]
     reg_rows = []
@@ -672,6 +699,12 @@ def batch_size_sweep(
     regularization = (pd.DataFrame(reg_rows, columns=COLUMNS["gls_regularization"])
                       .sort_values(["site", "batch_size"], ignore_index=True) if reg_rows else _empty("gls_regularization"))
     return {"gls_batch_sweep": sweep, "gls_regularization": regularization}
+
+
+def sweep_runs(total: int) -> list[int]:
+    """The batch sizes :func:`batch_size_sweep` runs by default on ``total`` items: the powers of 2
+    that divide it and ``total`` itself (the reference); ``sum(total // b)`` steps in all (63 for 64)."""
+    return sorted({*_powers_of_two(total), total})
 
 
 def _powers_of_two(total: int) -> list[int]:
@@ -713,26 +746,34 @@ def headline(tables: dict[str, pd.DataFrame]) -> dict[str, float | int | str]:
     return figures
 
 
+def passes(ctx: AnalysisContext) -> list[Pass]:
+    """One training-mode forward and backward on the first batch (:mod:`normscope.plan`)."""
+    return [Pass("train", 0, backward=True)]
+
+
 def analyze(ctx: AnalysisContext) -> AnalyzerOutput:
-    """The gradient-least-squares analyzer ("Normalization Gradients are Least-Squares Residuals" (ICLR 2019 submission)): one captured training step on the first
-    batch (:func:`gls_step`), then :func:`batch_size_sweep` over up to 64 items (``quick``) or
+    """The gradient-least-squares analyzer ("Normalization Gradients are Least-Squares Residuals" (ICLR 2019 submission)): the tables of one captured training step on the first
+    batch (:func:`passes`, as :func:`gls_step`), then :func:`batch_size_sweep` over up to 64 items (``quick``) or
     512 items of the data. Options (``ctx.options``): ``gls_momentum`` (0.5), ``gls_weight`` (2.0),
     ``gls_sweep`` (True)."""
-    inputs, targets = ctx.batches[0]
-    started = time.perf_counter()
-    tables = gls_step(ctx.model, (inputs, targets), ctx.loss_fn, sites=ctx.sites)
-    step_seconds = agreed(time.perf_counter() - started)
+    tables = gls_tables(ctx.records("train", [0], backward=True))
+    step_seconds = agreed(ctx.passes().seconds("train", 0))
     data = _sweep_data(ctx, 64 if ctx.quick else 512)
     if data is not None and ctx.options.get("gls_sweep", True):
-        steps = sum(len(data[0]) // b for b in range(4, len(data[0]) + 1) if len(data[0]) % b == 0)
-        if steps * step_seconds > ctx.budget.remaining():
-            ctx.budget.cut("the batch-size sweep", f"about {steps} captured steps of up to {step_seconds:.2g} s each "
-                           f"did not fit in the {ctx.budget.remaining():.3g} s left")
+        total, first = batches.size(data[0]), batches.size(ctx.batches[0][0])
+        runs = sweep_runs(total)
+        steps = sum(total // b for b in runs)
+        needed = len(runs) * step_seconds * total / first  # each size's steps hold the total items once
+        if needed > ctx.budget.remaining():
+            ctx.budget.cut("the batch-size sweep", f"{steps} captured steps over {len(runs)} batch sizes, about {needed:.2g} s "
+                           f"at the first batch's step time, did not fit in the {ctx.budget.remaining():.3g} s left")
             data = None
     if ctx.options.get("gls_sweep", True) and data is not None:
+        first_step = (batches.size(ctx.batches[0][0]), ctx.records("train", [0], backward=True))
         tables.update(batch_size_sweep(ctx.model, *data, loss_fn=ctx.loss_fn, track=ctx.track,
                                        momentum=ctx.options.get("gls_momentum", 0.5),
-                                       weight=ctx.options.get("gls_weight", 2.0)))
+                                       weight=ctx.options.get("gls_weight", 2.0),
+                                       first_step=first_step, budget=ctx.budget))
     else:
         tables.update(gls_batch_sweep=_empty("gls_batch_sweep"), gls_regularization=_empty("gls_regularization"))
     return AnalyzerOutput(tables, findings(tables), headline(tables))

@@ -19,8 +19,10 @@ from torch import Tensor, nn
 from normscope import batch as batches
 from normscope.distributed import all_reduce, all_reduce_float
 from normscope.guard import preserved
+from normscope.capture.graph import SiteGraph, site_graph
 from normscope.ops.norm_sites import (
     channel_moments,
+    norm_sites,
     forward_until,
     grads_or_zeros,
     override,
@@ -28,6 +30,7 @@ from normscope.ops.norm_sites import (
     site_output,
 )
 from normscope.ops.population import normalize_shared
+from normscope.recalibration import Moments
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -97,67 +100,22 @@ def _to_model(batch: tuple, reference: Tensor) -> tuple:
     return batches.to_device((batch[0], batch[1]), reference.device, reference.dtype)
 
 
-def site_levels(model: nn.Module, inputs: Tensor) -> tuple[list[str], dict[str, int]]:
-    """Sites in call order and their level: 1 + the highest level of the sites whose moments
-    their own moments depend on (found with autograd on one forward of ``inputs``)."""
-    leaves: dict[str, tuple[Tensor, Tensor]] = {}
-    level: dict[str, int] = {}
-    order: list[str] = []
-
-    def probe(name: str, module: nn.Module, x: Tensor) -> Tensor:
-        mean, var = channel_moments(x)
-        earlier = [(n, t) for n in order for t in leaves[n]]
-        deps: Iterable[Tensor | None] = []
-        if earlier and mean.requires_grad:
-            target = mean.sum() + var.sum()
-            deps = torch.autograd.grad(target, [t for _, t in earlier], allow_unused=True, retain_graph=True)
-        level[name] = 1 + max((level[n] for (n, _), g in zip(earlier, deps) if g is not None), default=0)
-        order.append(name)
-        leaves[name] = (mean.detach().requires_grad_(), var.detach().requires_grad_())
-        return _shared(module, x, *leaves[name])
-
-    with torch.enable_grad(), override(model, probe):
-        batches.forward(model, inputs)
-    return order, level
+def site_levels(model: nn.Module, inputs: Tensor, graph: SiteGraph | None = None) -> tuple[list[str], dict[str, int]]:
+    """The BatchNorm-style sites in call order and their level: 1 + the highest level of the sites
+    whose moments their own moments depend on (:meth:`normscope.capture.graph.SiteGraph.levels`;
+    ``graph`` from :func:`normscope.capture.graph.site_graph` on ``inputs`` when not given)."""
+    graph = graph or site_graph(model, inputs, examples=1)
+    sites = norm_sites(model)
+    order = [name for name in graph.order if name in sites]
+    return order, graph.levels(order)
 
 
 def _count_levels(model: nn.Module, inputs: Tensor) -> int:
-    with preserved(model):
-        model.eval()
-        return max(site_levels(model, inputs)[1].values())
-
-
-class _Moments:
-    """Per-channel count, mean and sum of squared deviations, merged chunk by chunk and then over
-    the ranks (Chan et al.)."""
-
-    def __init__(self) -> None:
-        self.count, self.mean, self.m2 = 0, None, None
-
-    def add(self, x: Tensor) -> None:
-        flat = x.detach().transpose(0, 1).reshape(x.shape[1], -1)
-        n, mean = flat.shape[1], flat.mean(dim=1)
-        m2 = (flat - mean[:, None]).pow(2).sum(dim=1)
-        if self.mean is None:
-            self.count, self.mean, self.m2 = n, mean, m2
-            return
-        total = self.count + n
-        delta = mean - self.mean
-        self.mean = self.mean + delta * (n / total)
-        self.m2 = self.m2 + m2 + delta.pow(2) * (self.count * n / total)
-        self.count = total
-
-    def all_ranks(self) -> tuple[Tensor, Tensor, int]:
-        """``(mean, biased variance, count)`` over every rank's chunks: ``n = sum_r n_r``,
-        ``mu = sum_r n_r mu_r / n``, ``M2 = sum_r (M2_r + n_r (mu_r - mu)^2)`` (the rank's own in one process)."""
-        count = int(all_reduce_float(self.count))
-        mean = all_reduce(self.mean * self.count) / count
-        m2 = all_reduce(self.m2 + (self.mean - mean).pow(2) * self.count)
-        return mean, m2 / count, count
+    return max(site_levels(model, inputs)[1].values())
 
 
 def streamed_population_gradient(
-    model: nn.Module, loader: Iterable, loss_fn: LossFn = F.cross_entropy
+    model: nn.Module, loader: Iterable, loss_fn: LossFn = F.cross_entropy, graph: SiteGraph | None = None
 ) -> PopulationGradient:
     """g* from an iterable of ``(inputs, targets)`` chunks (:mod:`normscope.batch` pairs), one chunk of activations in memory.
 
@@ -174,7 +132,8 @@ def streamed_population_gradient(
        earlier levels' adjoints (the mean inside the variance is a constant: its Jacobian,
        ``-2 E(x - mu)``, is zero at the population).
 
-    2L + 1 passes in all (plus a one-example probe to find the levels), each stopped after the
+    2L + 1 passes in all (plus a one-example capture for the levels unless ``graph``, the model's
+    site graph of :mod:`normscope.capture.graph`, is given), each stopped after the
     last site it needs. The loader must give the same examples on every pass (no augmentation);
     order does not matter. ``model`` is left bit-identical.
 
@@ -189,14 +148,14 @@ def streamed_population_gradient(
         tensors = list(params.values())
         reference = tensors[0]
         first = _to_model(next(iter(loader)), reference)
-        order, level = site_levels(model, batches.take(first, slice(0, 1))[0])
+        order, level = site_levels(model, batches.take(first, slice(0, 1))[0], graph)
         levels = max(level.values())
         mean: dict[str, Tensor] = {}
         var: dict[str, Tensor] = {}
         counts: dict[str, int] = {}
         n_examples = 0
         for current in range(1, levels + 1):
-            stats = {name: _Moments() for name in order if level[name] == current}
+            stats = {name: Moments() for name in order if level[name] == current}
             last = [name for name in order if level[name] == current][-1]
 
             def moment_pass(name: str, module: nn.Module, x: Tensor) -> Tensor:
@@ -212,7 +171,8 @@ def streamed_population_gradient(
                     n_examples += batches.size(inputs) if current == 1 else 0
                     forward_until(model, inputs)
             for name, s in stats.items():
-                mean[name], var[name], counts[name] = s.all_ranks()
+                m, v, counts[name] = s.variance()
+                mean[name], var[name] = m.to(reference.dtype), v.to(reference.dtype)
             n_examples = int(all_reduce_float(n_examples)) if current == 1 else n_examples
 
         leaves = {name: (mean[name].clone().requires_grad_(), var[name].clone().requires_grad_()) for name in order}

@@ -30,6 +30,9 @@ class SiteRecord:
     that follows), ``dy`` = dL/dy and ``dx`` = dL/dx through this site only. ``z`` and
     ``g = dL/dz = (gamma + offset) * dL/dy`` are derived on demand. With ``storage="reductions"``
     the tensors are dropped after backward and ``reductions`` holds per-partition sums instead.
+    Under ``capture(..., graph=True)``: ``feeder`` is the leaf module whose output tensor is ``x``
+    itself, ``upstream`` the nearest sites whose outputs ``x`` depends on through autograd
+    (:mod:`normscope.capture.graph`; ``None`` without an autograd graph).
     """
 
     site: Site
@@ -45,6 +48,8 @@ class SiteRecord:
     producer: str | None = None
     consumer: str | None = None
     consumer_type: str | None = None
+    feeder: str | None = None
+    upstream: tuple[str, ...] | None = None
     reductions: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property

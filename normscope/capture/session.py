@@ -86,11 +86,14 @@ class Capture:
         storage: str = "device",
         functional: bool = True,
         preserve: bool = True,
+        graph: bool = False,
     ) -> None:
         if storage not in STORAGES:
             raise UnknownNameError("storage", storage, STORAGES)
         self.model, self.selection, self.kinds = model, sites, kinds
-        self.storage, self.functional, self.preserve = storage, functional, preserve
+        self.storage, self.functional, self.preserve, self.graph = storage, functional, preserve, graph
+        self._leaf_outputs: dict[int, tuple[str, torch.Tensor]] = {}  # graph: leaf module outputs of the block
+        self._site_nodes: dict[Any, str] = {}  # graph: autograd node of each site output -> site name
         self.records: list[SiteRecord] = []
         self.sites: list[Site] = []
         self._handles: list[Any] = []
@@ -175,6 +178,8 @@ class Capture:
             self._mode = None
         self._pending.clear()
         self._producers.clear()
+        self._leaf_outputs.clear()
+        self._site_nodes.clear()
 
     # -- module stack, producers and consumers ---------------------------------------------
     def _push(self, module: nn.Module, args: tuple) -> None:
@@ -186,6 +191,8 @@ class Capture:
         if not self._stack:
             self._call_counts.clear()
             self._producers.clear()
+            self._leaf_outputs.clear()
+            self._site_nodes.clear()
         if is_leaf and self._pending and args and isinstance(args[0], torch.Tensor):
             self._note_consumer(args[0], path, type_name)
         self._stack.append((path, module))
@@ -199,6 +206,8 @@ class Capture:
             self._stack.pop()
         if isinstance(output, torch.Tensor):
             self._producers[id(output)] = entry[0]
+            if self.graph and entry[2]:
+                self._leaf_outputs[id(output)] = (entry[0], output)
 
     def _note_consumer(self, tensor: torch.Tensor, path: str, type_name: str) -> None:
         for y, record in self._pending:
@@ -222,6 +231,10 @@ class Capture:
         layout.bias = None if layout.bias is None else layout.bias.detach().clone()
         record = SiteRecord(site, index, layout, x.shape, x.dtype, torch.is_grad_enabled(),
                             producer=self._producers.get(id(x)))
+        if self.graph:
+            leaf = self._leaf_outputs.get(id(x))
+            record.feeder = leaf[0] if leaf is not None and leaf[1] is x else None
+            record.upstream = None if not torch.is_grad_enabled() else _upstream(x, self._site_nodes) if x.grad_fn is not None else ()
         # autograd refuses in-place changes of an input the norm saved for backward, so a
         # reference is safe there; otherwise keep a copy
         protected = record.grad_enabled and x.requires_grad
@@ -256,6 +269,8 @@ class Capture:
         if self.storage != "reductions":
             record.y = self._keep(y)
         self._pending.append((y, record))
+        if self.graph and y.grad_fn is not None:
+            self._site_nodes[y.grad_fn] = record.site.name
         if not (record.grad_enabled and y.requires_grad):
             return
         node = batch_norm_node(y, record.layout) if self.storage == "reductions" else None
@@ -335,6 +350,25 @@ class Capture:
         if not found:
             raise KeyError(f"no record of site {site!r}; recorded: {', '.join(s.name for s in self.sites)}")
         return found[-1]
+
+
+def _upstream(x: torch.Tensor, site_nodes: dict) -> tuple[str, ...]:
+    """The sites whose output nodes (``site_nodes``) the autograd graph of ``x`` reaches first:
+    a breadth-first walk from ``x.grad_fn`` that stops at every site output."""
+    found: dict[str, None] = {}
+    seen = {x.grad_fn}
+    frontier = [x.grad_fn]
+    while frontier:
+        node = frontier.pop()
+        name = site_nodes.get(node)
+        if name is not None:
+            found[name] = None
+            continue
+        for parent, _ in node.next_functions:
+            if parent is not None and parent not in seen:
+                seen.add(parent)
+                frontier.append(parent)
+    return tuple(found)
 
 
 def _reading(record: SiteRecord) -> tuple:

@@ -23,21 +23,18 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Hashable
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
 from normscope.analyzers.gls import fit_from_sums
-from normscope.analyzers.stats import EPS_DOMINANCE
+from normscope.analyzers.stats import F64, _cat, _segment_mean, _segment_median, _segment_sums, stats_values
 from normscope.capture.record import SiteRecord
 
 STATS_METRICS = ("eps_fraction_max", "eps_dominated_fraction", "gamma_mean")
 DRIFT_METRICS = ("mean_drift_mean", "var_ratio_median")
 GLS_METRICS = ("r2_mean", "r2_median", "r2_pooled", "beta_mean", "beta_abs_mean", "slope_ratio_mean", "naive_gap")
 FIT_SUMS = ("n", "sum_z", "sum_z2", "sum_g", "sum_g2", "sum_gz", "scale")
-F64 = torch.float64
 
 Row = tuple[str, str, float]
 
@@ -53,98 +50,6 @@ def running_stats(model: nn.Module) -> dict[str, tuple[Tensor, Tensor]]:
     tensors = [t.detach().reshape(-1).to(device) for _, mean, var in found for t in (mean, var)]
     parts = torch.cat(tensors).split([t.numel() for t in tensors])
     return {name: (parts[2 * i].view_as(mean), parts[2 * i + 1].view_as(var)) for i, (name, mean, var) in enumerate(found)}
-
-
-def _host(t: Tensor) -> Tensor:
-    return t.detach().to("cpu", F64)
-
-
-def _cat(tensors: list[Tensor]) -> Tensor:
-    """1-D ``tensors`` concatenated, as float64 on the host."""
-    return _host(torch.cat(tensors)) if tensors else torch.empty(0, dtype=F64)
-
-
-def _repeat(values: list, sizes: Tensor, dtype: torch.dtype = F64) -> Tensor:
-    """One value per segment, repeated over its ``sizes`` items."""
-    return torch.tensor(values, dtype=dtype).repeat_interleave(sizes)
-
-
-def _segment_sums(values: Tensor, starts: np.ndarray) -> Tensor:
-    """Sums of the rows of ``values`` (K, items) over the contiguous, non-empty segments that begin at
-    ``starts``, item by item in order: (K, segments)."""
-    return torch.from_numpy(np.add.reduceat(values.numpy(), starts, axis=1))
-
-
-def _segment_mean(values: Tensor, starts: np.ndarray) -> Tensor:
-    """``nanmean`` of each segment: the sum over its non-NaN items / their number (NaN if none)."""
-    v = values.numpy()
-    valid = ~np.isnan(v)
-    sums = np.add.reduceat(np.stack([np.where(valid, v, 0.0), valid]), starts, axis=1)
-    with np.errstate(invalid="ignore"):
-        return torch.from_numpy(sums[0] / sums[1])
-
-
-def _segment_median(values: Tensor, starts: np.ndarray, skip_nan: bool) -> Tensor:
-    """Median of each contiguous, non-empty segment: the middle item of the sorted segment, or
-    ``(a + b) / 2`` of the two middle items, as numpy; ``skip_nan``: over the non-NaN items
-    (``nanmedian``, NaN when all are NaN), else NaN when the segment holds a NaN."""
-    v = values.numpy()
-    size = np.diff(starts, append=len(v))
-    ordered = v[np.lexsort((v, np.repeat(np.arange(len(starts)), size)))]  # NaN last in each segment
-    nan = np.add.reduceat(np.isnan(v).astype(np.int64), starts)
-    m = size - nan if skip_nan else size
-    lo, hi = starts + np.maximum(m - 1, 0) // 2, np.minimum(starts + m // 2, len(v) - 1)
-    a, b = ordered[lo], ordered[hi]
-    median = np.where(lo == hi, a, (a + b) / 2)
-    return torch.from_numpy(np.where((m > 0) & ((nan == 0) | skip_nan), median, np.nan))
-
-
-def stats_values(sites: list[Hashable], records: list[list[SiteRecord]],
-                 running: dict[Hashable, tuple[Tensor, Tensor]]) -> tuple[dict[str, Tensor], set[int]]:
-    """The norm statistics of every site (``sites``: its key in ``running``, with ``records`` its
-    records), one (S,) float64 tensor per metric (see the module docstring), and the indices of the
-    sites with drift figures.
-
-    Per partition of a record: ``eps_fraction = eps / (v + eps)`` with ``v = var`` (centered kinds) or
-    ``var + mean^2``; for per-channel sites with running statistics of as many channels
-    ``drift = |mean - running_mean| / sqrt(running_var + eps)`` and ``var_ratio = var / running_var``.
-    Each site's table is the mean of its records' per-channel figures (per-channel sites) or its first
-    record's (others); ``gamma_mean`` is the mean of the first record's weight; absent figures are NaN.
-    """
-    used = [(s, r) for s, group in enumerate(records) for r in (group if group[0].layout.rule == "channel" else group[:1])]
-    sizes = torch.tensor([r.reductions["n"].numel() for _, r in used])
-    site_size = [records[s][0].reductions["n"].numel() for s in range(len(sites))]
-    site_start = [0, *itertools.accumulate(site_size)][:-1]
-    record_start = (sizes.cumsum(0) - sizes).tolist()
-    slot = torch.arange(int(sizes.sum())) - _repeat([a - site_start[s] for (s, _), a in zip(used, record_start)], sizes, torch.long)
-    slots = sum(site_size)
-    mean, var = _cat([r.reductions["mean"] for _, r in used]), _cat([r.reductions["var"] for _, r in used])
-    eps = _repeat([r.layout.eps for _, r in used], sizes)
-    centered = _repeat([r.layout.kind.centered for _, r in used], sizes, torch.bool)
-    eps_fraction = eps / (var.where(centered, var + mean * mean) + eps)
-    drifting = {s for s, group in enumerate(records)
-                if group[0].layout.rule == "channel" and sites[s] in running and running[sites[s]][0].numel() == site_size[s]}
-    on = torch.tensor([s in drifting for s, _ in used]).repeat_interleave(sizes)
-    rm = _cat([running[sites[s]][0] for s, _ in used if s in drifting])
-    rv = _cat([running[sites[s]][1] for s, _ in used if s in drifting])
-    drift = (mean[on] - rm).abs() / (rv + eps[on]).sqrt()
-    figures = torch.full((3, len(slot)), math.nan, dtype=F64)
-    figures[0], figures[1, on], figures[2, on] = eps_fraction, drift, var[on] / rv
-    table = torch.zeros(3, slots, dtype=F64).index_add_(1, slot, figures)
-    table /= torch.bincount(slot, minlength=slots)
-    starts = np.array(site_start)
-    sums = _segment_sums(torch.stack([table[1], (table[0] > EPS_DOMINANCE).to(F64)]), starts)
-    count = torch.tensor(site_size, dtype=F64)
-    weighted = [s for s, group in enumerate(records) if group[0].layout.weight is not None]
-    weights = [records[s][0].layout.weight for s in weighted]
-    weight_sizes = torch.tensor([w.numel() for w in weights], dtype=torch.long)
-    gamma = torch.full((len(sites),), math.nan, dtype=F64)
-    if weights:
-        gamma[weighted] = _segment_sums(_cat([w.reshape(-1) for w in weights])[None], (weight_sizes.cumsum(0) - weight_sizes).numpy())[0] / weight_sizes
-    return {"eps_fraction_max": torch.from_numpy(np.maximum.reduceat(table[0].numpy(), starts)),
-            "eps_dominated_fraction": sums[1] / count, "gamma_mean": gamma,
-            "mean_drift_mean": sums[0] / count,
-            "var_ratio_median": _segment_median(table[2], starts, skip_nan=False)}, drifting
 
 
 def _figures(fits: list[SiteRecord]) -> dict[str, Tensor]:

@@ -344,7 +344,7 @@ def test_formula_cells_are_neutralised_in_csv_and_raw_in_parquet(tmp_path):
     run = run_folder(tmp_path / "run", site=FORMULA)
     check(invoke(["report", str(run)]), 0)
     findings = pd.read_csv(run / "_findings.csv", dtype=str)
-    assert findings["site"].tolist() == ["'" + FORMULA] and findings["finding"].str.startswith("'=").all()
+    assert len(findings) and set(findings["site"]) == {"'" + FORMULA} and findings["finding"].str.startswith("'=").all()
 
 
 def test_csv_safe_follows_owasp_and_leaves_numbers_alone():

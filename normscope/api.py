@@ -27,6 +27,7 @@ from normscope.batch import size as batch_size_of
 from normscope.losses import Loss, default_for, describe_outputs, fitting_presets
 from normscope.losses import resolve as resolve_loss
 from normscope.analyzers import ANALYZERS, AnalysisContext, AnalyzerOutput, get_analyzer, no_progress
+from normscope.analyzers.hvp import PRECISIONS
 from normscope.budget import DEFAULT_BUDGET, Budget, as_budget
 from normscope.capture import capture
 from normscope.capture.verify import Verification
@@ -57,6 +58,7 @@ def analyze(
     quick: bool = True,
     sites: str | Sequence[str] | None = None,
     random_layers: str = "off",
+    precision: str = "model",
 ) -> AnalysisResult:
     """Analyze the normalization sites of ``model`` on ``data`` and return tables and findings.
 
@@ -92,6 +94,8 @@ def analyze(
         random_layers: dropout during the analyses: ``off``, ``fixed`` (on, with fixed masks) or
             ``on`` (:mod:`normscope.determinism`); normalization layers keep each analysis's
             mode. Said in ``meta["random_layers"]``. Default: ``off``.
+        precision: descent's Hessian-vector products in the model's dtype (``model``, checked
+            against float64 on the first batch) or in ``float64``. Default: ``model``.
 
     Under ``torchrun`` (or any initialized process group of several ranks) every rank runs this
     call: the full-data passes shard the examples and all-reduce their sums, descent's
@@ -109,6 +113,8 @@ def analyze(
         AnalyzerError: none of the requested analyzers could run.
     """
     names = analyzer_names(analyzers)
+    if precision not in PRECISIONS:
+        raise UnknownNameError("precision", precision, PRECISIONS)
     loss = resolve_loss(loss_fn)
     home = model_device(model)
     target = distributed.rank_device(home if device is None else torch.device(device))
@@ -135,6 +141,7 @@ def analyze(
             quick=quick,
             budget=as_budget(budget),
             sites=sites,
+            options={"descent_precision": precision},
         )
         with deterministic(random_layers, seed) as randomness:
             outputs, errors, timings = run_analyzers(ctx, names, track, explicit=analyzers is not None)

@@ -4,7 +4,8 @@ On each model (eval mode, PyHessian's mode), in one process, at relative toleran
 
 * normscope, as the descent analyzer runs it: ``BatchLoss`` in the model's dtype
   (``precision="model"``), a fresh ``HessianOperator`` (backend caches cleared, so the backend
-  choice and the symmetry check are paid again), ``spectrum.lanczos(op, k=1, tol)`` (float64
+  choice, trying ``torch.func`` within the analyzer's allowance, and the symmetry check are paid
+  again), ``spectrum.lanczos(op, k=1, tol)`` (float64
   basis and tridiagonal, stopped when the residual bound is below ``tol |theta|``). The time
   includes the copy, the backend choice, the symmetry check and the first graph.
 * PyHessian (``pip install --no-deps pyhessian``; not a project dependency):
@@ -38,9 +39,15 @@ from scipy.sparse.linalg import ArpackNoConvergence, eigsh
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from normscope.analyzers.hvp import BACKEND_CACHE, SYMMETRY_CACHE, BatchLoss, HessianOperator, curvature_dtype
+from normscope.analyzers.descent import TRIAL_SHARE
 from normscope.analyzers.spectrum import lanczos
+from normscope.budget import DEFAULT_BUDGET
 from normscope.data import load_digits
 from normscope.train import train_reference
+
+
+TRIAL = TRIAL_SHARE * DEFAULT_BUDGET / 2
+"""What the analyzer lets the backend choice spend trying ``torch.func``: its share of one mode's half of the default budget."""
 
 
 def logits_loss(outputs, targets):
@@ -71,7 +78,7 @@ def ours(model, x, y, tol: float):
     BACKEND_CACHE.clear()
     SYMMETRY_CACHE.clear()
     start = time.perf_counter()
-    op = HessianOperator(BatchLoss(model, x, y, logits_loss, "eval", curvature_dtype(model, "model")))
+    op = HessianOperator(BatchLoss(model, x, y, logits_loss, "eval", curvature_dtype(model, "model")), trial_seconds=TRIAL)
     found = lanczos(op, 1, tol, seed=0)
     seconds = time.perf_counter() - start
     setup = op.selection_products + op.symmetry["products"]

@@ -153,9 +153,9 @@ def test_backend_is_chosen_once_per_model_and_shared_by_modes_without_batch_stat
             op(op.gradient())
             assert op.selection_products == 0
         assert found == chosen
-    # one product asked for per operator, none for the choice; the symmetry check (settle_symmetry, issue 23) adds two
+    # one product asked for per operator, none for the choice; the symmetry check (settle_symmetry, issue 23) adds one
     # per model and batch-statistics mode: one check for the LayerNorm model's modes, two for the BatchNorm model's
-    assert len(calls) == 6 + 2 * 3
+    assert len(calls) == 6 + 3
 
 
 @pytest.mark.parametrize("mode", ["train", "eval"])

@@ -522,8 +522,11 @@ class HessianOperator:
         hv = select_backend(self, v, self.trial_seconds) if self.backend is None else None
         chosen = self.backend
         if self.symmetry is None:
-            settle_symmetry(self)
-        if hv is None or self.mask is not None or self.backend != chosen:  # the choice's product is the raw operator's
+            self.mask = padding_mask(self)
+            if hv is None or self.mask is not None:  # the choice's product is the operator's without the mask
+                hv = self._product(v)
+            settle_symmetry(self, (v, hv))
+        if hv is None or self.backend != chosen:
             hv = self._product(v)
         self.seconds = time.perf_counter() - start
         return hv
@@ -654,28 +657,37 @@ def padding_mask(op: HessianOperator) -> Tensor | None:
     return mask
 
 
-def symmetry_error(op: HessianOperator, seed: int = SYMMETRY_SEED) -> float:
-    """``|v^T H w - w^T H v| / s`` for two seeded Gaussian vectors ``v, w``, with
-    ``s = (||v|| ||Hw|| + ||w|| ||Hv||) / (2 sqrt(n))`` the typical size of either form (0 for
-    ``H v = H w = 0``); two products of ``op``'s settled backend (and mask), in float64 sums."""
+def symmetry_error(op: HessianOperator, seed: int = SYMMETRY_SEED, known: tuple[Tensor, Tensor] | None = None) -> float:
+    """``|v^T H w - w^T H v| / s`` for a seeded Gaussian ``w`` and ``v`` another seeded Gaussian
+    vector or, given ``known = (v, H v)``, a product already computed (the operator's first: a
+    Lanczos start vector, a step), with ``s = (||v|| ||Hw|| + ||w|| ||Hv||) / (2 sqrt(n))`` the
+    typical size of either form for random vectors (0 for ``H v = H w = 0``); one or two products
+    of ``op``'s settled backend (and mask), in float64 sums."""
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    v, w = (torch.randn(op.numel, generator=generator, dtype=torch.float64).to(op.device) for _ in range(2))
-    hv, hw = (op._product(u.to(op.dtype)).double() for u in (v, w))
+    w = torch.randn(op.numel, generator=generator, dtype=torch.float64).to(op.device)
+    if known is None:
+        v = torch.randn(op.numel, generator=generator, dtype=torch.float64).to(op.device)
+        hv = op._product(v.to(op.dtype)).double()
+    else:
+        v, hv = known[0].double(), known[1].double()
+    hw = op._product(w.to(op.dtype)).double()
     scale = float(v.norm() * hw.norm() + w.norm() * hv.norm()) / (2 * math.sqrt(op.numel))
     return abs(float(v @ hw) - float(w @ hv)) / scale if scale > 0 else 0.0
 
 
-def settle_symmetry(op: HessianOperator) -> None:
+def settle_symmetry(op: HessianOperator, first: tuple[Tensor, Tensor] | None = None) -> None:
     """Exclude ``op``'s padding rows (:func:`padding_mask`) and check its symmetry
-    (:func:`symmetry_error`) once its backend is settled; where the check fails, try the other
-    backend and keep it if it passes (module docstring).
+    (:func:`symmetry_error`, with ``first = (v, H v)`` the operator's first product when given)
+    once its backend is settled; where the check fails, try the other backend (two random
+    vectors) and keep it if it passes (module docstring).
 
-    ``op.symmetry`` becomes ``{"error", "action", "excluded", "products"}``: ``error`` of the
-    operator kept, ``action`` ``symmetric``, ``<backend> asymmetric: <other> used`` or
+    ``op.symmetry`` becomes ``{"error", "action", "excluded", "products", "backend"}``: ``error`` of
+    the operator kept, ``action`` ``symmetric``, ``<backend> asymmetric: <other> used`` or
     ``asymmetric`` (neither backend passes: the operator is used as it is), ``excluded`` names the
-    padding rows left out, ``products`` counts the check's products (2, or 4 with the other
-    backend; 0 when a verdict of the whole operator is cached for this model, dtype,
-    batch-statistics mode and backend). A block operator takes a cached whole-operator verdict."""
+    padding rows left out, ``products`` counts the check's products beyond ``first`` (1 with it,
+    2 without, 2 more with the other backend; 0 when a verdict of the whole operator is cached for
+    this model, dtype, batch-statistics mode and backend). A block operator takes a cached
+    whole-operator verdict."""
     source = op.loss.source()
     key = (op.dtype, op.loss.couples_examples, op.backend)
     op.mask = padding_mask(op)
@@ -686,8 +698,8 @@ def settle_symmetry(op: HessianOperator) -> None:
         return
     tol = SYMMETRY_TOL.get(op.dtype, SYMMETRY_TOL[torch.float32])
     rows = padding_rows(op.loss.model, op.names, op.sizes)
-    verdict = {"error": symmetry_error(op), "action": "symmetric", "excluded": ", ".join(rows), "products": 2,
-               "backend": op.backend}
+    verdict = {"error": symmetry_error(op, known=first), "action": "symmetric", "excluded": ", ".join(rows),
+               "products": 1 if first is not None else 2, "backend": op.backend}
     if not verdict["error"] <= tol:
         first, other = op.backend, "func" if op.backend == "double_backward" else "double_backward"
         op.release()
@@ -696,7 +708,7 @@ def settle_symmetry(op: HessianOperator) -> None:
             error = symmetry_error(op)
         except (RuntimeError, NotImplementedError, ValueError):
             error = math.inf
-        verdict["products"] = 4
+        verdict["products"] += 2
         if error <= tol:
             verdict.update(error=error, action=f"{first} asymmetric: {other} used", backend=other)
         else:

@@ -55,7 +55,7 @@ The padding rows of untied embeddings are therefore excluded from every operator
 (``v -> M H (M v)``: the Hessian over the coordinates autograd trains, the same for both
 backends). When the backend is settled (chosen, given or cached), the operator's symmetry is
 checked once per model, dtype, batch-statistics mode and backend from ``v^T H w`` against
-``w^T H v`` for two seeded Gaussian vectors; where it fails the other backend is tried and kept
+``w^T H v``, ``v`` the vector of the operator's first product and ``w`` seeded Gaussian (one more product); where it fails the other backend is tried and kept
 if it passes. The outcome is in :attr:`HessianOperator.symmetry`.
 
 Unused parameters: a parameter the loss does not use on this batch (a masked-spectrum embedding

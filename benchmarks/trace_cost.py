@@ -6,7 +6,9 @@ exact ``tr H`` is the sum of ``e_i^T H e_i`` over all unit vectors (double backw
 chunks of unit vectors, ``is_grads_batched``). Each estimator runs with ``--seeds`` seeds at each
 product count; the figure is the root-mean-square relative error, and the ratio Hutchinson /
 Hutch++. Also checks that Hutch++'s stated standard error matches its spread (the mean of the
-stated SE over the observed RMS error, about 1 when honest). Prints the load average.
+stated SE over the observed RMS error, about 1 when honest) and how often the 95% Student-t
+interval the analyzer prints (``spectrum.trace_interval``) covers the exact trace, beside the
+normal interval +-2 SE. Prints the load average.
 
 Run: ``python benchmarks/trace_cost.py [--threads 2] [--models mlp_bn,cnn_gn] [--seeds 10]``.
 """
@@ -21,7 +23,7 @@ import numpy as np
 import torch
 
 from normscope.analyzers.hvp import BatchLoss, HessianOperator
-from normscope.analyzers.spectrum import hutchinson_trace, hutchpp_trace, krylov_trace
+from normscope.analyzers.spectrum import hutchinson_trace, hutchpp_trace, krylov_trace, trace_interval
 from normscope.data import load_digits
 from normscope.train import train_reference
 
@@ -60,8 +62,8 @@ def main() -> None:
     x, y = load_digits(torch.float32)
     x, y = x[:128], y[:128]
     print("| model | mode | params | exact trace | products | Hutchinson RMS rel. error | Hutch++ | Krylov Hutch++ | "
-          "ratio Hutchinson / Krylov Hutch++ | Krylov stated SE / RMS error |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "ratio Hutchinson / Krylov Hutch++ | Krylov stated SE / RMS error | samples | t-interval coverage | +-2 SE coverage |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name in args.models.split(","):
         model = train_reference(name)
         for mode in args.modes.split(","):
@@ -73,11 +75,14 @@ def main() -> None:
                 plain = np.array([hutchinson_trace(op, n, seed)["total"][0] for seed in range(args.seeds)])
                 pp = np.array([hutchpp_trace(op, n, seed)["total"][0] for seed in range(args.seeds)])
                 runs = [krylov_trace(op, n, seed)["total"] for seed in range(args.seeds)]
-                kr = np.array([t for t, _ in runs])
+                kr = np.array([t for t, _, _ in runs])
                 rms = lambda v: float(np.sqrt(np.mean((v - exact) ** 2)) / abs(exact))
-                stated = float(np.mean([se for _, se in runs])) / (rms(kr) * abs(exact))
+                stated = float(np.mean([se for _, se, _ in runs])) / (rms(kr) * abs(exact))
+                covered = np.mean([low <= exact <= high for low, high in (trace_interval(*r) for r in runs)])
+                normal = np.mean([abs(t - exact) <= 2 * se for t, se, _ in runs])
                 print(f"| {name} | {mode} | {op.numel} | {exact:.6g} (exact in {exact_s:.0f} s) | {n} | {rms(plain):.2e} | "
-                      f"{rms(pp):.2e} | {rms(kr):.2e} | {rms(plain) / rms(kr):.1f} | {stated:.2f} |", flush=True)
+                      f"{rms(pp):.2e} | {rms(kr):.2e} | {rms(plain) / rms(kr):.1f} | {stated:.2f} | {runs[0][2]} | "
+                      f"{covered:.2f} | {normal:.2f} |", flush=True)
     print(f"load after: {os.getloadavg()}")
 
 

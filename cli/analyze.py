@@ -73,6 +73,9 @@ def analyze(
     sites: Annotated[
         Optional[str], option("--sites", help="fnmatch pattern on site and module names restricting the work, e.g. '*bn*'.", default_text="all")
     ] = None,
+    precision: Annotated[
+        str, typer.Option("--precision", help="Descent's Hessian-vector products: 'model' (the model's dtype, checked against float64) or 'float64'.")
+    ] = "model",
     overwrite: Annotated[bool, flag("--overwrite", "Replace an existing non-empty output folder.")] = False,
     debug: Annotated[bool, flag("--debug", "Show tracebacks.")] = False,
 ) -> None:
@@ -110,6 +113,7 @@ def analyze(
             budget=budget,
             quick=quick,
             sites=sites,
+            precision=precision,
         )
         result.meta["model"].update(
             name=model_name(checkpoint, model),

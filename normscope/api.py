@@ -28,6 +28,7 @@ from normscope.batch import size as batch_size_of
 from normscope.losses import Loss, default_for, describe_outputs, fitting_presets
 from normscope.losses import resolve as resolve_loss
 from normscope.analyzers import ANALYZERS, AnalysisContext, AnalyzerOutput, get_analyzer, no_progress
+from normscope.analyzers.hvp import PRECISIONS
 from normscope.budget import DEFAULT_BUDGET, HEADLINES, HOLD_SHARE, Budget, as_budget
 from normscope.capture import find_unrecognized
 from normscope.capture.verify import Verification
@@ -63,6 +64,7 @@ def analyze(
     quick: bool = True,
     sites: str | Sequence[str] | None = None,
     random_layers: str = "off",
+    precision: str = "model",
 ) -> AnalysisResult:
     """Analyze the normalization sites of ``model`` on ``data`` and return tables and findings.
 
@@ -98,6 +100,8 @@ def analyze(
         random_layers: dropout during the analyses: ``off``, ``fixed`` (on, with fixed masks) or
             ``on`` (:mod:`normscope.determinism`); normalization layers keep each analysis's
             mode. Said in ``meta["random_layers"]``. Default: ``off``.
+        precision: descent's Hessian-vector products in the model's dtype (``model``, checked
+            against float64 on the first batch) or in ``float64``. Default: ``model``.
 
     Under ``torchrun`` (or any initialized process group of several ranks) every rank runs this
     call: the full-data passes shard the examples and all-reduce their sums, descent's
@@ -117,6 +121,8 @@ def analyze(
             device, or the model's tensors are on the meta device (they hold no values).
     """
     names = analyzer_names(analyzers)
+    if precision not in PRECISIONS:
+        raise UnknownNameError("precision", precision, PRECISIONS)
     loss = resolve_loss(loss_fn)
     check_seed(seed)
     home = model_device(model)
@@ -147,6 +153,7 @@ def analyze(
                 budget=plan_budget,
                 sites=sites,
                 driver=driver,
+                options={"descent_precision": precision},
             )
             declared = needs(names, ctx)
             driver.need([p for passes in declared.values() for p in passes])

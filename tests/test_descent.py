@@ -275,7 +275,7 @@ def test_descent_runs_on_every_reference_model(name, digits64):
     model = build_model(name)
     before = snapshot(model)
     x, y = digits64[0][:6], digits64[1][:6]
-    tables, backends = descent_tables(model, x, y, quick=True, modes=("train",))
+    tables, backends = descent_tables(model, x, y, quick=True, modes=("train",), precision="float64")  # exactness: float64
     assert_unchanged(model, before)
     assert backends["train"]["backend"] in ("double_backward", "func") and backends["train"]["chunk"] is None
     loss = BatchLoss(model, x, y, mode="train", dtype=torch.float64)

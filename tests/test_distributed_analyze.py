@@ -54,7 +54,9 @@ def _assert_close(single: pd.DataFrame, spread: pd.DataFrame, name: str) -> None
     assert list(single.columns) == list(spread.columns) and len(single) == len(spread), name
     for column in single.columns:
         a, b = single[column].to_numpy(), spread[column].to_numpy()
-        if a.dtype.kind == "f":
+        if (name, column) == ("descent_operator", "symmetry_error"):  # rounding noise of differently ordered sums
+            assert (a < 1e-12).all() and (b < 1e-12).all(), name
+        elif a.dtype.kind == "f":
             scale = np.abs(a[np.isfinite(a)]).max(initial=0.0)
             np.testing.assert_allclose(b, a, rtol=1e-10, atol=1e-10 * scale, err_msg=f"{name}.{column}")
         else:

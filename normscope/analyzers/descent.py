@@ -30,9 +30,9 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from normscope.analyzers import AnalysisContext, AnalyzerOutput
-from normscope.analyzers.hvp import MODES, BatchLoss, HessianOperator, graph_chunk
+from normscope.analyzers.hvp import MODES, BatchLoss, HessianOperator, curvature_dtype, graph_chunk
 from normscope.analyzers.reparam import reparam_check
-from normscope.analyzers.spectrum import hutchpp_split, krylov_trace, lanczos
+from normscope.analyzers.spectrum import MIN_TRACE_SAMPLES, krylov_trace, lanczos, trace_interval
 from normscope.budget import Budget
 from normscope.capture.graph import SiteGraph, covering
 from normscope.distributed import current, share_out
@@ -44,23 +44,28 @@ COLUMNS = {
     "descent_directions": ["mode", "direction", "group", "sq_norm", "slope", "curvature", "a_crit", "lr", "lr_below_a_crit",
                            "descent_direction", "a_crit_reason"],
     "descent_quadratic": ["mode", "step", "loss", "quadratic", "rel_error"],
-    "descent_spectrum": ["mode", "group", "rank", "eigenvalue", "stability_limit", "residual", "error_bound",
+    "descent_spectrum": ["mode", "group", "rank", "eigenvalue", "stability_limit", "residual", "error_bound", "bound",
                          "products", "converged"],
-    "descent_trace": ["mode", "group", "trace", "trace_stderr", "n_samples", "products", "method"],
+    "descent_trace": ["mode", "group", "trace", "trace_stderr", "trace_low", "trace_high", "n_samples", "products", "method"],
     "descent_scale_invariance": ["layer", "c", "loss_ratio", "a_crit_ratio", "max_abs_inner", "effective_lr"],
     "descent_reparam": ["layer", "max_abs_error", "cond_s", "cond_reparam"],
+    "descent_operator": ["mode", "dtype", "backend", "chunk", "float64_rel_error", "float64_check", "symmetry_error", "symmetry",
+                         "excluded_rows", "n_unused", "unused_parameters"],
 }
 DEFAULT_LR = 0.1
 PARTING_THRESHOLD = 0.1
 REFINE_STEPS = 8
 SCALES = (1.0, 0.5, 2.0)
-QUICK = {"k": 3, "layer_k": 1, "layer_spectra": 3, "trace_products": 30, "steps": 12, "tol": 1e-3, "lanczos_products": 40}
+QUICK = {"k": 1, "layer_k": 1, "layer_spectra": 3, "trace_products": 30, "steps": 12, "tol": 1e-3, "lanczos_products": 40}
 FULL = {"k": 5, "layer_k": 5, "layer_spectra": None, "trace_products": 99, "steps": 25, "tol": 1e-4, "lanczos_products": 100}
 FIRST_PRODUCT_GRADIENTS = 4.0
 """A Hessian-vector product not measured yet, priced in gradients: the first double-backward product
 builds the gradient's graph (about one gradient) and then backpropagates through it (2-2.5 gradients
 on the reference ResNet: 46-62 ms against 25 ms, 1 thread)."""
 TRIAL_SHARE = 0.02
+FLOAT64_PRODUCT = 6.0
+"""A float64 product with its graph, priced in model-dtype products for the float64 check (float64 convolutions cost
+about 5x float32 ones on CPU; the graph adds about one gradient)."""
 
 
 def critical_step(slope: float, curvature: float) -> float:
@@ -240,13 +245,14 @@ def scale_invariance(loss: BatchLoss, layer: str, lr: float, scales: Iterable[fl
 def spectrum_rows(op: HessianOperator, mode: str, group: str, k: int, tol: float, seed: int,
                   max_products: int | None = None) -> list[dict]:
     """``descent_spectrum`` rows from :func:`lanczos`: the top ``k`` eigenvalues, ``2 / eigenvalue``
-    (NaN if <= 0), each value's residual ``||H y - theta y||`` and error bound, the products spent
-    and whether the tolerance was reached (not when ``max_products`` stopped it first)."""
+    (NaN if <= 0), each value's residual ``||H y - theta y||``, error bound and which bound it is
+    (``residual``, ``gap`` or ``exact``: :func:`~normscope.analyzers.spectrum.ritz_errors`), the
+    products spent and whether the tolerance was reached (not when ``max_products`` stopped it first)."""
     found = lanczos(op, k, tol, seed, max_products)
     return [{"mode": mode, "group": group, "rank": i + 1, "eigenvalue": float(v),
              "stability_limit": 2.0 / float(v) if v > 0 else math.nan, "residual": float(r), "error_bound": float(e),
-             "products": found.products, "converged": found.converged}
-            for i, (v, r, e) in enumerate(zip(found.values, found.residuals, found.errors))]
+             "bound": b, "products": found.products, "converged": found.converged}
+            for i, (v, r, e, b) in enumerate(zip(found.values, found.residuals, found.errors, found.bounds))]
 
 
 def spectrum_layers(traces: dict[str, tuple[float, float]], layers: dict[str, list[str]], limit: int | None) -> list[str]:
@@ -270,10 +276,46 @@ def _frame(name: str, rows: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=COLUMNS[name])
 
 
-def _trace_rows(mode: str, traces: dict[str, tuple[float, float]], products: int) -> list[dict]:
-    samples = hutchpp_split(products)[1]
-    return [{"mode": mode, "group": group, "trace": t, "trace_stderr": se, "n_samples": samples, "products": products,
-             "method": "krylov-hutch++"} for group, (t, se) in traces.items()]
+def trace_rows(mode: str, traces: dict[str, tuple[float, float, int]], products: int) -> list[dict]:
+    """``descent_trace`` rows: each block's trace with its standard error and 95% Student-t interval
+    (:func:`~normscope.analyzers.spectrum.trace_interval`, ``n_samples - 1`` degrees of freedom);
+    trace, error and interval NaN (not measured) below
+    :data:`~normscope.analyzers.spectrum.MIN_TRACE_SAMPLES` samples."""
+    rows = []
+    for group, (t, se, samples) in traces.items():
+        measured = samples >= MIN_TRACE_SAMPLES
+        low, high = trace_interval(t, se, samples)
+        rows.append({"mode": mode, "group": group, "trace": t if measured else math.nan, "trace_stderr": se if measured else math.nan,
+                     "trace_low": low, "trace_high": high, "n_samples": samples, "products": products, "method": "krylov-hutch++"})
+    return rows
+
+
+def float64_agreement(total: HessianOperator, v: Tensor) -> float:
+    """``||H v - H_64 v|| / ||H_64 v||``: ``total``'s product (in its dtype) against the same
+    product in float64 (the copy and the batch cast to float64 at the same parameter values, double
+    backward, the same padding rows excluded, example chunks where its graph needs them); 0 when
+    ``total`` computes in float64."""
+    if total.dtype == torch.float64:
+        return 0.0
+    exact_loss = total.loss.in_float64()
+    exact = HessianOperator(exact_loss, total.names, "double_backward", _chunks(exact_loss))
+    exact.adopt_symmetry(total)
+    v = v.double()
+    reference = exact(v)
+    exact.release()
+    return float((total(v).double() - reference).norm() / reference.norm()) if reference.norm() > 0 else 0.0
+
+
+def operator_row(mode: str, total: HessianOperator, agreement: float, check: str) -> dict:
+    """The ``descent_operator`` row of a mode: how its products ran (dtype, backend, examples per
+    chunk), their agreement with float64 (:func:`float64_agreement`) and how it was checked, the
+    symmetry check (:func:`~normscope.analyzers.hvp.settle_symmetry`), the padding rows excluded and
+    the parameters the loss does not use (zero gradient and zero curvature)."""
+    symmetry = total.symmetry or {}
+    return {"mode": mode, "dtype": str(total.dtype).removeprefix("torch."), "backend": total.backend, "chunk": total.chunk,
+            "float64_rel_error": agreement, "float64_check": check, "symmetry_error": symmetry.get("error", math.nan),
+            "symmetry": symmetry.get("action", "not checked"), "excluded_rows": symmetry.get("excluded", ""),
+            "n_unused": len(total.unused_parameters()), "unused_parameters": ", ".join(total.unused_parameters())}
 
 
 def descent_tables(
@@ -286,21 +328,27 @@ def descent_tables(
     modes: Sequence[str] = MODES,
     quick: bool = True,
     seed: int = 0,
-    dtype: torch.dtype | None = torch.float64,
+    precision: str = "model",
     backend: str = "auto",
     track=None,
     budget: Budget | None = None,
     sites: str | Sequence[str] | None = None,
     graph: SiteGraph | None = None,
+    k: int | None = None,
 ) -> tuple[dict[str, pd.DataFrame], dict[str, dict]]:
     """Every ``descent_*`` table for ``model`` on one batch, and per mode the HVP backend and chunk.
 
-    All work happens on private copies (:class:`BatchLoss`), in ``dtype`` (float64 by default).
+    All work happens on private copies (:class:`BatchLoss`). ``precision``
+    (:func:`~normscope.analyzers.hvp.curvature_dtype`): ``"model"`` computes the products in the
+    model's dtype (float32 for most; the Lanczos bases, tridiagonals and trace sums stay float64)
+    and checks one of them against float64 per mode where the budget allows (``descent_operator``);
+    ``"float64"`` computes everything in float64. ``descent_operator`` also holds the symmetry
+    check, the padding rows excluded and the parameters the loss does not use.
     Directions: ``gradient`` (``-dL/dtheta``, checked against ``lr``) and, given ``optimizer``,
     ``optimizer:<class>`` (:func:`optimizer_direction`, checked against the optimizer's lr). The
     quadratic table follows the optimizer's direction when given, the gradient otherwise.
-    Settings (:data:`QUICK` or :data:`FULL`): the top ``k`` eigenvalues of ``H`` to relative
-    tolerance ``tol``, the top ``layer_k`` of each layer's block (quick: only the ``layer_spectra``
+    Settings (:data:`QUICK` or :data:`FULL`): the top ``k`` eigenvalues of ``H`` (``k`` given: that many;
+    quick: ``lambda_max`` alone) to relative tolerance ``tol``, the top ``layer_k`` of each layer's block (quick: only the ``layer_spectra``
     layers with the largest block trace), a Krylov Hutch++ trace (:func:`krylov_trace`) from ``trace_products`` products shared
     by all blocks, ``steps`` grid steps. ``sites`` (fnmatch patterns on module paths) restricts the
     per-layer work. ``graph``: the model's site graph (:mod:`normscope.capture.graph`; the
@@ -343,6 +391,8 @@ def descent_tables(
     over (1: replicated or one process). The same values as in one process, to rounding.
     """
     settings = QUICK if quick else FULL
+    if k is not None:
+        settings = {**settings, "k": int(k)}
     budget = budget or Budget(None)
     tables: dict[str, list[dict]] = {name: [] for name in COLUMNS}
     meta: dict[str, dict] = {}
@@ -350,7 +400,7 @@ def descent_tables(
     modes = list(modes)
     for index, mode in enumerate(track(modes, "descent", total=len(modes))):
         plan = budget.share(f"descent ({mode} mode)", [f"descent ({m} mode)" for m in modes[index:]])
-        loss = BatchLoss(model, inputs, targets, loss_fn, mode, dtype)
+        loss = BatchLoss(model, inputs, targets, loss_fn, mode, curvature_dtype(model, precision))
         total = HessianOperator(loss, backend=backend, chunks=_chunks(loss), trial_seconds=TRIAL_SHARE * plan.remaining(),
                                 split=current())
         budget.cost("forward", lambda: budget.time(torch.no_grad()(loss.__call__)))
@@ -361,6 +411,9 @@ def descent_tables(
             total.release()
         budget.release(f"descent ({mode} mode)")
         meta[mode] = {"backend": total.backend, "chunk": total.chunk, "ranks": 1 if total.world is None else total.world.size}
+        if tables["descent_operator"] and tables["descent_operator"][-1]["mode"] == mode:
+            row = tables["descent_operator"][-1]
+            meta[mode].update({k: row[k] for k in ("dtype", "float64_rel_error", "symmetry", "excluded_rows", "unused_parameters")})
         del loss, total
     return {name: _frame(name, rows) for name, rows in tables.items()}, meta
 
@@ -398,7 +451,7 @@ def _mode_tables(tables: dict[str, list[dict]], plan: Budget, loss: BatchLoss, t
     if "hvp" not in plan.injected:
         plan.costs["hvp"] = took / products
     plan.spend("gradient", len(chosen))
-    plan.spend("hvp", len(chosen) + total.selection_products)
+    plan.spend("hvp", len(chosen) + total.selection_products + (total.symmetry or {}).get("products", 0))
     _, d, step_lr = chosen[-1]
     row = next(r for r in reversed(tables["descent_directions"]) if r["group"] == "total" and r["mode"] == mode)
     cap = settings["lanczos_products"]
@@ -418,15 +471,23 @@ def _mode_tables(tables: dict[str, list[dict]], plan: Budget, loss: BatchLoss, t
             coarse = refine_near_parting(total, d, coarse, row["slope"], row["curvature"])
             plan.spend("forward", REFINE_STEPS + 1)
         tables["descent_quadratic"] += coarse.to_dict("records")
+    agreement, check = 0.0, "products in float64"
+    if total.dtype != torch.float64:
+        agreement, check = math.nan, "not measured: no time left"
+        if plan.allows("the float64 check of the products", {"hvp": FLOAT64_PRODUCT + 1}):
+            agreement, check = float64_agreement(total, total.flatten(d)), "measured"
+            plan.spend("hvp", FLOAT64_PRODUCT + 1)
+    tables["descent_operator"].append(operator_row(mode, total, agreement, check))
     products = plan.affordable("hvp", settings["trace_products"])
-    traces: dict[str, tuple[float, float]] = {}
+    traces: dict[str, tuple[float, float, int]] = {}
     if products >= 2:
         traces = krylov_trace(total, products, seed, layers)
-        tables["descent_trace"] += _trace_rows(mode, traces, products)
+        tables["descent_trace"] += trace_rows(mode, traces, products)
         plan.spend("hvp", products)
         if products < settings["trace_products"]:
             plan.cut(f"{settings['trace_products'] - products} of {settings['trace_products']} trace products",
-                     "the budget ran out; the standard errors in descent_trace give the accuracy reached")
+                     "the budget ran out; the intervals in descent_trace give the accuracy reached (no trace below "
+                     f"{MIN_TRACE_SAMPLES} samples)")
     else:
         plan.cut("the trace", "no time left for 2 Hessian-vector products")
     fitting = plan.affordable("hvp", len(layers) * len(chosen))
@@ -512,6 +573,7 @@ def findings(tables: dict[str, pd.DataFrame], lr_given: bool, lr: float, quick: 
                            f"the tolerance; λ_max = {row.eigenvalue:.4g} with residual {row.residual:.2g}.", "descent", "note",
                            metric="residual", value=row.residual, table="descent_spectrum",
                            where={"mode": row.mode, "group": "total", "rank": 1}))
+    out += operator_findings(tables)
     scale = tables["descent_scale_invariance"]
     for layer, part in scale.groupby("layer", sort=False):
         two = part[part["c"] == 2.0]
@@ -533,6 +595,45 @@ def findings(tables: dict[str, pd.DataFrame], lr_given: bool, lr: float, quick: 
     return out
 
 
+def operator_findings(tables: dict[str, pd.DataFrame]) -> list[Finding]:
+    """What ``descent_operator`` and ``descent_trace`` say about the curvature's own reliability:
+    an operator that fails the symmetry check, another backend used, padding rows left out,
+    unused parameters, the float64 agreement, traces not measured for want of samples."""
+    out = []
+    for row in tables.get("descent_operator", pd.DataFrame(columns=COLUMNS["descent_operator"])).itertuples():
+        where = {"mode": row.mode}
+        if row.symmetry == "asymmetric":
+            out.append(Finding(f"The Hessian-vector products ({row.mode} mode) are not symmetric with either backend: v^T H w and "
+                               f"w^T H v differ by {row.symmetry_error:.2g} of their size; the eigenvalues and traces assume a "
+                               "symmetric Hessian.", "descent", "warning", metric="symmetry_error", value=row.symmetry_error,
+                               table="descent_operator", where=where))
+        elif row.symmetry.endswith(" used"):
+            out.append(Finding(f"The Hessian-vector products ({row.mode} mode): {row.symmetry} (its symmetry error "
+                               f"{row.symmetry_error:.2g}).", "descent", "note", metric="symmetry_error", value=row.symmetry_error,
+                               table="descent_operator", where=where))
+        if row.excluded_rows:
+            out.append(Finding(f"The embedding padding rows {row.excluded_rows} are left out of the curvature ({row.mode} mode): "
+                               "autograd masks their gradient, so no optimizer moves them; the operator is symmetric without "
+                               f"them (error {row.symmetry_error:.2g}).", "descent", "note", metric="symmetry_error",
+                               value=row.symmetry_error, table="descent_operator", where=where))
+        if row.n_unused:
+            out.append(Finding(f"{row.n_unused} parameter tensor(s) are not used by the loss on this batch ({row.mode} mode): "
+                               f"{row.unused_parameters}; they count as zero gradient and zero curvature.", "descent", "note",
+                               metric="n_unused", value=row.n_unused, table="descent_operator", where=where))
+        if row.float64_check == "measured":
+            out.append(Finding(f"The Hessian-vector products ran in {row.dtype} ({row.mode} mode); on this batch one agrees with "
+                               f"float64 to {row.float64_rel_error:.1e} (relative).", "descent", "note", metric="float64_rel_error",
+                               value=row.float64_rel_error, table="descent_operator", where=where))
+    trace = tables["descent_trace"]
+    for row in trace[trace["group"] == "total"].itertuples():
+        if row.n_samples < MIN_TRACE_SAMPLES:
+            out.append(Finding(f"The trace is not measured ({row.mode} mode): the budget left {row.n_samples} Hutchinson samples, "
+                               f"fewer than the {MIN_TRACE_SAMPLES} an interval needs.", "descent", "note", metric="n_samples",
+                               value=row.n_samples, threshold=MIN_TRACE_SAMPLES, table="descent_trace",
+                               where={"mode": row.mode, "group": "total"}))
+    return out
+
+
 def verdicts(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
     """The ``descent_verdicts`` table (:func:`normscope.rules.descent_verdicts`) with each mode's parting step."""
     quadratic = tables["descent_quadratic"]
@@ -542,10 +643,12 @@ def verdicts(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
 
 def analyze(ctx: AnalysisContext) -> AnalyzerOutput:
     """The descent analyzer on ``ctx.batches[0]``: every ``descent_*`` table (:func:`descent_tables`),
-    in train and eval mode, float64, quick settings when ``ctx.quick``, within ``ctx.budget``, per-layer
-    work restricted to ``ctx.sites``. Options (``ctx.options``):
+    in train and eval mode, products in the model's dtype unless ``descent_precision`` says float64,
+    quick settings when ``ctx.quick``, within ``ctx.budget``, per-layer work restricted to ``ctx.sites``. Options (``ctx.options``):
     ``descent_optimizer`` (a ``torch.optim`` optimizer of ``ctx.model`` whose update to check),
-    ``descent_backend`` (``auto``). ``ctx.lr`` defaults to 0.1 (said in the findings). Under
+    ``descent_backend`` (``auto``), ``descent_precision`` (``model``: products in the model's dtype, checked against
+    float64; ``float64``), ``descent_k`` (the top eigenvalues of the whole Hessian; default 1 in quick mode, 5 in
+    full). ``ctx.lr`` defaults to 0.1 (said in the findings). Under
     ``torch.distributed`` the headline's ``hvp_ranks_<mode>`` says over how many ranks each mode's
     products were split (1: replicated, the examples coupled by batch statistics)."""
     inputs, targets = ctx.batches[0]
@@ -555,7 +658,8 @@ def analyze(ctx: AnalysisContext) -> AnalyzerOutput:
     tables, meta = descent_tables(
         ctx.model, inputs, targets, ctx.loss_fn, lr, ctx.options.get("descent_optimizer"), quick=ctx.quick,
         seed=ctx.seed, backend=ctx.options.get("descent_backend", "auto"), track=ctx.track, budget=ctx.budget,
-        sites=ctx.sites, graph=None if ctx.driver is None else ctx.driver.graph)
+        sites=ctx.sites, graph=None if ctx.driver is None else ctx.driver.graph,
+        precision=ctx.options.get("descent_precision", "model"), k=ctx.options.get("descent_k"))
     directions, spectrum = tables["descent_directions"], tables["descent_spectrum"]
     train = meta.get("train", {"backend": "", "chunk": None})
     chunked = f" ({train['chunk']}-example chunks)" if train["chunk"] else ""

@@ -42,6 +42,26 @@ unsplit operator (``split=None``, the default, or :meth:`HessianOperator.local`)
 collective. Where the loss couples the examples (training-mode BatchNorm) or is not float64 the
 operator stays replicated: every rank computes the whole product.
 
+Precision (``precision`` of :func:`curvature_dtype`): products run in the model's dtype
+(``"model"``, float32 for most models; float16/bfloat16 models are raised to float32) or in
+float64 (``"float64"``, the exact path); callers keep their Lanczos bases, tridiagonals,
+reorthogonalization and trace sums in float64 whatever the products' dtype.
+
+Symmetry (:func:`settle_symmetry`): ``nn.Embedding(padding_idx=p)`` masks row ``p`` of its
+weight's gradient, so autograd's gradient is ``M grad L`` (``M`` zeroes the padding rows) and no
+optimizer moves that row: double backward gives ``M H M``, but ``torch.func``'s
+forward-over-reverse product is ``M H``, which is not symmetric (a Lanczos run on it is wrong).
+The padding rows of untied embeddings are therefore excluded from every operator
+(``v -> M H (M v)``: the Hessian over the coordinates autograd trains, the same for both
+backends). When the backend is settled (chosen, given or cached), the operator's symmetry is
+checked once per model, dtype, batch-statistics mode and backend from ``v^T H w`` against
+``w^T H v``, ``v`` the vector of the operator's first product and ``w`` seeded Gaussian (one more product); where it fails the other backend is tried and kept
+if it passes. The outcome is in :attr:`HessianOperator.symmetry`.
+
+Unused parameters: a parameter the loss does not use on this batch (a masked-spectrum embedding
+in eval mode, a head the loss skips) has no gradient in autograd; it is taken as zero gradient
+and zero curvature (``allow_unused``) and named in :attr:`HessianOperator.unused`.
+
 Everything runs on a deep copy of the
 user's model, so its parameters, buffers and flags are never touched; in ``train`` mode the copy's
 BatchNorms stop tracking running statistics, so they normalize with batch statistics and update
@@ -78,6 +98,62 @@ FAST_PRODUCT = 0.25  # seconds of a first product (graph included) too small to 
 DECOMPOSITION_TOL = 1e-12
 GRAPH_FACTOR = 3.0
 BACKEND_CACHE: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+SYMMETRY_CACHE: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+PRECISIONS = ("model", "float64")
+SYMMETRY_SEED = 104729
+SYMMETRY_TOL = {torch.float64: 1e-8, torch.float32: 1e-5}
+"""Largest ``|v^T H w - w^T H v| / s`` of a symmetric operator, ``s = (||v|| ||Hw|| + ||w|| ||Hv||) / (2 sqrt(n))``
+the typical size of either form for Gaussian ``v, w``. Rounding stays well below: 3e-16 to 4e-16 in float64 (a BERT
+from a config), 2e-8 to 6e-7 in float32 (the five reference models in both modes, the BERT), measured with
+three seeds each; a real asymmetry is larger (``torch.func`` through a padding row: 5e-5; the double backward of
+torch's weight norm in a Hubert: 3e-5 to 4e-4)."""
+
+
+def curvature_dtype(model: nn.Module, precision: str = "model") -> torch.dtype:
+    """The dtype of curvature products for ``model``: float64 for ``precision="float64"``; for
+    ``"model"`` the dtype of the model's first floating parameter, float32 for float16/bfloat16
+    (products in half precision lose too many digits) or a model without one.
+
+    Raises:
+        UnknownNameError: ``precision`` is not one of :data:`PRECISIONS`.
+    """
+    if precision not in PRECISIONS:
+        raise UnknownNameError("precision", precision, PRECISIONS)
+    if precision == "float64":
+        return torch.float64
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def gradients(value: Tensor, leaves: Sequence[Tensor], create_graph: bool = False) -> tuple[list[Tensor], list[int]]:
+    """``d value / d leaves`` with a zero gradient for each leaf the value does not depend on, and
+    the indices of those unused leaves."""
+    if not value.requires_grad:  # none of the leaves is used
+        return [torch.zeros_like(leaf) for leaf in leaves], list(range(len(leaves)))
+    found = torch.autograd.grad(value, list(leaves), create_graph=create_graph, allow_unused=True)
+    unused = [i for i, g in enumerate(found) if g is None]
+    return [torch.zeros_like(leaf) if g is None else g for g, leaf in zip(found, leaves)], unused
+
+
+def padding_rows(model: nn.Module, names: Sequence[str], sizes: Sequence[int]) -> dict[str, Tensor]:
+    """``{"<weight name>[p]": flat indices}`` of the padding row ``p`` of every ``nn.Embedding`` or
+    ``nn.EmbeddingBag`` with a ``padding_idx`` whose weight is among ``names`` (flat vectors in the
+    order of ``names``, ``sizes`` their lengths) and is not tied to another module (a tied output
+    layer gives the row a real gradient)."""
+    offsets = dict(zip(names, np.cumsum([0, *sizes[:-1]]).tolist()))
+    uses: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        uses[id(p)] = uses.get(id(p), 0) + 1
+    rows = {}
+    for path, module in model.named_modules():
+        index = getattr(module, "padding_idx", None)
+        name = f"{path}.weight" if path else "weight"
+        if (isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and index is not None and name in offsets
+                and uses[id(module.weight)] == 1):
+            width = module.weight.shape[1]
+            start = offsets[name] + int(index) * width
+            rows[f"{name}[{int(index)}]"] = torch.arange(start, start + width)
+    return rows
 
 
 class BatchLoss:
@@ -114,12 +190,25 @@ class BatchLoss:
         self.model, self.inputs, self.targets, self.loss_fn, self.mode = net, inputs, targets, loss_fn, mode
         self.source = weakref.ref(model)
         self.params: dict[str, Tensor] = {n: p.detach() for n, p in net.named_parameters()}
+        self.unused: set[str] = set()
 
     def __call__(self, params: dict[str, Tensor] | None = None) -> Tensor:
         """``L`` at ``self.params`` with the entries of ``params`` substituted."""
         merged = self.params if not params else {**self.params, **params}
         with sdpa_kernel(SDPBackend.MATH):
             return self.loss_fn(forward(self.model, self.inputs, merged), self.targets)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the copy's first floating parameter (float32 without one)."""
+        return next((p.dtype for p in self.params.values() if p.is_floating_point()), torch.float32)
+
+    def in_float64(self) -> "BatchLoss":
+        """This loss in float64: a float64 copy of the copy, at this loss's parameter values, on
+        the batch with its floating tensors cast (same mode and loss function)."""
+        twin = BatchLoss(self.model, self.inputs, cast_inputs(self.targets, torch.float64), self.loss_fn, self.mode, torch.float64)
+        twin.params = {n: p.detach().to(torch.float64) if p.is_floating_point() else p for n, p in self.params.items()}
+        return twin
 
     def with_params(self, params: dict[str, Tensor]) -> "BatchLoss":
         """A shallow twin of this loss evaluated at other parameter values (same copy and batch)."""
@@ -135,10 +224,13 @@ class BatchLoss:
         return groups
 
     def gradient(self, names: Sequence[str] | None = None) -> dict[str, Tensor]:
-        """``dL/dtheta`` for the parameters ``names`` (all by default)."""
+        """``dL/dtheta`` for the parameters ``names`` (all by default); zero for a parameter the
+        loss does not use, whose names this call leaves in :attr:`unused`."""
         names = list(self.params) if names is None else list(names)
         leaves = {n: self.params[n].detach().requires_grad_(True) for n in names}
-        return dict(zip(names, torch.autograd.grad(self(leaves), list(leaves.values()))))
+        grads, unused = gradients(self(leaves), list(leaves.values()))
+        self.unused = {names[i] for i in unused}
+        return dict(zip(names, grads))
 
     @property
     def couples_examples(self) -> bool:
@@ -156,18 +248,18 @@ class BatchLoss:
         instead, ``count`` balanced chunks ``[c n // count, (c + 1) n // count)``), ``w_c = n_c / n``, after
         checking in float64 that ``L = sum_c w_c L_c`` to :data:`DECOMPOSITION_TOL` (relative) at
         the parameters and at a seeded perturbation of them (1% of each tensor's RMS), so that
-        ``g = sum_c w_c g_c`` and ``H v = sum_c w_c H_c v`` hold exactly.
+        ``g = sum_c w_c g_c`` and ``H v = sum_c w_c H_c v`` hold exactly. A loss in another dtype is
+        checked on its float64 twin (:meth:`in_float64`): the decomposition is a property of the
+        model and the loss, and float64 separates it from rounding.
 
         Raises:
-            InvalidArgumentError: the loss is not float64, or it is not the example-weighted mean
+            InvalidArgumentError: the loss is not the example-weighted mean
                 of the chunks' losses (a model that couples the examples in this mode, such as
                 BatchNorm with batch statistics, or a loss that is no mean over examples), or neither or both of ``chunk`` and ``count`` given, or
                 more chunks than examples.
         """
         if (chunk is None) == (count is None):
             raise InvalidArgumentError("give example_chunks either chunk (examples per chunk) or count (chunks)")
-        if self.params and next(iter(self.params.values())).dtype != torch.float64:
-            raise InvalidArgumentError("example chunks are verified only in float64; use dtype=torch.float64")
         n = size(self.inputs)
         if count is not None and not 1 <= count <= n:
             raise InvalidArgumentError(f"{count} chunks of {n} examples: every chunk needs an example")
@@ -175,13 +267,15 @@ class BatchLoss:
                   else [(c * n // count, (c + 1) * n // count) for c in range(count)])
         parts = [self.on_examples(slice(start, stop)) for start, stop in bounds]
         weights = [size(part.inputs) / n for part in parts]
+        exact = self if self.dtype == torch.float64 else self.in_float64()
+        checked = [exact.on_examples(slice(start, stop)) for start, stop in bounds]
         generator = torch.Generator(device="cpu").manual_seed(0)
         nudge = {name: p + 0.01 * p.pow(2).mean().sqrt() * torch.randn(p.shape, generator=generator, dtype=p.dtype).to(p.device)
-                 for name, p in self.params.items()}
+                 for name, p in exact.params.items()}
         with torch.no_grad():
             for at in (None, nudge):
-                full = float(self(at))
-                split = sum(w * float(part(at)) for w, part in zip(weights, parts))
+                full = float(exact(at))
+                split = sum(w * float(part(at)) for w, part in zip(weights, checked))
                 if not abs(full - split) <= DECOMPOSITION_TOL * max(1.0, abs(full)):
                     raise InvalidArgumentError(
                         f"the {self.mode}-mode loss on the batch ({full:.17g}) is not the example-weighted mean of its "
@@ -232,7 +326,7 @@ def rank_pieces(loss: BatchLoss, world: World, chunks: list[tuple[float, BatchLo
     n = size(loss.inputs)
     per_rank = min(1 if chunks is None else math.ceil(len(chunks) / world.size), n // world.size)
     pieces = None
-    if per_rank >= 1:
+    if per_rank >= 1 and loss.dtype == torch.float64:
         try:
             pieces = loss.example_chunks(count=world.size * per_rank)
         except InvalidArgumentError:
@@ -292,6 +386,9 @@ class HessianOperator:
         self._piece_graphs: dict[int, tuple[list[Tensor], list[Tensor]]] = {}
         self.selection_products = 0
         self.trial_seconds = trial_seconds
+        self.unused: set[str] | None = None
+        self.symmetry: dict | None = None
+        self.mask: Tensor | None = None
         self.backend: str | None = cached_backend(self) if backend == "auto" else backend
 
     @property
@@ -321,13 +418,28 @@ class HessianOperator:
             if self.world is not None:
                 self._gradient = self._reduced(self._own_gradient)
             elif self.chunks is not None:
-                self._gradient = sum(w * self.flatten(part.gradient(self.names)) for w, part in self.chunks)
+                self._gradient = sum(w * self.flatten(self._noted(part.gradient(self.names), part)) for w, part in self.chunks)
             elif self._graph is not None or (self.backend == "double_backward" and self._parent is None):
                 _, grads = self._kept_graph()
                 self._gradient = torch.cat([g.detach().reshape(-1) for g in grads])
             else:
-                self._gradient = self.flatten(self.loss.gradient(self.names))
+                self._gradient = self.flatten(self._noted(self.loss.gradient(self.names), self.loss))
         return self._gradient
+
+    def _noted(self, grads: dict[str, Tensor], loss: BatchLoss) -> dict[str, Tensor]:
+        """``grads``, after noting the parameters ``loss`` left unused (:meth:`_note_unused`)."""
+        self._note_unused(loss.unused)
+        return grads
+
+    def _note_unused(self, found: set[str]) -> None:
+        """Keep in :attr:`unused` the parameters unused by every loss seen so far (each chunk's,
+        each piece's): a parameter one chunk uses is used."""
+        self.unused = set(found) if self.unused is None else self.unused & set(found)
+
+    def unused_parameters(self) -> list[str]:
+        """The parameters of this operator that the loss does not use (zero gradient and zero
+        curvature), in the order of :attr:`names`; known once a gradient has been computed."""
+        return [n for n in self.names if n in (self.unused or ())]
 
     def release(self) -> None:
         """Drop the kept double-backward graphs (the next product rebuilds them)."""
@@ -348,6 +460,7 @@ class HessianOperator:
             self(torch.randn(self.numel, generator=generator, dtype=torch.float64).to(self.device))
         twin = HessianOperator(self.loss, self.names, self.backend, self.chunks)
         twin.timings = dict(self.timings)
+        twin.adopt_symmetry(self)
         return twin
 
     def _own(self) -> list[tuple[int, float, BatchLoss]]:
@@ -366,7 +479,7 @@ class HessianOperator:
         """``sum_i w_i g_i`` over this rank's pieces (uncounted, not reduced)."""
         if self._keeps_piece_graphs():
             return sum(w * torch.cat([g.detach().reshape(-1) for g in self._piece_graph(i, part)[1]]) for i, w, part in self._own())
-        return sum(w * self.flatten(part.gradient(self.names)) for _, w, part in self._own())
+        return sum(w * self.flatten(self._noted(part.gradient(self.names), part)) for _, w, part in self._own())
 
     def _own_product(self, v: Tensor) -> Tensor:
         """``sum_i w_i H_i v`` over this rank's pieces (uncounted, not reduced)."""
@@ -406,12 +519,26 @@ class HessianOperator:
         self.products += 1
         start = time.perf_counter()
         v = v.to(self.dtype)
-        hv = select_backend(self, v, self.trial_seconds) if self.backend is None else self._product(v)
+        hv = select_backend(self, v, self.trial_seconds) if self.backend is None else None
+        chosen = self.backend
+        if self.symmetry is None:
+            self.mask = padding_mask(self)
+            if hv is None or self.mask is not None:  # the choice's product is the operator's without the mask
+                hv = self._product(v)
+            settle_symmetry(self, (v, hv))
+        if hv is None or self.backend != chosen:
+            hv = self._product(v)
         self.seconds = time.perf_counter() - start
         return hv
 
     def _product(self, v: Tensor) -> Tensor:
-        """``H v`` with :attr:`backend` (uncounted; collective when the operator splits)."""
+        """``H v`` with :attr:`backend`, ``M H (M v)`` when padding rows are excluded (:attr:`mask`;
+        uncounted; collective when the operator splits)."""
+        if self.mask is None:
+            return self._backend_product(v)
+        return self._backend_product(v * self.mask) * self.mask
+
+    def _backend_product(self, v: Tensor) -> Tensor:
         if self._parent is not None:
             return self._hvp_double_backward(v)
         if self.world is not None:
@@ -432,11 +559,21 @@ class HessianOperator:
         if self.backend is None:
             generator = torch.Generator(device="cpu").manual_seed(0)
             self(torch.randn(self.numel, generator=generator, dtype=torch.float64).to(self.device))
+        if self.symmetry is None:
+            settle_symmetry(self)
         child = HessianOperator(self.loss, names, self.backend, self.chunks)
         child.world, child.pieces = self.world, self.pieces
         if self.backend == "double_backward" and self.chunks is None:
             child._parent = self
+        child.adopt_symmetry(self)
         return child
+
+    def adopt_symmetry(self, other: "HessianOperator") -> None:
+        """Take ``other``'s symmetry verdict (an operator of the same loss): its padding rows
+        excluded, restricted to this operator's parameters (none for a block that computes its
+        products through ``other``'s, which excludes them already)."""
+        self.symmetry = None if other.symmetry is None else {**other.symmetry, "products": 0}
+        self.mask = padding_mask(self) if self._parent is None else None
 
     def _hvp_double_backward(self, v: Tensor) -> Tensor:
         if self._parent is not None:
@@ -446,9 +583,12 @@ class HessianOperator:
         return self._backward_of_gradient(self._kept_graph(), v, keep=True)
 
     def _gradient_graph(self, loss: BatchLoss) -> tuple[list[Tensor], list[Tensor]]:
-        """``(leaves, dL/dleaves)`` of ``loss`` over :attr:`names`, with ``create_graph=True``."""
+        """``(leaves, dL/dleaves)`` of ``loss`` over :attr:`names`, with ``create_graph=True`` (a
+        zero gradient, without a graph, for a parameter the loss does not use)."""
         leaves = [loss.params[n].detach().requires_grad_(True) for n in self.names]
-        return leaves, list(torch.autograd.grad(loss(dict(zip(self.names, leaves))), leaves, create_graph=True))
+        grads, unused = gradients(loss(dict(zip(self.names, leaves))), leaves, create_graph=True)
+        self._note_unused({self.names[i] for i in unused})
+        return leaves, grads
 
     def _kept_graph(self) -> tuple[list[Tensor], list[Tensor]]:
         """:meth:`_gradient_graph` of the whole batch, built once and kept for the products."""
@@ -459,7 +599,12 @@ class HessianOperator:
     def _backward_of_gradient(self, graph: tuple[list[Tensor], list[Tensor]], v: Tensor, keep: bool) -> Tensor:
         """``H v = d(g . v)/dtheta`` from a gradient graph (``keep``: for more products)."""
         leaves, grads = graph
-        hv = torch.autograd.grad(grads, leaves, grad_outputs=list(self.split(v).values()), retain_graph=keep, allow_unused=True)
+        pieces = list(self.split(v).values())
+        live = [i for i, g in enumerate(grads) if g.requires_grad]  # a constant gradient has zero curvature
+        if not live:
+            return torch.zeros(self.numel, dtype=self.dtype, device=self.device)
+        hv = torch.autograd.grad([grads[i] for i in live], leaves, grad_outputs=[pieces[i] for i in live], retain_graph=keep,
+                                 allow_unused=True)
         return torch.cat([(torch.zeros_like(p) if h is None else h).reshape(-1) for h, p in zip(hv, leaves)])
 
     def _hvp_once(self, v: Tensor, loss: BatchLoss) -> Tensor:
@@ -499,6 +644,80 @@ def cached_backend(op: HessianOperator) -> str | None:
         return None
     op.timings.update(chosen[1])
     return chosen[0]
+
+
+def padding_mask(op: HessianOperator) -> Tensor | None:
+    """The 0/1 vector over ``op``'s flat parameters that zeroes the padding rows
+    (:func:`padding_rows`); ``None`` when it holds none."""
+    rows = padding_rows(op.loss.model, op.names, op.sizes)
+    if not rows:
+        return None
+    mask = torch.ones(op.numel, dtype=op.dtype, device=op.device)
+    mask[torch.cat(list(rows.values())).to(op.device)] = 0
+    return mask
+
+
+def symmetry_error(op: HessianOperator, seed: int = SYMMETRY_SEED, known: tuple[Tensor, Tensor] | None = None) -> float:
+    """``|v^T H w - w^T H v| / s`` for a seeded Gaussian ``w`` and ``v`` another seeded Gaussian
+    vector or, given ``known = (v, H v)``, a product already computed (the operator's first: a
+    Lanczos start vector, a step), with ``s = (||v|| ||Hw|| + ||w|| ||Hv||) / (2 sqrt(n))`` the
+    typical size of either form for random vectors (0 for ``H v = H w = 0``); one or two products
+    of ``op``'s settled backend (and mask), in float64 sums."""
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    w = torch.randn(op.numel, generator=generator, dtype=torch.float64).to(op.device)
+    if known is None:
+        v = torch.randn(op.numel, generator=generator, dtype=torch.float64).to(op.device)
+        hv = op._product(v.to(op.dtype)).double()
+    else:
+        v, hv = known[0].double(), known[1].double()
+    hw = op._product(w.to(op.dtype)).double()
+    scale = float(v.norm() * hw.norm() + w.norm() * hv.norm()) / (2 * math.sqrt(op.numel))
+    return abs(float(v @ hw) - float(w @ hv)) / scale if scale > 0 else 0.0
+
+
+def settle_symmetry(op: HessianOperator, first: tuple[Tensor, Tensor] | None = None) -> None:
+    """Exclude ``op``'s padding rows (:func:`padding_mask`) and check its symmetry
+    (:func:`symmetry_error`, with ``first = (v, H v)`` the operator's first product when given)
+    once its backend is settled; where the check fails, try the other backend (two random
+    vectors) and keep it if it passes (module docstring).
+
+    ``op.symmetry`` becomes ``{"error", "action", "excluded", "products", "backend"}``: ``error`` of
+    the operator kept, ``action`` ``symmetric``, ``<backend> asymmetric: <other> used`` or
+    ``asymmetric`` (neither backend passes: the operator is used as it is), ``excluded`` names the
+    padding rows left out, ``products`` counts the check's products beyond ``first`` (1 with it,
+    2 without, 2 more with the other backend; 0 when a verdict of the whole operator is cached for
+    this model, dtype, batch-statistics mode and backend). A block operator takes a cached
+    whole-operator verdict."""
+    source = op.loss.source()
+    key = (op.dtype, op.loss.couples_examples, op.backend)
+    op.mask = padding_mask(op)
+    known = SYMMETRY_CACHE.get(source, {}).get(key) if source is not None else None
+    if known is not None:
+        op.symmetry = {**known, "products": 0}
+        op.backend = known["backend"]
+        return
+    tol = SYMMETRY_TOL.get(op.dtype, SYMMETRY_TOL[torch.float32])
+    rows = padding_rows(op.loss.model, op.names, op.sizes)
+    verdict = {"error": symmetry_error(op, known=first), "action": "symmetric", "excluded": ", ".join(rows),
+               "products": 1 if first is not None else 2, "backend": op.backend}
+    if not verdict["error"] <= tol:
+        first, other = op.backend, "func" if op.backend == "double_backward" else "double_backward"
+        op.release()
+        op.backend = other
+        try:
+            error = symmetry_error(op)
+        except (RuntimeError, NotImplementedError, ValueError):
+            error = math.inf
+        verdict["products"] += 2
+        if error <= tol:
+            verdict.update(error=error, action=f"{first} asymmetric: {other} used", backend=other)
+        else:
+            op.release()
+            op.backend = first
+            verdict["action"] = "asymmetric"
+    op.symmetry = verdict
+    if source is not None and op.names == list(op.loss.params):
+        SYMMETRY_CACHE.setdefault(source, {})[key] = verdict
 
 
 def select_backend(op: HessianOperator, v: Tensor, trial_seconds: float = math.inf, good_enough: float = FAST_PRODUCT) -> Tensor:

@@ -4,9 +4,11 @@
   with full reorthogonalization, stopped as soon as every wanted Ritz value is accurate to a
   relative tolerance: for a Ritz pair ``(theta, y)`` of the tridiagonal ``T_m = V_m^T H V_m`` the
   residual is ``r = ||H y - theta y|| = beta_m |s_m|`` (no extra product), and some eigenvalue of
-  ``H`` lies within ``min(r, r^2 / gap)`` of ``theta`` (Kahan-Parlett-Jiang / Saad, "Numerical
-  Methods for Large Eigenvalue Problems", 2011, §4.3; ``gap`` = the distance to the other Ritz
-  values less their residuals). One product per iteration. ``2 / lambda_max`` is the stability
+  ``H`` lies within ``r`` of ``theta`` (Kahan's residual bound, which holds at every iteration);
+  once the gap is certified (:func:`ritz_errors`: the neighbouring Ritz values have converged and
+  stay clear of ``theta``'s interval) within ``min(r, r^2 / gap)`` (Kahan-Parlett-Jiang; Parlett,
+  "The Symmetric Eigenvalue Problem", 1998, §11.7; Saad, "Numerical Methods for Large Eigenvalue
+  Problems", 2011, §4.3). Each value says which bound it carries. One product per iteration. ``2 / lambda_max`` is the stability
   limit of plain gradient descent on the quadratic model (Deshmukh, "Batch Norm" (notes, 2020), MATH.md §5).
 * :func:`hutchpp_trace`: Hutch++ (Meyer, Musco, Musco and Woodruff, "Hutch++: Optimal Stochastic
   Trace Estimation", SOSA 2021). With ``Q`` an orthonormal basis of ``H S`` for a Rademacher
@@ -16,6 +18,9 @@
   ``tr H_gg = <Q, HQ>_g + <(I - QQ^T) H Q, Q>_g + E[w_g^T ((I - QQ^T) H w)_g]``,
   ``w = (I - QQ^T) v`` (the three terms of ``tr(P_g H)`` split by ``I = QQ^T + (I - QQ^T)``).
 * :func:`hutchinson_trace`: plain Hutchinson (1989), ``tr H = E[v^T H v]`` for Rademacher ``v``.
+* :func:`trace_interval`: the Student-t confidence interval of an estimate from ``n`` samples,
+  ``mean +- t_{(1+level)/2, n-1} se`` (the random part's mean over ``n`` independent samples,
+  its spread estimated from the same samples; ``n - 1`` degrees of freedom).
 """
 
 from __future__ import annotations
@@ -25,21 +30,29 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from scipy.stats import t as student_t
 from torch import Tensor
 
 from normscope.analyzers.hvp import HessianOperator
 from normscope.distributed import current, merge_owned
 from normscope.errors import InvalidArgumentError
 
-Traces = dict[str, tuple[float, float]]
+Traces = dict[str, tuple[float, float, int]]
+"""``{block: (trace, standard error of the random part, Hutchinson samples)}`` (``"total"`` for the whole)."""
+LEVEL = 0.95
+MIN_TRACE_SAMPLES = 6
+"""Fewer Hutchinson samples than this give no trace: the spread of 2-5 samples of ``v^T H v`` is too
+unreliable for an interval (one cut run put a layer's trace 266 standard errors from the truth)."""
 
 
 @dataclass
 class Eigenvalues:
     """What :func:`lanczos` found: ``values`` (descending), their ``residuals`` ``||H y - theta y||``
-    and error bounds ``min(r, r^2 / gap)``, the ``products`` spent and whether every value reached
-    the tolerance (``converged``; False when ``max_products`` stopped it first), and the unit Ritz
-    vector of the top value (``top_vector``, float64: a warm start for a later call)."""
+    and error bounds (some eigenvalue of ``H`` lies within ``errors[i]`` of ``values[i]``), which
+    bound each is (``bounds``: ``residual``, ``gap`` or ``exact``; :func:`ritz_errors`), the
+    ``products`` spent and whether every value reached the tolerance (``converged``; False when
+    ``max_products`` stopped it first), and the unit Ritz vector of the top value (``top_vector``,
+    float64: a warm start for a later call)."""
 
     values: np.ndarray
     residuals: np.ndarray
@@ -47,6 +60,17 @@ class Eigenvalues:
     products: int
     converged: bool
     top_vector: Tensor | None = None
+    bounds: tuple[str, ...] = ()
+
+
+def trace_interval(mean: float, stderr: float, n_samples: int, level: float = LEVEL) -> tuple[float, float]:
+    """``mean -+ t_{(1 + level)/2, n - 1} stderr``: the Student-t interval of a mean of
+    ``n_samples`` independent samples whose standard error ``stderr`` comes from the same samples;
+    ``(nan, nan)`` below :data:`MIN_TRACE_SAMPLES` (the trace is then not measured)."""
+    if n_samples < MIN_TRACE_SAMPLES:
+        return math.nan, math.nan
+    half = float(student_t.ppf((1 + level) / 2, n_samples - 1)) * stderr
+    return mean - half, mean + half
 
 
 def dense_hessian(op: HessianOperator) -> np.ndarray:
@@ -59,17 +83,26 @@ def _rademacher(n: int, generator: torch.Generator) -> Tensor:
     return torch.randint(0, 2, (n,), generator=generator).double().mul_(2).sub_(1)
 
 
-def ritz_errors(values: np.ndarray, residuals: np.ndarray) -> np.ndarray:
-    """``min(r_i, r_i^2 / gap_i)`` with ``gap_i`` the distance from ``theta_i`` to the other Ritz
-    values, each widened by its own residual (0 when they overlap: then only ``r_i`` holds)."""
-    errors = residuals.copy()
+def ritz_errors(values: np.ndarray, residuals: np.ndarray, tol: float) -> tuple[np.ndarray, list[str]]:
+    """Error bounds of the Ritz values ``values`` (descending, all of the run's) with residuals
+    ``residuals``, and which bound each is.
+
+    ``residual``: ``r_i`` (Kahan: some eigenvalue lies within ``r_i`` of ``theta_i``; holds however
+    short the run). ``gap``: ``r_i^2 / gap_i`` (Kahan-Parlett-Jiang) where the gap is certified:
+    every neighbouring Ritz value (the next above and below) has converged, ``r_j <= tol |theta_j|``,
+    so an eigenvalue lies within ``r_j`` of it, and ``gap_i = min_j (|theta_i - theta_j| - r_j)``
+    exceeds ``r_i``. Before convergence the other Ritz values can sit far from any eigenvalue, and a
+    gap taken from them overstates the distance to the rest of the spectrum (a cut run reported
+    0.126 where the error was 0.250), so only converged neighbours count."""
+    errors, bounds = residuals.copy(), ["residual"] * len(values)
     for i in range(len(values)):
-        others = np.delete(np.arange(len(values)), i)
-        if len(others):
-            gap = float(np.min(np.abs(values[others] - values[i]) - residuals[others]))
-            if gap > 0:
-                errors[i] = min(residuals[i], residuals[i] ** 2 / gap)
-    return errors
+        neighbours = [j for j in (i - 1, i + 1) if 0 <= j < len(values)]
+        if not neighbours or any(residuals[j] > tol * abs(values[j]) for j in neighbours):
+            continue
+        gap = min(abs(values[j] - values[i]) - residuals[j] for j in neighbours)
+        if gap > residuals[i] and residuals[i] ** 2 / gap < residuals[i]:
+            errors[i], bounds[i] = residuals[i] ** 2 / gap, "gap"
+    return errors, bounds
 
 
 def lanczos(
@@ -80,10 +113,10 @@ def lanczos(
 
     Lanczos from ``start`` (e.g. an earlier call's ``top_vector``) or a seeded Gaussian start
     vector, every new vector reorthogonalized twice against
-    the basis (float64, on ``op``'s device), stopping when each of the top ``k`` Ritz values has
-    ``min(r, r^2/gap) <= tol |theta|``, when the Krylov space is invariant (exact), after ``n``
-    products or after ``max_products``. A block with at most ``k + 1`` parameters is formed
-    densely and solved exactly.
+    the basis (float64, on ``op``'s device, whatever the products' dtype), stopping when each of
+    the top ``k`` Ritz values has an error bound (:func:`ritz_errors`) ``<= tol |theta|``, when the
+    Krylov space is invariant (exact), after ``n`` products or after ``max_products``. A block
+    with at most ``k + 1`` parameters is formed densely and solved exactly.
     """
     if k < 1:
         raise InvalidArgumentError(f"k must be a positive number of eigenvalues (got {k})")
@@ -92,7 +125,7 @@ def lanczos(
         values, vectors = np.linalg.eigh(_symmetric(dense_hessian(op)))
         values = values[::-1][: min(k, n)].copy()
         top = torch.as_tensor(vectors[:, -1].copy(), dtype=torch.float64, device=op.device)
-        return Eigenvalues(values, np.zeros_like(values), np.zeros_like(values), n, True, top)
+        return Eigenvalues(values, np.zeros_like(values), np.zeros_like(values), n, True, top, ("exact",) * len(values))
     limit = n if max_products is None else max(1, min(n, int(max_products)))
     if start is None:
         start = torch.randn(n, generator=torch.Generator(device="cpu").manual_seed(seed), dtype=torch.float64)
@@ -112,7 +145,7 @@ def lanczos(
         order = np.argsort(theta)[::-1]
         theta, s = theta[order], s[:, order]
         residuals = beta * np.abs(s[-1, :])
-        errors = ritz_errors(theta, residuals)
+        errors, bounds = ritz_errors(theta, residuals, tol)
         m = len(alphas)
         wanted = min(k, m)
         invariant = beta <= 1e-12 * max(abs(theta[0]), 1e-300)
@@ -120,9 +153,10 @@ def lanczos(
         if done or invariant or m >= limit:
             converged = done or invariant
             if invariant:
-                residuals, errors = np.zeros_like(residuals), np.zeros_like(errors)
+                residuals, errors, bounds = np.zeros_like(residuals), np.zeros_like(errors), ["exact"] * m
             top = V @ torch.as_tensor(s[:, 0].copy(), dtype=torch.float64, device=V.device)
-            return Eigenvalues(theta[:wanted].copy(), residuals[:wanted].copy(), errors[:wanted].copy(), m, converged, top)
+            return Eigenvalues(theta[:wanted].copy(), residuals[:wanted].copy(), errors[:wanted].copy(), m, converged, top,
+                               tuple(bounds[:wanted]))
         betas.append(beta)
         basis.append(w / beta)
 
@@ -150,7 +184,7 @@ def _block_sums(product: Tensor, index: dict[str, Tensor]) -> dict[str, float]:
 
 def hutchinson_trace(
     op: HessianOperator, n_samples: int = 32, seed: int = 0, blocks: dict[str, list[str]] | None = None
-) -> Traces:
+) -> dict[str, tuple[float, float]]:
     """Hutchinson's estimate of ``tr H``: the mean of ``v^T H v`` over ``n_samples`` Rademacher
     vectors ``v`` (seeded) and its standard error ``std(ddof=1) / sqrt(n_samples)``, under key
     ``"total"``; and, for each block ``g`` of ``blocks`` (parameter names of ``op``), the trace of
@@ -204,7 +238,7 @@ def hutchpp_trace(
 def _plus_deflated_samples(op: HessianOperator, Q: Tensor, exact: dict[str, float], n_samples: int,
                            generator: torch.Generator, index: dict) -> Traces:
     """``exact`` plus Hutchinson's estimate on the deflated rest, per block, with its standard
-    error: the mean of ``w_g^T ((I - QQ^T) H w)_g`` over ``w = (I - QQ^T) v``, Rademacher ``v``.
+    error and the number of samples: the mean of ``w_g^T ((I - QQ^T) H w)_g`` over ``w = (I - QQ^T) v``, Rademacher ``v``.
 
     Under :func:`normscope.distributed.session` the samples are shared out over the ranks (sample
     ``i`` on rank ``i % W``; every rank draws every ``v`` from the same seeded generator) and
@@ -229,8 +263,8 @@ def _plus_deflated_samples(op: HessianOperator, Q: Tensor, exact: dict[str, floa
     if sampler is not op:
         sampler.release()
     values = merge_owned(values).numpy()
-    return {block: (exact[block] + float(np.mean(values[:, j])), float(np.std(values[:, j], ddof=1) / math.sqrt(n_samples)))
-            for j, block in enumerate(blocks)}
+    return {block: (exact[block] + float(np.mean(values[:, j])), float(np.std(values[:, j], ddof=1) / math.sqrt(n_samples)),
+                    n_samples) for j, block in enumerate(blocks)}
 
 
 def _symmetric(matrix: np.ndarray) -> np.ndarray:

@@ -172,3 +172,15 @@ def test_fixed_mean_arrangement_is_kept():
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4))
     swapped = swap_norms(model, "population", arrangement="fixed_mean")
     assert swapped[1].producer is None and swapped[1].arrangement == "fixed_mean"
+
+
+def test_fold_uses_the_input_mean_with_current_weights():
+    """Folding a conv + Algorithm-1 PopulationNorm gives the eval output after the weights moved."""
+    from normscope.ops.folding import fold
+
+    swapped, x = build("conv", 1, "hadamard", 1.0, 1.0, 5.0)
+    swapped.eval()
+    with torch.no_grad():
+        swapped[0].weight.mul_(0.7)
+        folded = fold(swapped[0], swapped[1])
+        torch.testing.assert_close(folded(x), swapped[1](swapped[0](x)), rtol=0, atol=1e-12)

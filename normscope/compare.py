@@ -86,8 +86,8 @@ def parse_variants(text: str) -> list[Variant]:
     Items are separated by commas (or semicolons). An item ``name`` or ``name:key=value`` starts a
     variant; a following ``key=value`` item adds an option to it. ``ema`` is the op's EMA rate
     (its ``momentum``). ``label=...`` names the variant (by default ``name:key=value,...`` as
-    written). ``two_stage`` is PopulationNorm sites trained by two-stage backprop (option
-    ``chunk``: examples per chunk); ``model`` keeps the model's own layers.
+    written). ``two_stage`` is PopulationNorm sites (fixed-mean arrangement) trained by two-stage
+    backprop (option ``chunk``: examples per chunk); ``model`` keeps the model's own layers.
     """
     variants: list[dict[str, Any]] = []
     for raw in text.replace(";", ",").split(","):
@@ -116,9 +116,9 @@ def make_variant(name: str, options: dict[str, Any], text: str | None = None) ->
     options = {ALIASES.get(k, k): v for k, v in options.items()}
     label = str(options.pop("label", text or name)).strip()
     key = name.strip().lower().replace("-", "_")
-    if key == "two_stage":
+    if key == "two_stage":  # the fixed-mean arrangement: two-stage backprop is exact for it (MATH.md §4)
         chunk = options.pop("chunk", None)
-        return Variant(label, "population", options, "two_stage", chunk)
+        return Variant(label, "population", {"arrangement": "fixed_mean", **options}, "two_stage", chunk)
     if key != UNSWAPPED and key not in LAYER_SITE_OPS:
         get_norm(key)
     return Variant(label, key, options)

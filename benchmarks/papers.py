@@ -38,7 +38,7 @@ import os
 import platform
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -182,8 +182,10 @@ CLAIMS = [
 def run_line(iterable: Iterable, description: str = "", total: int | None = None) -> Iterator:
     """compare's ``track``: one line on stderr when a run ends (the harness runs in several processes)."""
     start = time.perf_counter()
-    yield from iterable
-    print(f"papers: {description} done in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+    try:
+        yield from iterable
+    finally:  # the training loop stops iterating after its last step
+        print(f"papers: {description} done in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
 
 
 def train(exp: Experiment, variants: list[Variant], data: tuple, seeds: Iterable[int], tag: str) -> pd.DataFrame:
@@ -326,7 +328,8 @@ def render(claims: pd.DataFrame, summaries: dict, selections: dict, settings: di
         f"{(claims['verdict'] == 'reproduced').sum()} reproduced, {len(failed)} not reproduced, "
         f"{len(claims) - len(decided)} inconclusive or other, of {len(claims)}.**",
         "",
-        f"Per-example normalization without rotation (Algorithm 1, §5 settings) on digits: mean accuracy {format_mean_std(per_example)}.",
+        "Per-example normalization without rotation (Algorithm 1, §5 settings) on digits: mean accuracy "
+        + (format_mean_std(per_example) if per_example else "not run (did not finish)") + ".",
         "",
         markdown_table(main),
         "",
@@ -370,6 +373,29 @@ def render(claims: pd.DataFrame, summaries: dict, selections: dict, settings: di
     return "\n".join(parts)
 
 
+def claim_rows(summaries: dict, exps: dict[str, Experiment], resolutions: dict, checks: dict[str, str], quick: bool) -> pd.DataFrame:
+    """One row per claim and data set: judged where its experiment has finished, else "not run"."""
+    rows = []
+    for claim in CLAIMS:
+        exp = exps[claim.experiment]
+        for name in exp.datasets:
+            summary = summaries.get((claim.experiment, name))
+            if summary is None:
+                rows.append({"data": name, "paper": claim.paper, "claim": claim.text, "paper numbers": claim.numbers,
+                             "a": claim.a, "b": claim.b, "verdict": "not run (did not finish)", "op check": ""})
+                continue
+            row = judge(claim, summary, name, resolutions[name][1])
+            if row["verdict"] == "not reproduced":
+                for label in (claim.a, claim.b):
+                    if label not in checks:
+                        checks[label] = op_check(label, exp, quick)
+                row["op check"] = f"{claim.a}: {checks[claim.a]}; {claim.b}: {checks[claim.b]}"
+            rows.append(row)
+    columns = ["data", "paper", "claim", "paper numbers", "a", "b", "a accuracy", "b accuracy", "paired a − b", "interval",
+               "paper effect vs resolution", "verdict", "op check"]
+    return pd.DataFrame(rows, columns=columns).fillna("")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=6)
@@ -382,50 +408,45 @@ def main() -> None:
     load_before = tuple(round(x, 2) for x in os.getloadavg())
     start = time.perf_counter()
     exps = {exp.name: exp for exp in experiments(args.quick)}
-    units = [(exp, name) for exp in exps.values() for name in exp.datasets]
-    summaries, selections, times = {}, {}, {}
+    order = {("extreme", "digits"): 0, ("extreme", "shapes"): 1, ("table2", "shapes"): 2, ("table1", "shapes"): 3}
+    units = sorted(((exp, name) for exp in exps.values() for name in exp.datasets), key=lambda u: order.get((u[0].name, u[1]), 9))
+    resolutions = {name: (n, binomial_resolution(n, len(seeds))) for name in ("digits", "shapes")
+                   for n in [len(dataset(name, args.quick)[3])]}
+    summaries, selections, times, checks = {}, {}, {}, {}
+
+    def write(appendix: str) -> pd.DataFrame:
+        """Render what has finished so far (a run cut short still leaves its finished experiments)."""
+        claims = claim_rows(summaries, exps, resolutions, checks, args.quick)
+        digits = summaries.get(("extreme", "digits"))
+        per_example = [] if digits is None else accuracies(digits, "per-example")
+        settings = {
+            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "seeds": len(seeds), "jobs": args.jobs,
+            "load_before": load_before, "load_after": tuple(round(x, 2) for x in os.getloadavg()),
+            "seconds": time.perf_counter() - start,
+            "units": ", ".join(f"{k} {v:.0f} s" for k, v in times.items()) + (
+                "" if len(times) == len(units) else f"; not finished: {', '.join(f'{e.name}@{n}' for e, n in units if f'{e.name}@{n}' not in times)}"),
+        }
+        text = render(claims, summaries, selections, settings, checks, appendix, resolutions, per_example)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.out.with_suffix(".tmp")
+        tmp.write_text(text + "\n")
+        tmp.replace(args.out)
+        return claims
+
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
         futures = [pool.submit(run_unit, exp, name, seeds, args.quick) for exp, name in units]
-        for future in futures:
+        for future in as_completed(futures):
             exp_name, name, summary, selection, seconds = future.result()
             summaries[(exp_name, name)] = summary
             if len(selection):
                 selections[(exp_name, name)] = selection
             times[f"{exp_name}@{name}"] = seconds
             print(f"papers: {exp_name} on {name}: {seconds:.0f} s", file=sys.stderr, flush=True)
-    resolutions = {name: (n, binomial_resolution(n, len(seeds))) for name in ("digits", "shapes")
-                   for n in [len(dataset(name, args.quick)[3])]}
-    rows = []
-    for claim in CLAIMS:
-        for name in exps[claim.experiment].datasets:
-            rows.append(judge(claim, summaries[(claim.experiment, name)], name, resolutions[name][1]))
-    claims = pd.DataFrame(rows)
-    checks: dict[str, str] = {}
-    texts = []
-    for row in claims.itertuples():
-        if row.verdict != "not reproduced":
-            texts.append("")
-            continue
-        exp = exps[next(c.experiment for c in CLAIMS if c.text == row.claim)]
-        for label in (row.a, row.b):
-            if label not in checks:
-                checks[label] = op_check(label, exp, args.quick)
-        texts.append(f"{row.a}: {checks[row.a]}; {row.b}: {checks[row.b]}")
-    claims["op check"] = texts
+            write("(not run yet: the check runs after every experiment has finished)")
     appendix = "\n".join(appendix_c_check(5 if args.quick else 200, 1 if args.quick else 3, start_) for start_ in LS_STARTS)
-    per_example = accuracies(summaries[("extreme", "digits")], "per-example")
-    settings = {
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "seeds": len(seeds), "jobs": args.jobs,
-        "load_before": load_before, "load_after": tuple(round(x, 2) for x in os.getloadavg()),
-        "seconds": time.perf_counter() - start, "units": ", ".join(f"{k} {v:.0f} s" for k, v in times.items()),
-    }
-    text = render(claims, summaries, selections, settings, checks, appendix, resolutions, per_example)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(text + "\n")
-    tmp.replace(args.out)
-    print(claims[["data", "claim", "a accuracy", "b accuracy", "interval", "verdict"]].to_string())
-    print(f"wrote {args.out} in {settings['seconds']:.0f} s")
+    claims = write(appendix)
+    print(claims[["data", "claim", "verdict"]].to_string())
+    print(f"wrote {args.out} in {time.perf_counter() - start:.0f} s")
 
 
 if __name__ == "__main__":

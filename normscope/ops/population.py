@@ -16,8 +16,6 @@ from typing import Callable
 
 import numpy as np
 import torch
-from scipy.linalg import hadamard
-from scipy.stats import ortho_group
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase
 
@@ -47,6 +45,9 @@ def rotation_matrix(width: int, kind: str = "auto", seed: int = 0, dtype: torch.
     ``"random"``: a Haar-random orthogonal matrix drawn with ``seed``;
     ``"auto"``: Hadamard where the width is a power of 2, else random.
     """
+    from scipy.linalg import hadamard
+    from scipy.stats import ortho_group
+
     if kind not in ROTATIONS:
         raise UnknownNameError("rotation", kind, ROTATIONS)
     power_of_two = width >= 1 and width & (width - 1) == 0

@@ -311,6 +311,8 @@ def compare(
     examples: int | None = None,
     seeds: int | Sequence[int] = 1,
     lr_schedule: str = "constant",
+    analyzers: str | Sequence[str] | None = None,
+    analysis_budget: float = 30.0,
 ) -> AnalyzerOutput:
     """Train each variant swapped into ``model`` at each batch size and seed and return the tables.
 
@@ -345,6 +347,9 @@ def compare(
         device: where to train; the model's device by default.
         track: progress wrapper ``track(iterable, description, total)``, as ``AnalysisContext.track``.
         lr_schedule: ``"constant"`` or ``"cosine"`` (decay to 0 over each run). Default: ``"constant"``.
+        analyzers: analyzers (``stats``, ``gls``, ``descent``, ...) run by :func:`normscope.analyze` on
+            each variant's trained model, on the training split, ``analysis_budget`` seconds each:
+            the ``compare_analysis`` table, one row per run (the in-situ comparison). Default: None.
 
     Returns:
         :class:`~normscope.analyzers.AnalyzerOutput` with tables ``compare_curves``,
@@ -372,7 +377,7 @@ def compare(
     chance = chance_level(loss_fn, data)
     budget = "steps" if steps is not None else "examples"
     examples = examples if examples is not None else max(1, int(epochs * n_train))
-    curves, summary = [], []
+    curves, summary, analysis = [], [], []
     for batch_size in batch_sizes:
         if batch_size > n_train:
             raise DataShapeError(f"batch size {batch_size} is larger than the {n_train} training examples")
@@ -390,6 +395,9 @@ def compare(
                         lr_schedule=lr_schedule,
                     )
                 curves += [{"op": variant.label, "batch_size": batch_size, **row, "seed": s} for row in rows]
+                if analyzers:
+                    analysis.append({"op": variant.label, "batch_size": batch_size, "seed": s,
+                                     **analysis_row(net, data, analyzers, analysis_budget, s, run_lr, loss_fn)})
                 train_last = next(r for r in reversed(rows) if r["split"] == "train")
                 test_last = rows[-1]
                 status = run_status(train_last["loss"], test_last["loss"], chance)
@@ -404,11 +412,41 @@ def compare(
                 ))
     summary_table = pd.DataFrame(summary)
     stats = seed_stats(summary_table)
+    tables = {"compare_curves": pd.DataFrame(curves), "compare_summary": summary_table, "compare_stats": stats}
+    if analyzers:
+        tables["compare_analysis"] = pd.DataFrame(analysis, columns=["op", "batch_size", "seed", *ANALYSIS_COLUMNS])
+        means = tables["compare_analysis"].groupby(["op", "batch_size"], sort=False)[list(ANALYSIS_COLUMNS)].mean()
+        tables["compare_stats"] = stats.join(means.add_suffix("_mean"), on=["op", "batch_size"])
     return AnalyzerOutput(
-        tables={"compare_curves": pd.DataFrame(curves), "compare_summary": summary_table, "compare_stats": stats},
+        tables=tables,
         findings=findings(summary_table),
         headline=headline(stats),
     )
+
+
+ANALYSIS_COLUMNS = {  # compare_analysis column: (analyzer, headline figure)
+    "lambda_max_train": ("descent", "lambda_max_train"),
+    "a_crit_train": ("descent", "a_crit_train"),
+    "lambda_max_eval": ("descent", "lambda_max_eval"),
+    "a_crit_eval": ("descent", "a_crit_eval"),
+    "mean_drift_max": ("stats", "mean_drift_max"),
+    "gls_r2_mean": ("gls", "gls_r2_mean"),
+    "gls_identity_rel_max": ("gls", "gls_identity_rel_max"),
+}
+
+
+def analysis_row(model: nn.Module, data: Data, analyzers: str | Sequence[str], budget: float, seed: int, lr: float,
+                 loss_fn: LossFn) -> dict[str, float]:
+    """The headline figures of :func:`normscope.analyze` on a trained variant (training split, one
+    batch of up to 128): lambda_max and a_crit (descent, train and eval mode), the largest mean
+    drift of the running statistics (stats), the mean gls R^2 and the largest distance of a
+    backward from the least-squares residual (gls); NaN where an analyzer did not run or the
+    budget cut it."""
+    from normscope.api import analyze
+
+    result = analyze(model, data=(data[0], data[1]), analyzers=analyzers, batch_size=min(128, len(data[0])), batches=1,
+                     budget=budget, seed=seed, lr=lr, loss_fn=loss_fn)
+    return {column: float(result.headline.get(name, {}).get(key, math.nan)) for column, (name, key) in ANALYSIS_COLUMNS.items()}
 
 
 def baseline_label(labels: Sequence[str]) -> str:

@@ -50,6 +50,7 @@ def compare(
     seeds: Annotated[int, typer.Option("--seeds", min=1, help="Seeds per variant (seed, seed+1, ...): mean ± std, and a winner only beyond the spread.")] = 1,
     data: Annotated[str, typer.Option("--data", help="'digits', 'digits-flat' (N, 64), or package.module:loader as for analyze (the last 20% of its examples are the test split; or it returns train_x, train_y, test_x, test_y).")] = "digits",
     loss: Annotated[str, typer.Option("--loss", help="'cross_entropy', 'mse' or pkg.module:function, called as fn(outputs, targets).")] = "cross_entropy",
+    analyzers: Annotated[str, typer.Option("--analyzers", help="Analyze each variant's trained model with these analyzers (e.g. 'stats,gls,descent'): lambda_max, a_crit, drift and R² per variant and seed in OUT/tables/compare_analysis.")] = "",
     out: Annotated[Optional[Path], option("--out", "-o", help="Output folder.", default_text="normscope-out/<UTC time>")] = None,
     device: Annotated[str, typer.Option("--device", help="'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:N'.")] = "auto",
     trust: Annotated[bool, flag("--trust", "Allow loading a whole pickled model (runs code from the file).")] = False,
@@ -67,10 +68,13 @@ def compare(
         loss_fn = resolve_loss(loss)
         start = model.strip().lower() if checkpoint is None and model.strip().lower() in MODELS else load_model(checkpoint, model, trust=trust)
         splits = resolve_data(data, max(sizes))
+        from normscope.api import analyzer_names
+
+        chosen = analyzer_names(analyzers) if analyzers.strip() else None
         with progress_bars(True) as track:
             result = run_compare(
                 start, variants, sizes, epochs=epochs, steps=steps or None, examples=examples or None, lr=lr, seed=seed,
-                seeds=seeds, data=splits, loss_fn=loss_fn, device=target, track=track,
+                seeds=seeds, data=splits, loss_fn=loss_fn, device=target, track=track, analyzers=chosen,
             )
         write_folder_atomic(out, lambda staging: write_tables(staging / TABLES_DIR, result.tables), overwrite=overwrite)
         outcome.written = out
@@ -148,5 +152,13 @@ def print_summary(stats: pd.DataFrame, findings: list[str]) -> None:
         )
     console = Console()
     console.print(table)
+    if "lambda_max_train_mean" in stats:
+        analysis = Table(title="trained variants analyzed in place (means over seeds; compare_analysis has each seed)")
+        for column in ("op", "batch size", "λ_max (train)", "a_crit (train)", "mean drift max", "GLS R² mean", "backward vs residual"):
+            analysis.add_column(column, justify="left" if column == "op" else "right")
+        for row in stats.itertuples():
+            cells = [row.lambda_max_train_mean, row.a_crit_train_mean, row.mean_drift_max_mean, row.gls_r2_mean_mean, row.gls_identity_rel_max_mean]
+            analysis.add_row(row.op, str(row.batch_size), *("–" if math.isnan(v) else f"{v:.3g}" for v in cells))
+        console.print(analysis)
     for sentence in findings:
         console.print(sentence, markup=False)

@@ -26,6 +26,7 @@ def train(
         from normscope.reports.timeseries import render_run
 
         build_model(model)  # a clear error for an unknown name before anything is written
-        steps = train_monitored(out, model, epochs=epochs, every=every, every_curvature=every_curvature or None)
+        steps = train_monitored(out, model, epochs=epochs, every=every, every_curvature=every_curvature or None,
+                                show_progress=True)
         page = render_run(out)
     typer.echo(f"{steps} steps monitored; rows in {out}/ (pandas.read_parquet), report: {page}")

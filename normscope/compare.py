@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import math
-import time
 from dataclasses import dataclass, field
 from itertools import count
 from typing import Any, Callable, Iterator, Sequence
@@ -32,14 +31,13 @@ from normscope.api import floating_dtype, model_device
 from normscope.data import load_digits
 from normscope.errors import DataShapeError, InvalidArgumentError
 from normscope.models import build_model
-from normscope.ops.ema import EmaSchedule, ema_only_step, ema_schedule
+from normscope.ops.ema import EmaSchedule
 from normscope.ops.factory import NormSpec, get_norm
 from normscope.ops.swap import LAYER_SITE_OPS, swap_norms
-from normscope.ops.two_stage import two_stage_step
 from normscope.seed_stats import compare_means, format_mean_std, mean_std
+from normscope.train import TRAINERS, StepInfo, epoch_batches, train_loop
 
 DEFAULT_OPS = ("bn", "median", "renorm", "population")
-TRAINERS = ("backprop", "two_stage")
 Data = tuple[Tensor, Tensor, Tensor, Tensor]
 LossFn = Callable[[Tensor, Tensor], Tensor]
 ALIASES = {"ema": "momentum"}
@@ -88,8 +86,8 @@ def parse_variants(text: str) -> list[Variant]:
     Items are separated by commas (or semicolons). An item ``name`` or ``name:key=value`` starts a
     variant; a following ``key=value`` item adds an option to it. ``ema`` is the op's EMA rate
     (its ``momentum``). ``label=...`` names the variant (by default ``name:key=value,...`` as
-    written). ``two_stage`` is PopulationNorm sites trained by two-stage backprop (option
-    ``chunk``: examples per chunk); ``model`` keeps the model's own layers.
+    written). ``two_stage`` is PopulationNorm sites (fixed-mean arrangement) trained by two-stage
+    backprop (option ``chunk``: examples per chunk); ``model`` keeps the model's own layers.
     """
     variants: list[dict[str, Any]] = []
     for raw in text.replace(";", ",").split(","):
@@ -118,9 +116,9 @@ def make_variant(name: str, options: dict[str, Any], text: str | None = None) ->
     options = {ALIASES.get(k, k): v for k, v in options.items()}
     label = str(options.pop("label", text or name)).strip()
     key = name.strip().lower().replace("-", "_")
-    if key == "two_stage":
+    if key == "two_stage":  # the fixed-mean arrangement: two-stage backprop is exact for it (MATH.md §4)
         chunk = options.pop("chunk", None)
-        return Variant(label, "population", options, "two_stage", chunk)
+        return Variant(label, "population", {"arrangement": "fixed_mean", **options}, "two_stage", chunk)
     if key != UNSWAPPED and key not in LAYER_SITE_OPS:
         get_norm(key)
     return Variant(label, key, options)
@@ -210,10 +208,12 @@ def train_run(
     trainer: str = "backprop",
     chunk_size: int | None = None,
     schedule: EmaSchedule | None = None,
+    lr_schedule: str = "constant",
 ) -> tuple[list[dict[str, Any]], RunTiming]:
-    """Train ``model`` in place for ``steps`` SGD steps (momentum 0.9, learning rate ``lr``) on
-    minibatches of ``batch_size`` drawn in a ``seed``-determined order (the last partial batch of an
-    epoch is dropped) and return curve rows and timings.
+    """Train ``model`` in place for ``steps`` SGD steps (momentum 0.9, learning rate ``lr``,
+    constant or cosine-decayed to 0, ``lr_schedule``) on minibatches of ``batch_size`` drawn in a
+    ``seed``-determined order (the last partial batch of an epoch is dropped) with
+    :func:`normscope.train.train_loop`, and return curve rows and timings.
 
     ``trainer`` ``"two_stage"`` computes each step's gradient by two-stage backprop. ``schedule``
     (default: :func:`~normscope.ops.ema.ema_schedule` of the model) adds EMA-only steps before the
@@ -231,59 +231,33 @@ def train_run(
     loader = DataLoader(TensorDataset(train_x, train_y), batch_size=batch_size, shuffle=True, generator=generator, drop_last=True)
     per_epoch = len(loader)
     marks = {max(1, round(steps * k / points)) for k in range(1, points + 1)} | {steps}
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
-    schedule = ema_schedule(model) if schedule is None else schedule
     ema_loader = DataLoader(
         TensorDataset(train_x), batch_size=batch_size, shuffle=True, drop_last=True,
         generator=torch.Generator().manual_seed(seed + 1_000_003),
     )
-    ema_batches = (batch for _ in count() for (batch,) in ema_loader)
-    ema_seconds, ema_count = 0.0, 0
-
-    def ema_steps(number: int) -> None:
-        nonlocal ema_seconds, ema_count
-        start = time.perf_counter()
-        for _ in range(number):
-            inputs = next(ema_batches)
-            ema_only_step(model, lambda m: m(inputs))
-        ema_seconds += time.perf_counter() - start
-        ema_count += number
-
     rows: list[dict[str, Any]] = []
     losses: list[Tensor] = []
     hits: list[float] = []
-    step_seconds: list[float] = []
-    batches = (batch for _ in range(math.ceil(steps / per_epoch)) for batch in loader)
-    model.train()
-    ema_steps(schedule.warmup)
-    for step, (inputs, targets) in enumerate(track(batches, description, steps), start=1):
-        start = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        if trainer == "two_stage":
-            loss = torch.tensor(two_stage_step(model, inputs, targets, loss_fn, chunk_size))
-            hit = math.nan
-        else:
-            outputs = model(inputs)
-            loss = loss_fn(outputs, targets)
-            loss.backward()
-            hit = None
-        optimizer.step()
-        step_seconds.append(time.perf_counter() - start)
-        losses.append(loss.detach())
-        hits.append(accuracy(outputs.detach(), targets) if hit is None else hit)
-        finite = bool(torch.isfinite(loss))
-        if finite:
-            ema_steps(schedule.after(step))
-        if step in marks or not finite:
-            epoch = step / per_epoch
-            rows.append(dict(step=step, epoch=epoch, split="train", loss=float(torch.stack(losses).mean()), accuracy=float(sum(hits) / len(hits))))
+
+    def record(info: StepInfo) -> None:
+        losses.append(info.loss)
+        hits.append(math.nan if info.outputs is None else accuracy(info.outputs, info.targets))
+        if info.step in marks or not bool(torch.isfinite(info.loss)):
+            rows.append(dict(step=info.step, epoch=info.epoch, split="train", loss=float(torch.stack(losses).mean()), accuracy=float(sum(hits) / len(hits))))
             test_loss, test_accuracy = evaluate(model, test_x, test_y, loss_fn)
-            rows.append(dict(step=step, epoch=epoch, split="test", loss=test_loss, accuracy=test_accuracy))
-            losses, hits = [], []
-        if not finite or step == steps:
-            break
+            rows.append(dict(step=info.step, epoch=info.epoch, split="test", loss=test_loss, accuracy=test_accuracy))
+            losses.clear()
+            hits.clear()
+
+    result = train_loop(
+        model, epoch_batches(loader, math.ceil(steps / per_epoch)), steps, lr, per_epoch=per_epoch,
+        lr_schedule=lr_schedule, loss_fn=loss_fn, trainer=trainer, chunk_size=chunk_size, ema=schedule,
+        ema_inputs=(batch for _ in count() for (batch,) in ema_loader), on_step=record, track=track,
+        description=description,
+    )
+    step_seconds = result.step_seconds
     timed = step_seconds[1:] or step_seconds
-    timing = RunTiming(sum(step_seconds[1:]), sum(timed) / len(timed), ema_count, ema_seconds)
+    timing = RunTiming(sum(step_seconds[1:]), sum(timed) / len(timed), result.ema_steps, result.ema_seconds)
     return rows, timing
 
 
@@ -336,6 +310,9 @@ def compare(
     *,
     examples: int | None = None,
     seeds: int | Sequence[int] = 1,
+    lr_schedule: str = "constant",
+    analyzers: str | Sequence[str] | None = None,
+    analysis_budget: float = 30.0,
 ) -> AnalyzerOutput:
     """Train each variant swapped into ``model`` at each batch size and seed and return the tables.
 
@@ -369,6 +346,10 @@ def compare(
         loss_fn: ``loss_fn(outputs, targets) -> scalar``, averaged over the examples. Default: cross-entropy.
         device: where to train; the model's device by default.
         track: progress wrapper ``track(iterable, description, total)``, as ``AnalysisContext.track``.
+        lr_schedule: ``"constant"`` or ``"cosine"`` (decay to 0 over each run). Default: ``"constant"``.
+        analyzers: analyzers (``stats``, ``gls``, ``descent``, ...) run by :func:`normscope.analyze` on
+            each variant's trained model, on the training split, ``analysis_budget`` seconds each:
+            the ``compare_analysis`` table, one row per run (the in-situ comparison). Default: None.
 
     Returns:
         :class:`~normscope.analyzers.AnalyzerOutput` with tables ``compare_curves``,
@@ -396,7 +377,7 @@ def compare(
     chance = chance_level(loss_fn, data)
     budget = "steps" if steps is not None else "examples"
     examples = examples if examples is not None else max(1, int(epochs * n_train))
-    curves, summary = [], []
+    curves, summary, analysis = [], [], []
     for batch_size in batch_sizes:
         if batch_size > n_train:
             raise DataShapeError(f"batch size {batch_size} is larger than the {n_train} training examples")
@@ -411,8 +392,12 @@ def compare(
                     rows, timing = train_run(
                         net, data, batch_size, run_steps, run_lr, s, points, loss_fn, track,
                         f"{variant.label} B={batch_size} seed={s}", variant.trainer, variant.chunk_size,
+                        lr_schedule=lr_schedule,
                     )
                 curves += [{"op": variant.label, "batch_size": batch_size, **row, "seed": s} for row in rows]
+                if analyzers:
+                    analysis.append({"op": variant.label, "batch_size": batch_size, "seed": s,
+                                     **analysis_row(net, data, analyzers, analysis_budget, s, run_lr, loss_fn)})
                 train_last = next(r for r in reversed(rows) if r["split"] == "train")
                 test_last = rows[-1]
                 status = run_status(train_last["loss"], test_last["loss"], chance)
@@ -427,11 +412,41 @@ def compare(
                 ))
     summary_table = pd.DataFrame(summary)
     stats = seed_stats(summary_table)
+    tables = {"compare_curves": pd.DataFrame(curves), "compare_summary": summary_table, "compare_stats": stats}
+    if analyzers:
+        tables["compare_analysis"] = pd.DataFrame(analysis, columns=["op", "batch_size", "seed", *ANALYSIS_COLUMNS])
+        means = tables["compare_analysis"].groupby(["op", "batch_size"], sort=False)[list(ANALYSIS_COLUMNS)].mean()
+        tables["compare_stats"] = stats.join(means.add_suffix("_mean"), on=["op", "batch_size"])
     return AnalyzerOutput(
-        tables={"compare_curves": pd.DataFrame(curves), "compare_summary": summary_table, "compare_stats": stats},
+        tables=tables,
         findings=findings(summary_table),
         headline=headline(stats),
     )
+
+
+ANALYSIS_COLUMNS = {  # compare_analysis column: (analyzer, headline figure)
+    "lambda_max_train": ("descent", "lambda_max_train"),
+    "a_crit_train": ("descent", "a_crit_train"),
+    "lambda_max_eval": ("descent", "lambda_max_eval"),
+    "a_crit_eval": ("descent", "a_crit_eval"),
+    "mean_drift_max": ("stats", "mean_drift_max"),
+    "gls_r2_mean": ("gls", "gls_r2_mean"),
+    "gls_identity_rel_max": ("gls", "gls_identity_rel_max"),
+}
+
+
+def analysis_row(model: nn.Module, data: Data, analyzers: str | Sequence[str], budget: float, seed: int, lr: float,
+                 loss_fn: LossFn) -> dict[str, float]:
+    """The headline figures of :func:`normscope.analyze` on a trained variant (training split, one
+    batch of up to 128): lambda_max and a_crit (descent, train and eval mode), the largest mean
+    drift of the running statistics (stats), the mean gls R^2 and the largest distance of a
+    backward from the least-squares residual (gls); NaN where an analyzer did not run or the
+    budget cut it."""
+    from normscope.api import analyze
+
+    result = analyze(model, data=(data[0], data[1]), analyzers=analyzers, batch_size=min(128, len(data[0])), batches=1,
+                     budget=budget, seed=seed, lr=lr, loss_fn=loss_fn)
+    return {column: float(result.headline.get(name, {}).get(key, math.nan)) for column, (name, key) in ANALYSIS_COLUMNS.items()}
 
 
 def baseline_label(labels: Sequence[str]) -> str:

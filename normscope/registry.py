@@ -17,6 +17,7 @@ rule                one partition per                                       used
 ``group``           (sample, group), over (C/G channels, spatial)           GroupNorm
 ``instance``        (sample, channel), over spatial                         InstanceNorm
 ``weight``          output unit of a weight ``v``, over the other dims      weight norm
+``ghost``           (ghost batch of ``groups`` samples, channel)            ghost-batch BN
 ==================  ======================================================  ============
 
 Readings are per instance: classes added with :func:`register_norm` come first (along the MRO),
@@ -41,7 +42,7 @@ from torch.nn.utils.parametrizations import _WeightNorm
 
 from normscope.errors import NormscopeError, UnknownNameError
 
-RULES = ("channel", "sample_last", "sample_channel", "group", "instance", "weight")
+RULES = ("channel", "sample_last", "sample_channel", "group", "instance", "weight", "ghost")
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,10 @@ class Layout:
 
     ``weight_offset`` is 1 for norms that scale by ``1 + weight`` (Gemma-style RMSNorm).
     ``batch_stats`` is False when running statistics normalize (BatchNorm in eval mode).
+    ``center`` and ``scale`` (one value per partition) are the statistics of an op that does not
+    normalize by the partition's mean and standard deviation (median BN, population norm), so
+    ``z = (x - center) / scale``; ``residual_backward`` is False when the op's backward pass is not
+    the least-squares residual of MATH.md §2 (the gls tables then measure how far it is).
     """
 
     kind: NormKind
@@ -86,6 +91,9 @@ class Layout:
     running_mean: torch.Tensor | None = None
     running_var: torch.Tensor | None = None
     batch_stats: bool = True
+    center: torch.Tensor | None = None
+    scale: torch.Tensor | None = None
+    residual_backward: bool = True
 
 
 def to_rows(t: torch.Tensor, layout: Layout) -> torch.Tensor:
@@ -103,6 +111,9 @@ def to_rows(t: torch.Tensor, layout: Layout) -> torch.Tensor:
         return t.reshape(t.shape[0] * t.shape[1], -1)
     if rule == "weight":
         return t.movedim(layout.dim, 0).reshape(t.shape[layout.dim], -1)
+    if rule == "ghost":
+        k = layout.groups
+        return t.reshape(t.shape[0] // k, k, t.shape[1], -1).transpose(1, 2).reshape(t.shape[0] // k * t.shape[1], -1)
     raise UnknownNameError("partition rule", rule, RULES)
 
 
@@ -118,6 +129,9 @@ def from_rows(rows: torch.Tensor, shape: torch.Size, layout: Layout) -> torch.Te
     if rule == "weight":
         moved = (shape[layout.dim], *[s for i, s in enumerate(shape) if i != layout.dim])
         return rows.reshape(moved).movedim(0, layout.dim)
+    if rule == "ghost":
+        k = layout.groups
+        return rows.reshape(shape[0] // k, shape[1], k, -1).transpose(1, 2).reshape(shape)
     return rows.reshape(shape)
 
 
@@ -125,7 +139,7 @@ def affine_like(param: torch.Tensor | None, x: torch.Tensor, layout: Layout) -> 
     """Broadcast a per-channel or per-feature affine parameter against ``x``."""
     if param is None:
         return None
-    if layout.rule in ("channel", "group", "instance", "sample_channel"):
+    if layout.rule in ("channel", "group", "instance", "sample_channel", "ghost"):
         return param.reshape(1, -1, *([1] * (x.dim() - 2)))
     return param
 
@@ -141,6 +155,8 @@ def partition_moments(rows: torch.Tensor, layout: Layout) -> tuple[torch.Tensor,
     """
     if layout.rule == "weight":
         return torch.zeros_like(rows[:, :1]), rows.norm(dim=1, keepdim=True)
+    if layout.center is not None:
+        return layout.center.to(rows)[:, None], layout.scale.to(rows)[:, None]
     if not layout.batch_stats:
         mean, var = layout.running_mean.to(rows), layout.running_var.to(rows)
         repeat = rows.shape[0] // mean.shape[0]
@@ -241,6 +257,7 @@ def register_norm(
     channels_first: bool | Callable[[nn.Module], bool] = False,
     weight_offset: float = 0.0,
     overwrite: bool = False,
+    layout: LayoutFn | None = None,
 ) -> None:
     """Teach normscope a custom normalization class in one call.
 
@@ -255,6 +272,9 @@ def register_norm(
             Default: False.
         weight_offset: 1.0 for norms that scale by ``1 + weight``. Default: 0.
         overwrite: replace an existing entry for ``cls`` instead of raising. Default: False.
+        layout: ``layout(module, x) -> Layout``, the reading of one call, for an op the options
+            above cannot describe (its own statistics, ``center``/``scale``; an effective affine;
+            a backward that is not the residual). Default: None (read from the options).
 
     Example:
         >>> register_norm(MyRMSNorm, "rmsnorm", eps="variance_epsilon", bias=None)
@@ -264,8 +284,12 @@ def register_norm(
     if cls in _REGISTRY and not overwrite:
         raise NormscopeError(f"{cls.__name__} is already registered; pass overwrite=True to replace it")
     norm_kind = KINDS[kind]
+    if layout is not None:
+        _REGISTRY[cls] = Recognized(norm_kind, layout)
+        _REGISTERED.add(cls)
+        return
 
-    def layout(m: nn.Module, x: torch.Tensor) -> Layout:
+    def reading(m: nn.Module, x: torch.Tensor) -> Layout:
         first = channels_first(m) if callable(channels_first) else channels_first
         base = Layout(
             norm_kind, "sample_channel" if first else norm_kind.rule, _eps(getattr(m, eps, None), x.dtype),
@@ -277,7 +301,7 @@ def register_norm(
             return running_stats_layout("batchnorm", base.eps, base.weight, base.bias, False, m.running_mean, m.running_var)
         return base
 
-    _REGISTRY[cls] = Recognized(norm_kind, layout)
+    _REGISTRY[cls] = Recognized(norm_kind, reading)
     _REGISTERED.add(cls)
 
 
@@ -355,9 +379,11 @@ def looks_like_norm(module: nn.Module) -> bool:
     """True for a class that is named like a normalization but is not recognised.
 
     Containers whose children are recognised norms (e.g. a ``Sequential`` named ``norms``)
-    do not count; the check is on the class name, never silently on nothing.
+    do not count, nor a class with ``read_by_functional_calls = True`` (its ``F.batch_norm``/
+    ``F.layer_norm`` calls are the sites, e.g. BN then LN in series); the check is on the class
+    name, never silently on nothing.
     """
     name = type(module).__name__.lower()
-    if "norm" not in name or recognize(module) is not None:
+    if "norm" not in name or recognize(module) is not None or getattr(module, "read_by_functional_calls", False):
         return False
     return not any(recognize(child) is not None for child in module.children())

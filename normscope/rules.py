@@ -196,10 +196,16 @@ def gls_findings(tables: dict[str, pd.DataFrame]) -> list[Finding]:
         out.append(Finding(f"{plural(len(frozen), 'site')} normalize with running statistics ({', '.join(frozen['site'][:3])}): "
                            "their backward pass removes nothing.", "gls", "note", label="running statistics in training",
                            metric="batch_stats", value=0, table="gls_sites", where={"site": frozen["site"].iloc[0]}))
-    ident = sites["identity_rel_max"].dropna()
+    residual = sites["residual_backward"].astype(bool) if "residual_backward" in sites else pd.Series(True, index=sites.index)
+    for _, row in sites[~residual].iterrows():
+        out.append(_site_finding("gls", f"At {row['site']} ({row['kind']} reading of its op) the backward pass is not the least-squares "
+                                 f"residual by design; it differs from the residual by {percent(row['identity_rel_max'])} "
+                                 "(relative, largest partition): its R² describes the fit, not what the backward removes.",
+                                 "note", row, "backward is not the residual", "identity_rel_max", table="gls_sites"))
+    ident = sites.loc[residual, "identity_rel_max"].dropna()
     if not ident.empty:
         out.append(Finding(f"Capture check: s dL/dx = g − alpha − beta z holds to {ident.max():.1e} relative "
-                           f"(measured in {', '.join(sorted(set(sites['dtype'])))}).", "gls", "ok", label="capture check",
+                           f"(measured in {', '.join(sorted(set(sites.loc[residual, 'dtype'])))}).", "gls", "ok", label="capture check",
                            metric="identity_rel_max", value=float(ident.max()), table="gls_sites", statistic="max"))
     for _, row in tables.get("gls_two_step", pd.DataFrame()).iterrows():
         out.append(Finding(f"{row['first_site']} then {row['second_site']} ({row['order']}): the second regression explains "

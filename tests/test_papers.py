@@ -1,5 +1,6 @@
 """The reproduction harness (benchmarks/papers.py) in its --quick form: every variant of every
-experiment runs, every claim gets a row, and the Appendix C check runs."""
+experiment runs on every data set, every claim gets a row per data set with its paired interval,
+the LS grid is picked on the selection seeds, and the Appendix C check runs for both starts."""
 
 import subprocess
 import sys
@@ -22,9 +23,14 @@ def test_quick_harness_runs_every_variant(tmp_path):
     finally:
         sys.path.pop(0)
     for claim in papers.CLAIMS:
-        assert claim.text in text
+        experiment = next(e for e in papers.experiments(quick=True) if e.name == claim.experiment)
+        assert text.count(f"| {claim.text} |") == len(experiment.datasets), claim.text
     for experiment in papers.experiments(quick=True):
         for variant in experiment.variants:
-            assert f"| {variant.label} | 3 |" in text, variant.label
-    assert text.count("inconclusive (one seed)") == len(papers.CLAIMS)
-    assert "relative difference of the parameter gradients" in text
+            assert text.count(f"| {variant.label} | 2 |") >= len(experiment.datasets), variant.label
+    for start in papers.LS_STARTS:
+        for pick in ("best", "worst"):
+            assert f"| {papers.ls_label(pick, start)} | 2 |" in text
+    assert text.count("| 95% [") + text.count("| 90% [") == sum(
+        len(next(e for e in papers.experiments(quick=True) if e.name == c.experiment).datasets) for c in papers.CLAIMS)
+    assert "grad_init zero" in text and "grad_init first" in text

@@ -116,8 +116,9 @@ def _surrogate(x, x0, norm: PopulationNorm, k: int):
 
 @pytest.mark.parametrize("k,shape", [(1, (5, 4, 3)), (2, (5, 4, 3)), (4, (9, 4)), (1, (6, 4))])
 def test_gradient_is_the_scalegrad_derivative(k: int, shape: tuple[int, ...]) -> None:
+    # the fixed-mean arrangement (the default is Algorithm 1 since issue 22: tests/test_population_alg1.py)
     norm = _randomize(
-        PopulationNorm(shape[1], momentum=0.0, microbatch=k, r_m=0.7, r_v=0.6, f_max=1.5, u_max=1.2, rotation="hadamard").to(DT)
+        PopulationNorm(shape[1], momentum=0.0, microbatch=k, r_m=0.7, r_v=0.6, f_max=1.5, u_max=1.2, rotation="hadamard", arrangement="fixed_mean").to(DT)
     ).train()
     x0 = torch.randn(*shape, dtype=DT) * 1.5 + 0.3
     jac_op = torch.autograd.functional.jacobian(norm, x0)

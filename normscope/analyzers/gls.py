@@ -43,10 +43,10 @@ from normscope.registry import from_rows, partition_moments, to_rows
 
 COLUMNS = {
     "gls_partitions": ["site", "kind", "depth", "record", "partition", "alpha", "beta", "ols_slope", "slope_ratio",
-                       "r2", "residual_norm", "identity_error", "identity_rel", "batch_stats"],
+                       "r2", "residual_norm", "identity_error", "identity_rel", "batch_stats", "residual_backward"],
     "gls_sites": ["site", "kind", "depth", "n_records", "n_partitions", "r2_mean", "r2_median", "r2_q10", "r2_q25",
                   "r2_q75", "r2_q90", "r2_pooled", "beta_mean", "beta_abs_mean", "slope_ratio_mean", "naive_gap",
-                  "naive_gap_identity", "identity_error_max", "identity_rel_max", "dtype", "batch_stats"],
+                  "naive_gap_identity", "identity_error_max", "identity_rel_max", "dtype", "batch_stats", "residual_backward"],
     "gls_kinds": ["kind", "n_sites", "r2_mean", "r2_median", "naive_gap_mean"],
     "gls_scatter": ["site", "record", "partition", "z", "g", "fit"],
     "gls_two_step": ["first_site", "second_site", "order", "r2_first", "r2_second_on_residual",
@@ -309,6 +309,7 @@ def partitions_table(fits: Sequence[RecordFit]) -> pd.DataFrame:
         "residual_norm": np.sqrt(cat("residual_sq")),
         "identity_error": cat("identity_error"), "identity_rel": cat("identity_rel"),
         "batch_stats": per_fit(lambda f: f.record.layout.batch_stats),
+        "residual_backward": per_fit(lambda f: f.record.layout.residual_backward),
     })
 
 
@@ -348,6 +349,7 @@ def sites_table(fits: Sequence[RecordFit]) -> pd.DataFrame:
             "identity_error_max": _nanmax(cat["identity_error"]), "identity_rel_max": _nanmax(cat["identity_rel"]),
             "dtype": str(first.record.dtype).replace("torch.", ""),
             "batch_stats": first.record.layout.batch_stats,
+            "residual_backward": first.record.layout.residual_backward,
         })
     return pd.DataFrame(rows, columns=COLUMNS["gls_sites"]) if rows else _empty("gls_sites")
 

@@ -128,8 +128,8 @@ def partial_sums(record: SiteRecord) -> dict[str, torch.Tensor]:
     centered = v - mean.to(v.dtype)[None, :, None]
     sums = {"n": n, "mean": mean, "sum_c2": _dot(centered, centered)}
     if _mode(layout) == "running":
-        sums["running_mean"], sums["running_var"] = (t.detach().to(x.device, torch.float64)
-                                                     for t in (layout.running_mean, layout.running_var))
+        given = (layout.center, layout.scale.square() - layout.eps) if layout.center is not None else (layout.running_mean, layout.running_var)
+        sums["running_mean"], sums["running_var"] = (t.detach().to(x.device, torch.float64) for t in given)
     if record.dy is not None:
         dy = record.dy if _per_channel(layout) else gradient_wrt_z(record.dy, layout, None)
         u = dy.contiguous().view(v.shape) if v.shape[0] > 1 else to_rows(dy, layout).contiguous().unsqueeze(0)
@@ -181,7 +181,7 @@ def _mode(layout: Layout) -> str:
     ``centered`` or ``uncentered`` (batch statistics)."""
     if layout.rule == "weight":
         return "weight"
-    if not layout.batch_stats:
+    if not layout.batch_stats or layout.center is not None:  # given statistics: the op's own center and scale
         return "running"
     return "centered" if layout.kind.centered else "uncentered"
 

@@ -17,6 +17,9 @@ from normscope.ops.median import MedianBatchNorm, batch_median, median_batch_nor
 from normscope.ops.layer_norm import ChannelLayerNorm, TokenNorm
 from normscope.ops.renorm import BatchRenorm, GhostBatchNorm, LinearWarmup, batch_renorm, ghost_batch_renorm
 from normscope.ops.swap import batchnorm_sites, convert_batchnorm, convert_layer_norm, layer_sites, swap_norms
+from normscope.ops.readings import register_ops
+
+register_ops()  # every op is a registered kind, read in place by the analyzers (normscope.ops.readings)
 
 _LAZY = {
     "PopulationNorm": "normscope.ops.population",

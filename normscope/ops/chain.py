@@ -79,6 +79,8 @@ class BatchLayerNorm(ChannelNorm):
         >>> y = norm(torch.randn(8, 16, 4, 4))
     """
 
+    read_by_functional_calls = True  # the analyzers read its F.batch_norm and F.layer_norm calls: two sites in series
+
     def __init__(
         self,
         num_features: int,

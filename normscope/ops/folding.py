@@ -7,9 +7,11 @@ layer before it. That is one affine map of x, so the pair becomes a single layer
 .. math:: K = R\\,\\mathrm{diag}\\big(\\gamma / \\sqrt{\\bar\\nu + \\epsilon}\\big) W, \\qquad
           b = R\\big(\\gamma \\odot (b_0 - \\bar\\mu) / \\sqrt{\\bar\\nu + \\epsilon}\\big) + \\beta
 
-(the seed writes it for a mean taken before the convolution, ``-mu . sum(K) + beta``; this op
-centers after the layer, as BatchNorm does, so ``W mu_in`` becomes ``mu-bar``). The inference
-model is a plain conv/linear with bias followed by the nonlinearity.
+(the seed writes it for a mean taken before the convolution, ``-mu . sum(K) + beta``: a
+PopulationNorm that takes its mean over the layer's input, Algorithm 1, has
+``mu-bar = mu_in . sum W + b0`` with the layer's current weights; otherwise ``mu-bar`` is the
+running mean after the layer, as for BatchNorm). The inference model is a plain conv/linear with
+bias followed by the nonlinearity.
 """
 
 from __future__ import annotations
@@ -46,7 +48,12 @@ def fold(layer: nn.Module, norm: nn.Module) -> nn.Module:
     rotation = torch.eye(channels, dtype=dtype, device=layer.weight.device) if rotation is None else rotation.to(dtype)
     mixing = rotation * scale[None, :]
     b0 = layer.bias if layer.bias is not None else torch.zeros(channels, dtype=dtype, device=layer.weight.device)
-    bias = mixing @ (b0 - norm.running_mean.to(dtype))
+    center = norm.running_mean.to(dtype)
+    if getattr(norm, "producer", None) is layer:
+        from normscope.ops.population import producer_center
+
+        center = producer_center(layer, norm.input_mean.to(dtype)[None])[0]
+    bias = mixing @ (b0 - center)
     if norm.bias is not None:
         bias = bias + norm.bias.to(dtype)
     folded = copy.deepcopy(layer)

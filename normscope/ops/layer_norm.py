@@ -65,6 +65,8 @@ class TokenNorm(nn.Module):
     ``weight`` and ``bias`` are the op's (state-dict keys ``op.weight``, ``op.bias``).
     """
 
+    read_by_functional_calls = True  # its BatchLayerNorm's F.batch_norm and F.layer_norm calls are the sites
+
     def __init__(self, op: nn.Module) -> None:
         super().__init__()
         self.op = op

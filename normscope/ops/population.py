@@ -12,12 +12,11 @@ normalization and the nonlinearity ("Extreme Normalization" (under review) §2.2
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import numpy as np
 import torch
-from scipy.linalg import hadamard
-from scipy.stats import ortho_group
-from torch import Tensor
+from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase
 
 from normscope.errors import DataShapeError, InvalidArgumentError, UnknownNameError
@@ -46,6 +45,9 @@ def rotation_matrix(width: int, kind: str = "auto", seed: int = 0, dtype: torch.
     ``"random"``: a Haar-random orthogonal matrix drawn with ``seed``;
     ``"auto"``: Hadamard where the width is a power of 2, else random.
     """
+    from scipy.linalg import hadamard
+    from scipy.stats import ortho_group
+
     if kind not in ROTATIONS:
         raise UnknownNameError("rotation", kind, ROTATIONS)
     power_of_two = width >= 1 and width & (width - 1) == 0
@@ -126,11 +128,12 @@ def normalize_groups(
     .. math:: q = \\frac{p}{\\sqrt{\\nu^\\dagger + \\epsilon}}\\,
               \\mathrm{sg}\\Big(\\min\\big(1, u_{max}\\sqrt{\\tfrac{\\bar\\nu + \\epsilon}{\\nu_g + \\epsilon}}\\big)\\Big)
 
-    The value of q is ``(x - mu-bar) / sqrt(nu-bar + eps)`` (times the clip). ``nu_g`` is taken
-    about the constant mu-bar: at the population its Jacobian to the mean, ``-2 E(x - mu)``, is
-    zero, and the seed gets the same by computing the mean before the linear layer (§3.3); so
-    the gradient of this layer's weights through nu is the seed's, and the two-stage estimate
-    with one normalization layer is exact (MATH.md §4). Returns
+    The value of q is ``(x - mu-bar) / sqrt(nu-bar + eps)`` (times the clip). This is the
+    ``"fixed_mean"`` arrangement, not Algorithm 1 as written (:func:`algorithm1_q`): ``nu_g`` is
+    taken about the constant mu-bar with no gradient through the mean (at the population the
+    Jacobian of nu to the mean, ``-2 E(x - mu)``, is zero), and the mean is taken after the layer.
+    It is the arrangement for which the two-stage estimate with one normalization layer is exact
+    (MATH.md §4). Returns
     ``(q, mu_g, nu_g)`` with q shaped like ``x`` (N, C, *) and the moments (groups, C).
     """
     n, c = x.shape[0], x.shape[1]
@@ -235,6 +238,92 @@ def affine_rotate(q: Tensor, weight: Tensor | None, bias: Tensor | None, rotatio
     return y if bias is None else y + channel_view(bias, q)
 
 
+ARRANGEMENTS = ("algorithm1", "fixed_mean")
+
+
+def group_mean(values: Tensor, k: int) -> Tensor:
+    """Each row of ``values`` (N, C) replaced by the mean over its group: examples in order in
+    groups of ``k``, the last group taking the rest."""
+    n = values.shape[0]
+    ids = torch.arange(n, device=values.device) // k
+    members = torch.nn.functional.one_hot(ids).to(values.dtype).T  # (groups, N)
+    means = (members @ values) / members.sum(dim=1, keepdim=True)
+    return means[ids]
+
+
+def algorithm1_q(
+    y: Tensor,
+    source: Tensor,
+    source_mean: Tensor,
+    var: Tensor,
+    center: Callable[[Tensor], Tensor],
+    *,
+    microbatch: int = 1,
+    eps: float = 1e-5,
+    r_m: float = 1.0,
+    r_v: float = 1.0,
+    f_max: float = 2.0,
+    u_max: float = 5.0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Normalized values q of "Extreme Normalization" (under review) Algorithm 1, groups of ``microbatch`` examples (§3.1, §5).
+
+    ``y`` (N, C, *) is the layer's output ``conv(x, W)``; ``source`` (N, C_s, *) is what the mean is
+    taken over: the layer's input x (C_s = C_in) or, without one, ``y`` itself; ``source_mean``
+    (C_s,) its EMA mu-bar; ``center`` maps a mean (N, C_s) to what is subtracted from ``y`` (N, C):
+    ``mu . sum W + b`` with the current weights, or the identity. ``var`` is nu-bar without eps.
+    Per example b of group g, ``mu_b = E_i source_{b,i}``,
+
+    .. math:: \\mu^\\ddagger = \\mathrm{ScaleGrad}(\\bar\\mu, E_{g}\\mu_b, r_m),\\quad
+              p = y - \\mathrm{center}(\\mu^\\ddagger),\\quad \\nu_b = E_i p_{b,i}^2 + \\epsilon,
+
+    .. math:: \\nu^\\ddagger = \\mathrm{ScaleGrad}\\big(\\bar\\nu + \\epsilon, E_g \\nu_b,
+              r_v \\min(\\tfrac{\\bar\\nu + \\epsilon}{E_g \\nu_b}, f_{max})\\big),\\quad
+              q = \\frac{p}{\\sqrt{\\nu^\\ddagger}}\\,
+              \\mathrm{sg}\\Big(\\min\\big(1, u_{max}\\sqrt{\\tfrac{\\bar\\nu + \\epsilon}{\\nu_b}}\\big)\\Big)
+
+    (k = 1: the per-example mu-dagger, nu-dagger; k > 1: the improved batch renormalization of §5,
+    mu-double-dagger and nu-double-dagger over the microbatch). nu keeps its gradient through
+    mu-dagger; the ``u_max`` clip is per example, as the paper clips "the per-example second
+    moment". The value of q is ``(y - center(mu-bar)) / sqrt(nu-bar + eps)`` times the clip.
+    Returns ``(q, mu_b, nu_b - eps)``: q like ``y``, the per-example moments (N, C_s), (N, C).
+    """
+    n = y.shape[0]
+    k = min(microbatch, n)
+    mu_b = source.reshape(n, source.shape[1], -1).mean(dim=2)
+    mu_dd = scale_grad(source_mean.detach().expand_as(mu_b), group_mean(mu_b, k), r_m)
+    shape = (n, y.shape[1]) + (1,) * (y.dim() - 2)
+    p = y - center(mu_dd).reshape(shape)
+    nu_b = p.reshape(n, y.shape[1], -1).pow(2).mean(dim=2) + eps
+    nu_g = group_mean(nu_b, k)
+    nu_bar = (var.detach() + eps).expand_as(nu_b)
+    ratio = (nu_bar / nu_g).detach()
+    nu_dd = scale_grad(nu_bar, nu_g, r_v * ratio.clamp(max=f_max))
+    clip = (u_max * (nu_bar / nu_b).detach().sqrt()).clamp(max=1.0)
+    q = p * (torch.rsqrt(nu_dd) * clip).reshape(shape)
+    return q, mu_b.detach(), nu_b.detach() - eps
+
+
+def producer_center(producer: nn.Module, mean: Tensor) -> Tensor:
+    """``mean . sum W + b`` ("Extreme Normalization" (under review) Alg. 1, §3.3): what ``producer`` (Linear or Conv, one group)
+    gives for an input equal to ``mean`` (M, C_in) at every position, circular padding assumed, with
+    its current weights; (M, C_out)."""
+    weight = producer.weight
+    summed = weight.reshape(weight.shape[0], weight.shape[1], -1).sum(dim=2)
+    out = mean.to(weight.dtype) @ summed.T
+    return out if producer.bias is None else out + producer.bias
+
+
+class _FeedInput:
+    """Forward pre-hook of a producer: hands the layer's input to its PopulationNorm (a callable
+    object, not a closure, so ``copy.deepcopy`` of the model points it at the copied norm)."""
+
+    def __init__(self, norm: "PopulationNorm") -> None:
+        self.norm = norm
+
+    def __call__(self, module: nn.Module, args: tuple) -> None:
+        self.norm.__dict__["_feed"] = args[0] if args and isinstance(args[0], Tensor) else None
+
+
 def population_norm(
     x: Tensor,
     running_mean: Tensor,
@@ -282,19 +371,36 @@ def population_norm(
 
 
 class PopulationNorm(_NormBase):
-    """Population normalization with per-example / microbatch gradients ("Extreme Normalization" (under review) §3.1).
+    """Population normalization with per-example / microbatch gradients ("Extreme Normalization" (under review) §3.1, Algorithm 1).
 
-    .. math:: y = R\\Big(\\gamma \\odot \\frac{x - \\mu^\\dagger}{\\sqrt{\\nu^\\dagger + \\epsilon}}\\Big) + \\beta,
-              \\quad \\mu^\\dagger = \\mathrm{ScaleGrad}(\\bar\\mu, \\mu_g, r_m),\\;
-              \\nu^\\dagger = \\mathrm{ScaleGrad}(\\bar\\nu, \\nu_g, r_v\\min(\\bar\\nu/\\nu_g, f_{max}))
+    .. math:: y = R\\Big(\\gamma \\odot \\frac{p}{\\sqrt{\\nu^\\dagger}}\\Big) + \\beta,
+              \\quad p = \\mathrm{conv}(x, W) - \\mu^\\dagger \\textstyle\\sum W,\\;
+              \\mu^\\dagger = \\mathrm{ScaleGrad}(\\bar\\mu, \\mu_g, r_m),\\;
+              \\nu^\\dagger = \\mathrm{ScaleGrad}(\\bar\\nu, E p^2 + \\epsilon, r_v\\min(\\bar\\nu/\\nu_g, f_{max}))
 
-    The forward value always uses the EMAs ``running_mean`` (mu-bar) and ``running_var`` (nu-bar,
-    the second moment about mu-bar), so training and inference agree; in training the gradient
-    goes to the moments of each group of ``microbatch`` examples (1: per example, no interaction
-    between examples; k: the seed's improved batch renormalization). Statistics are per channel
-    (dim 1) over the group's examples and all positions, for inputs ``(N, C)`` or ``(N, C, *)``.
-    With ``running_mean``/``running_var`` equal to the batch mean and biased variance, r_m = r_v = 1
-    and ``microbatch >= N``, the output and its gradient equal ``torch.nn.BatchNorm`` in training.
+    The forward value always uses the EMAs, so training and inference agree; in training the
+    gradient goes to the moments of each group of ``microbatch`` examples (1: per example, no
+    interaction between examples; k: the seed's improved batch renormalization, §5). Statistics
+    are per channel (dim 1) over the group's examples and all positions, for inputs ``(N, C)`` or
+    ``(N, C, *)``.
+
+    Two arrangements (``arrangement``):
+
+    * ``"algorithm1"`` (default), the paper's Algorithm 1 (:func:`algorithm1_q`). Where the op
+      knows the Linear/Conv feeding it (:func:`normscope.ops.swap.swap_norms` attaches it,
+      :meth:`attach_producer`), mu-bar is the EMA of that layer's *input* (buffer ``input_mean``,
+      C_in) and ``p = conv(x, W) - mu-dagger . sum W`` with the current weights (§3.3); elsewhere
+      mu-bar is the EMA of the op's input (``running_mean``). Either way ``nu = E p^2 + eps``
+      keeps its gradient through mu-dagger. With a producer, ``running_mean`` holds
+      ``mu-bar . sum W + b`` at the last training step (for the statistics tables and folding).
+    * ``"fixed_mean"``: nu about the fixed EMA mean mu-bar with no gradient through the mean, the
+      mean after the layer (:func:`population_norm`). With one normalization level this is the
+      arrangement for which two-stage backprop equals the population gradient exactly (MATH.md §4);
+      :func:`normscope.ops.two_stage.two_stage_step` always uses it.
+
+    With ``running_mean``/``running_var`` equal to the batch mean and biased variance, r_m = r_v = 1,
+    ``microbatch >= N`` and no producer, the output and its gradient equal ``torch.nn.BatchNorm``
+    in training (both arrangements).
 
     Args:
         num_features: channels C.
@@ -319,6 +425,7 @@ class PopulationNorm(_NormBase):
             Default: 50 ("Extreme Normalization" (under review) §5).
         refresh_updates: how many of the first weight updates are followed by ``refresh`` EMA-only
             steps. Default: 50 ("Extreme Normalization" (under review) §5).
+        arrangement: ``"algorithm1"`` or ``"fixed_mean"`` (above). Default: ``"algorithm1"``.
 
     Shape:
         Input ``(N, C)`` or ``(N, C, *)``; output the same.
@@ -348,6 +455,7 @@ class PopulationNorm(_NormBase):
         warmup: int = 200,
         refresh: int = 50,
         refresh_updates: int = 50,
+        arrangement: str = "algorithm1",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -365,6 +473,9 @@ class PopulationNorm(_NormBase):
                 raise InvalidArgumentError(f"{name} must be an integer >= 0 (got {value!r})")
         if momentum is not None and not 0.0 <= momentum <= 1.0:
             raise InvalidArgumentError(f"momentum (the EMA rate) must be in [0, 1] or None (got {momentum!r})")
+        if arrangement not in ARRANGEMENTS:
+            raise UnknownNameError("PopulationNorm arrangement", arrangement, ARRANGEMENTS)
+        self.arrangement = arrangement
         self.microbatch, self.r_m, self.r_v, self.f_max, self.u_max = microbatch, r_m, r_v, f_max, u_max
         self.warmup, self.refresh, self.refresh_updates = warmup, refresh, refresh_updates
         rotation = None if rotation in NO_ROTATION else rotation
@@ -387,6 +498,29 @@ class PopulationNorm(_NormBase):
                 f"PopulationNorm expected input (N, {self.num_features}, *) (got shape {tuple(x.shape)})"
             )
 
+    @property
+    def producer(self) -> nn.Module | None:
+        """The Linear/Conv feeding this op, attached by :meth:`attach_producer` (not a submodule)."""
+        return self.__dict__.get("_producer")
+
+    def attach_producer(self, producer: nn.Module) -> bool:
+        """Take the mean over ``producer``'s input ("Extreme Normalization" (under review) Alg. 1, §3.3): register a
+        forward pre-hook on it that hands its input to this op, and an ``input_mean`` buffer
+        (C_in, zeros: the EMA-only warm-up fills it). Only for the ``"algorithm1"`` arrangement and
+        a Linear or one-group Conv with ``num_features`` outputs; returns whether it attached."""
+        groups = getattr(producer, "groups", 1)
+        weight = getattr(producer, "weight", None)
+        if (
+            self.arrangement != "algorithm1" or self.producer is not None or groups != 1
+            or not isinstance(producer, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))
+            or weight is None or weight.shape[0] != self.num_features
+        ):
+            return False
+        self.register_buffer("input_mean", torch.zeros(weight.shape[1], device=weight.device, dtype=self.running_mean.dtype))
+        self.__dict__["_producer"] = producer
+        producer.register_forward_pre_hook(_FeedInput(self))
+        return True
+
     def forward(self, x: Tensor) -> Tensor:
         self._check_input_dim(x)
         momentum = self.momentum
@@ -394,27 +528,63 @@ class PopulationNorm(_NormBase):
             self.num_batches_tracked.add_(1)
             if momentum is None:
                 momentum = 1.0 / float(self.num_batches_tracked)
-        return population_norm(
-            x,
-            self.running_mean,
-            self.running_var,
-            self.weight,
-            self.bias,
-            training=self.training,
-            momentum=momentum,
-            eps=self.eps,
-            microbatch=self.microbatch,
-            r_m=self.r_m,
-            r_v=self.r_v,
-            f_max=self.f_max,
-            u_max=self.u_max,
-            rotation=self.rotation,
-        )
+        if self.arrangement == "fixed_mean":
+            return population_norm(
+                x,
+                self.running_mean,
+                self.running_var,
+                self.weight,
+                self.bias,
+                training=self.training,
+                momentum=momentum,
+                eps=self.eps,
+                microbatch=self.microbatch,
+                r_m=self.r_m,
+                r_v=self.r_v,
+                f_max=self.f_max,
+                u_max=self.u_max,
+                rotation=self.rotation,
+            )
+        return self._algorithm1(x, momentum)
+
+    def _algorithm1(self, x: Tensor, momentum: float | None) -> Tensor:
+        compute = stats_dtype(x)
+        xc = x.to(compute)
+        var = self.running_var.to(compute)
+        feed = self.__dict__.pop("_feed", None)
+        producer = self.producer
+        fed = producer is not None and (not self.training or (feed is not None and feed.shape[0] == x.shape[0]))
+        if fed:
+            source_mean = self.input_mean
+            center: Callable[[Tensor], Tensor] = lambda mean: producer_center(producer, mean).to(compute)
+        else:
+            source_mean = self.running_mean
+            center = lambda mean: mean
+        if self.training:
+            source = feed.to(compute) if fed else xc
+            q, mu_b, nu_b = algorithm1_q(
+                xc, source, source_mean.to(compute), var, center, microbatch=self.microbatch, eps=self.eps,
+                r_m=self.r_m, r_v=self.r_v, f_max=self.f_max, u_max=self.u_max,
+            )
+            if momentum:
+                with torch.no_grad():
+                    source_mean.lerp_(mu_b.mean(0).to(source_mean.dtype), momentum)
+                    self.running_var.lerp_(nu_b.mean(0).to(self.running_var.dtype), momentum)
+                    if fed:
+                        self.running_mean.copy_(center(self.input_mean[None].to(compute))[0])
+        else:
+            shift = center(source_mean[None].to(compute))[0]
+            q = (xc - channel_view(shift, xc)) * channel_view(torch.rsqrt(var + self.eps), xc)
+        w = None if self.weight is None else self.weight.to(compute)
+        b = None if self.bias is None else self.bias.to(compute)
+        rot = None if self.rotation is None else self.rotation.to(compute)
+        return affine_rotate(q, w, b, rot).to(x.dtype)
 
     def extra_repr(self) -> str:
         text = (
             f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
             f"microbatch={self.microbatch}, r_m={self.r_m}, r_v={self.r_v}, f_max={self.f_max}, u_max={self.u_max}, "
-            f"warmup={self.warmup}, refresh={self.refresh}, refresh_updates={self.refresh_updates}"
+            f"warmup={self.warmup}, refresh={self.refresh}, refresh_updates={self.refresh_updates}, "
+            f"arrangement={self.arrangement!r}" + (", producer attached" if self.producer is not None else "")
         )
         return text if self.rotation_kind is None else f"{text}, rotation={self.rotation_kind!r}"

@@ -163,6 +163,9 @@ def swap_norms(model: nn.Module, op: NormSpec, sites: str | Iterable[str] | None
       a class or a partial, via :func:`convert_batchnorm`.
     * LayerNorm and RMSNorm sites over the last dim take ``layernorm``, ``rmsnorm``, ``bn_ln`` and
       ``ln_bn`` (:func:`convert_layer_norm`).
+    * A swapped-in op that takes the layer feeding it (PopulationNorm, "Extreme Normalization"
+      Algorithm 1) gets the Linear/Conv before it where ``model`` traces with ``torch.fx``
+      (:func:`attach_producers`).
 
     Raises :class:`NoNormSitesError` when the model has no site the op applies to.
 
@@ -190,7 +193,20 @@ def swap_norms(model: nn.Module, op: NormSpec, sites: str | Iterable[str] | None
         parent_name, _, child = name.rpartition(".")
         parent = new.get_submodule(parent_name) if parent_name else new
         setattr(parent, child, convert(getattr(parent, child), key if convert is convert_layer_norm else op, **kwargs))
+    attach_producers(model, new, names)
     return new
+
+
+def attach_producers(model: nn.Module, new: nn.Module, names: list[str]) -> None:
+    """Hand each swapped site that takes one (``attach_producer``, PopulationNorm's Algorithm 1)
+    the Linear/Conv feeding it in ``model``'s trace (:func:`normscope.ops.producers.feeding_layers`)."""
+    takers = [name for name in names if callable(getattr(new.get_submodule(name), "attach_producer", None))]
+    if not takers:
+        return
+    from normscope.ops.producers import feeding_layers
+
+    for site, layer in feeding_layers(model, takers).items():
+        new.get_submodule(site).attach_producer(new.get_submodule(layer))
 
 
 def _select(found: list[str], sites: str | Iterable[str] | None, kind: str) -> list[str]:

@@ -72,6 +72,8 @@ class Layout:
 
     ``weight_offset`` is 1 for norms that scale by ``1 + weight`` (Gemma-style RMSNorm).
     ``batch_stats`` is False when running statistics normalize (BatchNorm in eval mode).
+    ``activation`` is the elementwise function a fused module applies after the affine (BiT's
+    ``BitGroupNormActivation``): the site's output is ``activation(y)``, its record holds ``y``.
     """
 
     kind: NormKind
@@ -86,6 +88,7 @@ class Layout:
     running_mean: torch.Tensor | None = None
     running_var: torch.Tensor | None = None
     batch_stats: bool = True
+    activation: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 def to_rows(t: torch.Tensor, layout: Layout) -> torch.Tensor:

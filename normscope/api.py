@@ -112,6 +112,8 @@ def analyze(
     loss = resolve_loss(loss_fn)
     home = model_device(model)
     target = distributed.rank_device(home if device is None else torch.device(device))
+    compiled = type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module)
+    model = model._orig_mod if compiled else model  # capture's hooks and torch.func need the eager module
     inner = model.module if isinstance(model, nn.DataParallel) else model  # torch.func refuses the wrapper
     work = inner if home == target else copy.deepcopy(inner).to(target)
     dtype = floating_dtype(work)
@@ -120,8 +122,9 @@ def analyze(
         seed_generators(seed, target)
         data = usable_outside_inference(data)
         loader, dataset, data_source = make_loader(digits_form(work) if data is None else data, batch_size, seed)
-        chosen = take_batches(loader, batches, target, dtype, track, loss)
-        loss = loss or default_for(_raw(chosen[0]))
+        takes_labels = "labels" in _forward_arguments(work)
+        chosen = take_batches(loader, batches, target, dtype, track, loss, takes_labels)
+        loss = loss or default_for(_raw(chosen[0]), takes_labels)
         ran, unrecognized, unverified = check_fit(work, chosen[0], loss)
         ctx = AnalysisContext(
             model=work,
@@ -144,6 +147,9 @@ def analyze(
         result.findings[name] = list(output.findings)
         result.headline[name] = dict(output.headline)
     model_findings = nonfinite_weights(work) + [
+        f"the torch.compile model was analyzed through its original module (_orig_mod, {type(model).__name__}), "
+        "which shares its parameters; compiled kernels may round differently"
+    ] * compiled + [
         f"{path} ({cls}) looks like a normalization layer but is not recognized; register it with normscope.register_norm"
         for path, cls in unrecognized
     ] + [
@@ -280,7 +286,8 @@ class WholeBatch(torch.utils.data.Dataset):
 
 
 def take_batches(
-    loader: DataLoader, count: int, device: torch.device, dtype: torch.dtype, track: Callable, loss: Loss | None = None
+    loader: DataLoader, count: int, device: torch.device, dtype: torch.dtype, track: Callable, loss: Loss | None = None,
+    takes_labels: bool = False,
 ) -> list[Batch]:
     """The first ``count`` batches of ``loader`` as ``(inputs, targets)`` for ``loss``
     (:meth:`normscope.losses.Loss.batch`; ``None``: :func:`normscope.losses.default_for` the
@@ -289,7 +296,7 @@ def take_batches(
         raise DataShapeError(f"batches must be at least 1 (got {count})")
     chosen = []
     for raw in track(loader, "loading batches", count):
-        loss = loss or default_for(raw)
+        loss = loss or default_for(raw, takes_labels)
         chosen.append(to_device(loss.batch(raw), device, dtype))
         if len(chosen) == count:
             break

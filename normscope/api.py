@@ -254,6 +254,8 @@ def make_loader(data: Data, batch_size: int, seed: int) -> tuple[DataLoader, Any
                 "pass inputs and targets of equal length"
             )
         n = counts[0]
+        if n == 0:
+            raise DataShapeError(f"data {describe(data)} holds no examples; pass inputs and targets with at least one row")
         generator = torch.Generator().manual_seed(seed)
         loader = DataLoader(WholeBatch(data, n), batch_size=batch_size, shuffle=True, generator=generator,
                             collate_fn=WholeBatch.collate)

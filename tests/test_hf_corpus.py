@@ -37,6 +37,12 @@ def pixels(channels: int = 3, size: int = 32, classes: int = 3) -> dict:
             "labels": torch.randint(0, classes, (N,), generator=g)}
 
 
+def segmentation() -> dict:
+    g = torch.Generator().manual_seed(0)
+    return {"pixel_values": torch.randn(N, 3, 32, 32, generator=g, dtype=torch.float64),
+            "labels": torch.randint(0, 3, (N, 32, 32), generator=g)}
+
+
 def audio() -> dict:
     g = torch.Generator().manual_seed(0)
     return {"input_values": torch.randn(N, 400, generator=g, dtype=torch.float64),
@@ -72,6 +78,57 @@ FAMILIES = {
     "regnet": ("RegNetForImageClassification", lambda: transformers.RegNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], groups_width=8, num_labels=3),
                lambda: pixels(), "cross_entropy", {"BatchNorm2d"}, 1e-6, ""),
     "wav2vec2": ("Wav2Vec2ForSequenceClassification", lambda: transformers.Wav2Vec2Config(
+        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, conv_dim=(8, 8), conv_stride=(5, 2),
+        conv_kernel=(10, 3), feat_extract_norm="group", num_conv_pos_embeddings=8, num_conv_pos_embedding_groups=2, num_labels=3,
+        mask_time_prob=0.0), lambda: audio(), "cross_entropy", {"GroupNorm", "LayerNorm", "_WeightNorm"}, 1e-6, ""),
+    # custom norm classes read by behaviour, fused norms, 1+w RMSNorms, q/k norms, weight standardization
+    "cohere": ("CohereForCausalLM", lambda: transformers.CohereConfig(**LM), lambda: tokens(), "lm", {"CohereLayerNorm"}, 1e-6, ""),
+    "gemma": ("GemmaForCausalLM", lambda: transformers.GemmaConfig(**LM, head_dim=8), lambda: tokens(), "lm", {"GemmaRMSNorm"}, 1e-6, ""),
+    "qwen3": ("Qwen3ForCausalLM", lambda: transformers.Qwen3Config(**LM, head_dim=8), lambda: tokens(), "lm", {"Qwen3RMSNorm"}, 1e-6, ""),
+    "olmo": ("OlmoForCausalLM", lambda: transformers.OlmoConfig(**LM), lambda: tokens(), "lm", {"F.layer_norm"}, 1e-6, ""),
+    "olmo2": ("Olmo2ForCausalLM", lambda: transformers.Olmo2Config(**LM), lambda: tokens(), "lm", {"Olmo2RMSNorm"}, 1e-6, ""),
+    "bit": ("BitForImageClassification", lambda: transformers.BitConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_groups=2, num_labels=3),
+            lambda: pixels(size=16), "cross_entropy", {"BitGroupNormActivation"}, 1e-6, ""),
+    # feature maps that shrink to 1x1
+    "mobilevit": ("MobileViTForImageClassification", lambda: transformers.MobileViTConfig(
+        image_size=32, num_labels=3, hidden_sizes=[16, 16, 16], neck_hidden_sizes=[8, 8, 8, 8, 8, 8, 16], num_attention_heads=2, patch_size=2),
+        lambda: pixels(), "cross_entropy", {"BatchNorm2d", "LayerNorm"}, 1e-6, ""),
+    "efficientnet": ("EfficientNetForImageClassification", lambda: transformers.EfficientNetConfig(
+        image_size=32, num_labels=3, width_coefficient=0.1, depth_coefficient=0.1, hidden_dim=32),
+        lambda: pixels(), "cross_entropy", {"BatchNorm2d"}, 1e-6, ""),
+    # batches beyond (inputs, labels): a flag for the model's own loss, dense labels
+    "clip": ("CLIPModel", lambda: transformers.CLIPConfig(
+        text_config=dict(vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=32),
+        vision_config=dict(image_size=16, patch_size=8, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2),
+        projection_dim=8), lambda: {**tokens(), "pixel_values": pixels(size=16)["pixel_values"], "return_loss": True}, "model", {"LayerNorm"}, 1e-6, ""),
+    "segformer": ("SegformerForSemanticSegmentation", lambda: transformers.SegformerConfig(
+        num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[8, 16], num_attention_heads=[1, 2], decoder_hidden_size=16, num_labels=3),
+        lambda: segmentation(), None, {"LayerNorm", "BatchNorm2d"}, 1e-6, ""),
+    # more of the common families
+    "roberta": ("RobertaForSequenceClassification", lambda: transformers.RobertaConfig(num_labels=3, pad_token_id=0, **{k: v for k, v in LM.items() if k != "num_key_value_heads"}),
+                lambda: tokens("class"), "cross_entropy", {"LayerNorm"}, 1e-6, ""),
+    "albert": ("AlbertForSequenceClassification", lambda: transformers.AlbertConfig(num_labels=3, embedding_size=8, **{k: v for k, v in LM.items() if k != "num_key_value_heads"}),
+               lambda: tokens("class"), "cross_entropy", {"LayerNorm"}, 1e-6, ""),
+    "electra": ("ElectraForSequenceClassification", lambda: transformers.ElectraConfig(num_labels=3, embedding_size=8, **{k: v for k, v in LM.items() if k != "num_key_value_heads"}),
+                lambda: tokens("class"), "cross_entropy", {"LayerNorm"}, 1e-6, ""),
+    "opt": ("OPTForCausalLM", lambda: transformers.OPTConfig(vocab_size=V, hidden_size=16, ffn_dim=32, num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=32, word_embed_proj_dim=16),
+            lambda: tokens(), "lm", {"LayerNorm"}, 1e-6, ""),
+    "gpt_neox": ("GPTNeoXForCausalLM", lambda: transformers.GPTNeoXConfig(**{k: v for k, v in LM.items() if k != "num_key_value_heads"}),
+                 lambda: tokens(), "lm", {"LayerNorm"}, 1e-6, ""),
+    "bloom": ("BloomForCausalLM", lambda: transformers.BloomConfig(vocab_size=V, hidden_size=16, n_layer=1, n_head=2),
+              lambda: tokens(), "lm", {"LayerNorm"}, 1e-6, ""),
+    "phi": ("PhiForCausalLM", lambda: transformers.PhiConfig(**LM), lambda: tokens(), "lm", {"LayerNorm"}, 1e-6, ""),
+    "deit": ("DeiTForImageClassification", lambda: transformers.DeiTConfig(**vision(patch_size=8, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)),
+             lambda: pixels(), "cross_entropy", {"LayerNorm"}, 1e-6, ""),
+    "dinov2": ("Dinov2ForImageClassification", lambda: transformers.Dinov2Config(**vision(patch_size=8, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, mlp_ratio=2)),
+               lambda: pixels(), "cross_entropy", {"LayerNorm"}, 1e-6, ""),
+    "poolformer": ("PoolFormerForImageClassification", lambda: transformers.PoolFormerConfig(num_labels=3, hidden_sizes=[8, 16], depths=[1, 1], num_encoder_blocks=2, patch_sizes=[7, 3], strides=[4, 2], padding=[2, 1]),
+                   lambda: pixels(), "cross_entropy", {"PoolFormerGroupNorm", "LayerNorm"}, 1e-6, ""),
+    "mobilenet_v2": ("MobileNetV2ForImageClassification", lambda: transformers.MobileNetV2Config(num_labels=3, image_size=32, depth_multiplier=0.25),
+                     lambda: pixels(), "cross_entropy", {"BatchNorm2d"}, 1e-6, ""),
+    "convnextv2": ("ConvNextV2ForImageClassification", lambda: transformers.ConvNextV2Config(num_stages=2, hidden_sizes=[8, 16], depths=[1, 1], num_labels=3),
+                   lambda: pixels(), "cross_entropy", {"ConvNextV2LayerNorm", "LayerNorm"}, 1e-6, ""),
+    "hubert": ("HubertForSequenceClassification", lambda: transformers.HubertConfig(
         hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, conv_dim=(8, 8), conv_stride=(5, 2),
         conv_kernel=(10, 3), feat_extract_norm="group", num_conv_pos_embeddings=8, num_conv_pos_embedding_groups=2, num_labels=3,
         mask_time_prob=0.0), lambda: audio(), "cross_entropy", {"GroupNorm", "LayerNorm", "_WeightNorm"}, 1e-6, ""),

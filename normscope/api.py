@@ -384,7 +384,8 @@ def input_shape(inputs: Any) -> list | dict:
 def site_row(site) -> dict:
     """A site as a JSON-safe dict."""
     kind = getattr(site.kind, "name", site.kind)
-    return {"name": site.name, "kind": kind, "module_type": site.module_type, "functional": bool(site.functional)}
+    row = {"name": site.name, "kind": kind, "module_type": site.module_type, "functional": bool(site.functional)}
+    return {**row, "reading": site.reading} if getattr(site, "reading", "") else row
 
 
 def run_analyzers(

@@ -141,6 +141,10 @@ FAMILIES = {
 FLOAT32 = {"mobilevit", "efficientnet", "mobilenet_v2", "segformer"}
 
 
+# the readings found by behaviour ("" where the class's first reading reproduced its output)
+READ_BY_BEHAVIOUR = {"cohere": {"layernorm/sample_last"}, "bit": {"", "groupnorm/group, then activation"}}
+
+
 def build(family: str):
     cls, config, batch, loss, norms, tol, why = FAMILIES[family]
     torch.manual_seed(0)
@@ -164,6 +168,7 @@ def test_family_runs_with_its_natural_batch_every_site_verified(family):
     assert expected <= found, f"sites not found: {expected - found}"
     assert {row["module_type"] for row in result.meta["sites"]} == norms
     assert result.meta["unverified"] == []
+    assert {row.get("reading", "") for row in result.meta["sites"]} == READ_BY_BEHAVIOUR.get(family, {""})
     # named like a norm but holding none: reported (never silently dropped), and it is no site
     reported = {row["module_type"] for row in result.meta["unrecognized"]}
     assert reported == {"wav2vec2": {"Wav2Vec2NoLayerNormConvLayer"}, "hubert": {"HubertNoLayerNormConvLayer"}}.get(family, set())

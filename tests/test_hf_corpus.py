@@ -89,13 +89,6 @@ FAMILIES = {
     "olmo2": ("Olmo2ForCausalLM", lambda: transformers.Olmo2Config(**LM), lambda: tokens(), "lm", {"Olmo2RMSNorm"}, 1e-6, ""),
     "bit": ("BitForImageClassification", lambda: transformers.BitConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_groups=2, num_labels=3),
             lambda: pixels(size=16), "cross_entropy", {"BitGroupNormActivation"}, 1e-6, ""),
-    # feature maps that shrink to 1x1
-    "mobilevit": ("MobileViTForImageClassification", lambda: transformers.MobileViTConfig(
-        image_size=16, num_labels=3, hidden_sizes=[16, 16, 16], neck_hidden_sizes=[8, 8, 8, 8, 8, 8, 16], num_attention_heads=2, patch_size=2),
-        lambda: pixels(size=16), "cross_entropy", {"BatchNorm2d", "LayerNorm"}, 1e-3, "float32"),
-    "efficientnet": ("EfficientNetForImageClassification", lambda: transformers.EfficientNetConfig(
-        image_size=16, num_labels=3, width_coefficient=0.1, depth_coefficient=0.1, hidden_dim=128),
-        lambda: pixels(size=16), "cross_entropy", {"BatchNorm2d"}, 1e-3, "float32"),
     # batches beyond (inputs, labels): a flag for the model's own loss, dense labels
     "clip": ("CLIPModel", lambda: transformers.CLIPConfig(
         text_config=dict(vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=32),
@@ -138,7 +131,7 @@ FAMILIES = {
 # convolution-heavy families run in float32: torch's float64 depthwise convolutions on CPU are
 # 30-100x slower (MobileNetV2 took 490 s in float64 on a loaded machine); float32 also exercises
 # verification at float32 rounding (constant channels, 1x1 maps)
-FLOAT32 = {"mobilevit", "efficientnet", "mobilenet_v2", "segformer"}
+FLOAT32 = {"mobilenet_v2", "segformer"}
 
 
 # the readings found by behaviour ("" where the class's first reading reproduced its output)

@@ -127,6 +127,8 @@ def analyze(
     check_seed(seed)
     home = model_device(model)
     target = distributed.rank_device(home if device is None else checked_device(device))
+    compiled = type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module)
+    model = model._orig_mod if compiled else model  # capture's hooks and torch.func need the eager module
     inner = model.module if isinstance(model, nn.DataParallel) else model  # torch.func refuses the wrapper
     work = inner if home == target else copy.deepcopy(inner).to(target)
     dtype = floating_dtype(work)
@@ -135,8 +137,9 @@ def analyze(
         seed_generators(seed, target)
         data = usable_outside_inference(data)
         loader, dataset, data_source = make_loader(digits_form(work) if data is None else data, batch_size, seed)
-        chosen = take_batches(loader, batches, target, dtype, track, loss)
-        loss = loss or default_for(_raw(chosen[0]))
+        takes_labels = "labels" in _forward_arguments(work)
+        chosen = take_batches(loader, batches, target, dtype, track, loss, takes_labels)
+        loss = loss or default_for(_raw(chosen[0]), takes_labels)
         plan_budget = as_budget(budget)
         with deterministic(random_layers, seed) as randomness:
             driver = Driver(work, chosen, loss, sites, plan_budget.measure_clock)
@@ -167,6 +170,9 @@ def analyze(
         result.findings[name] = list(output.findings)
         result.headline[name] = dict(output.headline)
     model_findings = nonfinite_weights(work) + [
+        f"the torch.compile model was analyzed through its original module (_orig_mod, {type(model).__name__}), "
+        "which shares its parameters; compiled kernels may round differently"
+    ] * compiled + [
         f"{path} ({cls}) looks like a normalization layer but is not recognized; register it with normscope.register_norm"
         for path, cls in unrecognized
     ] + [
@@ -310,7 +316,7 @@ def make_loader(data: Data, batch_size: int, seed: int) -> tuple[DataLoader, Any
             )
         n = counts[0] if counts else 0
         if n == 0:
-            raise DataShapeError(f"data {describe(data)} holds no examples; pass at least one")
+            raise DataShapeError(f"data {describe(data)} holds no examples; pass inputs and targets with at least one row")
         generator = torch.Generator().manual_seed(seed)
         loader = DataLoader(WholeBatch(data, n), batch_size=batch_size, shuffle=True, generator=generator,
                             collate_fn=WholeBatch.collate)
@@ -343,7 +349,8 @@ class WholeBatch(torch.utils.data.Dataset):
 
 
 def take_batches(
-    loader: DataLoader, count: int, device: torch.device, dtype: torch.dtype, track: Callable, loss: Loss | None = None
+    loader: DataLoader, count: int, device: torch.device, dtype: torch.dtype, track: Callable, loss: Loss | None = None,
+    takes_labels: bool = False,
 ) -> list[Batch]:
     """The first ``count`` batches of ``loader`` as ``(inputs, targets)`` for ``loss``
     (:meth:`normscope.losses.Loss.batch`; ``None``: :func:`normscope.losses.default_for` the
@@ -352,7 +359,7 @@ def take_batches(
         raise DataShapeError(f"batches must be at least 1 (got {count})")
     chosen = []
     for raw in track(user_batches(loader), "loading batches", count):
-        loss = loss or default_for(raw)
+        loss = loss or default_for(raw, takes_labels)
         chosen.append(to_device(loss.batch(raw), device, dtype))
         if len(chosen) == count:
             break
@@ -469,7 +476,8 @@ def input_shape(inputs: Any) -> list | dict:
 def site_row(site) -> dict:
     """A site as a JSON-safe dict."""
     kind = getattr(site.kind, "name", site.kind)
-    return {"name": site.name, "kind": kind, "module_type": site.module_type, "functional": bool(site.functional)}
+    row = {"name": site.name, "kind": kind, "module_type": site.module_type, "functional": bool(site.functional)}
+    return {**row, "reading": site.reading} if getattr(site, "reading", "") else row
 
 
 def run_analyzers(

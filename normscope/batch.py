@@ -1,7 +1,9 @@
 """One batch abstraction: what a batch holds, how the model and the loss receive it.
 
 A batch is a pair ``(inputs, targets)`` of *parts*. A part is a tensor, a tuple of tensors, a dict
-of tensors, or ``None`` (no targets). ``inputs`` is exactly what ``forward`` receives:
+of tensors, or ``None`` (no targets). ``inputs`` is exactly what ``forward`` receives; values
+that are not tensors (``return_loss=True``, a string, a flag) pass through to ``forward``
+untouched, and only tensors are moved, cast, sliced and concatenated:
 
 ======================  =======================================  ==================================
 the loader yields       ``forward`` is called as                 targets
@@ -53,11 +55,17 @@ def split(raw: Any, keep_labels: bool = False) -> Batch:
         return raw, None
     if isinstance(raw, Mapping):
         inputs = dict(raw)
-        _check_tensors(inputs, "dict batch")
+        _check_tensors(inputs, "dict batch", any_leaf=True)
         targets = inputs.get(LABEL_KEY)
         if not keep_labels:
             inputs.pop(LABEL_KEY, None)
         return inputs, targets
+    if isinstance(raw, (tuple, list)) and raw and all(isinstance(part, Mapping) for part in raw) and (
+            isinstance(raw, list) or len(raw) > 2):
+        raise DataShapeError(
+            f"a batch is one dict of tensors with the examples stacked (or (dict, targets)); got a {type(raw).__name__} "
+            f"of {len(raw)} dicts: collate them into one, e.g. with torch.utils.data.default_collate"
+        )
     if isinstance(raw, (tuple, list)) and raw:
         if len(raw) == 1:
             return split(raw[0], keep_labels)
@@ -65,19 +73,23 @@ def split(raw: Any, keep_labels: bool = False) -> Batch:
         inputs = inputs[0] if len(inputs) == 1 else tuple(inputs)
         if isinstance(inputs, Mapping):
             inputs = dict(inputs)
-        _check_tensors(inputs, "batch inputs")
+        _check_tensors(inputs, "batch inputs", any_leaf=isinstance(inputs, dict))
         _check_tensors(targets, "batch targets")
         return inputs, targets
+    got = f"an empty {type(raw).__name__}" if isinstance(raw, (tuple, list)) else type(raw).__name__
     raise DataShapeError(
         f"a batch must be a tensor, a dict of tensors, (inputs, targets), (dict, targets) or "
-        f"(x1, ..., xk, targets) (got {type(raw).__name__})"
+        f"(x1, ..., xk, targets) (got {got})"
     )
 
 
-def _check_tensors(part: Any, what: str) -> None:
+def _check_tensors(part: Any, what: str, any_leaf: bool = False) -> None:
+    """``part`` holds tensors only; with ``any_leaf`` (a dict of keyword arguments), at least one
+    tensor, and other values pass through to ``forward``."""
     leaves, _ = tree_flatten(part)
+    tensors = [leaf for leaf in leaves if isinstance(leaf, Tensor)]
     bad = sorted({type(leaf).__name__ for leaf in leaves if not isinstance(leaf, Tensor)})
-    if bad or not leaves:
+    if not tensors or (bad and not any_leaf):
         raise DataShapeError(f"{what} must hold tensors (found {', '.join(bad) or 'nothing'}); convert them with torch.as_tensor")
 
 

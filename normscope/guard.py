@@ -93,6 +93,7 @@ class ModelState:
     grad_versions: dict[str, int]
     training: dict[str, bool]
     hooks: dict[str, dict]
+    attributes: dict[str, frozenset]
     rng: RngState
     grad_enabled: bool
     inference_mode: bool
@@ -114,6 +115,7 @@ def snapshot(model: nn.Module) -> ModelState:
         grad_versions={k: p.grad._version for k, p in named.items() if p.grad is not None},
         training={k: m.training for k, m in model.named_modules(remove_duplicate=False)},
         hooks=hook_tables(model),
+        attributes={k: frozenset(vars(m)) for k, m in model.named_modules(remove_duplicate=False)},
         rng=RngState.take(),
         grad_enabled=torch.is_grad_enabled(),
         inference_mode=torch.is_inference_mode_enabled(),
@@ -188,6 +190,10 @@ def restore(model: nn.Module, state: ModelState) -> None:
     for name, m in modules.items():
         if name in state.training:
             m.training = state.training[name]
+        # attributes set during the block go with the hooks: transformers marks a model whose
+        # output-capturing hooks it installed, and would not install them again
+        for added in set(vars(m)) - state.attributes.get(name, set(vars(m))):
+            delattr(m, added)
     restore_hooks(model, state.hooks)
 
 

@@ -4,7 +4,7 @@ Presets (``--loss`` on the CLI, ``loss_fn=`` in the API):
 
 =================  ==========================================================================
 ``cross_entropy``  ``F.cross_entropy(logits, targets)`` for class targets (the default when a
-                   batch has targets); ``(B, T, V)`` logits against ``(B, T)`` targets are
+                   batch has one class per example, or targets outside a dict); ``(B, T, V)`` logits against ``(B, T)`` targets are
                    read per token; label ``-100`` is ignored
 ``mse``            ``F.mse_loss(logits, targets)``
 ``lm``             next-token cross-entropy of ``logits[:, :-1]`` against ``tokens[:, 1:]``,
@@ -12,7 +12,10 @@ Presets (``--loss`` on the CLI, ``loss_fn=`` in the API):
                    ``attention_mask`` is 0 or whose label is ``-100`` are ignored (the default
                    for a batch of ``input_ids`` without targets)
 ``model``          the ``.loss`` the model computes itself from the batch's ``labels``, as
-                   ``transformers`` models do (``labels`` stay in the forward's arguments)
+                   ``transformers`` models do (``labels`` stay in the forward's arguments; the
+                   default for a dict batch whose ``labels`` hold more than one value per example
+                   when the forward takes ``labels``),
+                   or from a batch with ``return_loss=True`` and no labels (CLIP)
 =================  ==========================================================================
 
 Outputs are read as the preset needs: a tensor is the logits; a ``ModelOutput`` or dict gives
@@ -140,9 +143,11 @@ class Loss:
         if self.name == "lm":
             return inputs, _tokens(inputs, targets)
         if self.name == "model":
+            if targets is None and isinstance(inputs, dict) and inputs.get("return_loss") is True:
+                return inputs, None  # CLIP-style: the model computes its loss without labels
             if targets is None:
                 keys = ", ".join(inputs) if isinstance(inputs, dict) else describe(inputs)
-                raise DataShapeError(f"the model loss needs a batch with labels (the batch has {keys}); "
+                raise DataShapeError(f"the model loss needs a batch with labels or return_loss=True (the batch has {keys}); "
                                      "add a labels key or pass --loss cross_entropy/lm")
             if not isinstance(inputs, dict):
                 raise DataShapeError("the model loss needs a dict batch (keyword arguments with labels)")
@@ -199,13 +204,18 @@ def resolve(spec: str | Callable | Loss | None) -> Loss | None:
     return Loss(name, function)
 
 
-def default_for(raw: Any) -> Loss:
-    """``cross_entropy`` for a batch with targets, ``lm`` for token ids without targets.
+def default_for(raw: Any, takes_labels: bool = False) -> Loss:
+    """``model`` for a dict batch with labels of more than one value per example (segmentation
+    maps, token labels) when the forward takes ``labels`` (``takes_labels``): the model knows how
+    its outputs align with them (SegFormer upsamples its logits, a causal LM shifts its tokens);
+    else ``cross_entropy`` for a batch with targets, ``lm`` for token ids without targets.
 
     Raises:
         DataShapeError: a batch without targets that is not token ids.
     """
     inputs, targets = split(raw)
+    if takes_labels and isinstance(inputs, dict) and isinstance(targets, Tensor) and targets.dim() > 1:
+        return PRESETS["model"]
     if targets is not None:
         return PRESETS["cross_entropy"]
     if (isinstance(inputs, dict) and "input_ids" in inputs) or (isinstance(inputs, Tensor) and not inputs.is_floating_point()):

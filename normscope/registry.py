@@ -77,6 +77,8 @@ class Layout:
     normalize by the partition's mean and standard deviation (median BN, population norm), so
     ``z = (x - center) / scale``; ``residual_backward`` is False when the op's backward pass is not
     the least-squares residual of MATH.md §2 (the gls tables then measure how far it is).
+    ``activation`` is the elementwise function a fused module applies after the affine (BiT's
+    ``BitGroupNormActivation``): the site's output is ``activation(y)``, its record holds ``y``.
     """
 
     kind: NormKind
@@ -94,6 +96,7 @@ class Layout:
     center: torch.Tensor | None = None
     scale: torch.Tensor | None = None
     residual_backward: bool = True
+    activation: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 def to_rows(t: torch.Tensor, layout: Layout) -> torch.Tensor:

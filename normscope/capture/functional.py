@@ -7,6 +7,7 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from normscope.registry import KINDS, Layout, running_stats_layout
 
@@ -45,6 +46,31 @@ FUNCTIONAL_NORMS: dict[Callable, Callable[[dict[str, Any]], Layout]] = {
 }
 
 RELU_FUNCTIONS = (F.relu, F.relu_, torch.relu, torch.relu_, torch.Tensor.relu, torch.Tensor.relu_)
+
+
+def _storage(t: torch.Tensor) -> int | None:
+    """The address of ``t``'s storage, through torch.func's wrappers (grad, vmap); None if it has none."""
+    try:
+        while torch._C._functorch.is_functorch_wrapped_tensor(t):
+            t = torch._C._functorch.get_unwrapped(t)
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return None
+
+
+def on_parameter(x: Any, owner: nn.Module) -> bool:
+    """Is ``x`` (a functional norm's input) a parameter of ``owner``, the module whose forward
+    makes the call, or a view of one? Then the call normalizes weights, not activations: weight
+    standardization (Qiao et al. (2019), "Micro-Batch Training with Batch-Channel Normalization
+    and Weight Standardization"; BiT's ``F.batch_norm`` on its conv weights) is no site. Compared
+    by storage, so it holds for the tensors :func:`torch.func.functional_call` swaps in."""
+    if isinstance(x, nn.Parameter):
+        return True
+    if not isinstance(x, torch.Tensor):
+        return False
+    address = _storage(x)
+    return address is not None and address != 0 and any(
+        p is not None and _storage(p) == address for p in owner._parameters.values())
 
 
 def bind_call(func: Callable, args: tuple, kwargs: dict) -> inspect.BoundArguments:

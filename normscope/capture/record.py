@@ -14,12 +14,14 @@ REDUCTION_KEYS = ("n", "mean", "var", "scale", "sum_x", "sum_x2", "sum_z", "sum_
 @dataclass
 class Site:
     """A normalization site: a module (``layer1.0.bn1``) or a functional call inside one
-    (``blocks.0:F.layer_norm#0``)."""
+    (``blocks.0:F.layer_norm#0``). ``reading``: the candidate reading that reproduced a custom
+    class's output where its registry reading did not (:func:`normscope.capture.verify.read_by_behaviour`)."""
 
     name: str
     kind: str
     module_type: str
     functional: bool = False
+    reading: str = ""
 
 
 @dataclass
@@ -160,8 +162,8 @@ def kernel_sums(record: SiteRecord, mean: torch.Tensor, invstd: torch.Tensor, gr
     backward returns ``grads = (dL/dx, dL/dgamma, dL/dbeta)`` with ``dL/dbeta = sum u`` and
     ``dL/dgamma = sum u (x - mean) invstd`` (u = dL/dy; Ioffe and Szegedy (2015), §3). These are
     kept as they are (``invstd``, ``sum_u``, ``grad_weight``) with ``sum_u2``, the one pass, over u;
-    :func:`finish_reductions` turns them into ``var = 1/invstd^2 - eps`` and ``sum_uc = grad_weight / invstd``
-    in float64. ``grads`` without ``dL/dgamma`` or ``dL/dbeta`` (frozen affine parameters) fall back
+    :func:`finish_reductions` turns them into ``var = 1/invstd^2 - eps`` (:func:`kernel_variance`) and
+    ``sum_uc = grad_weight / invstd`` in float64. ``grads`` without ``dL/dgamma`` or ``dL/dbeta`` (frozen affine parameters) fall back
     to :func:`partial_sums`.
     """
     _, grad_weight, grad_bias = grads
@@ -169,11 +171,25 @@ def kernel_sums(record: SiteRecord, mean: torch.Tensor, invstd: torch.Tensor, gr
         return partial_sums(record)
     channels = record.shape[1]
     u = _partition_view(record.dy, record.layout)
-    sums = {"n": torch.full((channels,), float(record.dy.numel() // channels), dtype=torch.float64, device=mean.device),
-            "mean": mean.detach(), "invstd": invstd.detach(), "sum_u": grad_bias.detach(), "sum_u2": _dot(u, u),
-            "grad_weight": grad_weight.detach()}
+    n = torch.full((channels,), float(record.dy.numel() // channels), dtype=torch.float64, device=mean.device)
+    sums = {"n": n, "mean": mean.detach(), "invstd": invstd.detach(), "sum_u": grad_bias.detach(), "sum_u2": _dot(u, u),
+            "grad_weight": grad_weight.detach(), "roundoff": torch.full_like(n, torch.finfo(invstd.dtype).eps)}
     record.x = record.y = record.dy = record.dx = None
     return sums
+
+
+def kernel_variance(invstd: torch.Tensor, eps: float, roundoff: torch.Tensor) -> torch.Tensor:
+    """The biased batch variance from a BatchNorm kernel's ``invstd = 1 / sqrt(var + eps)``, in float64:
+    ``var = 1/invstd^2 - eps``, and 0 where that is within the rounding of ``invstd``'s dtype.
+
+    ``invstd`` carries a relative rounding error of a few units ``u`` (``roundoff``, its dtype's
+    machine epsilon), so ``1/invstd^2 = (var + eps)(1 + d)`` with ``|d| <= 4u``: a variance below
+    ``4u (var + eps)`` cannot be told from 0 and reads 0 (a constant float32 channel at eps 1e-5
+    would otherwise read 8e-13, or a negative variance).
+    """
+    total = 1 / invstd**2
+    var = total - eps
+    return torch.where(var > 4 * roundoff * total, var, torch.zeros_like(var))
 
 
 def _mode(layout: Layout) -> str:
@@ -227,7 +243,7 @@ def finish_reductions(pending: list[tuple[SiteRecord, dict[str, torch.Tensor]]])
             return torch.cat([sums[key] for _, sums in members]).to(torch.float64)
         n, mean = cat("n"), cat("mean")
         invstd = cat("invstd") if kernel else None
-        var = 1 / invstd**2 - eps if kernel else cat("sum_c2") / n
+        var = kernel_variance(invstd, eps, cat("roundoff")) if kernel else cat("sum_c2") / n
         shift, scale = _shift_scale(mode, eps, n, mean, var, (cat("running_mean"), cat("running_var")) if mode == "running" else None)
         offset = mean - shift
         red = {"n": n, "mean": mean, "var": var, "scale": scale, "sum_x": n * mean, "sum_x2": n * (var + mean * mean),

@@ -10,10 +10,10 @@ from torch.nn.modules.module import register_module_forward_hook, register_modul
 from torch.nn.utils.parametrizations import _WeightNorm
 from torch.overrides import TorchFunctionMode
 
-from normscope.capture.functional import FUNCTIONAL_NORMS, RELU_FUNCTIONS, bind_call
+from normscope.capture.functional import FUNCTIONAL_NORMS, RELU_FUNCTIONS, bind_call, on_parameter
 from normscope.capture.record import Site, SiteRecord, batch_norm_node, finish_reductions, kernel_sums, partial_sums, to_host
 from normscope.capture.sites import find_unrecognized, matches, module_sites
-from normscope.capture.verify import Verification, verify
+from normscope.capture.verify import Reading, Verification, apply_reading, pre_activation, read_by_behaviour, verify
 from normscope.errors import InvalidArgumentError, UnknownNameError
 from normscope.guard import preserved
 from normscope.registry import Layout
@@ -65,7 +65,10 @@ class Capture:
     After the block: ``records`` (one :class:`SiteRecord` per call of a site, in forward
     order), ``sites`` (the sites that ran, in order of first call), ``unrecognized`` (norm-like
     classes that were not recorded), ``unverified`` (sites whose reading did not reproduce their
-    output on the first call, :mod:`normscope.capture.verify`; they are not recorded).
+    output on the first call and that no candidate reading reproduces, :mod:`normscope.capture.verify`;
+    they are not recorded), ``read_by_behaviour`` (site name -> the check of the candidate reading
+    that reproduced a custom class's output where its first reading did not; kept for the
+    capture's life, and used for the site's later calls).
 
     The same capture can be entered again (one block per training step, as
     :class:`normscope.Monitor` does): each block starts new ``records``, ``sites`` and
@@ -112,12 +115,18 @@ class Capture:
         self._modules: dict[int, tuple[str, nn.Module, bool, str]] = {}
         self._table: list[tuple[str, nn.Module, Any]] | None = None
         self._readings: dict[str, tuple] = {}
+        self._chosen: dict[str, Reading] = {}
         self.unverified: list[Verification] = []
+        self.read_by_behaviour: dict[str, Verification] = {}
 
     @property
     def unrecognized(self) -> list[tuple[str, str]]:
-        """``(module path, class name)`` of norm-like modules this capture does not record."""
-        return find_unrecognized(self.model)
+        """``(module path, class name)`` of norm-like modules this capture does not record; a module
+        whose forward made a functional norm call that was read (OLMo's ``OlmoLayerNorm`` calls
+        ``F.layer_norm``) is read through that call and is not listed."""
+        owners = {s.name.rsplit(":", 1)[0] for s in self.sites if s.functional}
+        owners |= {c.site.rsplit(":", 1)[0] for c in self.unverified if c.module_type.startswith("F.")}
+        return [(path, cls) for path, cls in find_unrecognized(self.model) if path not in owners]
 
     # -- context ---------------------------------------------------------------------------
     def __enter__(self) -> "Capture":
@@ -246,15 +255,25 @@ class Capture:
             x.register_hook(self._dx_hook(record))
         return record, x
 
-    def _verified(self, record: SiteRecord, y: Any) -> bool:
+    def _verified(self, record: SiteRecord, y: Any, module: nn.Module | None = None) -> bool:
         """On a site's first call, check its reading against its output unless this capture
-        verified the same reading on the same input shape before; drop the site if it fails."""
+        verified the same reading on the same input shape before. A module whose reading fails is
+        read by behaviour (:func:`~normscope.capture.verify.read_by_behaviour`); the site is
+        dropped when no reading reproduces its output."""
         reading = _reading(record)
-        if record.index > 0 or self._readings.get(record.site.name) == reading:
+        name = record.site.name
+        if record.index > 0 or self._readings.get(name) == reading:
             return True
-        check = verify(record.site.name, record.site.module_type, record.layout, record.x, y)
+        chosen = self._chosen.get(name)
+        check = verify(name, record.site.module_type, record.layout, record.x, y, chosen and chosen.activation)
+        if not check.verified and module is not None and isinstance(y, torch.Tensor) and y.shape == record.shape:
+            chosen, layout, check = read_by_behaviour(name, record.site.module_type, module, record.layout, record.x, y)
+            if chosen is not None:
+                record.layout, record.site.kind, record.site.reading = layout, chosen.kind, chosen.describe()
+                self._chosen[name] = chosen
+                self.read_by_behaviour[name] = check
         if check.verified:
-            self._readings[record.site.name] = reading
+            self._readings[name] = _reading(record)
             return True
         self.unverified.append(check)
         self.records.remove(record)
@@ -266,9 +285,17 @@ class Capture:
         return any(check.site == name for check in self.unverified)
 
     def _end(self, record: SiteRecord, y: torch.Tensor) -> None:
-        if self.storage != "reductions":
-            record.y = self._keep(y)
-        self._pending.append((y, record))
+        activation = record.layout.activation
+        if activation is None:
+            if self.storage != "reductions":
+                record.y = self._keep(y)
+            self._pending.append((y, record))
+        else:  # a fused activation follows inside the module: the record holds y before it
+            if self.storage != "reductions":
+                record.y = pre_activation(record.x, record.layout).to(y.dtype)
+            owner = getattr(activation, "__self__", None)
+            record.consumer_type = type(owner).__name__ if isinstance(owner, nn.Module) else activation.__name__
+            record.consumer = f"{record.site.name} ({record.consumer_type})"
         if self.graph and y.grad_fn is not None:
             self._site_nodes[y.grad_fn] = record.site.name
         if not (record.grad_enabled and y.requires_grad):
@@ -281,6 +308,8 @@ class Capture:
 
     def _dy_hook(self, record: SiteRecord, expects_dx: bool):
         def hook(grad: torch.Tensor) -> None:
+            if record.layout.activation is not None:
+                grad = _through_activation(record, grad)
             record.dy = grad.detach() if self.storage != "cpu" else grad.detach().cpu()
             if self.storage == "reductions" and not expects_dx:
                 self._partial.append((record, partial_sums(record)))
@@ -308,7 +337,11 @@ class Capture:
             layout = recognized.layout(mod, x)
             if isinstance(mod, _WeightNorm):
                 layout.weight = args[0]
-            site = Site(name, recognized.kind.name, type(mod).__name__)
+            chosen = self._chosen.get(name)
+            if chosen is not None:
+                layout = apply_reading(chosen, layout, mod)
+            site = Site(name, recognized.kind.name if chosen is None else chosen.kind, type(mod).__name__,
+                        reading="" if chosen is None else chosen.describe())
             record, x = self._begin(site, layout, x)
             self._open[id(mod)] = record
             return (*args[:index], x, *args[index + 1 :])
@@ -317,7 +350,7 @@ class Capture:
     def _post_hook(self):
         def hook(mod, args, output):
             record = self._open.pop(id(mod), None)
-            if record is not None and self._verified(record, output) and isinstance(output, torch.Tensor):
+            if record is not None and self._verified(record, output, mod) and isinstance(output, torch.Tensor):
                 self._end(record, output)
         return hook
 
@@ -329,10 +362,13 @@ class Capture:
         k = self._call_counts.get(count_key, 0)
         self._call_counts[count_key] = k + 1
         name = f"{owner or 'model'}:{fname}#{k}"
+        x = bound.arguments["input"]
+        if self._stack and on_parameter(x, self._stack[-1][1]):  # weight standardization: no activation site
+            self._call_counts[count_key] = k
+            return func(*args, **kwargs)
         layout = FUNCTIONAL_NORMS[func](bound.arguments)
         if not matches(name, layout.kind.name, self.selection, self.kinds) or self._dropped(name):
             return func(*args, **kwargs)
-        x = bound.arguments["input"]
         record, bound.arguments["input"] = self._begin(Site(name, layout.kind.name, fname, functional=True), layout, x)
         out = func(*bound.args, **bound.kwargs)
         if self._verified(record, out):
@@ -371,6 +407,14 @@ def _upstream(x: torch.Tensor, site_nodes: dict) -> tuple[str, ...]:
     return tuple(found)
 
 
+def _through_activation(record: SiteRecord, grad: torch.Tensor) -> torch.Tensor:
+    """``dL/dy`` before a fused activation from ``dL/d act(y)``: the activation's vector-Jacobian
+    product at ``y`` recomputed from the record's input (float64, then the gradient's dtype)."""
+    y = pre_activation(record.x, record.layout).to(grad.device)
+    _, vjp = torch.func.vjp(record.layout.activation, y)
+    return vjp(grad.detach().to(torch.float64))[0].to(grad.dtype)
+
+
 def _reading(record: SiteRecord) -> tuple:
     """What a verification depends on besides the values: the site's module type, its input's
     shape, dtype and device, and the reading (everything of the layout but its tensors' values)."""
@@ -378,7 +422,7 @@ def _reading(record: SiteRecord) -> tuple:
     shapes = tuple(None if t is None else t.shape for t in (layout.weight, layout.bias, layout.running_mean))
     return (record.site.module_type, record.shape, record.dtype, None if record.x is None else record.x.device,
             layout.kind.name, layout.rule, layout.eps, layout.weight_offset, layout.normalized_ndim, layout.groups,
-            layout.dim, layout.batch_stats, shapes)
+            layout.dim, layout.batch_stats, shapes, record.site.reading)
 
 
 capture = Capture

@@ -46,11 +46,11 @@ def analyze(
     out: Annotated[Optional[Path], option("--out", "-o", help="Output folder.", default_text="normscope-out/<UTC time>")] = None,
     model: Annotated[
         Optional[str],
-        typer.Option("--model", "-m", help=f"Built-in model ({', '.join(MODELS)}) or package.module:factory.", show_default=False),
+        typer.Option("--model", "-m", help=f"Built-in model ({', '.join(MODELS)}) or a factory, package.module:fn.", show_default=False),
     ] = None,
     trust: Annotated[bool, flag("--trust", "Allow loading a whole pickled model (runs code from the file).")] = False,
     analyzers: Annotated[
-        Optional[str], option("--analyzers", "-a", help="Comma-separated: stats,gls,bias,descent.", default_text="all")
+        Optional[str], option("--analyzers", "-a", help="Comma-separated names: stats, gls, bias, descent, dead.", default_text="all")
     ] = None,
     data: Annotated[
         str, typer.Option("--data", help="'digits' (N, 1, 8, 8), 'digits-flat' (N, 64; chosen by itself for a first Linear of 64 features) or package.module:loader.")

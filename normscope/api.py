@@ -30,7 +30,6 @@ from normscope.losses import resolve as resolve_loss
 from normscope.analyzers import ANALYZERS, AnalysisContext, AnalyzerOutput, get_analyzer, no_progress
 from normscope.analyzers.hvp import PRECISIONS
 from normscope.budget import DEFAULT_BUDGET, HEADLINES, HOLD_SHARE, Budget, as_budget
-from normscope.capture import find_unrecognized
 from normscope.capture.verify import Verification
 from normscope.checkpoint import first_line, nonfinite_weights
 from normscope.data import DIGITS, digits_form, digits_loader, load_digits
@@ -432,7 +431,10 @@ def check_fit(model: nn.Module, batch: Batch, loss_fn: Callable,
     if not result.scalar_loss:
         raise DataShapeError("loss_fn must return a scalar tensor; reduce it with a mean")
     sites = list({r.site.name: r.site for r in result.records}.values())
-    unrecognized = find_unrecognized(model)
+    unrecognized = result.unrecognized
+    if not sites and driver.sites is not None:  # a selection that matches nothing: name the sites there are
+        every = Driver(model, [batch], loss_fn).first("eval", False)
+        check_selection(list({r.site.name: r.site for r in every.records}.values()), driver.sites)
     if not sites:
         unknown = ", ".join(f"{path} ({cls})" for path, cls in unrecognized)
         hint = f"; norm-like modules not recognized: {unknown} (register them with normscope.register_norm)" if unknown else ""

@@ -228,7 +228,7 @@ class Budget:
         batch under capture, or a forward): ``gradient`` = the pass with a backward (3 forwards
         without), ``forward`` = a third of it, ``hvp`` = :data:`FIRST_PRODUCT` gradients; units
         injected or measured before keep their cost. The pace (:meth:`observe`) starts here."""
-        gradient = seconds if backward else 3 * seconds
+        gradient = agreed(seconds if backward else 3 * seconds)  # the largest over the ranks: every rank plans alike
         for unit, cost in (("gradient", gradient), ("forward", gradient / 3), ("hvp", FIRST_PRODUCT * gradient)):
             self.costs.setdefault(unit, cost)
         self._pace[0] = 1.0

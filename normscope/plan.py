@@ -49,13 +49,15 @@ class Pass:
 class PassResult:
     """What one pass left: the capture's records, its seconds, the error of its loss or backward
     (the forward's records stay usable), the capture's unverified sites and whether the loss was
-    a scalar (the first pass computes it even without a backward)."""
+    a scalar (the first pass computes it even without a backward), and the norm-like modules it
+    did not record (:attr:`normscope.capture.Capture.unrecognized`)."""
 
     records: list[SiteRecord]
     seconds: float
     error: BaseException | None = None
     unverified: list = field(default_factory=list)
     scalar_loss: bool = True
+    unrecognized: list = field(default_factory=list)
 
 
 def merge(passes: Sequence[Pass]) -> list[Pass]:
@@ -192,7 +194,7 @@ class Driver:
         if graph:
             self.graph = from_records(cap.records)
         scalar = isinstance(loss, torch.Tensor) and loss.numel() == 1
-        return PassResult(list(cap.records), self.clock() - started, error, list(cap.unverified), scalar)
+        return PassResult(list(cap.records), self.clock() - started, error, list(cap.unverified), scalar, list(cap.unrecognized))
 
 
 class PassFailure(Exception):

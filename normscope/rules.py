@@ -249,6 +249,9 @@ def measurable(table: pd.DataFrame) -> pd.Series:
     return (table["estimator"] != "control") & (table["rel_bias_lo"] > floor.clip(lower=0))
 
 
+FLAT_FIT = 1e-12  # log-scale spread below which the bias is the same at every batch size
+
+
 def log_log_fit(batch_sizes: np.ndarray, rel_bias: np.ndarray, keep: np.ndarray, level: float = 0.95) -> dict[str, float]:
     """``log rel_bias = slope log B + intercept`` by least squares on the ``keep`` points, with
     the ``level`` confidence interval of the slope (Student t, n - 2 degrees of freedom); NaN
@@ -258,7 +261,10 @@ def log_log_fit(batch_sizes: np.ndarray, rel_bias: np.ndarray, keep: np.ndarray,
     empty = {"slope": math.nan, "intercept": math.nan, "slope_lo": math.nan, "slope_hi": math.nan, "n_points": n}
     if n < MIN_SLOPE_POINTS or len(np.unique(batch_sizes[keep])) < MIN_SLOPE_POINTS:
         return empty
-    fit = scipy_stats.linregress(np.log(batch_sizes[keep]), np.log(rel_bias[keep]))
+    logs = np.log(rel_bias[keep])
+    if np.ptp(logs) <= FLAT_FIT:  # equal to rounding: a flat, exact fit (scipy's stderr would be 0/0 noise)
+        return {"slope": 0.0, "intercept": float(logs.mean()), "slope_lo": 0.0, "slope_hi": 0.0, "n_points": n}
+    fit = scipy_stats.linregress(np.log(batch_sizes[keep]), logs)
     half = scipy_stats.t.ppf(0.5 + level / 2, n - 2) * fit.stderr
     return {"slope": float(fit.slope), "intercept": float(fit.intercept), "slope_lo": float(fit.slope - half),
             "slope_hi": float(fit.slope + half), "n_points": n}

@@ -164,7 +164,8 @@ def render_html(result: AnalysisResult, compare: dict[str, pd.DataFrame] | None 
         top_findings=_top_findings(records),
         cut_line=cut_line(meta),
         overview=_overview(meta),
-        model_findings=[str(s) for key, items in result.findings.items() if key not in {spec.key for spec in SECTIONS} for s in items],
+        model_findings=[str(s) for key, items in result.findings.items() if key not in {spec.key for spec in SECTIONS} for s in items]
+        + [str(error) for key, error in (meta.get("analyzer_errors") or {}).items() if key not in {spec.key for spec in SECTIONS}],
         sites=_rows_table("sites", meta.get("sites")),
         unrecognized=_rows_table("unrecognized", meta.get("unrecognized")),
         sections=sections,

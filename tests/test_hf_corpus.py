@@ -160,7 +160,7 @@ def test_family_runs_with_its_natural_batch_every_site_verified(family):
     reported = {row["module_type"] for row in result.meta["unrecognized"]}
     assert reported == ({"Wav2Vec2NoLayerNormConvLayer"} if family == "wav2vec2" else set())
     assert result.meta["loss_fn"] == (loss or "model") and result.meta["analyzer_errors"] == {}
-    assert result.meta["analyzers"] == ["stats", "gls", "bias", "descent"]
+    assert result.meta["analyzers"] == ["stats", "gls", "bias", "descent", "dead"]
     sites = result.tables["gls_sites"]
     assert set(sites["site"]) == found
     assert (sites["identity_rel_max"] <= tol).all(), sites[["site", "identity_rel_max"]]

@@ -33,7 +33,7 @@ from normscope.analyzers import AnalysisContext, AnalyzerOutput
 from normscope.analyzers.hvp import MODES, BatchLoss, HessianOperator, curvature_dtype, graph_chunk
 from normscope.analyzers.reparam import reparam_check
 from normscope.analyzers.spectrum import MIN_TRACE_SAMPLES, krylov_trace, lanczos, trace_interval
-from normscope.budget import Budget
+from normscope.budget import Budget, agreed
 from normscope.capture.graph import SiteGraph, covering
 from normscope.distributed import current, share_out
 from normscope.findings import Finding
@@ -449,7 +449,7 @@ def _mode_tables(tables: dict[str, list[dict]], plan: Budget, loss: BatchLoss, t
     products = len(chosen) + total.selection_products
     # the product's cost on the budget's clock, from above: the whole stage (its gradients too) per product
     if "hvp" not in plan.injected:
-        plan.costs["hvp"] = took / products
+        plan.costs["hvp"] = agreed(took / products)
     plan.spend("gradient", len(chosen))
     plan.spend("hvp", len(chosen) + total.selection_products + (total.symmetry or {}).get("products", 0))
     _, d, step_lr = chosen[-1]

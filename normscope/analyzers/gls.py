@@ -650,7 +650,8 @@ def batch_size_sweep(
         model.train()
         for size in track(runs[::-1], "gls batch-size sweep", len(runs)):
             if budget is not None and size != total and budget.limited:
-                needed = agreed(step_seconds) * (total // size)
+                step_seconds = agreed(step_seconds)  # the slowest rank's: every rank cuts alike
+                needed = step_seconds * (total // size)
                 if needed > budget.remaining():
                     left = [b for b in runs if b <= size]
                     budget.cut(f"the batch-size sweep at batch sizes {', '.join(map(str, left))}",

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from normscope.analyzers import AnalysisContext, AnalyzerOutput
 from normscope.batch import concat
 from normscope.batch import size as batch_size
+from normscope.budget import agreed
 from normscope.capture.record import SiteRecord
 from normscope.distributed import current, shard
 from normscope.findings import Finding
@@ -290,7 +291,7 @@ def _recalibration_seconds(ctx: AnalysisContext, layers: int) -> float:
     each forward priced at the fastest of the driver's passes (a forward, or a forward and backward) per batch."""
     examples = batch_size(ctx.dataset[0]) if ctx.dataset is not None else sum(batch_size(b[0]) for b in ctx.batches)
     results = ctx.passes().results
-    seconds = min((r.seconds for r in results.values()), default=0.0)  # the fastest: the first also verifies the sites
+    seconds = agreed(min((r.seconds for r in results.values()), default=0.0))  # the fastest pass, the slowest rank
     return (layers + 2) * seconds * examples / max(1, batch_size(ctx.batches[0][0]))
 
 

@@ -115,6 +115,12 @@ FAMILIES = {
              lambda: pixels(), "cross_entropy", {"LayerNorm"}, 1e-6, ""),
     "poolformer": ("PoolFormerForImageClassification", lambda: transformers.PoolFormerConfig(num_labels=3, hidden_sizes=[8, 16], depths=[1, 1], num_encoder_blocks=2, patch_sizes=[7, 3], strides=[4, 2], padding=[2, 1]),
                    lambda: pixels(), "cross_entropy", {"PoolFormerGroupNorm"}, 1e-6, ""),
+    "dinov2": ("Dinov2ForImageClassification", lambda: transformers.Dinov2Config(**vision(patch_size=8, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, mlp_ratio=2)),
+               lambda: pixels(), "cross_entropy", {"LayerNorm"}, 1e-6, ""),
+    "hubert": ("HubertForSequenceClassification", lambda: transformers.HubertConfig(
+        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, conv_dim=(8, 8), conv_stride=(5, 2),
+        conv_kernel=(10, 3), feat_extract_norm="group", num_conv_pos_embeddings=8, num_conv_pos_embedding_groups=2, num_labels=3,
+        mask_time_prob=0.0), lambda: audio(), "cross_entropy", {"GroupNorm", "LayerNorm", "_WeightNorm"}, 1e-6, ""),
     "mobilenet_v2": ("MobileNetV2ForImageClassification", lambda: transformers.MobileNetV2Config(num_labels=3, image_size=16, depth_multiplier=0.25),
                      lambda: pixels(size=16), "cross_entropy", {"BatchNorm2d"}, 1e-3, "float32"),
     "convnextv2": ("ConvNextV2ForImageClassification", lambda: transformers.ConvNextV2Config(num_stages=2, hidden_sizes=[8, 16], depths=[1, 1], num_labels=3),
@@ -158,7 +164,7 @@ def test_family_runs_with_its_natural_batch_every_site_verified(family):
     assert {row["reading"] for row in result.meta["sites"] if "reading" in row} == READ_BY_BEHAVIOUR.get(family, set())
     # named like a norm but holding none: reported (never silently dropped), and it is no site
     reported = {row["module_type"] for row in result.meta["unrecognized"]}
-    assert reported == ({"Wav2Vec2NoLayerNormConvLayer"} if family == "wav2vec2" else set())
+    assert reported == {"wav2vec2": {"Wav2Vec2NoLayerNormConvLayer"}, "hubert": {"HubertNoLayerNormConvLayer"}}.get(family, set())
     assert result.meta["loss_fn"] == (loss or "model") and result.meta["analyzer_errors"] == {}
     assert result.meta["analyzers"] == ["stats", "gls", "bias", "descent", "dead"]
     sites = result.tables["gls_sites"]

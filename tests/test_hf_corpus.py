@@ -121,6 +121,9 @@ FAMILIES = {
         hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, conv_dim=(8, 8), conv_stride=(5, 2),
         conv_kernel=(10, 3), feat_extract_norm="group", num_conv_pos_embeddings=8, num_conv_pos_embedding_groups=2, num_labels=3,
         mask_time_prob=0.0), lambda: audio(), "cross_entropy", {"GroupNorm", "LayerNorm", "_WeightNorm"}, 1e-6, ""),
+    "mobilevit": ("MobileViTForImageClassification", lambda: transformers.MobileViTConfig(
+        image_size=16, num_labels=3, hidden_sizes=[16, 16, 16], neck_hidden_sizes=[8, 8, 8, 8, 8, 8, 16], num_attention_heads=2, patch_size=2),
+        lambda: pixels(size=16), "cross_entropy", {"BatchNorm2d", "LayerNorm"}, 1e-3, "float32"),
     "mobilenet_v2": ("MobileNetV2ForImageClassification", lambda: transformers.MobileNetV2Config(num_labels=3, image_size=16, depth_multiplier=0.25),
                      lambda: pixels(size=16), "cross_entropy", {"BatchNorm2d"}, 1e-3, "float32"),
     "convnextv2": ("ConvNextV2ForImageClassification", lambda: transformers.ConvNextV2Config(num_stages=2, hidden_sizes=[8, 16], depths=[1, 1], num_labels=3),
@@ -131,7 +134,7 @@ FAMILIES = {
 # convolution-heavy families run in float32: torch's float64 depthwise convolutions on CPU are
 # 30-100x slower (MobileNetV2 took 490 s in float64 on a loaded machine); float32 also exercises
 # verification at float32 rounding (constant channels, 1x1 maps)
-FLOAT32 = {"mobilenet_v2", "segformer"}
+FLOAT32 = {"mobilevit", "mobilenet_v2", "segformer"}
 
 
 # the readings found by behaviour (where the class's first reading did not reproduce its output)

@@ -124,6 +124,9 @@ FAMILIES = {
     "mobilevit": ("MobileViTForImageClassification", lambda: transformers.MobileViTConfig(
         image_size=16, num_labels=3, hidden_sizes=[16, 16, 16], neck_hidden_sizes=[8, 8, 8, 8, 8, 8, 16], num_attention_heads=2, patch_size=2),
         lambda: pixels(size=16), "cross_entropy", {"BatchNorm2d", "LayerNorm"}, 1e-3, "float32"),
+    "efficientnet": ("EfficientNetForImageClassification", lambda: transformers.EfficientNetConfig(
+        image_size=32, num_labels=3, width_coefficient=0.1, depth_coefficient=0.1, hidden_dim=128),
+        lambda: pixels(size=32), "cross_entropy", {"BatchNorm2d"}, 1e-3, "float32"),
     "mobilenet_v2": ("MobileNetV2ForImageClassification", lambda: transformers.MobileNetV2Config(num_labels=3, image_size=16, depth_multiplier=0.25),
                      lambda: pixels(size=16), "cross_entropy", {"BatchNorm2d"}, 1e-3, "float32"),
     "convnextv2": ("ConvNextV2ForImageClassification", lambda: transformers.ConvNextV2Config(num_stages=2, hidden_sizes=[8, 16], depths=[1, 1], num_labels=3),
@@ -134,7 +137,7 @@ FAMILIES = {
 # convolution-heavy families run in float32: torch's float64 depthwise convolutions on CPU are
 # 30-100x slower (MobileNetV2 took 490 s in float64 on a loaded machine); float32 also exercises
 # verification at float32 rounding (constant channels, 1x1 maps)
-FLOAT32 = {"mobilevit", "mobilenet_v2", "segformer"}
+FLOAT32 = {"mobilevit", "efficientnet", "mobilenet_v2", "segformer"}
 
 
 # the readings found by behaviour (where the class's first reading did not reproduce its output)

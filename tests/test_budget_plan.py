@@ -2,7 +2,6 @@
 mid-run cuts refinements, not headlines. The slowdown is injected on a virtual clock that advances
 with every matrix product the analysis runs (deterministic work, no sleeping)."""
 
-import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 

@@ -8,7 +8,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from torch import nn
 
 from normscope.analyzers import AnalysisContext, get_analyzer
 from normscope.analyzers.bias import bias_statistics

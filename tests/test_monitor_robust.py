@@ -13,20 +13,12 @@ from torch import nn
 
 import normscope
 from normscope.models import build_model
+from tests.test_monitor import _state
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
     """The bytes of a tensor, so that NaNs compare equal when they are the same NaN."""
     return t.detach().contiguous().reshape(-1).view(torch.uint8)
-
-
-def _state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
-    out = {f"p:{n}": p.detach().clone() for n, p in model.named_parameters()}
-    out.update({f"b:{n}": b.detach().clone() for n, b in model.named_buffers()})
-    for i, state in enumerate(optimizer.state.values()):
-        out.update({f"o{i}:{k}": v.clone() for k, v in state.items() if isinstance(v, torch.Tensor)})
-    out["rng"] = torch.get_rng_state()
-    return out
 
 
 def _loop(model, optimizer, x, y, steps: int, monitor=None, poison: int | None = None) -> None:

@@ -1,10 +1,7 @@
 """The driver runs each captured pass once; the site graph from its first pass replaces the probe forwards."""
 
-import copy
-
 import pytest
 import torch
-from torch import nn
 
 import normscope
 from normscope.analyzers.population_gradient import population_gradient

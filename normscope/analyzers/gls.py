@@ -32,6 +32,7 @@ from normscope import batch as batches
 from normscope.findings import Finding
 from normscope.rules import gls_findings
 from normscope.analyzers import AnalysisContext, AnalyzerOutput, no_progress
+from normscope.analyzers.stats import _cat, _segment_mean, _segment_quantiles, _segment_sums
 from normscope.budget import agreed
 from normscope.capture import Capture, capture
 from normscope.capture.record import SiteRecord
@@ -133,17 +134,64 @@ def fit_from_sums(sums: dict[str, Tensor], centered: bool, unit_norm: bool, batc
             "explained_sq": explained_sq, "residual_sq": residual_sq, "g_sq": sg2, "r2": 1 - residual_sq / sg2}
 
 
-def _scale_from_sums(sums: dict[str, Tensor], record: SiteRecord) -> Tensor:
-    layout, n = record.layout, sums["n"]
-    if layout.rule == "weight":
-        return sums["sum_x2"].sqrt()
-    if not layout.batch_stats:
-        var = layout.running_var.detach().to("cpu", torch.float64)
-        return (var.repeat(n.shape[0] // var.shape[0]) + layout.eps).sqrt()
-    if layout.kind.centered:
-        mean = sums["sum_x"] / n
-        return (sums["sum_x2"] / n - mean**2 + layout.eps).sqrt()
-    return (sums["sum_x2"] / n + layout.eps).sqrt()
+FIT_SUMS = ("n", "sum_z", "sum_z2", "sum_g", "sum_g2", "sum_gz")
+
+
+def reduction_figures(records: Sequence[SiteRecord]) -> dict[str, Tensor]:
+    """:func:`fit_from_sums` over the partitions of all ``records`` (``storage="reductions"``, each
+    with a gradient) at once, one call per kind of regression (centered or not, unit norm or not,
+    batch statistics or not), with ``scale`` (the normalizer s of the capture's reductions):
+    float64 tensors over the records' partitions in record order. Each partition's figures are
+    those of its record computed alone (elementwise float64)."""
+    groups: dict[tuple[bool, bool, bool], list[int]] = {}
+    for i, r in enumerate(records):
+        groups.setdefault((r.layout.kind.centered, r.layout.rule == "weight", r.layout.batch_stats), []).append(i)
+    sizes = [r.reductions["n"].numel() for r in records]
+    starts = np.cumsum([0, *sizes])
+    out: dict[str, Tensor] = {}
+    for (centered, unit, batch_stats), members in groups.items():
+        sums = {k: _cat([records[i].reductions[k] for i in members]) for k in (*FIT_SUMS, "scale")}
+        fig = fit_from_sums(sums, centered, unit, batch_stats)
+        fig["scale"] = sums["scale"]
+        if len(groups) == 1:
+            return fig
+        index = torch.cat([torch.arange(starts[i], starts[i + 1]) for i in members])
+        for key, value in fig.items():
+            out.setdefault(key, torch.empty(int(starts[-1]), dtype=torch.float64))[index] = value
+    return out
+
+
+SITE_FIGURES = ("r2", "beta", "slope_ratio", "residual_sq", "g_sq", "explained_sq", "scale")
+R2_QUANTILES = {"r2_q10": 0.1, "r2_q25": 0.25, "r2_median": 0.5, "r2_q75": 0.75, "r2_q90": 0.9}
+
+
+def site_values(figures: dict[str, Tensor], sizes: Sequence[int], quantiles: bool = True) -> dict[str, Tensor]:
+    """The per-site figures of ``gls_sites`` from the per-partition figures of every site
+    (:data:`SITE_FIGURES`, float64, concatenated site after site, ``sizes[i]`` partitions for site
+    ``i``), one (S,) float64 tensor each; the one implementation behind :func:`sites_table` and the
+    training monitor's rows (:mod:`normscope.monitor.metrics`), vectorized over all sites:
+
+    * ``r2_mean``, ``beta_mean``, ``beta_abs_mean``, ``slope_ratio_mean``: nan-means over the partitions;
+    * ``r2_median`` and, with ``quantiles``, ``r2_q10``, ``r2_q25``, ``r2_q75``, ``r2_q90``: nan-quantiles
+      (linear, as ``np.nanquantile``; NaN when no partition's R^2 is finite);
+    * ``r2_pooled = 1 - sum ||residual||^2 / sum ||g||^2``;
+    * ``naive_gap_identity = sqrt(sum ||alpha + beta z||^2 / s^2 / sum ||g - alpha - beta z||^2 / s^2)``
+      (MATH.md §2: ``||gamma/s dL/dy - dL/dx|| / ||dL/dx||`` by the identity; NaN when the denominator is 0).
+    """
+    starts = np.cumsum([0, *sizes[:-1]])
+    r2, beta, scale_sq = figures["r2"], figures["beta"], figures["scale"] ** 2
+    sums = _segment_sums(torch.stack([figures["residual_sq"], figures["g_sq"], figures["explained_sq"] / scale_sq,
+                                      figures["residual_sq"] / scale_sq, r2.isfinite().to(torch.float64)]), starts)
+    names = R2_QUANTILES if quantiles else {"r2_median": 0.5}
+    qs = _segment_quantiles(r2, starts, list(names.values()))
+    finite = (sums[4] > 0).numpy()
+    residual = sums[3]
+    out = {name: torch.from_numpy(np.where(finite, q, np.nan)) for name, q in zip(names, qs.numpy())}
+    out.update(r2_mean=_segment_mean(r2, starts), r2_pooled=1 - sums[0] / sums[1],
+               beta_mean=_segment_mean(beta, starts), beta_abs_mean=_segment_mean(beta.abs(), starts),
+               slope_ratio_mean=_segment_mean(figures["slope_ratio"], starts),
+               naive_gap_identity=(sums[2] / residual).sqrt().where(residual > 0, math.nan))
+    return out
 
 
 # -- one record -------------------------------------------------------------------------------
@@ -200,10 +248,9 @@ def fit_record(record: SiteRecord, depth: int = 0, keep: bool = True, dtype: tor
     centered, unit = layout.kind.centered, layout.rule == "weight"
     f64 = torch.float64
     if record.x is None:
-        sums = {k: v.to(f64) for k, v in record.reductions.items()}
-        fig = fit_from_sums(sums, centered, unit, layout.batch_stats)
-        scale = _scale_from_sums(sums, record)
-        fig.update(scale=scale, identity_error=torch.full_like(scale, math.nan), identity_rel=torch.full_like(scale, math.nan))
+        fig = reduction_figures([record])
+        scale = fig["scale"]
+        fig.update(identity_error=torch.full_like(scale, math.nan), identity_rel=torch.full_like(scale, math.nan))
         naive = float((fig["explained_sq"] / scale**2).sum())
         true = float((fig["residual_sq"] / scale**2).sum())
         return RecordFit(record, depth, fig, naive, true)
@@ -322,36 +369,32 @@ def sites_table(fits: Sequence[RecordFit]) -> pd.DataFrame:
     1 - sum ||residual||^2 / sum ||g||^2``), the naive gradient gap
     ``||gamma/s dL/dy - dL/dx|| / ||dL/dx||`` (Deshmukh's (2020) expression against the true gradient,
     over the whole site), and ``naive_gap_identity = ||(alpha + beta z)/s|| / ||(g - alpha - beta z)/s||``
-    (the same by MATH.md §2), and the largest identity error."""
-    rows = []
+    (the same by MATH.md §2), and the largest identity error. The figures over partitions are
+    :func:`site_values` (the training monitor's too)."""
     by_site: dict[str, list[RecordFit]] = {}
     for fit in fits:
         by_site.setdefault(fit.record.site.name, []).append(fit)
-    for name, group in by_site.items():
-        cat = {k: np.concatenate([_np(f.figures[k]) for f in group])
-               for k in ("r2", "beta", "slope_ratio", "residual_sq", "g_sq", "identity_error", "identity_rel",
-                         "explained_sq", "scale")}
+    if not by_site:
+        return _empty("gls_sites")
+    groups = list(by_site.values())
+    ordered = [f for group in groups for f in group]
+    sizes = [sum(f.figures["r2"].numel() for f in group) for group in groups]
+    values = {k: v.tolist() for k, v in site_values({k: _cat([f.figures[k] for f in ordered]) for k in SITE_FIGURES}, sizes).items()}
+    rows = []
+    for s, (name, group) in enumerate(by_site.items()):
         naive_sq, true_sq = sum(f.naive_sq for f in group), sum(f.true_sq for f in group)
-        expl = float(np.sum(cat["explained_sq"] / cat["scale"] ** 2))
-        resid = float(np.sum(cat["residual_sq"] / cat["scale"] ** 2))
-        r2 = cat["r2"]
         first = group[0]
-        q10, q25, q50, q75, q90 = np.nanquantile(r2, [0.1, 0.25, 0.5, 0.75, 0.9]) if np.isfinite(r2).any() else [math.nan] * 5
         rows.append({
             "site": name, "kind": first.record.site.kind, "depth": first.depth, "n_records": len(group),
-            "n_partitions": r2.size, "r2_mean": float(np.nanmean(r2)), "r2_median": float(q50),
-            "r2_q10": float(q10), "r2_q25": float(q25), "r2_q75": float(q75), "r2_q90": float(q90),
-            "r2_pooled": 1 - float(cat["residual_sq"].sum() / cat["g_sq"].sum()),
-            "beta_mean": float(np.nanmean(cat["beta"])), "beta_abs_mean": float(np.nanmean(np.abs(cat["beta"]))),
-            "slope_ratio_mean": float(np.nanmean(cat["slope_ratio"])),
+            "n_partitions": sizes[s], **{k: values[k][s] for k in COLUMNS["gls_sites"] if k in values},
             "naive_gap": math.sqrt(naive_sq / true_sq) if true_sq > 0 else math.nan,
-            "naive_gap_identity": math.sqrt(expl / resid) if resid > 0 else math.nan,
-            "identity_error_max": _nanmax(cat["identity_error"]), "identity_rel_max": _nanmax(cat["identity_rel"]),
+            "identity_error_max": _nanmax(np.concatenate([_np(f.figures["identity_error"]) for f in group])),
+            "identity_rel_max": _nanmax(np.concatenate([_np(f.figures["identity_rel"]) for f in group])),
             "dtype": str(first.record.dtype).replace("torch.", ""),
             "batch_stats": first.record.layout.batch_stats,
             "residual_backward": first.record.layout.residual_backward,
         })
-    return pd.DataFrame(rows, columns=COLUMNS["gls_sites"]) if rows else _empty("gls_sites")
+    return pd.DataFrame(rows, columns=COLUMNS["gls_sites"])
 
 
 def kinds_table(sites: pd.DataFrame) -> pd.DataFrame:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Hashable
+from typing import Hashable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -185,7 +185,8 @@ def stats_tables(
 
 
 # -- the per-site statistics from per-partition reductions: one implementation, used by stats_tables
-# -- and by the monitor (normscope.monitor.metrics), vectorized over every site and step at once
+# -- and by the monitor (normscope.monitor.metrics), vectorized over every site and step at once;
+# -- the segment reductions also serve gls_sites (normscope.analyzers.gls.site_values)
 F64 = torch.float64
 
 
@@ -231,6 +232,28 @@ def _segment_median(values: Tensor, starts: np.ndarray, skip_nan: bool) -> Tenso
     a, b = ordered[lo], ordered[hi]
     median = np.where(lo == hi, a, (a + b) / 2)
     return torch.from_numpy(np.where((m > 0) & ((nan == 0) | skip_nan), median, np.nan))
+
+
+def _segment_quantiles(values: Tensor, starts: np.ndarray, quantiles: Sequence[float]) -> Tensor:
+    """``np.nanquantile`` (linear interpolation) of each contiguous, non-empty segment at each of
+    ``quantiles``, (Q, segments): over the non-NaN items sorted, position ``q (m - 1)`` between the
+    items ``a`` and ``b`` around it, ``a + (b - a) t`` (``b - (b - a)(1 - t)`` for ``t >= 0.5``, as
+    numpy's lerp); NaN where a segment holds no non-NaN item."""
+    v = values.numpy()
+    size = np.diff(starts, append=len(v))
+    ordered = v[np.lexsort((v, np.repeat(np.arange(len(starts)), size)))]  # NaN last in each segment
+    m = size - np.add.reduceat(np.isnan(v).astype(np.int64), starts)
+    out = np.full((len(quantiles), len(starts)), np.nan)
+    for i, q in enumerate(quantiles):
+        position = q * np.maximum(m - 1, 0)
+        below = np.floor(position).astype(np.int64)
+        t = position - below
+        a, b = ordered[starts + below], ordered[starts + np.minimum(below + 1, np.maximum(m - 1, 0))]
+        with np.errstate(invalid="ignore"):
+            diff = b - a
+            value = np.where(t >= 0.5, b - diff * (1 - t), a + diff * t)
+        out[i] = np.where(m > 0, np.where(t == 0, a, value), np.nan)
+    return torch.from_numpy(out)
 
 
 def stats_values(sites: list[Hashable], records: list[list[SiteRecord]],

@@ -10,8 +10,12 @@ The same statistics as the snapshot tables, per site, from the per-partition sum
   running statistics are those before the step's forward;
 * gradient least squares (``gls_sites``, MATH.md §2, "Normalization Gradients are Least-Squares
   Residuals", 2019): ``r2_mean``, ``r2_median``, ``r2_pooled``, ``beta_mean``, ``beta_abs_mean``,
-  ``slope_ratio_mean`` and ``naive_gap`` over the partitions of all the site's records
-  (:func:`normscope.analyzers.gls.fit_from_sums`).
+  ``slope_ratio_mean`` and ``naive_gap`` over the partitions of all the site's records, by the
+  functions ``analyze`` uses (:func:`normscope.analyzers.gls.reduction_figures`,
+  :func:`normscope.analyzers.gls.site_values`).
+
+Both come from one implementation each, shared with ``analyze``: :func:`normscope.analyzers.stats.stats_values`
+and :func:`normscope.analyzers.gls.site_values`.
 
 Per-channel sites average the statistics of several records per channel, as ``stats_tables`` does.
 All sites are computed at once: the per-partition sums of every record are concatenated into float64
@@ -21,20 +25,16 @@ item order, so they agree with the snapshot's pairwise numpy sums to float64 rou
 
 from __future__ import annotations
 
-import itertools
-import math
-
 import torch
 from torch import Tensor, nn
 
-from normscope.analyzers.gls import fit_from_sums
-from normscope.analyzers.stats import F64, _cat, _segment_mean, _segment_median, _segment_sums, stats_values
+from normscope.analyzers.gls import reduction_figures, site_values
+from normscope.analyzers.stats import stats_values
 from normscope.capture.record import SiteRecord
 
 STATS_METRICS = ("eps_fraction_max", "eps_dominated_fraction", "gamma_mean")
 DRIFT_METRICS = ("mean_drift_mean", "var_ratio_median")
 GLS_METRICS = ("r2_mean", "r2_median", "r2_pooled", "beta_mean", "beta_abs_mean", "slope_ratio_mean", "naive_gap")
-FIT_SUMS = ("n", "sum_z", "sum_z2", "sum_g", "sum_g2", "sum_gz", "scale")
 
 Row = tuple[str, str, float]
 
@@ -52,47 +52,17 @@ def running_stats(model: nn.Module) -> dict[str, tuple[Tensor, Tensor]]:
     return {name: (parts[2 * i].view_as(mean), parts[2 * i + 1].view_as(var)) for i, (name, mean, var) in enumerate(found)}
 
 
-def _figures(fits: list[SiteRecord]) -> dict[str, Tensor]:
-    """:func:`~normscope.analyzers.gls.fit_from_sums` over the partitions of all ``fits`` at once
-    (one call per kind of regression), with ``scale``, as float64 tensors in record order."""
-    groups: dict[tuple[bool, bool, bool], list[int]] = {}
-    for i, r in enumerate(fits):
-        groups.setdefault((r.layout.kind.centered, r.layout.rule == "weight", r.layout.batch_stats), []).append(i)
-    sizes = [r.reductions["n"].numel() for r in fits]
-    starts = [0, *itertools.accumulate(sizes)]
-    out: dict[str, Tensor] = {}
-    for (centered, unit, batch_stats), members in groups.items():
-        sums = {k: _cat([fits[i].reductions[k] for i in members]) for k in FIT_SUMS}
-        fig = fit_from_sums(sums, centered, unit, batch_stats)
-        fig["scale"] = sums["scale"]
-        if len(groups) == 1:
-            return fig
-        index = torch.cat([torch.arange(starts[i], starts[i + 1]) for i in members])
-        for key, value in fig.items():
-            out.setdefault(key, torch.empty(starts[-1], dtype=F64))[index] = value
-    return out
-
-
 def gls_values(fits: list[list[SiteRecord]]) -> dict[str, Tensor]:
-    """Gradient-least-squares figures of every site, its records' partitions pooled (as ``gls_sites``):
-    nan-means of ``r2``, ``beta``, ``|beta|`` and ``slope_ratio``, the nan-median of ``r2`` (NaN when no
-    partition's ``r2`` is finite), ``r2_pooled = 1 - sum residual_sq / sum g_sq`` and
-    ``naive_gap = sqrt(sum explained_sq / s^2 / sum residual_sq / s^2)`` (NaN when the latter is 0)."""
-    flat = [r for group in fits for r in group]
-    fig = _figures(flat)
-    sizes = torch.tensor([sum(r.reductions["n"].numel() for r in group) for group in fits])
-    starts = (sizes.cumsum(0) - sizes).numpy()
-    r2, beta, scale_sq = fig["r2"], fig["beta"], fig["scale"] ** 2
-    sums = _segment_sums(torch.stack([fig["residual_sq"], fig["g_sq"], fig["explained_sq"] / scale_sq,
-                                      fig["residual_sq"] / scale_sq, r2.isfinite().to(F64)]), starts)
-    finite = sums[4] > 0
-    residual = sums[3]
-    return {"r2_mean": _segment_mean(r2, starts).where(finite, math.nan),
-            "r2_median": _segment_median(r2, starts, skip_nan=True).where(finite, math.nan),
-            "r2_pooled": 1 - sums[0] / sums[1],
-            "beta_mean": _segment_mean(beta, starts), "beta_abs_mean": _segment_mean(beta.abs(), starts),
-            "slope_ratio_mean": _segment_mean(fig["slope_ratio"], starts),
-            "naive_gap": (sums[2] / residual).sqrt().where(residual > 0, math.nan)}
+    """The gradient-least-squares figures (:data:`GLS_METRICS`) of every group of records (a site at a
+    step), its records' partitions pooled: analyze's own computation of ``gls_sites``, per partition
+    :func:`~normscope.analyzers.gls.reduction_figures` and per site
+    :func:`~normscope.analyzers.gls.site_values` (without the quantiles beyond the median), over all
+    groups at once. ``naive_gap`` is ``gls_sites``' ``naive_gap_identity``: the monitor keeps no
+    ``dL/dx``, and the two are equal by MATH.md §2."""
+    values = site_values(reduction_figures([r for group in fits for r in group]),
+                         [sum(r.reductions["n"].numel() for r in group) for group in fits], quantiles=False)
+    values["naive_gap"] = values.pop("naive_gap_identity")
+    return {name: values[name] for name in GLS_METRICS}
 
 
 def step_rows(records: list[SiteRecord], running: dict[str, tuple[Tensor, Tensor]]) -> list[Row]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pandas as pd
 import pytest
 import torch
@@ -89,7 +91,7 @@ def _transformers_run(tmp_path, monitored: bool) -> tuple[dict, object]:
     args = transformers.TrainingArguments(output_dir=str(tmp_path / "hf"), max_steps=4, per_device_train_batch_size=8,
                                           gradient_accumulation_steps=2, learning_rate=1e-3, report_to=[], use_cpu=True,
                                           save_strategy="no", logging_strategy="no", seed=0, disable_tqdm=True)
-    callbacks = [NormscopeCallback(tmp_path / "run", every=1, every_curvature=2, flush_seconds=0)] if monitored else []
+    callbacks = [NormscopeCallback(tmp_path / "run", every=1, every_curvature=2, flush_seconds=0, curvature_full_every=2)] if monitored else []
     trainer = transformers.Trainer(model=model, args=args, train_dataset=_digit_tokens(128), callbacks=callbacks)
     trainer.train()
     return _state(model, trainer.optimizer), torch.get_rng_state()
@@ -110,4 +112,6 @@ def test_transformers_callback_leaves_training_bit_identical(tmp_path):
     # curvature of the model's own loss on each even step's first micro-batch
     curvature = rows[rows["site"] == "model"].pivot_table(index="step", columns="metric", values="value")
     assert sorted(curvature.dropna(subset=["lambda_max"]).index) == [0, 2]
-    assert (curvature.loc[[0, 2], ["lambda_max", "a_crit", "trace"]].abs() > 0).all().all()
+    assert (curvature.loc[[0, 2], ["lambda_max", "a_crit"]].abs() > 0).all().all()
+    assert curvature.loc[0, "trace"] > 0 and math.isnan(curvature.loc[2, "trace"])  # every 2nd curvature step is full
+    assert curvature.loc[[0, 2], "curvature_full"].tolist() == [1.0, 0.0]

@@ -209,7 +209,7 @@ def test_every_metric_has_a_series_for_every_site_and_cadence(digits32, tmp_path
     for net, name in ((model, "ln"), (bn, "bn")):
         optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
         with normscope.Monitor(net, tmp_path / name, every=2, every_curvature=3, optimizer=optimizer,
-                               curvature_layers=["norm", "net.1"]) as monitor:
+                               curvature_layers=["norm", "net.1"], curvature_full_every=1) as monitor:
             for _ in range(7):
                 with monitor.step((x[:16], y[:16])):
                     F.cross_entropy(net(x[:16]), y[:16]).backward()
@@ -287,7 +287,7 @@ def test_warm_started_lambda_max_is_within_its_bound_of_a_dense_hessian(digits64
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     dense = []
     with normscope.Monitor(model, tmp_path / "run", every=0, every_curvature=1, optimizer=optimizer,
-                           curvature_layers=0) as monitor:
+                           curvature_layers=0, curvature_full_every=1) as monitor:
         for _ in range(4):
             dense.append(float(torch.linalg.eigvalsh(_dense_curvature(model, x, y)[3])[-1]))
             with monitor.step((x, y)):

@@ -34,10 +34,11 @@ class Monitor:
     statistics and gradient least squares (:mod:`normscope.monitor.metrics`), computed from the
     captured sums of all steps since the last flush at once (in one process; per step under
     ``torch.distributed``). Every
-    ``every_curvature``-th step, on that step's batch: a_crit of the step and of the layers it moves
-    most against the lr, lambda_max (warm-started from the previous curvature step) and the trace,
-    with the Hessian-vector products spent (:mod:`normscope.monitor.curvature`); this needs the batch, passed to
-    :meth:`step`. Rows ``(step, rank, site, metric, value)`` go to a Parquet dataset in ``out``
+    ``every_curvature``-th step, on that step's batch: a_crit of the step against the lr and lambda_max
+    (warm-started from the previous curvature step), and on every ``curvature_full_every``-th
+    curvature step also the trace and the a_crit of the layers the step moves most, with the
+    Hessian-vector products spent and a row ``curvature_full`` (1.0 on full steps, 0.0 else)
+    (:mod:`normscope.monitor.curvature`); this needs the batch, passed to :meth:`step`. Rows ``(step, rank, site, metric, value)`` go to a Parquet dataset in ``out``
     (``pandas.read_parquet(out)``), flushed as complete files every ``flush_seconds`` and on exit,
     and, with ``tensorboard=True``, to ``out/_tensorboard`` as ``normscope/<metric>/<site>``.
 
@@ -73,13 +74,20 @@ class Monitor:
         sites, kinds: which sites to record (as in :func:`normscope.capture`).
         functional: also record functional norm calls (costs a Python dispatch per torch call).
             Default: False.
-        curvature_layers: which layers' a_crit to compute, one Hessian-vector product (2-3
-            training steps) each: fnmatch patterns on layer names, an int ``k`` for the ``k``
+        curvature_layers: which layers' a_crit to compute on full curvature steps, one
+            Hessian-vector product each: fnmatch patterns on layer names, an int ``k`` for the ``k``
             layers the step moves most (largest ``||d_g||``, so the layers can change from one
             curvature step to the next) or ``None`` for every layer. Default: 2.
-        curvature_samples: Hutchinson products for the trace (0: no trace). Default: 4. A product costs
-            about two training steps (the reference ResNet: 46-62 ms against 25 ms); with the defaults a
-            curvature step spends about 9 (2 for lambda_max warm-started, 1 + 2 for a_crit, 4 for the trace).
+        curvature_samples: Hutchinson products for the trace on full curvature steps (0: no trace). Default: 4.
+        curvature_full_every: every ``k``-th curvature step this monitor measures, from its first
+            (steps ``0, k m, 2 k m, ...`` for ``every_curvature=m`` from step 0), is full: the trace and the layers' a_crit besides lambda_max and the
+            step's a_crit. Default: 10. Cost in Hessian-vector products: a curvature step spends one
+            gradient with its graph kept, the products of lambda_max (2-4 warm-started, its
+            ``lambda_max_products`` row) and 1 for the step's a_crit; a full one also
+            ``curvature_layers`` + ``curvature_samples`` (2 + 4 by default). A product costs about
+            4-5 training steps of the reference ResNet on CPU (double backward through its
+            convolutions and training-mode BatchNorms), so the defaults spend about 3.6 products per
+            curvature step on average; ``curvature_full_every=1`` makes every curvature step full.
         tensorboard: also write TensorBoard scalars. Default: False.
         flush_seconds: write buffered rows at most this often (0: every recorded step). Default: 10.
         rank: the process rank written with each row. Under ``torch.distributed`` with more than one
@@ -108,12 +116,15 @@ class Monitor:
         functional: bool = False,
         curvature_layers: str | Iterable[str] | int | None = 2,
         curvature_samples: int = 4,
+        curvature_full_every: int = 10,
         tensorboard: bool = False,
         flush_seconds: float = 10.0,
         rank: int = 0,
     ) -> None:
         if every < 0 or (every_curvature is not None and every_curvature < 1):
             raise InvalidArgumentError(f"every must be >= 0 and every_curvature >= 1 (got {every}, {every_curvature})")
+        if curvature_full_every < 1:
+            raise InvalidArgumentError(f"curvature_full_every must be >= 1 (got {curvature_full_every})")
         if curvature_samples == 1 or curvature_samples < 0:
             raise InvalidArgumentError(f"curvature_samples must be 0 (no trace) or at least 2 for a standard error (got {curvature_samples})")
         self.model, self.out = model, Path(out)
@@ -121,6 +132,7 @@ class Monitor:
         self.optimizer, self.lr, self.loss_fn = optimizer, lr, loss_fn
         self.sites, self.kinds, self.functional = sites, kinds, functional
         self.curvature_layers, self.curvature_samples = curvature_layers, curvature_samples
+        self.curvature_full_every = curvature_full_every
         self.tensorboard, self.flush_seconds, self.rank = tensorboard, flush_seconds, rank
         self.gathering = distributed.active()
         if self.gathering:
@@ -129,6 +141,7 @@ class Monitor:
         self._lr_step: int | None = None  # the last step whose lr row is written
         self._waiting: list[tuple[int, list, dict]] = []  # captured steps whose rows are computed at the next flush
         self._waiting_partitions = 0
+        self._curvatures = 0  # curvature steps measured: every curvature_full_every-th is full
         self._ritz: torch.Tensor | None = None  # lambda_max's last Ritz vector: the next curvature step starts there
         # one capture entered on every statistics step: the sites are found and their readings
         # verified once; steps that record nothing install no hooks
@@ -320,11 +333,13 @@ class Monitor:
         index = self.steps - 1 if step is None else int(step)
         with self._own(index, "lr"):
             self._record_lr(index)
+        full = self._curvatures % self.curvature_full_every == 0  # the first, then every k-th
+        self._curvatures += 1
         with self._own(index, "curvature"):
             rows, self._ritz = curvature_step(self.model, batch[0], batch[1], loss_fn or self.loss_fn, self.optimizer,
-                                              self.current_lr(), self.curvature_layers, self.curvature_samples, seed=index,
-                                              start=self._ritz)
-            self.record(index, rows)
+                                              self.current_lr(), self.curvature_layers if full else 0,
+                                              self.curvature_samples if full else 0, seed=index, start=self._ritz)
+            self.record(index, [*rows, (MODEL_SITE, "curvature_full", float(full))])
 
     def _record_lr(self, step: int) -> None:
         """The lr row of ``step``, once per step."""

@@ -58,7 +58,7 @@ def run(device: torch.device, rounds: int, block: int, batch: int = 128) -> Iter
         optimizer.step()
         optimizer.zero_grad()
 
-    session = capture(model, storage="reductions", functional=False, preserve=False)  # re-entered, as Monitor does
+    session = capture(model, storage="reductions", functional=False, preserve=False, links=False)  # re-entered, as Monitor does
 
     def capture_step() -> None:
         with session:

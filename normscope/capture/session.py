@@ -56,6 +56,9 @@ class Capture:
             gradients, with one pass over dL/dy (:func:`~normscope.capture.record.kernel_sums`).
             Default: ``"device"``.
         functional: also capture functional norm calls. Default: True.
+        links: record each site's ``producer`` and ``consumer`` (hooks on every module of the
+            model). ``False`` (with ``functional=False`` and ``graph=False``) leaves them ``None`` and
+            hooks only the site modules: the training monitor's lighter per-step capture. Default: True.
         preserve: restore the model's parameters, buffers, flags and ``.grad`` on exit, so the
             block leaves the model bit-identical (BN running statistics included); inside it the
             user's ``.grad`` tensors are set aside, so a ``backward()`` does not accumulate into
@@ -90,11 +93,14 @@ class Capture:
         functional: bool = True,
         preserve: bool = True,
         graph: bool = False,
+        links: bool = True,
     ) -> None:
         if storage not in STORAGES:
             raise UnknownNameError("storage", storage, STORAGES)
         self.model, self.selection, self.kinds = model, sites, kinds
         self.storage, self.functional, self.preserve, self.graph = storage, functional, preserve, graph
+        # without links (and without functional calls or the graph) no global module hook is installed
+        self.links = links or functional or graph
         self._leaf_outputs: dict[int, tuple[str, torch.Tensor]] = {}  # graph: leaf module outputs of the block
         self._site_nodes: dict[Any, str] = {}  # graph: autograd node of each site output -> site name
         self.records: list[SiteRecord] = []
@@ -171,8 +177,9 @@ class Capture:
         for name, module, recognized in self._table:
             self._handles.append(module.register_forward_pre_hook(self._pre_hook(name, recognized)))
             self._handles.append(module.register_forward_hook(self._post_hook()))
-        self._handles.append(register_module_forward_pre_hook(self._push))
-        self._handles.append(register_module_forward_hook(self._pop))
+        if self.links:
+            self._handles.append(register_module_forward_pre_hook(self._push))
+            self._handles.append(register_module_forward_hook(self._pop))
         if self.functional:
             self._mode = _FunctionalCalls(self)
             self._mode.__enter__()
@@ -289,7 +296,8 @@ class Capture:
         if activation is None:
             if self.storage != "reductions":
                 record.y = self._keep(y)
-            self._pending.append((y, record))
+            if self.links:
+                self._pending.append((y, record))
         else:  # a fused activation follows inside the module: the record holds y before it
             if self.storage != "reductions":
                 record.y = pre_activation(record.x, record.layout).to(y.dtype)

@@ -145,7 +145,8 @@ class Monitor:
         self._ritz: torch.Tensor | None = None  # lambda_max's last Ritz vector: the next curvature step starts there
         # one capture entered on every statistics step: the sites are found and their readings
         # verified once; steps that record nothing install no hooks
-        self._capture = capture(model, sites=sites, kinds=kinds, storage="reductions", functional=functional, preserve=False)
+        self._capture = capture(model, sites=sites, kinds=kinds, storage="reductions", functional=functional, preserve=False,
+                                links=False)
         self._modules: dict[str, int] = {}  # module path -> id of the module, when the sites were last read
         self._sites: dict[str, int] = {}  # site name -> id of its module
         self._warned: set[str] = set()
@@ -294,7 +295,7 @@ class Monitor:
                  if matches(name, how.kind.name, self.sites, self.kinds)}
         if self._modules:  # a new capture reads the new module tree (producers and consumers too)
             self._capture = capture(self.model, sites=self.sites, kinds=self.kinds, storage="reductions",
-                                    functional=self.functional, preserve=False)
+                                    functional=self.functional, preserve=False, links=False)
             rows = [(name, "site_added", 1.0) for name in sites.keys() - self._sites.keys()]
             rows += [(name, "site_removed", 1.0) for name in self._sites.keys() - sites.keys()]
             rows += [(name, "site_replaced", 1.0) for name in sites.keys() & self._sites.keys() if sites[name] != self._sites[name]]

@@ -39,10 +39,11 @@ GLS_METRICS = ("r2_mean", "r2_median", "r2_pooled", "beta_mean", "beta_abs_mean"
 Row = tuple[str, str, float]
 
 
-def running_stats(model: nn.Module) -> dict[str, tuple[Tensor, Tensor]]:
+def running_stats(model: nn.Module, modules: list[tuple[str, nn.Module]] | None = None) -> dict[str, tuple[Tensor, Tensor]]:
     """``{module path: (running_mean, running_var)}`` of every module that tracks them, copied in one
-    concatenation (the values are views of that copy, on the first buffer's device, in the promoted dtype)."""
-    found = [(name, m.running_mean, m.running_var) for name, m in model.named_modules()
+    concatenation (the values are views of that copy, on the first buffer's device, in the promoted dtype).
+    ``modules``: ``list(model.named_modules())`` when the caller has walked the tree already."""
+    found = [(name, m.running_mean, m.running_var) for name, m in (model.named_modules() if modules is None else modules)
              if isinstance(getattr(m, "running_mean", None), Tensor) and isinstance(getattr(m, "running_var", None), Tensor)]
     if not found:
         return {}

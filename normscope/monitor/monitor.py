@@ -248,8 +248,9 @@ class Monitor:
         session = None
         if stats:
             with self._own(index, "capture"):
-                running = running_stats(self.model)
-                self._check_sites(index)
+                modules = list(self.model.named_modules())  # one walk of the tree for the step
+                running = running_stats(self.model, modules)
+                self._check_sites(index, modules)
                 session = self._capture.__enter__()
         if session is None:
             yield
@@ -265,7 +266,9 @@ class Monitor:
             session.__exit__(None, None, None)
             closed = True
         with self._own(index, "gradients"):
-            self.record(index, nonfinite_gradient_rows(self.model))
+            nonfinite = nonfinite_gradient_rows(self.model, modules)
+            if nonfinite or self.gathering:  # record is a collective under torch.distributed
+                self.record(index, nonfinite)
         if closed:
             with self._own(index, "rows"):
                 self._after_capture(index, session, running)
@@ -284,11 +287,11 @@ class Monitor:
         if self.store.due() or self._waiting_partitions > WAITING_PARTITIONS:
             self._compute_waiting()
 
-    def _check_sites(self, step: int) -> None:
+    def _check_sites(self, step: int, named: list[tuple[str, nn.Module]]) -> None:
         """Compare the model's normalization sites with those of the last recorded step: rows
         ``site_added``, ``site_removed`` and ``site_replaced`` (another module under the same name) and a
         warning. The module tree is compared first (one walk); when it changed, a new capture reads it."""
-        modules = {name: id(m) for name, m in self.model.named_modules()}
+        modules = {name: id(m) for name, m in named}
         if modules == self._modules:
             return
         sites = {name: id(m) for name, m, how in module_sites(self.model)
@@ -370,10 +373,12 @@ class Monitor:
                 self._writer.add_scalar(f"normscope/{metric}/{site}", value, step)
 
 
-def nonfinite_gradient_rows(model: nn.Module) -> list[tuple[str, str, float]]:
+def nonfinite_gradient_rows(model: nn.Module, modules: list[tuple[str, nn.Module]] | None = None) -> list[tuple[str, str, float]]:
     """``(layer, "nonfinite_gradient", 1.0)`` for every layer (module path) with a NaN or an infinity in a
-    parameter's ``.grad``: one fused norm over all gradients, and the layers only when it is not finite."""
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    parameter's ``.grad``: one fused norm over all gradients, and the layers only when it is not finite.
+    ``modules``: ``list(model.named_modules())`` when the caller has walked the tree already."""
+    named = model.named_modules() if modules is None else modules
+    grads = [p.grad for _, m in named for p in m._parameters.values() if p is not None and p.grad is not None]
     if not grads or torch.nn.utils.get_total_norm(grads, foreach=True).isfinite():
         return []
     layers = dict.fromkeys(name.rpartition(".")[0] for name, p in model.named_parameters()

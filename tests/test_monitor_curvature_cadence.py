@@ -45,8 +45,10 @@ def test_light_and_full_curvature_steps_spend_the_stated_products(digits64, tmp_
         top = float(torch.linalg.eigvalsh(h)[-1])
         lam = rows[(step, "model", "lambda_max")]
         assert lam <= top * (1 + 1e-12) and top - lam <= rows[(step, "model", "lambda_max_residual")] + 1e-12
+        assert top - lam <= 0.05 * top  # the default curvature_tol
 
 
-def test_curvature_full_every_must_be_positive(tmp_path):
-    with pytest.raises(InvalidArgumentError, match="curvature_full_every"):
-        normscope.Monitor(MLP(width=4, depth=1), tmp_path / "run", curvature_full_every=0)
+@pytest.mark.parametrize("bad", [dict(curvature_full_every=0), dict(curvature_tol=0.0), dict(curvature_tol=1.0)])
+def test_curvature_cadence_and_tolerance_are_checked(bad, tmp_path):
+    with pytest.raises(InvalidArgumentError, match=next(iter(bad))):
+        normscope.Monitor(MLP(width=4, depth=1), tmp_path / "run", **bad)

@@ -18,7 +18,10 @@ descent analysis of batch normalization it builds on):
   products), and ``stability_limit = 2 / lambda_max``;
 * ``trace``, Hutchinson's estimate of ``tr H`` from ``samples`` Rademacher products (at least 2;
   0: no trace), with ``trace_stderr``; the same products give each layer's ``trace`` (its block ``H_gg``);
-* ``products``: the Hessian-vector products the step spent in all.
+* ``products``: the Hessian-vector products the step spent in all: 1 for the step's a_crit, 1 per
+  layer of ``layers``, lambda_max's and ``samples``. :class:`normscope.Monitor` asks for the layers
+  and the trace only on every ``curvature_full_every``-th curvature step (``layers=0, samples=0``
+  on the others: lambda_max and the step's a_crit, 3 products once lambda_max's warm start settles).
 
 A gradient that is not finite (a NaN or an infinity in the batch, the loss or the parameters) stops
 the step with a ``FloatingPointError`` before any product (the monitor records it as an error row).

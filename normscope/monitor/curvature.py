@@ -54,6 +54,8 @@ def _chosen(groups: dict[str, list[str]], layers: str | Iterable[str] | int | No
     ``k`` (an int) that the step moves most, by ``||d_g||``."""
     if layers is None:
         return groups
+    if isinstance(layers, int) and layers <= 0:
+        return {}
     if isinstance(layers, int):
         size = {g: sum(float(d[n].double().pow(2).sum()) for n in names) for g, names in groups.items()}
         return {g: groups[g] for g in sorted(groups, key=size.get, reverse=True)[:layers]}

@@ -1,0 +1,116 @@
+"""PopulationNorm with a rotation or an active u_max clip is read in place: the reading carries the
+map after the affine (normscope.ops.readings.AfterAffine), so every site is verified, the record
+holds gamma z + beta per channel and dL/dy through the map, and the gls tables measure the op's
+backward against the residual (float64)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import normscope
+from normscope.analyzers.gls import gls_step
+from normscope.capture import capture
+from normscope.models import build_model
+from normscope.ops import batchnorm_sites, swap_norms
+from normscope.ops.population import PopulationNorm
+from normscope.ops.readings import AfterAffine
+
+MODELS = {"mlp_bn": (16, 64), "resnet_bn": (16, 1, 8, 8)}
+OPTIONS = [
+    {"rotation": "hadamard"},
+    {"u_max": 0.5},
+    {"rotation": "random", "u_max": 0.5, "microbatch": 2},
+    {"rotation": "hadamard", "u_max": 0.5, "microbatch": 4, "arrangement": "fixed_mean"},
+]
+
+
+def _swapped(model_name: str, **options) -> nn.Module:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return swap_norms(build_model(model_name), "population", **options).double()
+
+
+@pytest.mark.parametrize("model_name", list(MODELS))
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+@pytest.mark.parametrize("train", [True, False])
+def test_rotated_and_clipped_sites_are_verified_in_place(model_name, options, train):
+    model = _swapped(model_name, **options).train(train)
+    x = torch.randn(*MODELS[model_name], dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    with capture(model) as cap:
+        model(x).sum().backward()
+    assert not cap.unverified, [u.compared for u in cap.unverified]
+    found = {s.name: s.module_type for s in cap.sites}
+    assert all(found.get(path) == "PopulationNorm" for path in batchnorm_sites(build_model(model_name)))
+    maps = [r.layout.activation for r in cap.records]
+    if "rotation" in options:
+        assert all(isinstance(m, AfterAffine) for m in maps)
+    elif train:  # the clip is read where it acts
+        assert any(isinstance(m, AfterAffine) and m.clip is not None for m in maps)
+    if not train:
+        assert all(m is None or m.clip is None for m in maps)  # no clip in eval
+
+
+def test_record_holds_the_affine_output_and_the_gradient_through_the_map():
+    """Independently of the capture: with the output's gradient G and the op's own clip c and
+    rotation R, the record's y is gamma z + beta and its dL/dy is c * (R^T G) (float64)."""
+    model = _swapped("mlp_bn", rotation="hadamard", u_max=0.5).train()
+    norm = model.net[2]
+    x = torch.randn(16, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    seen = {}
+    handle = norm.register_forward_hook(lambda m, a, out: seen.update(inp=a[0].detach(), out=out) or out.retain_grad())
+    with capture(model) as cap:
+        model(x).square().sum().backward()
+    handle.remove()
+    record = cap["net.2"]
+    center = norm.producer.weight @ norm.input_mean + norm.producer.bias
+    scale = (norm.running_var + norm.eps).sqrt()
+    z = (seen["inp"] - center) / scale
+    nu = (seen["inp"] - center).square() + norm.eps  # one value per example and channel
+    clip = (0.5 * ((norm.running_var + norm.eps) / nu).sqrt()).clamp(max=1.0)
+    assert bool((clip < 1).any())  # the clip acts
+    torch.testing.assert_close(record.y, z * norm.weight.detach() + norm.bias.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(seen["out"].detach(), (clip * z * norm.weight.detach()) @ norm.rotation.T + norm.bias.detach(),
+                               rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(record.dy, clip * (seen["out"].grad @ norm.rotation), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("arrangement", ["algorithm1", "fixed_mean"])
+def test_at_the_batch_moments_the_rotated_clipped_op_is_bn_and_its_identity_holds(arrangement):
+    """One group of the whole batch with the EMAs at the batch moments and the mean taken over the op's
+    own input (no producer): the op is BatchNorm followed by the clip and the rotation, so s dL/dx = g - alpha - beta z holds exactly for the g the
+    capture takes back through the map; a wrong map (no R^T, no clip) would break it."""
+    torch.manual_seed(0)
+    norm = PopulationNorm(16, rotation="hadamard", u_max=0.6, microbatch=32, momentum=0.0, arrangement=arrangement)
+    model = nn.Sequential(nn.Linear(8, 16), norm, nn.ReLU(), nn.Linear(16, 3)).double()  # no producer attached
+    x = torch.randn(32, 8, dtype=torch.float64) * 2 + 0.5
+    with torch.no_grad():
+        y = model[0](x)
+        norm.running_var.copy_(y.var(dim=0, unbiased=False))
+        norm.running_mean.copy_(y.mean(dim=0))
+    batch = (x, torch.randint(0, 3, (32,), generator=torch.Generator().manual_seed(1)))
+    with capture(model) as cap:
+        model(x).sum().backward()
+    assert not cap.unverified and cap["1"].layout.activation.clip is not None
+    assert bool((cap["1"].layout.activation.clip < 1).any())
+    sites = gls_step(model, batch)["gls_sites"]
+    assert list(sites["residual_backward"]) == [False]  # stated: the op's backward is not the residual in general
+    assert sites["identity_rel_max"].iloc[0] < 1e-10
+
+
+@pytest.mark.parametrize("model_name", list(MODELS))
+def test_analyze_reads_every_rotated_clipped_site(model_name):
+    model = swap_norms(build_model(model_name), "population", rotation="auto", u_max=0.5)
+    result = normscope.analyze(model, analyzers="stats,gls,dead", budget=60, batches=1)
+    sites = batchnorm_sites(build_model(model_name))
+    for table in ("stats_sites", "gls_sites", "dead_sites"):
+        assert sorted(result.tables[table]["site"]) == sorted(sites), table
+    gls = result.tables["gls_sites"]
+    assert not gls["residual_backward"].astype(bool).any() and gls["identity_rel_max"].notna().all()
+    sentences = [s for found in result.findings.values() for s in found]
+    assert not any("not recognized" in s or "unverified" in s.lower() for s in sentences)
+    assert sum("not the least-squares residual" in s for s in sentences) == len(sites)
+    assert not any("rotation after it passes" in s for s in sentences)

@@ -245,6 +245,10 @@ def group_mean(values: Tensor, k: int) -> Tensor:
     """Each row of ``values`` (N, C) replaced by the mean over its group: examples in order in
     groups of ``k``, the last group taking the rest."""
     n = values.shape[0]
+    if k == 1:
+        return values
+    if n % k == 0:  # equal groups: a reshape, no (groups, N) membership matrix
+        return values.reshape(n // k, k, -1).mean(dim=1, keepdim=True).expand(n // k, k, values.shape[1]).reshape(values.shape)
     ids = torch.arange(n, device=values.device) // k
     members = torch.nn.functional.one_hot(ids).to(values.dtype).T  # (groups, N)
     means = (members @ values) / members.sum(dim=1, keepdim=True)

@@ -9,6 +9,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import normscope
@@ -114,3 +115,21 @@ def test_analyze_reads_every_rotated_clipped_site(model_name):
     assert not any("not recognized" in s or "unverified" in s.lower() for s in sentences)
     assert sum("not the least-squares residual" in s for s in sentences) == len(sites)
     assert not any("rotation after it passes" in s for s in sentences)
+
+
+def test_curvature_copies_keep_the_population_emas():
+    """The Hessian-vector products' private copy (BatchLoss, train mode) freezes PopulationNorm's EMAs:
+    its loss is the same function at every call, that of the model at its current EMAs (float64)."""
+    from normscope.analyzers.hvp import BatchLoss
+
+    model = _swapped("mlp_bn", rotation="hadamard", u_max=0.5).train()
+    generator = torch.Generator().manual_seed(4)
+    x, y = torch.randn(16, 64, dtype=torch.float64, generator=generator), torch.randint(0, 10, (16,), generator=generator)
+    loss = BatchLoss(model, x, y, mode="train")
+    first, second = float(loss()), float(loss())
+    assert first == second
+    torch.manual_seed(0)
+    with torch.no_grad():
+        expected = float(F.cross_entropy(model(x), y))  # the model itself, one step at its current EMAs
+    assert abs(first - expected) < 1e-12
+    assert float(F.cross_entropy(model(x), y)) != expected  # the model's own training forward moved its EMAs

@@ -495,6 +495,12 @@ class PopulationNorm(_NormBase):
         buffer = None if self._rotation64 is None else self._rotation64.to(device=device, dtype=dtype or torch.get_default_dtype())
         self.register_buffer("rotation", buffer, persistent=False)
 
+    def freeze_statistics(self) -> None:
+        """Stop moving the EMAs (momentum 0): the training-mode function then stays the one at the
+        current mu-bar, nu-bar, as the curvature analyzers' private copies need (each forward of a
+        Hessian-vector product would otherwise move them, and change the function being differentiated)."""
+        self.momentum = 0.0
+
     def _apply(self, fn, recurse: bool = True):
         super()._apply(fn, recurse)
         if self.rotation is not None:

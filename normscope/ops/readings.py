@@ -18,6 +18,10 @@ op                     center                          scale                    
 ``bn_ln``, ``ln_bn``   read as their two functional calls (``F.batch_norm``, ``F.layer_norm``): two sites in series
 =====================  ==============================  ================================  ==================
 
+PopulationNorm's rotation and, in a training call where it acts, its ``u_max`` clip are read as the
+map after the affine (:class:`AfterAffine`, the reading's ``activation``): per channel the reading
+is the EMA normalization above, the site's output ``R (c * gamma z) + beta``.
+
 In eval mode every op with running statistics is read as BatchNorm with them (no regression; the
 backward is ``g / s``, which the identity with alpha = beta = 0 states). ``residual_backward``
 False makes the gls tables report, per site, how far the backward is from the residual

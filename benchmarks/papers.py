@@ -329,7 +329,7 @@ def render(claims: pd.DataFrame, summaries: dict, selections: dict, settings: di
         f"Run: {settings['date']}, {settings['seeds']} reported seeds (0–{settings['seeds'] - 1}), LS grid selection seeds "
         f"{', '.join(map(str, SELECTION_SEEDS))}, torch {torch.__version__}, {settings['jobs']} process(es) of 1 thread, "
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load average before {settings['load_before']}, "
-        f"after {settings['load_after']}, {settings['seconds']:.0f} s in all ({settings['units']}).",
+        f"after {settings['load_after']}, {settings['seconds']:.0f} s in all (worker seconds per experiment: {settings['units']}).",
         "",
         "## Resolution, declared before the runs",
         "",

@@ -133,3 +133,31 @@ def test_curvature_copies_keep_the_population_emas():
         expected = float(F.cross_entropy(model(x), y))  # the model itself, one step at its current EMAs
     assert abs(first - expected) < 1e-12
     assert float(F.cross_entropy(model(x), y)) != expected  # the model's own training forward moved its EMAs
+
+
+@pytest.mark.parametrize("op,options", [
+    ("population", {"rotation": "hadamard", "u_max": 0.5}),
+    ("renorm", {"bn_steps": 0, "rmax_steps": 0, "dmax_steps": 0, "running_std": True}),
+    ("ghost_renorm", {"bn_steps": 0, "rmax_steps": 0, "dmax_steps": 0}),
+    ("lsbn", {"grad_init": "first"}),
+])
+def test_curvature_copies_differentiate_one_function(op, options):
+    """In the curvature analyzers' train-mode copy every call sees the ops' state as it was: the
+    gradient is the same at every call (ops whose training output or backward reads a state their
+    calls move: EMAs, renorm's running statistics and schedule, LS's alpha*, beta*), float64."""
+    from normscope.analyzers.hvp import BatchLoss
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = swap_norms(build_model("mlp_bn"), op, **options).double().train()
+    generator = torch.Generator().manual_seed(5)
+    x, y = torch.randn(16, 64, dtype=torch.float64, generator=generator), torch.randint(0, 10, (16,), generator=generator)
+    F.cross_entropy(model(x * 2 + 1), y).backward()  # one step of state away from the initial one
+    model.zero_grad()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    loss = BatchLoss(model, x, y, mode="train")
+    params = [p for p in loss.model.parameters()]
+    grads = [torch.autograd.grad(loss(dict(zip(loss.params, params))), params) for _ in range(3)]
+    for later in grads[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(grads[0], later))
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())  # the user's model untouched

@@ -11,7 +11,9 @@ input of the conv feeding it: that case is timed as conv + op against conv + Bat
 (``conv3x3 +`` rows). Targets (issue 5): batch renorm and population normalization at most 1.5x,
 median BN at most 3x on CUDA; CPU is reported as measured.
 
-Run: python benchmarks/ops.py [--min-run-time SECONDS] [--rounds N] [--threads N]
+Run: python benchmarks/ops.py [--min-run-time SECONDS] [--rounds N] [--threads default,1]
+(``--threads``: the thread counts to run one after the other, ``default`` being torch's; each
+block prints the load average before and after it.)
 """
 
 from __future__ import annotations
@@ -74,12 +76,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--min-run-time", type=float, default=0.2)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    parser.add_argument("--threads", default="default,1",
+                        help="comma-separated CPU thread counts, run in turn ('default': torch's). Default: default,1")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    default_threads = torch.get_num_threads()
+    try:
+        counts = [default_threads if t.strip() == "default" else int(t) for t in args.threads.split(",")]
+    except ValueError:
+        parser.error(f"--threads takes thread counts or 'default' separated by commas (got {args.threads!r})")
+    if any(c < 1 for c in counts):
+        parser.error(f"--threads counts must be >= 1 (got {args.threads!r})")
+    for threads in counts:
+        torch.set_num_threads(threads)
+        run(args, "default" if threads == default_threads else "set")
+
+
+def run(args: argparse.Namespace, origin: str) -> None:
+    """Every op at every shape and device at the current thread count, the load recorded around it."""
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    print(f"load average before {os.getloadavg()}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads" + (f", {torch.cuda.get_device_name()}" if "cuda" in devices else ""))
+    print(f"load average before {os.getloadavg()}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads ({origin})"
+          + (f", {torch.cuda.get_device_name()}" if "cuda" in devices else ""))
     print(f"{'device':6} {'shape':18} {'op':46} {'fwd ms':>8} {'fwd x':>6} {'f+b ms':>8} {'f+b x':>6}  target (f+b)")
     for device in devices:
         for shape in SHAPES:

@@ -77,8 +77,11 @@ class Layout:
     normalize by the partition's mean and standard deviation (median BN, population norm), so
     ``z = (x - center) / scale``; ``residual_backward`` is False when the op's backward pass is not
     the least-squares residual of MATH.md §2 (the gls tables then measure how far it is).
-    ``activation`` is the elementwise function a fused module applies after the affine (BiT's
-    ``BitGroupNormActivation``): the site's output is ``activation(y)``, its record holds ``y``.
+    ``activation`` is the function of ``y`` a module applies after its affine: an elementwise
+    activation of a fused module (BiT's ``BitGroupNormActivation``) or a per-call map such as
+    PopulationNorm's rotation and ``u_max`` clip (:class:`normscope.ops.readings.AfterAffine`, whose
+    ``gates`` is False): the site's output is ``activation(y)``, its record holds ``y`` and ``dL/dy``
+    taken back through it.
     """
 
     kind: NormKind

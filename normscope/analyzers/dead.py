@@ -42,12 +42,14 @@ def dead_table(records: list[SiteRecord]) -> pd.DataFrame:
     for record in records:
         if record.y is None or record.layout.rule == "weight":
             continue
-        positive = (unit_rows(record.y, record) > 0).any(dim=1)
+        after = record.layout.activation  # the site's output is after(y): a fused activation, or a map such as a rotation
+        positive = (unit_rows(record.y if after is None else after(record.y), record) > 0).any(dim=1)
         name = record.site.name
         first.setdefault(name, record)
         alive[name] = alive[name] | positive if name in alive else positive
     rows = [{"site": name, "kind": first[name].site.kind, "units": int(up.numel()), "dead_units": int((~up).sum()),
-             "dead_fraction": float((~up).double().mean()), "consumer": first[name].consumer_type}
+             "dead_fraction": float((~up).double().mean()),
+             "consumer": first[name].consumer_type if getattr(first[name].layout.activation, "gates", True) else None}
             for name, up in alive.items()]
     return pd.DataFrame(rows, columns=["site", "kind", "units", "dead_units", "dead_fraction", "consumer"])
 

@@ -161,7 +161,8 @@ class BatchLoss:
     (the minibatch loss of Deshmukh's (2020) Taylor expansion, MATH.md §5).
 
     ``L(theta) = loss_fn(functional_call(copy, theta, x), y)``. In ``mode="train"`` the copy's
-    BatchNorms normalize with batch statistics and update no running statistics; in
+    BatchNorms normalize with batch statistics and update no running statistics (an op with
+    ``freeze_statistics()``, PopulationNorm, keeps its statistics as they are); in
     ``mode="eval"`` they use the running statistics. ``dtype`` (e.g. ``torch.float64``) casts the
     copy and the inputs; ``None`` keeps the model's dtype.
     """
@@ -187,6 +188,8 @@ class BatchLoss:
             for m in net.modules():
                 if isinstance(m, _BatchNorm):
                     m.track_running_stats = False
+                elif callable(getattr(m, "freeze_statistics", None)):  # an op whose training output reads its own EMAs
+                    m.freeze_statistics()
         self.model, self.inputs, self.targets, self.loss_fn, self.mode = net, inputs, targets, loss_fn, mode
         self.source = weakref.ref(model)
         self.params: dict[str, Tensor] = {n: p.detach() for n, p in net.named_parameters()}

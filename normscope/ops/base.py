@@ -63,6 +63,15 @@ def update_running(
 class ChannelNorm(_NormBase):
     """Base class: BatchNorm's parameters, buffers and momentum rule; subclasses write ``forward``."""
 
+    statistics_frozen = False
+
+    def freeze_statistics(self) -> None:
+        """Training calls from now on move no running statistic and count no batch, so the
+        training-mode function stays the one at the current state (renorm's r, d and its schedule
+        read them): what the curvature analyzers' private copies need, whose every forward would
+        otherwise change the function being differentiated."""
+        self.statistics_frozen = True
+
     def _check_input_dim(self, x: torch.Tensor) -> None:
         if x.dim() < 2:
             raise DataShapeError(f"{type(self).__name__} expected 2D or more input (N, C, *) (got {x.dim()}D input)")
@@ -85,9 +94,9 @@ class ChannelNorm(_NormBase):
         """Count this batch and return the weight of its statistics in the running average.
 
         torch's rule: ``momentum``, or ``1 / num_batches_tracked`` (a cumulative average) when
-        ``momentum`` is None; 0.0 when nothing is tracked or in eval mode.
+        ``momentum`` is None; 0.0 when nothing is tracked, in eval mode or with the statistics frozen.
         """
-        if not (self.training and self.track_running_stats and self.num_batches_tracked is not None):
+        if self.statistics_frozen or not (self.training and self.track_running_stats and self.num_batches_tracked is not None):
             return 0.0
         self.num_batches_tracked.add_(1)
         if self.momentum is None:

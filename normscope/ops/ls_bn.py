@@ -165,9 +165,10 @@ class LSBatchNorm(ChannelNorm):
         factor, running_mean, running_var = self._begin_call(x)
         if not self.training:
             return F.batch_norm(x, running_mean, running_var, self.weight, self.bias, running_mean is None, 0.0, self.eps)
+        frozen = self.statistics_frozen  # alpha*, beta* kept as they are (freeze_statistics)
         z, mean, var = _RegularizedNormalize.apply(
-            x, self.eps, self.grad_moments, self.grad_batches_tracked, self.virtual_weight, self.grad_momentum,
-            self.grad_init == "first",
+            x, self.eps, self.grad_moments, self.grad_batches_tracked, self.virtual_weight,
+            0.0 if frozen else self.grad_momentum, self.grad_init == "first" and not frozen,
         )
         update_running(running_mean, running_var, mean, var, x, factor)
         if self.weight is None:

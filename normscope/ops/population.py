@@ -245,6 +245,10 @@ def group_mean(values: Tensor, k: int) -> Tensor:
     """Each row of ``values`` (N, C) replaced by the mean over its group: examples in order in
     groups of ``k``, the last group taking the rest."""
     n = values.shape[0]
+    if k == 1:
+        return values
+    if n % k == 0:  # equal groups: a reshape, no (groups, N) membership matrix
+        return values.reshape(n // k, k, -1).mean(dim=1, keepdim=True).expand(n // k, k, values.shape[1]).reshape(values.shape)
     ids = torch.arange(n, device=values.device) // k
     members = torch.nn.functional.one_hot(ids).to(values.dtype).T  # (groups, N)
     means = (members @ values) / members.sum(dim=1, keepdim=True)
@@ -264,6 +268,7 @@ def algorithm1_q(
     r_v: float = 1.0,
     f_max: float = 2.0,
     u_max: float = 5.0,
+    weight: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Normalized values q of "Extreme Normalization" (under review) Algorithm 1, groups of ``microbatch`` examples (§3.1, §5).
 
@@ -285,21 +290,25 @@ def algorithm1_q(
     mu-double-dagger and nu-double-dagger over the microbatch). nu keeps its gradient through
     mu-dagger; the ``u_max`` clip is per example, as the paper clips "the per-example second
     moment". The value of q is ``(y - center(mu-bar)) / sqrt(nu-bar + eps)`` times the clip.
+    With ``weight`` (gamma, C) the first output is ``gamma * q``, gamma folded into the per-example
+    factor (one elementwise product fewer, forward and backward).
     Returns ``(q, mu_b, nu_b - eps)``: q like ``y``, the per-example moments (N, C_s), (N, C).
     """
     n = y.shape[0]
     k = min(microbatch, n)
-    mu_b = source.reshape(n, source.shape[1], -1).mean(dim=2)
+    # sums over positions divided afterwards: the division acts on (N, C), not on every element in the backward
+    mu_b = source.reshape(n, source.shape[1], -1).sum(dim=2) / source[0, 0].numel()
     mu_dd = scale_grad(source_mean.detach().expand_as(mu_b), group_mean(mu_b, k), r_m)
     shape = (n, y.shape[1]) + (1,) * (y.dim() - 2)
-    p = y - center(mu_dd).reshape(shape)
-    nu_b = p.reshape(n, y.shape[1], -1).pow(2).mean(dim=2) + eps
+    p = y + (-center(mu_dd)).reshape(shape)  # the sign flips on (N, C), not on the gradient of every element
+    nu_b = p.reshape(n, y.shape[1], -1).square().sum(dim=2) / y[0, 0].numel() + eps
     nu_g = group_mean(nu_b, k)
     nu_bar = (var.detach() + eps).expand_as(nu_b)
     ratio = (nu_bar / nu_g).detach()
     nu_dd = scale_grad(nu_bar, nu_g, r_v * ratio.clamp(max=f_max))
     clip = (u_max * (nu_bar / nu_b).detach().sqrt()).clamp(max=1.0)
-    q = p * (torch.rsqrt(nu_dd) * clip).reshape(shape)
+    factor = torch.rsqrt(nu_dd) * clip
+    q = p * (factor if weight is None else factor * weight).reshape(shape)
     return q, mu_b.detach(), nu_b.detach() - eps
 
 
@@ -486,6 +495,12 @@ class PopulationNorm(_NormBase):
         buffer = None if self._rotation64 is None else self._rotation64.to(device=device, dtype=dtype or torch.get_default_dtype())
         self.register_buffer("rotation", buffer, persistent=False)
 
+    def freeze_statistics(self) -> None:
+        """Stop moving the EMAs (momentum 0): the training-mode function then stays the one at the
+        current mu-bar, nu-bar, as the curvature analyzers' private copies need (each forward of a
+        Hessian-vector product would otherwise move them, and change the function being differentiated)."""
+        self.momentum = 0.0
+
     def _apply(self, fn, recurse: bool = True):
         super()._apply(fn, recurse)
         if self.rotation is not None:
@@ -560,12 +575,14 @@ class PopulationNorm(_NormBase):
         else:
             source_mean = self.running_mean
             center = lambda mean: mean
+        w = None if self.weight is None else self.weight.to(compute)
         if self.training:
             source = feed.to(compute) if fed else xc
             q, mu_b, nu_b = algorithm1_q(
                 xc, source, source_mean.to(compute), var, center, microbatch=self.microbatch, eps=self.eps,
-                r_m=self.r_m, r_v=self.r_v, f_max=self.f_max, u_max=self.u_max,
+                r_m=self.r_m, r_v=self.r_v, f_max=self.f_max, u_max=self.u_max, weight=w,
             )
+            w = None  # folded into q
             if momentum:
                 with torch.no_grad():
                     source_mean.lerp_(mu_b.mean(0).to(source_mean.dtype), momentum)
@@ -575,7 +592,6 @@ class PopulationNorm(_NormBase):
         else:
             shift = center(source_mean[None].to(compute))[0]
             q = (xc - channel_view(shift, xc)) * channel_view(torch.rsqrt(var + self.eps), xc)
-        w = None if self.weight is None else self.weight.to(compute)
         b = None if self.bias is None else self.bias.to(compute)
         rot = None if self.rotation is None else self.rotation.to(compute)
         return affine_rotate(q, w, b, rot).to(x.dtype)

@@ -18,6 +18,10 @@ op                     center                          scale                    
 ``bn_ln``, ``ln_bn``   read as their two functional calls (``F.batch_norm``, ``F.layer_norm``): two sites in series
 =====================  ==============================  ================================  ==================
 
+PopulationNorm's rotation and, in a training call where it acts, its ``u_max`` clip are read as the
+map after the affine (:class:`AfterAffine`, the reading's ``activation``): per channel the reading
+is the EMA normalization above, the site's output ``R (c * gamma z) + beta``.
+
 In eval mode every op with running statistics is read as BatchNorm with them (no regression; the
 backward is ``g / s``, which the identity with alpha = beta = 0 states). ``residual_backward``
 False makes the gls tables report, per site, how far the backward is from the residual
@@ -25,6 +29,8 @@ False makes the gls tables report, per site, how far the backward is from the re
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor, nn
@@ -107,11 +113,58 @@ def median_layout(m: nn.Module, x: Tensor) -> Layout:
     return layout
 
 
+class AfterAffine:
+    """The map a site applies to its per-channel affine output ``y = gamma z + beta``, set as a
+    reading's ``activation`` (the capture records ``y`` and takes ``dL/dy`` through this map's
+    vector-Jacobian product): a per-call linear map ``L`` of ``gamma z``, with beta added after it,
+
+    .. math:: \\mathrm{out} = L(y - \\beta) + \\beta,\\quad
+              L(v) = R\\,(c \\odot v)\\ \\text{over the channel dim 1},
+
+    ``c`` (N, C) a per-example, per-channel factor (PopulationNorm's ``u_max`` clip, a constant of
+    the call) and R a fixed orthogonal matrix (its rotation): "Extreme Normalization" (under review)
+    Alg. 1, ``y = Rotate(q * gamma) + beta`` with the clip inside q. Either may be absent.
+    """
+
+    gates = False  # not an activation: the dead-units table names no consumer from it
+
+    def __init__(self, clip: Tensor | None, rotation: Tensor | None, bias: Tensor | None) -> None:
+        self.clip, self.rotation, self.bias = clip, rotation, bias
+        self.__name__ = ", ".join(name for name, part in (("u_max clip", clip), ("rotation", rotation)) if part is not None)
+
+    def __call__(self, y: Tensor) -> Tensor:
+        shift = None if self.bias is None else self.bias.to(y).view(1, -1, *([1] * (y.dim() - 2)))
+        v = y if shift is None else y - shift
+        if self.clip is not None:
+            v = v * self.clip.to(v).view(*self.clip.shape, *([1] * (y.dim() - 2)))
+        if self.rotation is not None:
+            v = torch.movedim(torch.movedim(v, 1, -1) @ self.rotation.to(v).T, -1, 1)
+        return v if shift is None else v + shift
+
+
+def population_clip(m: nn.Module, x: Tensor, center: Tensor, var: Tensor) -> Tensor:
+    """PopulationNorm's ``u_max`` clip of one training call, (N, C) in float64:
+    ``min(1, u_max sqrt((nu-bar + eps) / (nu + eps)))`` with ``nu = E_i (x_{b,i} - center)^2``
+    per example (Algorithm 1: the example's own second moment of p) or, in the ``fixed_mean``
+    arrangement, its mean over the example's group of ``microbatch`` examples (the last group
+    taking the rest)."""
+    from normscope.ops.population import group_mean
+
+    flat = x.detach().to(torch.float64).reshape(x.shape[0], x.shape[1], -1)
+    nu = (flat - center.to(torch.float64).view(1, -1, 1)).square().mean(dim=2)
+    if m.arrangement == "fixed_mean":
+        nu = group_mean(nu, min(m.microbatch, x.shape[0]))
+    ratio = (var.to(torch.float64) + m.eps) / (nu + m.eps)
+    return (m.u_max * ratio.sqrt()).clamp(max=1.0)
+
+
 def population_layout(m: nn.Module, x: Tensor) -> Layout:
     """The EMA moments: center mu-bar (mapped through the producer's current weights when the op
     takes its mean over the producer's input), scale ``sqrt(nu-bar + eps)``; in training the
-    gradient goes to each example's or group's moments (not the residual). The ``u_max`` clip and
-    a rotation are outside this per-channel reading (the capture's check rejects a call where they act)."""
+    gradient goes to each example's or group's moments (not the residual). A rotation, and in
+    training a ``u_max`` clip that acts on this call, are read as the map after the affine
+    (:class:`AfterAffine`): the record holds ``gamma z + beta`` per channel and ``dL/dy`` taken
+    back through the map."""
     from normscope.ops.population import producer_center
 
     with torch.no_grad():
@@ -119,13 +172,18 @@ def population_layout(m: nn.Module, x: Tensor) -> Layout:
         if producer is not None and m.arrangement == "algorithm1":
             center = producer_center(producer, m.input_mean[None])[0].detach()
         else:
-            center = m.running_mean.detach()
-        var = m.running_var.detach()
+            center = m.running_mean.detach().clone()  # the forward moves the buffer in place after this reading
+        var = m.running_var.detach().clone()
+        clip = population_clip(m, x, center, var) if m.training and math.isfinite(m.u_max) else None
     layout = Layout(KINDS["batchnorm"], "channel", float(m.eps), m.weight, m.bias)
     if m.training:
         layout.center, layout.scale, layout.residual_backward = center, (var + m.eps).sqrt(), False
     else:
-        layout.batch_stats, layout.running_mean, layout.running_var = False, center.clone(), var.clone()
+        layout.batch_stats, layout.running_mean, layout.running_var = False, center, var
+    clip = None if clip is None or bool((clip == 1.0).all()) else clip
+    if clip is not None or m.rotation is not None:
+        bias = None if m.bias is None else m.bias.detach()
+        layout.activation = AfterAffine(clip, None if m.rotation is None else m.rotation.detach(), bias)
     return layout
 
 

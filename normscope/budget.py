@@ -40,7 +40,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Iterable
 
-from normscope.distributed import all_reduce_float
+from normscope.distributed import all_reduce_float, current
 from normscope.errors import InvalidArgumentError
 from normscope.findings import seconds as seconds_text
 
@@ -110,6 +110,7 @@ class Budget:
         self._ledger = [0.0] if _parent is None else _parent._ledger
         self.reserved: dict[str, float] = {} if _parent is None else _parent.reserved
         self._pace = [1.0] if _parent is None else _parent._pace
+        self._timed: set[str] = set() if _parent is None else _parent._timed
         self._parent, self._others = _parent, list(_others)
         self.charged = 0.0
         self._start = self._now()
@@ -139,8 +140,8 @@ class Budget:
             return math.inf
         spent = self.elapsed() if self.clock == "planned" else agreed(self.elapsed())
         left = max(0.0, self.seconds - spent)
-        if self._parent is not None and self._others:  # never the time of a later headline, as re-priced now
-            left = min(left, max(0.0, self._parent.remaining() - self._parent.held(self._others)))
+        if self._parent is not None:  # never past the parent's time, nor the time of a later headline, as re-priced now
+            left = min(left, max(0.0, self._parent.remaining() - (self._parent.held(self._others) if self._others else 0.0)))
         return left
 
     def cost(self, unit: str, measure: Callable[[], float] | None = None) -> float:
@@ -262,6 +263,45 @@ class Budget:
         self.cut(what, f"needs about {needed:.3g} s, {self.remaining():.3g} s of the {self.seconds:.3g} s left")
         return False
 
+    def deadline(self, unit: str | None = None, floor: int = 0) -> "Deadline | None":
+        """A deadline check for a loop of steps (Lanczos products, trace samples, sweep steps):
+        :class:`Deadline`; ``None`` when this budget is unlimited or under torch.distributed (the
+        ranks would have to agree on every step; there the stages are planned only)."""
+        if not self.limited or current().active:
+            return None
+        return Deadline(self, unit, floor)
+
+    def remeasure(self, unit: str, seconds: float) -> None:
+        """``unit`` measured again at ``seconds`` each (its steps just ran, e.g. :class:`Deadline`):
+        the unit takes that cost; when it was timed so before, every other unit follows by the same
+        factor (within :data:`RESCALE_BOUNDS`; the pace, :data:`PACE_BOUNDS`), so a slowdown seen on
+        the products also re-prices the forwards and gradients still to come (a first timing
+        corrects only its own unit: it measures the unit, not the machine). Injected costs stay."""
+        old = self.costs.get(unit, 0.0)
+        if unit in self.injected or seconds <= 0:
+            return
+        self.costs[unit] = seconds
+        self._stage, self._mark = 0.0, self._now()  # this stage is measured: no second re-measurement of it
+        first = unit not in self._timed
+        self._timed.add(unit)
+        if old <= 0 or first:
+            return
+        factor = min(max(seconds / old, RESCALE_BOUNDS[0]), RESCALE_BOUNDS[1])
+        factor = min(max(self._pace[0] * factor, PACE_BOUNDS[0]), PACE_BOUNDS[1]) / self._pace[0]
+        for other in self.costs:
+            if other != unit and other not in self.injected:
+                self.costs[other] *= factor
+        self._pace[0] *= factor
+
+    @property
+    def timed(self) -> set[str]:
+        """The units whose cost was timed on their own steps (:meth:`remeasure`)."""
+        return self._timed
+
+    def left_in_all(self) -> float:
+        """Seconds left of the whole analysis (the root budget), holds of later headlines included."""
+        return self.remaining() if self._parent is None else self._parent.left_in_all()
+
     def cut(self, what: str, why: str) -> None:
         """Record that ``what`` was left out because of ``why``."""
         self.cuts.append(Cut(self.name, what, why))
@@ -288,6 +328,44 @@ class Budget:
             "pace": self._pace[0],
             "cuts": [{"analyzer": c.analyzer, "what": c.what, "why": c.why} for c in self.cuts],
         }
+
+
+class Deadline:
+    """Called after each step of a loop: True (stop now) once at least ``floor`` steps ran and the
+    time left (:meth:`Budget.remaining`, which keeps the holds of later headlines) is less than the
+    step just taken, timed on the budget's clock; so a loop overruns its share by less than one
+    step however the machine slows down, and the loop returns what it has with its accuracy. The
+    steps' times re-measure ``unit`` (:meth:`finish`, :meth:`Budget.remeasure`). On a ``"planned"``
+    clock steps take no time and it never stops (the plan alone decides)."""
+
+    def __init__(self, budget: Budget, unit: str | None = None, floor: int = 0) -> None:
+        self.budget, self.unit, self.floor = budget, unit, floor
+        self.times: list[float] = []
+        self.stopped = False
+        self._mark = budget._now()
+
+    def __call__(self) -> bool:
+        now = self.budget._now()
+        self.times.append(now - self._mark)
+        self._mark = now
+        self.stopped = len(self.times) >= self.floor and self.budget.remaining() < self.times[-1]
+        return self.stopped
+
+    def start(self) -> None:
+        """The next step starts now (work between steps that is not a step is not timed)."""
+        self._mark = self.budget._now()
+
+    def finish(self) -> None:
+        """Re-measure ``unit`` from the steps (the mean of all but the first, which may hold a
+        one-off set-up, when there are more than two)."""
+        steps = self.times[1:] if len(self.times) > 2 else self.times
+        if self.unit is not None and steps and self.budget.clock != "planned":
+            self.budget.remeasure(self.unit, sum(steps) / len(steps))
+
+
+def checked(deadline: "Deadline | None") -> bool:
+    """Whether to stop after a step: ``deadline()``, False without one."""
+    return deadline is not None and deadline()
 
 
 HVP_MEMORY = 512 * 2**20

@@ -263,13 +263,14 @@ class Budget:
         self.cut(what, f"needs about {needed:.3g} s, {self.remaining():.3g} s of the {self.seconds:.3g} s left")
         return False
 
-    def deadline(self, unit: str | None = None, floor: int = 0) -> "Deadline | None":
-        """A deadline check for a loop of steps (Lanczos products, trace samples, sweep steps):
-        :class:`Deadline`; ``None`` when this budget is unlimited or under torch.distributed (the
-        ranks would have to agree on every step; there the stages are planned only)."""
+    def deadline(self, unit: str | None = None, floor: int = 0, reserve: float = 0.0) -> "Deadline | None":
+        """A deadline check for a loop of steps (Lanczos products, trace samples, sweep steps,
+        draws), leaving ``reserve`` seconds: :class:`Deadline`; ``None`` when this budget is
+        unlimited or under torch.distributed (the ranks would have to agree on every step; there
+        the stages are planned only)."""
         if not self.limited or current().active:
             return None
-        return Deadline(self, unit, floor)
+        return Deadline(self, unit, floor, reserve)
 
     def remeasure(self, unit: str, seconds: float) -> None:
         """``unit`` measured again at ``seconds`` each (its steps just ran, e.g. :class:`Deadline`):
@@ -332,14 +333,14 @@ class Budget:
 
 class Deadline:
     """Called after each step of a loop: True (stop now) once at least ``floor`` steps ran and the
-    time left (:meth:`Budget.remaining`, which keeps the holds of later headlines) is less than the
-    step just taken, timed on the budget's clock; so a loop overruns its share by less than one
+    time left (:meth:`Budget.remaining`, which keeps the holds of later headlines, less ``reserve``
+    seconds) is less than the step just taken, timed on the budget's clock; so a loop overruns its share by less than one
     step however the machine slows down, and the loop returns what it has with its accuracy. The
     steps' times re-measure ``unit`` (:meth:`finish`, :meth:`Budget.remeasure`). On a ``"planned"``
     clock steps take no time and it never stops (the plan alone decides)."""
 
-    def __init__(self, budget: Budget, unit: str | None = None, floor: int = 0) -> None:
-        self.budget, self.unit, self.floor = budget, unit, floor
+    def __init__(self, budget: Budget, unit: str | None = None, floor: int = 0, reserve: float = 0.0) -> None:
+        self.budget, self.unit, self.floor, self.reserve = budget, unit, floor, reserve
         self.times: list[float] = []
         self.stopped = False
         self._mark = budget._now()
@@ -348,7 +349,7 @@ class Deadline:
         now = self.budget._now()
         self.times.append(now - self._mark)
         self._mark = now
-        self.stopped = len(self.times) >= self.floor and self.budget.remaining() < self.times[-1]
+        self.stopped = len(self.times) >= self.floor and self.budget.remaining() - self.reserve < self.times[-1]
         return self.stopped
 
     def start(self) -> None:

@@ -64,9 +64,12 @@ builds the gradient's graph (about one gradient) and then backpropagates through
 on the reference ResNet: 46-62 ms against 25 ms, 1 thread)."""
 TRIAL_SHARE = 0.02
 HEADLINE_PRODUCTS = 3
-"""Products λ_max's Lanczos gets whenever the whole analysis has time for them, even past the mode's
-share (the Krylov floor for λ_max alone is 3-7 on the reference models): a headline, with the
-error bound it reached."""
+"""Products λ_max's Lanczos gets whenever the whole analysis has time for them and for the later
+modes' :data:`MODE_FLOOR`, even past the mode's share (the Krylov floor for λ_max alone is 3-7 on
+the reference models): a headline, with the error bound it reached."""
+MODE_FLOOR = {"gradient": 2.0, "hvp": HEADLINE_PRODUCTS + 3.0}
+"""The least a mode's headlines take: the gradient (twice with the first graph), the direction's
+product, the symmetry check's two products and λ_max's floor."""
 FLOAT64_PRODUCT = 6.0
 """A float64 product with its graph, priced in model-dtype products for the float64 check (float64 convolutions cost
 about 5x float32 ones on CPU; the graph adds about one gradient)."""
@@ -411,7 +414,7 @@ def descent_tables(
         budget.cost("forward", lambda: budget.time(torch.no_grad()(loss.__call__)))
         budget.cost("gradient", lambda: budget.time(total.gradient))
         try:
-            _mode_tables(tables, plan, loss, total, model, optimizer, lr, settings, seed, sites, graph)
+            _mode_tables(tables, plan, loss, total, model, optimizer, lr, settings, seed, sites, graph, len(modes) - index - 1)
         finally:
             total.release()
         budget.release(f"descent ({mode} mode)")
@@ -436,8 +439,9 @@ def _chunks(loss: BatchLoss) -> list[tuple[float, BatchLoss]] | None:
 
 
 def _mode_tables(tables: dict[str, list[dict]], plan: Budget, loss: BatchLoss, total: HessianOperator, model: nn.Module,
-                 optimizer, lr: float, settings: dict, seed: int, sites, graph: SiteGraph | None = None) -> None:
-    """The stages of :func:`descent_tables` for one mode, within ``plan``, appended to ``tables``."""
+                 optimizer, lr: float, settings: dict, seed: int, sites, graph: SiteGraph | None = None, later: int = 0) -> None:
+    """The stages of :func:`descent_tables` for one mode, within ``plan``, appended to ``tables``
+    (``later``: the modes still to run after it)."""
     mode = loss.mode
     layers = selected_layers(loss.layers(), sites)
     directions = [("gradient", lambda: (negative_gradient(loss, total.split(total.gradient())), lr))]
@@ -464,8 +468,8 @@ def _mode_tables(tables: dict[str, list[dict]], plan: Budget, loss: BatchLoss, t
     cap = settings["lanczos_products"]
     products = plan.affordable("hvp", cap)
     floor = min(HEADLINE_PRODUCTS, cap)
-    if products < floor and plan.left_in_all() >= floor * plan.cost("hvp"):
-        products = floor  # the headline: past the mode's share while the analysis has time for it
+    if products < floor and plan.left_in_all() >= floor * plan.cost("hvp") + later * plan.price(MODE_FLOOR):
+        products = floor  # the headline: past the mode's share while the analysis has time for it and the later modes' floors
     if products >= 2:
         deadline = plan.deadline("hvp", floor)
         tables["descent_spectrum"] += spectrum_rows(total, mode, "total", settings["k"], settings["tol"], seed, products, deadline)

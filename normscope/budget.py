@@ -12,7 +12,16 @@ analyzer does not use passes to the next. Reservations are kept as units, so the
 whenever a unit cost changes. Unit costs are re-measured as work proceeds: every
 :meth:`Budget.spend` compares the time the stage took on the budget's clock with its price and
 rescales every unit cost by the square root of the ratio (:meth:`Budget.observe`), so a machine that slows down
-mid-run makes the later refinements cost more and cuts them, not the headlines. Before a stage, an
+mid-run makes the later refinements cost more and cuts them, not the headlines. Inside a stage,
+every loop of steps (Lanczos products, the trace's basis and samples, the layers' spectra, bias's
+draws, the gls sweep's steps) checks a :class:`Deadline` after each step and stops cleanly once the
+time left is less than the step just taken, returning what it has with its accuracy; the steps'
+own times re-measure their unit (:meth:`Budget.remeasure`: directly, the other units following by
+the same factor), so a stage that is running when the machine slows down overruns by less than
+one step. λ_max's Lanczos gets a floor of products (``descent.HEADLINE_PRODUCTS``) while the whole
+analysis has time for it and the later modes' floors. On a virtual clock that makes the machine 4x
+slower mid-run (``tests/test_budget_load_slowdown.py``) the runs stay within 0.92-1.07x the budget
+with every headline. Before a stage, an
 analyzer asks :meth:`Budget.allows` whether the stage's units (``forward``, ``gradient``,
 ``hvp``, ``example_chunk``: one chunk of per-example gradients) fit in what is left at their
 measured cost; a stage that does not fit is recorded in :attr:`Budget.cuts` with the reason, and

@@ -20,7 +20,7 @@ own times re-measure their unit (:meth:`Budget.remeasure`: directly, the other u
 the same factor), so a stage that is running when the machine slows down overruns by less than
 one step. λ_max's Lanczos gets a floor of products (``descent.HEADLINE_PRODUCTS``) while the whole
 analysis has time for it and the later modes' floors. On a virtual clock that makes the machine 4x
-slower mid-run (``tests/test_budget_load_slowdown.py``) the runs stay within 0.92-1.07x the budget
+slower mid-run (``tests/test_budget_load_slowdown.py``) the runs stay within 0.90-1.00x the budget
 with every headline. Before a stage, an
 analyzer asks :meth:`Budget.allows` whether the stage's units (``forward``, ``gradient``,
 ``hvp``, ``example_chunk``: one chunk of per-example gradients) fit in what is left at their
@@ -286,9 +286,10 @@ class Budget:
         the unit takes that cost; when it was timed so before, every other unit follows by the same
         factor (within :data:`RESCALE_BOUNDS`; the pace, :data:`PACE_BOUNDS`), so a slowdown seen on
         the products also re-prices the forwards and gradients still to come (a first timing
-        corrects only its own unit: it measures the unit, not the machine). Injected costs stay."""
+        corrects only its own unit: it measures the unit, not the machine). Injected costs stay, and
+        a ``"planned"`` budget keeps its costs (its plan must not depend on timing)."""
         old = self.costs.get(unit, 0.0)
-        if unit in self.injected or seconds <= 0:
+        if unit in self.injected or seconds <= 0 or self.clock == "planned":
             return
         self.costs[unit] = seconds
         self._stage, self._mark = 0.0, self._now()  # this stage is measured: no second re-measurement of it

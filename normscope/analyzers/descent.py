@@ -369,7 +369,11 @@ def descent_tables(
     and forward costs): the total's direction rows and the top eigenvalues of ``H`` (the headline: a_crit and λ_max), the
     quadratic model, the trace, the layers' direction rows (as many layers as fit), the layers' spectra,
     the scale-invariance and reparameterization checks. What does not fit is recorded in
-    ``budget.cuts``; the tables hold what finished. The HVP backend is chosen at the first product
+    ``budget.cuts``; the tables hold what finished. Inside a stage the Lanczos runs, the trace and the
+    layers' spectra stop between products at the budget's deadline (:class:`~normscope.budget.Deadline`;
+    one process), with the bounds they reached, and re-measure the product's cost; λ_max's Lanczos
+    gets at least :data:`HEADLINE_PRODUCTS` products while the analysis has time for them and for
+    the later modes' :data:`MODE_FLOOR`. The HVP backend is chosen at the first product
     (the total's direction row; trying ``func`` only within :data:`TRIAL_SHARE` of the mode's
     share; cached per model), that product measures the HVP cost when it is not known (until then
     a product is priced at :data:`FIRST_PRODUCT_GRADIENTS` gradients), and the products the choice

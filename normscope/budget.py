@@ -344,8 +344,8 @@ class Budget:
 class Deadline:
     """Called after each step of a loop: True (stop now) once at least ``floor`` steps ran and the
     time left (:meth:`Budget.remaining`, which keeps the holds of later headlines, less ``reserve``
-    seconds) is less than the step just taken, timed on the budget's clock; so a loop overruns its share by less than one
-    step however the machine slows down, and the loop returns what it has with its accuracy. The
+    seconds) is less than the step just taken, timed on the budget's clock; so a loop overruns its
+    share by less than one step however the machine slows down, and the loop returns what it has with its accuracy. The
     steps' times re-measure ``unit`` (:meth:`finish`, :meth:`Budget.remeasure`). On a ``"planned"``
     clock steps take no time and it never stops (the plan alone decides)."""
 
@@ -362,21 +362,12 @@ class Deadline:
         self.stopped = len(self.times) >= self.floor and self.budget.remaining() - self.reserve < self.times[-1]
         return self.stopped
 
-    def start(self) -> None:
-        """The next step starts now (work between steps that is not a step is not timed)."""
-        self._mark = self.budget._now()
-
     def finish(self) -> None:
         """Re-measure ``unit`` from the steps (the mean of all but the first, which may hold a
         one-off set-up, when there are more than two)."""
         steps = self.times[1:] if len(self.times) > 2 else self.times
         if self.unit is not None and steps and self.budget.clock != "planned":
             self.budget.remeasure(self.unit, sum(steps) / len(steps))
-
-
-def checked(deadline: "Deadline | None") -> bool:
-    """Whether to stop after a step: ``deadline()``, False without one."""
-    return deadline is not None and deadline()
 
 
 HVP_MEMORY = 512 * 2**20

@@ -43,7 +43,7 @@ from normscope.analyzers.population_gradient import (
 from normscope.budget import Budget, agreed, chunk_for_memory, memory_budget, step_memory
 from normscope.capture.graph import covering
 from normscope.distributed import current, shard
-from normscope.errors import AnalyzerError, InvalidArgumentError, UnknownNameError
+from normscope.errors import InvalidArgumentError, UnknownNameError
 from normscope.findings import Finding, plural
 from normscope.guard import preserved
 from normscope.ops.norm_sites import norm_sites, parameters
@@ -64,11 +64,6 @@ LABELS = {
     "batch_renorm": "Batch renormalization",
     "control": "The control (per-example gradients of eval-mode BN)",
 }
-FIXED_PASSES = 3.0
-"""Passes over the bias examples before and after the cells, each about one gradient of them: g*, the
-control target and the Jacobian check's two-stage gradient (priced before any of them runs)."""
-FLOAT64_GRADIENT = 3.0
-"""A float64 gradient in float32 gradients on CPU (1 thread: 1.4 on mlp_bn, 3.2 on resnet_bn at batch 128)."""
 MIN_REPEATS = 3
 """The fewest draws a cell's statistics take (:func:`bias_statistics`: the leave-one-out spread)."""
 QUICK = {"batch_sizes": (4, 16, 64), "repeats": 16, "examples": 256}
@@ -508,9 +503,6 @@ def analyze(ctx: AnalysisContext) -> AnalyzerOutput:
     draws and one chunk's gradients, never the gradients of all N examples.
     ``ctx.quick``: B in {4, 16, 64}, 16 repeats, 256 examples.
     Data sets over 4096 examples get g* streamed (2L + 1 passes, L normalization levels).
-    The budget prices g*, the control target and the Jacobian check (:data:`FIXED_PASSES` gradients
-    over the examples, :data:`FLOAT64_GRADIENT` times dearer in float64) before any of them runs; when
-    they do not fit, the analyzer is skipped (:class:`~normscope.errors.AnalyzerError`, the cut stated).
 
     Under :func:`normscope.distributed.session` g* is streamed over this rank's shard of the
     examples and all-reduced (:func:`~normscope.analyzers.population_gradient.streamed_population_gradient`);
@@ -527,13 +519,6 @@ def analyze(ctx: AnalysisContext) -> AnalyzerOutput:
     inputs, targets = _data(ctx, opts.get("examples", defaults["examples"]))
     inputs, targets = batches.to_device((inputs, targets), ctx.device, dtype)
     n = batches.size(inputs)
-    passes = FIXED_PASSES * n / batches.size(ctx.batches[0][0])  # in gradients of the first batch, the model's dtype
-    if dtype == torch.float64 and batches.floating_dtype(ctx.batches[0][0], ctx.model) != torch.float64:
-        passes *= FLOAT64_GRADIENT
-    if not ctx.budget.allows(f"every bias table (g*, the control target and the Jacobian check over {n} examples)",
-                             {"gradient": passes}):
-        raise AnalyzerError(f"the time budget left {ctx.budget.remaining():.3g} s, less than its population gradient and checks "
-                            f"over {n} examples need (about {ctx.budget.price({'gradient': passes}):.3g} s)")
     target = None
     with preserved(ctx.model):
         work = copy.deepcopy(ctx.model).to(dtype).eval()

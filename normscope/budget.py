@@ -12,7 +12,16 @@ analyzer does not use passes to the next. Reservations are kept as units, so the
 whenever a unit cost changes. Unit costs are re-measured as work proceeds: every
 :meth:`Budget.spend` compares the time the stage took on the budget's clock with its price and
 rescales every unit cost by the square root of the ratio (:meth:`Budget.observe`), so a machine that slows down
-mid-run makes the later refinements cost more and cuts them, not the headlines. Before a stage, an
+mid-run makes the later refinements cost more and cuts them, not the headlines. Inside a stage,
+every loop of steps (Lanczos products, the trace's basis and samples, the layers' spectra, bias's
+draws, the gls sweep's steps) checks a :class:`Deadline` after each step and stops cleanly once the
+time left is less than the step just taken, returning what it has with its accuracy; the steps'
+own times re-measure their unit (:meth:`Budget.remeasure`: directly, the other units following by
+the same factor), so a stage that is running when the machine slows down overruns by less than
+one step. λ_max's Lanczos gets a floor of products (``descent.HEADLINE_PRODUCTS``) while the whole
+analysis has time for it and the later modes' floors. On a virtual clock that makes the machine 4x
+slower mid-run (``tests/test_budget_load_slowdown.py``) the runs stay within 0.90-1.00x the budget
+with every headline. Before a stage, an
 analyzer asks :meth:`Budget.allows` whether the stage's units (``forward``, ``gradient``,
 ``hvp``, ``example_chunk``: one chunk of per-example gradients) fit in what is left at their
 measured cost; a stage that does not fit is recorded in :attr:`Budget.cuts` with the reason, and
@@ -40,7 +49,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Iterable
 
-from normscope.distributed import all_reduce_float
+from normscope.distributed import all_reduce_float, current
 from normscope.errors import InvalidArgumentError
 from normscope.findings import seconds as seconds_text
 
@@ -110,6 +119,7 @@ class Budget:
         self._ledger = [0.0] if _parent is None else _parent._ledger
         self.reserved: dict[str, float] = {} if _parent is None else _parent.reserved
         self._pace = [1.0] if _parent is None else _parent._pace
+        self._timed: set[str] = set() if _parent is None else _parent._timed
         self._parent, self._others = _parent, list(_others)
         self.charged = 0.0
         self._start = self._now()
@@ -139,8 +149,8 @@ class Budget:
             return math.inf
         spent = self.elapsed() if self.clock == "planned" else agreed(self.elapsed())
         left = max(0.0, self.seconds - spent)
-        if self._parent is not None and self._others:  # never the time of a later headline, as re-priced now
-            left = min(left, max(0.0, self._parent.remaining() - self._parent.held(self._others)))
+        if self._parent is not None:  # never past the parent's time, nor the time of a later headline, as re-priced now
+            left = min(left, max(0.0, self._parent.remaining() - (self._parent.held(self._others) if self._others else 0.0)))
         return left
 
     def cost(self, unit: str, measure: Callable[[], float] | None = None) -> float:
@@ -262,6 +272,47 @@ class Budget:
         self.cut(what, f"needs about {needed:.3g} s, {self.remaining():.3g} s of the {self.seconds:.3g} s left")
         return False
 
+    def deadline(self, unit: str | None = None, floor: int = 0, reserve: float = 0.0) -> "Deadline | None":
+        """A deadline check for a loop of steps (Lanczos products, trace samples, sweep steps,
+        draws), leaving ``reserve`` seconds: :class:`Deadline`; ``None`` when this budget is
+        unlimited or under torch.distributed (the ranks would have to agree on every step; there
+        the stages are planned only)."""
+        if not self.limited or current().active:
+            return None
+        return Deadline(self, unit, floor, reserve)
+
+    def remeasure(self, unit: str, seconds: float) -> None:
+        """``unit`` measured again at ``seconds`` each (its steps just ran, e.g. :class:`Deadline`):
+        the unit takes that cost; when it was timed so before, every other unit follows by the same
+        factor (within :data:`RESCALE_BOUNDS`; the pace, :data:`PACE_BOUNDS`), so a slowdown seen on
+        the products also re-prices the forwards and gradients still to come (a first timing
+        corrects only its own unit: it measures the unit, not the machine). Injected costs stay, and
+        a ``"planned"`` budget keeps its costs (its plan must not depend on timing)."""
+        old = self.costs.get(unit, 0.0)
+        if unit in self.injected or seconds <= 0 or self.clock == "planned":
+            return
+        self.costs[unit] = seconds
+        self._stage, self._mark = 0.0, self._now()  # this stage is measured: no second re-measurement of it
+        first = unit not in self._timed
+        self._timed.add(unit)
+        if old <= 0 or first:
+            return
+        factor = min(max(seconds / old, RESCALE_BOUNDS[0]), RESCALE_BOUNDS[1])
+        factor = min(max(self._pace[0] * factor, PACE_BOUNDS[0]), PACE_BOUNDS[1]) / self._pace[0]
+        for other in self.costs:
+            if other != unit and other not in self.injected:
+                self.costs[other] *= factor
+        self._pace[0] *= factor
+
+    @property
+    def timed(self) -> set[str]:
+        """The units whose cost was timed on their own steps (:meth:`remeasure`)."""
+        return self._timed
+
+    def left_in_all(self) -> float:
+        """Seconds left of the whole analysis (the root budget), holds of later headlines included."""
+        return self.remaining() if self._parent is None else self._parent.left_in_all()
+
     def cut(self, what: str, why: str) -> None:
         """Record that ``what`` was left out because of ``why``."""
         self.cuts.append(Cut(self.name, what, why))
@@ -288,6 +339,35 @@ class Budget:
             "pace": self._pace[0],
             "cuts": [{"analyzer": c.analyzer, "what": c.what, "why": c.why} for c in self.cuts],
         }
+
+
+class Deadline:
+    """Called after each step of a loop: True (stop now) once at least ``floor`` steps ran and the
+    time left (:meth:`Budget.remaining`, which keeps the holds of later headlines, less ``reserve``
+    seconds) is less than the step just taken, timed on the budget's clock; so a loop overruns its
+    share by less than one step however the machine slows down, and the loop returns what it has with its accuracy. The
+    steps' times re-measure ``unit`` (:meth:`finish`, :meth:`Budget.remeasure`). On a ``"planned"``
+    clock steps take no time and it never stops (the plan alone decides)."""
+
+    def __init__(self, budget: Budget, unit: str | None = None, floor: int = 0, reserve: float = 0.0) -> None:
+        self.budget, self.unit, self.floor, self.reserve = budget, unit, floor, reserve
+        self.times: list[float] = []
+        self.stopped = False
+        self._mark = budget._now()
+
+    def __call__(self) -> bool:
+        now = self.budget._now()
+        self.times.append(now - self._mark)
+        self._mark = now
+        self.stopped = len(self.times) >= self.floor and self.budget.remaining() - self.reserve < self.times[-1]
+        return self.stopped
+
+    def finish(self) -> None:
+        """Re-measure ``unit`` from the steps (the mean of all but the first, which may hold a
+        one-off set-up, when there are more than two)."""
+        steps = self.times[1:] if len(self.times) > 2 else self.times
+        if self.unit is not None and steps and self.budget.clock != "planned":
+            self.budget.remeasure(self.unit, sum(steps) / len(steps))
 
 
 HVP_MEMORY = 512 * 2**20

@@ -146,6 +146,7 @@ def test_the_lanczos_cap_is_no_budget_cut(unlimited, monkeypatch):
     assert not [c for c in roomy.cuts if "Lanczos" in c.what]
     notes = [f for f in findings(tables, True, 0.1) if "cap of 3 products" in f]
     assert len(notes) == 2  # said once per mode, as a cap
+    monkeypatch.setitem(QUICK, "lanczos_products", 6)  # above the headline's floor of 3 products (HEADLINE_PRODUCTS)
     tight = Budget(7.5, {**COSTS, "forward": 0.0}, clock="planned")  # train: 3.75 s, 1.5 s of directions, room for 2 products
     tables, _ = descent_tables(model, x, y, budget=tight)
     assert [c.what for c in tight.cuts if "Lanczos" in c.what]

@@ -54,17 +54,19 @@ def test_a_binding_budget_holds_within_a_tenth_and_keeps_every_headline():
 
 
 def test_a_slowdown_mid_run_is_seen_and_cuts_refinements():
-    """The machine gets 4x slower after a tenth of the budget: the plan sees it (the pace) and cuts
-    refinements; the critical steps of both modes and eval's λ_max stay. A stage already running when
-    the slowdown comes (one Lanczos call) is not stopped inside, so the run overshoots by that stage
-    (1.37x here, not 1.1x), and train mode's λ_max found its share spent: both misses are stated in
-    benchmarks/README.md."""
+    """The machine gets 4x slower after a tenth of the budget: the products' deadline checks stop a
+    stage that is running when the slowdown comes, the unit costs are re-measured on the products
+    (the plan sees the slowdown) and refinements are cut; every headline stays. Before the deadlines
+    (issue 21) this run took 1.16x its budget and lost train mode's λ_max."""
     seconds = 1500.0
     clock = OpClock(1.0, 4.0, after=0.1 * seconds)
     result = _run(seconds, clock)
-    assert clock.now <= 2.0 * seconds, f"spent {clock.now:.0f} of a {seconds:.0f} s budget"
-    assert result.meta["budget"]["pace"] > 1.5
+    assert clock.now <= 1.1 * seconds, f"spent {clock.now:.0f} of a {seconds:.0f} s budget"
+    costs = result.meta["budget"]["unit_costs"]
+    quiet = OpClock(1.0)
+    baseline = _run(seconds, quiet).meta["budget"]["unit_costs"]
+    assert costs["hvp"] > 3.0 * baseline["hvp"] and costs["forward"] > 2.0 * baseline["forward"]
     cut = {c["what"] for c in result.meta["budget"]["cuts"]}
     assert {"the trace", "the quadratic model"} & cut
     assert len(result.tables["stats_sites"]) == 2 and len(result.tables["gls_sites"]) == 2
-    assert all(key in result.headline["descent"] for key in ("a_crit_train", "a_crit_eval", "lambda_max_eval"))
+    assert all(key in result.headline["descent"] for key in HEADLINES), result.meta["budget"]["cuts"]

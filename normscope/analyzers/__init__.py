@@ -90,8 +90,9 @@ class AnalysisContext:
 
     def records(self, mode: str, batches: Sequence[int], backward: bool = False) -> "list[SiteRecord]":
         """The records of the captured passes in ``mode`` over ``batches`` (run once, shared by
-        every analyzer: :meth:`normscope.plan.Driver.records`)."""
-        return self.passes().records(mode, batches, backward)
+        every analyzer: :meth:`normscope.plan.Driver.records`; passes beyond batch 0 only as this
+        context's budget allows)."""
+        return self.passes().records(mode, batches, backward, self.budget)
 
     @property
     def device(self) -> torch.device:

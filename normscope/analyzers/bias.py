@@ -64,6 +64,8 @@ LABELS = {
     "batch_renorm": "Batch renormalization",
     "control": "The control (per-example gradients of eval-mode BN)",
 }
+MIN_REPEATS = 3
+"""The fewest draws a cell's statistics take (:func:`bias_statistics`: the leave-one-out spread)."""
 QUICK = {"batch_sizes": (4, 16, 64), "repeats": 16, "examples": 256}
 FULL = {"batch_sizes": (2, 4, 8, 16, 32, 64, 128), "repeats": 32, "examples": None}
 FULL_BATCH_MAX = 4096
@@ -148,7 +150,7 @@ def bias_statistics(samples: Tensor, target: Tensor, level: float = 0.95, total_
     """:class:`BiasStatistics` of ``samples`` (R, P) against ``target`` (P,); R >= 3. ``total_norm``
     (||g*|| over all parameters, default ``||target||``) decides :func:`negligible`."""
     repeats = samples.shape[0]
-    if repeats < 3:
+    if repeats < MIN_REPEATS:
         raise InvalidArgumentError(f"bias statistics need at least 3 repeats (got {repeats})")
     diff = (samples - target).double()
     gram = diff @ diff.T
@@ -286,13 +288,21 @@ class _Estimators:
             means = part if means is None else means + part
         return means
 
-    def samples(self, name: str, inputs: Tensor, targets: Tensor, draws: list[Tensor]) -> Tensor:
-        """``(R, P)``: estimator ``name``'s gradient on each of the R ``draws`` (index tensors)."""
+    def samples(self, name: str, inputs: Tensor, targets: Tensor, draws: list[Tensor],
+                stop: Callable[[], bool] | None = None) -> Tensor:
+        """``(R, P)``: estimator ``name``'s gradient on each of the R ``draws`` (index tensors);
+        a minibatch estimator's draws end early when ``stop()`` (called after each draw but the
+        last: a time budget's :class:`~normscope.budget.Deadline`) says so (fewer rows)."""
         if name == "per_example":
             return self._per_example_means(self.per_example, inputs, targets, draws)
         if name == "control":
             return self._per_example_means(self.base, inputs, targets, draws)
-        return torch.stack([self._estimate(name, inputs, targets, idx) for idx in draws])
+        out = []
+        for i, idx in enumerate(draws):
+            out.append(self._estimate(name, inputs, targets, idx))
+            if stop is not None and i + 1 < len(draws) and stop():
+                break
+        return torch.stack(out)
 
     def _estimate(self, name: str, inputs: Tensor, targets: Tensor, idx: Tensor) -> Tensor:
         """A minibatch estimator's gradient on the examples ``idx``."""
@@ -335,6 +345,7 @@ def estimator_bias(
     track: Callable = lambda iterable, description="", total=None: iterable,
     target: PopulationGradient | None = None,
     budget: Budget | None = None,
+    reserve: float | None = None,
 ) -> tuple[pd.DataFrame, PopulationGradient]:
     """The ``bias_estimators`` table: :class:`BiasStatistics` per estimator, batch size B and
     parameter group (``total`` and each parameter), over ``repeats`` minibatches of B examples
@@ -342,7 +353,10 @@ def estimator_bias(
     ||g*_g|| is :func:`negligible` against the total get NaN relative figures. Runs on a
     copy of ``model`` in the dtype of ``inputs``; ``model`` is left bit-identical. Cells run by
     batch size, every estimator at each; with ``budget``, the cells left once the longest cell
-    so far no longer fits are cut (recorded in ``budget.cuts``).
+    so far no longer fits are cut (recorded in ``budget.cuts``), and a cell whose draws outrun the
+    time left (a :class:`~normscope.budget.Deadline` between draws, leaving ``reserve`` seconds:
+    the Jacobian check's, about one pass for g*) keeps the draws it made (at least
+    :data:`MIN_REPEATS`; its interval is wider) and ends the cells.
     """
     for name in estimators:
         if name not in ESTIMATORS:
@@ -353,7 +367,10 @@ def estimator_bias(
         raise InvalidArgumentError(f"batch sizes {list(batch_sizes)} leave none in [2, {n}] (N = {n} examples)")
     with preserved(model):
         work = copy.deepcopy(model).to(batches.floating_dtype(inputs, model)).eval()
+    clock = time.perf_counter if budget is None else budget.measure_clock
+    started = clock()
     g_star = target or population_gradient(work, inputs, targets, loss_fn)
+    reserve = agreed(clock() - started) if reserve is None else reserve
     est = _Estimators(work, g_star, loss_fn, options or {})
     names = est.names
     star = _flat(g_star.grads, names)
@@ -364,14 +381,14 @@ def estimator_bias(
     rows = []
     jobs = [(e, b) for b in sizes for e in estimators]
     longest = 0.0
-    clock = time.perf_counter if budget is None else budget.measure_clock
     for done, (estimator, b) in enumerate(track(jobs, description="estimator bias", total=len(jobs))):
         if budget is not None and longest > budget.remaining():
             budget.cut(f"{len(jobs) - done} of {len(jobs)} (estimator, batch size) cells from batch size {b} on",
                        f"each took up to {longest:.3g} s, {budget.remaining():.3g} s were left")
             break
         started = clock()
-        samples = est.samples(estimator, inputs, targets, draws[b])
+        deadline = None if budget is None else budget.deadline(floor=MIN_REPEATS, reserve=reserve)
+        samples = est.samples(estimator, inputs, targets, draws[b], deadline)
         reference = control_target if estimator == "control" else star
         total_norm = float(reference.double().norm())
         for group, part in groups.items():
@@ -380,6 +397,11 @@ def estimator_bias(
                 {"estimator": estimator, "batch_size": b, "group": group, **figures.__dict__, "settings": est.settings[estimator]}
             )
         longest = max(longest, agreed(clock() - started))
+        if getattr(deadline, "stopped", False):
+            budget.cut(f"{repeats - len(samples)} of {repeats} draws of the ({estimator}, batch size {b}) cell and the "
+                       f"{len(jobs) - done - 1} cells after it", f"the time budget ran out during the cell; it holds "
+                       f"{len(samples)} draws, its interval is wider")
+            break
     return pd.DataFrame(rows), g_star
 
 

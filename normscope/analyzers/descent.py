@@ -63,6 +63,13 @@ FIRST_PRODUCT_GRADIENTS = 4.0
 builds the gradient's graph (about one gradient) and then backpropagates through it (2-2.5 gradients
 on the reference ResNet: 46-62 ms against 25 ms, 1 thread)."""
 TRIAL_SHARE = 0.02
+HEADLINE_PRODUCTS = 3
+"""Products λ_max's Lanczos gets whenever the whole analysis has time for them and for the later
+modes' :data:`MODE_FLOOR`, even past the mode's share (the Krylov floor for λ_max alone is 3-7 on
+the reference models): a headline, with the error bound it reached."""
+MODE_FLOOR = {"gradient": 2.0, "hvp": HEADLINE_PRODUCTS + 3.0}
+"""The least a mode's headlines take: the gradient (twice with the first graph), the direction's
+product, the symmetry check's two products and λ_max's floor."""
 FLOAT64_PRODUCT = 6.0
 """A float64 product with its graph, priced in model-dtype products for the float64 check (float64 convolutions cost
 about 5x float32 ones on CPU; the graph adds about one gradient)."""
@@ -243,12 +250,13 @@ def scale_invariance(loss: BatchLoss, layer: str, lr: float, scales: Iterable[fl
 
 
 def spectrum_rows(op: HessianOperator, mode: str, group: str, k: int, tol: float, seed: int,
-                  max_products: int | None = None) -> list[dict]:
+                  max_products: int | None = None, stop=None) -> list[dict]:
     """``descent_spectrum`` rows from :func:`lanczos`: the top ``k`` eigenvalues, ``2 / eigenvalue``
     (NaN if <= 0), each value's residual ``||H y - theta y||``, error bound and which bound it is
     (``residual``, ``gap`` or ``exact``: :func:`~normscope.analyzers.spectrum.ritz_errors`), the
-    products spent and whether the tolerance was reached (not when ``max_products`` stopped it first)."""
-    found = lanczos(op, k, tol, seed, max_products)
+    products spent and whether the tolerance was reached (not when ``max_products`` or ``stop``, a
+    time budget's :class:`~normscope.budget.Deadline`, stopped it first)."""
+    found = lanczos(op, k, tol, seed, max_products, stop=stop)
     return [{"mode": mode, "group": group, "rank": i + 1, "eigenvalue": float(v),
              "stability_limit": 2.0 / float(v) if v > 0 else math.nan, "residual": float(r), "error_bound": float(e),
              "bound": b, "products": found.products, "converged": found.converged}
@@ -361,7 +369,11 @@ def descent_tables(
     and forward costs): the total's direction rows and the top eigenvalues of ``H`` (the headline: a_crit and λ_max), the
     quadratic model, the trace, the layers' direction rows (as many layers as fit), the layers' spectra,
     the scale-invariance and reparameterization checks. What does not fit is recorded in
-    ``budget.cuts``; the tables hold what finished. The HVP backend is chosen at the first product
+    ``budget.cuts``; the tables hold what finished. Inside a stage the Lanczos runs, the trace and the
+    layers' spectra stop between products at the budget's deadline (:class:`~normscope.budget.Deadline`;
+    one process), with the bounds they reached, and re-measure the product's cost; λ_max's Lanczos
+    gets at least :data:`HEADLINE_PRODUCTS` products while the analysis has time for them and for
+    the later modes' :data:`MODE_FLOOR`. The HVP backend is chosen at the first product
     (the total's direction row; trying ``func`` only within :data:`TRIAL_SHARE` of the mode's
     share; cached per model), that product measures the HVP cost when it is not known (until then
     a product is priced at :data:`FIRST_PRODUCT_GRADIENTS` gradients), and the products the choice
@@ -406,7 +418,7 @@ def descent_tables(
         budget.cost("forward", lambda: budget.time(torch.no_grad()(loss.__call__)))
         budget.cost("gradient", lambda: budget.time(total.gradient))
         try:
-            _mode_tables(tables, plan, loss, total, model, optimizer, lr, settings, seed, sites, graph)
+            _mode_tables(tables, plan, loss, total, model, optimizer, lr, settings, seed, sites, graph, len(modes) - index - 1)
         finally:
             total.release()
         budget.release(f"descent ({mode} mode)")
@@ -431,8 +443,9 @@ def _chunks(loss: BatchLoss) -> list[tuple[float, BatchLoss]] | None:
 
 
 def _mode_tables(tables: dict[str, list[dict]], plan: Budget, loss: BatchLoss, total: HessianOperator, model: nn.Module,
-                 optimizer, lr: float, settings: dict, seed: int, sites, graph: SiteGraph | None = None) -> None:
-    """The stages of :func:`descent_tables` for one mode, within ``plan``, appended to ``tables``."""
+                 optimizer, lr: float, settings: dict, seed: int, sites, graph: SiteGraph | None = None, later: int = 0) -> None:
+    """The stages of :func:`descent_tables` for one mode, within ``plan``, appended to ``tables``
+    (``later``: the modes still to run after it)."""
     mode = loss.mode
     layers = selected_layers(loss.layers(), sites)
     directions = [("gradient", lambda: (negative_gradient(loss, total.split(total.gradient())), lr))]
@@ -446,27 +459,38 @@ def _mode_tables(tables: dict[str, list[dict]], plan: Budget, loss: BatchLoss, t
     for name, d, step_lr in chosen:
         tables["descent_directions"] += descent_rows(total, d, step_lr, name, {"total": None})
     took = plan.measure_clock() - started
-    products = len(chosen) + total.selection_products
-    # the product's cost on the budget's clock, from above: the whole stage (its gradients too) per product
-    if "hvp" not in plan.injected:
-        plan.costs["hvp"] = agreed(took / products)
+    products = len(chosen) + total.selection_products + (total.symmetry or {}).get("products", 0)
+    # the product's cost on the budget's clock, from above: the stage (the backend choice and the symmetry
+    # check included) less its gradients, per product; Lanczos re-measures it on its own products
+    if "hvp" not in plan.injected and "hvp" not in plan.timed:  # once timed, Lanczos keeps it measured
+        gradients = plan.cost("gradient") * len(chosen)
+        plan.costs["hvp"] = agreed(max(took - gradients, took / (products + len(chosen))) / products)
     plan.spend("gradient", len(chosen))
-    plan.spend("hvp", len(chosen) + total.selection_products + (total.symmetry or {}).get("products", 0))
+    plan.spend("hvp", products)
     _, d, step_lr = chosen[-1]
     row = next(r for r in reversed(tables["descent_directions"]) if r["group"] == "total" and r["mode"] == mode)
     cap = settings["lanczos_products"]
     products = plan.affordable("hvp", cap)
+    floor = min(HEADLINE_PRODUCTS, cap)
+    if products < floor and plan.left_in_all() >= floor * plan.cost("hvp") + later * plan.price(MODE_FLOOR):
+        products = floor  # the headline: past the mode's share while the analysis has time for it and the later modes' floors
     if products >= 2:
-        tables["descent_spectrum"] += spectrum_rows(total, mode, "total", settings["k"], settings["tol"], seed, products)
-        plan.spend("hvp", tables["descent_spectrum"][-1]["products"])
-        if not tables["descent_spectrum"][-1]["converged"] and products < cap:
-            plan.cut("Lanczos iterations for the top eigenvalues", f"the budget allowed {products} of the {cap} products "
+        deadline = plan.deadline("hvp", floor)
+        tables["descent_spectrum"] += spectrum_rows(total, mode, "total", settings["k"], settings["tol"], seed, products, deadline)
+        spent = tables["descent_spectrum"][-1]["products"]
+        plan.spend("hvp", spent)
+        if deadline is not None:
+            deadline.finish()
+        if not tables["descent_spectrum"][-1]["converged"] and spent < cap:
+            plan.cut("Lanczos iterations for the top eigenvalues", f"the budget allowed {spent} of the {cap} products "
                      f"before tolerance {settings['tol']:g}; the residuals in descent_spectrum give the accuracy reached")
     else:
         plan.cut("the top eigenvalues", "no time left for 2 Hessian-vector products")
     if plan.allows("the quadratic model", {"forward": settings["steps"] + 1}):
+        started = plan.measure_clock()
         coarse = quadratic_model(total, d, step_grid(step_lr, row["a_crit"], settings["steps"]), row["slope"], row["curvature"])
         plan.spend("forward", settings["steps"] + 1)
+        plan.remeasure("forward", agreed(plan.measure_clock() - started) / (settings["steps"] + 1))
         if plan.allows("a fine grid near the parting step", {"forward": REFINE_STEPS + 1}):
             coarse = refine_near_parting(total, d, coarse, row["slope"], row["curvature"])
             plan.spend("forward", REFINE_STEPS + 1)
@@ -481,7 +505,12 @@ def _mode_tables(tables: dict[str, list[dict]], plan: Budget, loss: BatchLoss, t
     products = plan.affordable("hvp", settings["trace_products"])
     traces: dict[str, tuple[float, float, int]] = {}
     if products >= 2:
-        traces = krylov_trace(total, products, seed, layers)
+        deadline = plan.deadline("hvp")
+        before = total.products
+        traces = krylov_trace(total, products, seed, layers, deadline)
+        if deadline is not None:  # one process: the products it ran (it stops early at the deadline)
+            products = total.products - before
+            deadline.finish()
         tables["descent_trace"] += trace_rows(mode, traces, products)
         plan.spend("hvp", products)
         if products < settings["trace_products"]:
@@ -524,8 +553,14 @@ def _mode_tables(tables: dict[str, list[dict]], plan: Budget, loss: BatchLoss, t
             plan.cut(f"the spectra of layer {group} and after", "no time left")
             break
         op = HessianOperator(loss, layers[group], total.backend, total.chunks)
-        tables["descent_spectrum"] += spectrum_rows(op, mode, group, settings["layer_k"], settings["tol"], seed + i, products)
+        deadline = plan.deadline("hvp")
+        tables["descent_spectrum"] += spectrum_rows(op, mode, group, settings["layer_k"], settings["tol"], seed + i, products,
+                                                    deadline)
         plan.spend("hvp", op.products)
+        if deadline is not None and deadline.stopped:
+            plan.cut(f"Lanczos iterations for layer {group} and the spectra after it", "the budget ran out during its products; "
+                     "its residuals give the accuracy reached")
+            break
     if mode == "train":
         for layer, norm in feeding_layers(loss.model, loss.inputs, graph).items():
             if sites is not None and not (selected_layers({layer: [], norm: []}, sites)):

@@ -704,7 +704,12 @@ def batch_size_sweep(
                     break
             fits_b: list[RecordFit] = []
             running: dict[tuple[str, int], tuple[Tensor, Tensor]] = {}
+            deadline = budget.deadline() if budget is not None and size != total else None
             for start in range(0, total, size):
+                if start and deadline is not None and deadline():  # a slowdown mid-size: this size and the smaller ones go
+                    budget.cut(f"the batch-size sweep at batch sizes {', '.join(str(b) for b in runs if b <= size)}",
+                               f"the budget ran out after {start // size} of the {total // size} steps at batch size {size}")
+                    break
                 began = clock()
                 if start == 0 and first_step is not None and first_step[0] == size:
                     records = first_step[1]
@@ -723,6 +728,9 @@ def batch_size_sweep(
                                         momentum * b_star + (1 - momentum) * beta[:, 0])
                     fit.z = fit.g = fit.residual = None
                     fits_b.append(fit)
+            if getattr(deadline, "stopped", False):
+                sizes = [b for b in sizes if b > size]
+                break
             if size in sizes:
                 table = sites_table(fits_b)
                 table["batch_size"] = size

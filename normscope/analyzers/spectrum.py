@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -107,7 +108,7 @@ def ritz_errors(values: np.ndarray, residuals: np.ndarray, tol: float) -> tuple[
 
 def lanczos(
     op: HessianOperator, k: int = 1, tol: float = 1e-3, seed: int = 0, max_products: int | None = None,
-    start: Tensor | None = None,
+    start: Tensor | None = None, stop: Callable[[], bool] | None = None,
 ) -> Eigenvalues:
     """The ``k`` largest (algebraic) eigenvalues of ``H``, each to relative accuracy ``tol``.
 
@@ -115,8 +116,11 @@ def lanczos(
     vector, every new vector reorthogonalized twice against
     the basis (float64, on ``op``'s device, whatever the products' dtype), stopping when each of
     the top ``k`` Ritz values has an error bound (:func:`ritz_errors`) ``<= tol |theta|``, when the
-    Krylov space is invariant (exact), after ``n`` products or after ``max_products``. A block
-    with at most ``k + 1`` parameters is formed densely and solved exactly.
+    Krylov space is invariant (exact), after ``n`` products, after ``max_products`` or when
+    ``stop()`` (called after each product that did not finish it: a time budget's
+    :class:`~normscope.budget.Deadline`) says so; a stopped run is not ``converged`` and its values
+    carry the bounds they reached. A block with at most ``k + 1`` parameters is formed densely and
+    solved exactly.
     """
     if k < 1:
         raise InvalidArgumentError(f"k must be a positive number of eigenvalues (got {k})")
@@ -150,7 +154,7 @@ def lanczos(
         wanted = min(k, m)
         invariant = beta <= 1e-12 * max(abs(theta[0]), 1e-300)
         done = m >= k and bool(np.all(errors[:k] <= tol * np.abs(theta[:k])))
-        if done or invariant or m >= limit:
+        if done or invariant or m >= limit or (stop is not None and stop()):
             converged = done or invariant
             if invariant:
                 residuals, errors, bounds = np.zeros_like(residuals), np.zeros_like(errors), ["exact"] * m
@@ -236,7 +240,7 @@ def hutchpp_trace(
 
 
 def _plus_deflated_samples(op: HessianOperator, Q: Tensor, exact: dict[str, float], n_samples: int,
-                           generator: torch.Generator, index: dict) -> Traces:
+                           generator: torch.Generator, index: dict, stop: Callable[[], bool] | None = None) -> Traces:
     """``exact`` plus Hutchinson's estimate on the deflated rest, per block, with its standard
     error and the number of samples: the mean of ``w_g^T ((I - QQ^T) H w)_g`` over ``w = (I - QQ^T) v``, Rademacher ``v``.
 
@@ -245,7 +249,9 @@ def _plus_deflated_samples(op: HessianOperator, Q: Tensor, exact: dict[str, floa
     merged exactly (:func:`normscope.distributed.merge_owned`), so each rank holds the values one
     process would compute, from ``1/W`` of the products. A sample runs on its owner alone, so an
     operator split over the ranks computes it with its unsplit twin (:meth:`HessianOperator.local`;
-    the split operator's graphs are released first: one graph at a time)."""
+    the split operator's graphs are released first: one graph at a time). ``stop()`` (one process
+    only), called after each sample, keeps the samples taken so far; with fewer than 2 the
+    standard error is NaN."""
     world = current()
     sampler = op.local()
     if sampler is not op:
@@ -260,11 +266,16 @@ def _plus_deflated_samples(op: HessianOperator, Q: Tensor, exact: dict[str, floa
         hw = sampler(w.to(op.dtype)).double()
         sums = _block_sums(w * (hw - Q @ (Q.T @ hw)), index)
         values[i] = torch.tensor([sums[block] for block in blocks], dtype=torch.float64)
+        if stop is not None and i + 1 < n_samples and stop():
+            values = values[: i + 1]
+            break
     if sampler is not op:
         sampler.release()
     values = merge_owned(values).numpy()
-    return {block: (exact[block] + float(np.mean(values[:, j])), float(np.std(values[:, j], ddof=1) / math.sqrt(n_samples)),
-                    n_samples) for j, block in enumerate(blocks)}
+    taken = len(values)
+    return {block: (exact[block] + (float(np.mean(values[:, j])) if taken else 0.0),
+                    float(np.std(values[:, j], ddof=1) / math.sqrt(taken)) if taken > 1 else math.nan, taken)
+            for j, block in enumerate(blocks)}
 
 
 def _symmetric(matrix: np.ndarray) -> np.ndarray:
@@ -272,12 +283,12 @@ def _symmetric(matrix: np.ndarray) -> np.ndarray:
 
 
 
-def lanczos_basis(op: HessianOperator, m: int, seed: int) -> tuple[Tensor, Tensor, Tensor]:
+def lanczos_basis(op: HessianOperator, m: int, seed: int, stop: Callable[[], bool] | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """``(V, C, r)`` after ``m`` Lanczos steps from a seeded Gaussian vector, each new vector
     orthogonalized twice against all before: ``H V = V C + r e_m^T`` exactly (to rounding), with
     ``V`` orthonormal (``n x m``, float64), ``C`` the projection coefficients (tridiagonal up to
     rounding, ``C = V^T H V``) and ``r`` orthogonal to ``V``. ``m`` products (fewer if the
-    Krylov space is invariant)."""
+    Krylov space is invariant or ``stop()``, called after each product, says so)."""
     generator = torch.Generator(device="cpu").manual_seed(seed)
     v = torch.randn(op.numel, generator=generator, dtype=torch.float64).to(op.device)
     V = torch.empty(op.numel, m, dtype=torch.float64, device=op.device)
@@ -290,7 +301,7 @@ def lanczos_basis(op: HessianOperator, m: int, seed: int) -> tuple[Tensor, Tenso
             w -= V[:, : j + 1] @ c
             C[: j + 1, j] += c
         beta = float(w.norm())
-        if j + 1 == m or beta <= 1e-12 * float(C.abs().max()):
+        if j + 1 == m or beta <= 1e-12 * float(C.abs().max()) or (stop is not None and stop()):
             return V[:, : j + 1], C[: j + 1, : j + 1], w
         V[:, j + 1] = w / beta
         C[j + 1, j] = beta
@@ -298,7 +309,8 @@ def lanczos_basis(op: HessianOperator, m: int, seed: int) -> tuple[Tensor, Tenso
 
 
 def krylov_trace(
-    op: HessianOperator, n_products: int = 32, seed: int = 0, blocks: dict[str, list[str]] | None = None
+    op: HessianOperator, n_products: int = 32, seed: int = 0, blocks: dict[str, list[str]] | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> Traces:
     """Hutch++ with a Lanczos basis: ``tr H`` and every block trace ``tr H_gg`` from ``n_products``
     products, with the standard error of the random part.
@@ -310,18 +322,24 @@ def krylov_trace(
     ``(I - VV^T) H V = r e_m^T`` and ``w = (I - VV^T) v`` for Rademacher ``v`` (the rest of the
     products). The basis is drawn independently of the samples, so the estimate is unbiased
     (Chen and Hallman, "Krylov-aware stochastic trace estimation", SIMAX 2023, for the idea).
+    ``stop()`` (a time budget's :class:`~normscope.budget.Deadline`), called after each product,
+    ends the basis and the samples early: the estimate then holds the samples taken (its interval
+    is wider; below :data:`MIN_TRACE_SAMPLES` samples the trace is not measured).
     """
     sketch, n_samples = hutchpp_split(n_products)
     index = _block_index(op, blocks)
     exact = {block: 0.0 for block in ["total", *index]}
     V = torch.zeros(op.numel, 0, dtype=torch.float64, device=op.device)
     if sketch:
-        V, C, r = lanczos_basis(op, 2 * sketch, seed + 7919)
-        n_samples += 2 * sketch - V.shape[1]
+        V, C, r = lanczos_basis(op, 2 * sketch, seed + 7919, stop)
+        if getattr(stop, "stopped", False):  # the deadline came during the basis: no time for samples
+            n_samples = 0
+        else:
+            n_samples += 2 * sketch - V.shape[1]
         HV = V @ C
         HV[:, -1] += r
         cross = 2 * V[:, -1] * r
         for block, value in _block_sums((V * HV).sum(dim=1) + cross, index).items():
             exact[block] = value
         del HV
-    return _plus_deflated_samples(op, V, exact, n_samples, torch.Generator(device="cpu").manual_seed(seed), index)
+    return _plus_deflated_samples(op, V, exact, n_samples, torch.Generator(device="cpu").manual_seed(seed), index, stop)

@@ -164,3 +164,14 @@ def test_curvature_copies_differentiate_one_function(op, options):
     for later in grads[1:]:
         assert all(torch.equal(a, b) for a, b in zip(grads[0], later))
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())  # the user's model untouched
+
+
+def test_bias_says_it_does_not_apply_to_a_population_model():
+    """Its estimators replace torch BatchNorm: on a model whose sites are PopulationNorm already it
+    says so in a finding instead of failing (the old code raised "no BatchNorm to replace")."""
+    model = swap_norms(build_model("mlp_bn"), "population")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an analyzer failure is a warning
+        result = normscope.analyze(model, analyzers="bias", budget=30, batches=1)
+    assert not any(name.startswith("bias_") for name in result.tables)
+    assert any("does not apply" in s for s in result.findings.get("bias", []))

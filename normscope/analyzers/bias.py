@@ -49,7 +49,7 @@ from normscope.guard import preserved
 from normscope.ops.norm_sites import norm_sites, parameters
 from normscope.ops.population import PopulationNorm
 from normscope.ops.renorm import BatchRenorm
-from normscope.ops.swap import swap_norms
+from normscope.ops.swap import BatchNormBase, swap_norms
 from normscope.rules import bias_findings, log_log_fit, measurable, single_value_sites
 from normscope.ops.two_stage import two_stage_gradient
 
@@ -512,6 +512,12 @@ def analyze(ctx: AnalysisContext) -> AnalyzerOutput:
     if not norm_sites(ctx.model):
         return AnalyzerOutput(
             findings=["Estimator bias needs BatchNorm-style layers (BatchNorm1d/2d/3d, PopulationNorm); this model has none, so there is no minibatch bias to measure."]
+        )
+    if not any(isinstance(m, BatchNormBase) for m in ctx.model.modules()):
+        return AnalyzerOutput(
+            findings=["Estimator bias does not apply: its estimators (minibatch BatchNorm, per-example and microbatch PopulationNorm, "
+                      "batch renorm, two-stage backprop) replace torch BatchNorm layers, and this model's BatchNorm-style sites are "
+                      "all PopulationNorm already."]
         )
     defaults = QUICK if ctx.quick else FULL
     opts = {k[len("bias_"):]: v for k, v in ctx.options.items() if k.startswith("bias_")}

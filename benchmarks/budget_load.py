@@ -54,7 +54,8 @@ def build(name: str):
         config = tf.MobileViTConfig(image_size=64, num_labels=10, hidden_sizes=[16, 24, 32], neck_hidden_sizes=[8, 8, 16, 16, 24, 32, 64])
         return tf.MobileViTForImageClassification(config), images
     if name == "efficientnet":
-        config = tf.EfficientNetConfig(image_size=64, num_labels=10, width_coefficient=0.25, depth_coefficient=0.25, hidden_dim=64)
+        # hidden_dim is the top convolution's width: round_filters(1280) = 320 at width 0.25 (the model does not derive it)
+        config = tf.EfficientNetConfig(image_size=64, num_labels=10, width_coefficient=0.25, depth_coefficient=0.25, hidden_dim=320)
         return tf.EfficientNetForImageClassification(config), images
     raise ValueError(name)
 

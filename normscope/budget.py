@@ -233,6 +233,17 @@ class Budget:
         self.cut(what, f"needs about {seconds_text(needed)}, {seconds_text(self.remaining())} left")
         return False
 
+    def allows_headline(self, what: str, units: dict[str, float], after: dict[str, float] | None = None) -> bool:
+        """:meth:`allows` for a headline: it also fits past this share while the whole analysis
+        (:meth:`left_in_all`) has time for ``units`` and for ``after`` (the later headlines' floors)."""
+        if self.limited:
+            self._next_stage()
+        needed = self.price(units)
+        if needed <= self.remaining() or needed + self.price(after or {}) <= self.left_in_all():
+            return True
+        self.cut(what, f"needs about {seconds_text(needed)}, {seconds_text(self.remaining())} left")
+        return False
+
     def seed(self, seconds: float, backward: bool) -> None:
         """Price the units from the first pass (``seconds``; a forward and ``backward`` of the first
         batch under capture, or a forward): ``gradient`` = the pass with a backward (3 forwards

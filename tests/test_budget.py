@@ -181,3 +181,15 @@ def test_step_memory_counts_weights_gradients_and_saved_activations_of_a_copy():
     assert large - 2 * weights > 3.5 * (small - 2 * weights)  # the saved part grows with the examples
     assert memory_budget(small) == MEMORY_FLOOR and memory_budget(10 * MEMORY_FLOOR) == 20 * MEMORY_FLOOR
     assert chunk_for_memory(1000, 8, 10**9) == 64 > chunk_for_memory(1000, 8, 240_000) == 10 > chunk_for_memory(1000, 8, 1) == 1
+
+
+def test_a_headline_runs_past_its_share_while_the_whole_analysis_has_time():
+    """``allows_headline``: a stage the share cannot hold still runs when the root budget has time
+    for it and for the later headlines' floors; otherwise it is cut like ``allows``."""
+    budget = Budget(10.0, {"hvp": 1.0}, clock="planned")
+    share = budget.share("descent", ["descent", "stats"])  # a part of the 10 s
+    assert share.remaining() < 9.0
+    assert not share.allows("nine products", {"hvp": 9})
+    assert share.allows_headline("nine products", {"hvp": 9}, {"hvp": 1})  # 9 + 1 <= 10 left in all
+    assert not share.allows_headline("nine products", {"hvp": 9}, {"hvp": 3})  # 9 + 3 > 10
+    assert [cut.what for cut in share.cuts].count("nine products") == 2  # the cuts list is shared with the root

@@ -103,3 +103,21 @@ def test_a_trace_stopped_by_its_deadline_keeps_its_samples_and_is_not_measured_b
     t, se, samples = krylov_trace(op, 30, seed=1, stop=late)["total"]
     assert op.products == 28 and samples == 8
     assert abs(t - exact) <= 6 * se + 1e-9 * abs(exact)
+
+
+def test_bias_prices_its_jacobian_check_and_cuts_it_when_it_does_not_fit():
+    """Bias's Jacobian check (two-stage backprop on all examples, about 4 passes of g*) is priced
+    from the measured g* before it runs: on a budget it does not fit, it is cut and recorded,
+    and descent's headlines after it still come within the budget."""
+    seconds = 1500.0
+    torch.manual_seed(0)
+    data = (torch.randn(64, 1, 8, 8), torch.randint(0, 10, (64,)))
+    clock = OpClock(1.0)
+    with clock:
+        result = normscope.analyze(build_model("mlp_bn"), data, batch_size=16, batches=2, analyzers="bias,descent",
+                                   budget=Budget(seconds, clock=clock))
+    assert clock.now <= 1.1 * seconds
+    assert any(cut["analyzer"] == "bias" and "Jacobian check" in cut["what"] for cut in result.meta["budget"]["cuts"])
+    assert len(result.tables["bias_jacobian"]) == 0 and "bias_jacobian_relative_gap" not in result.headline["bias"]
+    assert "bias_batchnorm_b4" in result.headline["bias"]
+    assert not [key for key in HEADLINES if key not in result.headline["descent"]]

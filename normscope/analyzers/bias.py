@@ -65,6 +65,10 @@ LABELS = {
     "control": "The control (per-example gradients of eval-mode BN)",
 }
 MIN_REPEATS = 3
+JACOBIAN_PASSES = 4.0
+"""The Jacobian check (two-stage backprop over all N examples) priced in passes of g*: its two stages
+are a forward and backward over the data and a per-example tower pass (3.2 g* passes measured on a tiny
+MobileViT in float64, 2026-12-06); the check is cut when that much time is not left."""
 """The fewest draws a cell's statistics take (:func:`bias_statistics`: the leave-one-out spread)."""
 QUICK = {"batch_sizes": (4, 16, 64), "repeats": 16, "examples": 256}
 FULL = {"batch_sizes": (2, 4, 8, 16, 32, 64, 128), "repeats": 32, "examples": None}
@@ -374,7 +378,7 @@ def estimator_bias(
     est = _Estimators(work, g_star, loss_fn, options or {})
     names = est.names
     star = _flat(g_star.grads, names)
-    control_target = _flat(_chunked_grad(est.base, inputs, targets, loss_fn, 8 * est.chunk_size), names)
+    control_target = None  # the eval-mode full-data gradient, made when the first control cell runs
     groups = _groups(work)
     generator = torch.Generator().manual_seed(seed)
     draws = {b: [torch.randperm(n, generator=generator)[:b] for _ in range(repeats)] for b in sizes}
@@ -389,6 +393,8 @@ def estimator_bias(
         started = clock()
         deadline = None if budget is None else budget.deadline(floor=MIN_REPEATS, reserve=reserve)
         samples = est.samples(estimator, inputs, targets, draws[b], deadline)
+        if estimator == "control" and control_target is None:
+            control_target = _flat(_chunked_grad(est.base, inputs, targets, loss_fn, 8 * est.chunk_size), names)
         reference = control_target if estimator == "control" else star
         total_norm = float(reference.double().norm())
         for group, part in groups.items():
@@ -503,6 +509,10 @@ def analyze(ctx: AnalysisContext) -> AnalyzerOutput:
     draws and one chunk's gradients, never the gradients of all N examples.
     ``ctx.quick``: B in {4, 16, 64}, 16 repeats, 256 examples.
     Data sets over 4096 examples get g* streamed (2L + 1 passes, L normalization levels).
+    Under a time budget g* (the headline's reference) is timed, and the Jacobian check is priced at
+    :data:`JACOBIAN_PASSES` times it: the estimator cells leave that much, and the check is cut
+    (``meta["budget"]["cuts"]``, no ``bias_jacobian`` row) when it no longer fits. The control
+    estimator's full-data eval-mode gradient is made only when its first cell runs.
 
     Under :func:`normscope.distributed.session` g* is streamed over this rank's shard of the
     examples and all-reduced (:func:`~normscope.analyzers.population_gradient.streamed_population_gradient`);
@@ -538,6 +548,11 @@ def analyze(ctx: AnalysisContext) -> AnalyzerOutput:
         mine = shard((inputs, targets))
         chunks = [batches.take(mine, slice(start, start + step)) for start in range(0, batches.size(mine[0]), step)]
         target = streamed_population_gradient(work, chunks, ctx.loss_fn, covering(graph, work, inputs, norm_sites(work)))
+    clock = ctx.budget.measure_clock
+    started = clock()
+    if target is None:
+        target = population_gradient(work, inputs, targets, ctx.loss_fn)
+    jacobian_cost = JACOBIAN_PASSES * agreed(clock() - started)
     table, g_star = estimator_bias(
         work,
         inputs,
@@ -551,17 +566,25 @@ def analyze(ctx: AnalysisContext) -> AnalyzerOutput:
         track=ctx.track,
         target=target,
         budget=ctx.budget,
+        reserve=jacobian_cost,
     )
     table["measurable"] = measurable(table)
     slope_table = slopes(table)
     full_batch = g_star if g_star.method == "full-batch" or world.active else None
-    jacobian = jacobian_product_bias(work, inputs, targets, ctx.loss_fn, int(opts.get("chunk_size", 64)), full_batch)
+    if ctx.budget.limited and jacobian_cost > ctx.budget.remaining():
+        ctx.budget.cut("the Jacobian check (two-stage backprop on all examples, bias_jacobian)",
+                       f"it costs about {jacobian_cost:.3g} s ({JACOBIAN_PASSES:g} passes of g*), "
+                       f"{max(ctx.budget.remaining(), 0.0):.3g} s were left")
+        jacobian = pd.DataFrame(columns=["n_norm_layers", "n_sites", "jacobian_product_gap", "relative_gap"])
+    else:
+        jacobian = jacobian_product_bias(work, inputs, targets, ctx.loss_fn, int(opts.get("chunk_size", 64)), full_batch)
     total = table[table["group"] == "total"]
     headline: dict[str, float | int | str] = {
         "bias_examples": n,
         "bias_population_gradient": f"{g_star.method}, {g_star.passes} pass(es)",
-        "bias_jacobian_relative_gap": float(jacobian["relative_gap"].iloc[0]),
     }
+    if len(jacobian):
+        headline["bias_jacobian_relative_gap"] = float(jacobian["relative_gap"].iloc[0])
     bn = total[total["estimator"] == "batchnorm"].sort_values("batch_size")
     if len(bn):
         headline[f"bias_batchnorm_b{int(bn.iloc[0]['batch_size'])}"] = float(bn.iloc[0]["rel_bias"])

@@ -452,7 +452,12 @@ def _mode_tables(tables: dict[str, list[dict]], plan: Budget, loss: BatchLoss, t
     if optimizer is not None:
         directions.append((f"optimizer:{type(optimizer).__name__}", lambda: optimizer_direction(model, optimizer, loss, total.split(total.gradient()))))
     first = {"hvp": len(directions)} if "hvp" in plan.costs else {"gradient": FIRST_PRODUCT_GRADIENTS * len(directions)}
-    if not plan.allows("every table of this mode", {**first, "gradient": len(directions) + first.get("gradient", 0)}):
+    # the mode's headline (its direction rows, then λ_max's floor) may run past the mode's share while
+    # the analysis has time for it and for the later modes' floors
+    headline = {**first, "gradient": len(directions) + first.get("gradient", 0)}
+    floors = {unit: later * count for unit, count in MODE_FLOOR.items()}
+    floors["hvp"] = floors.get("hvp", 0.0) + min(HEADLINE_PRODUCTS, settings["lanczos_products"])
+    if not plan.allows_headline("every table of this mode", headline, floors):
         return
     started = plan.measure_clock()
     chosen = [(name, *make()) for name, make in directions]

@@ -16,16 +16,11 @@ from normscope.analyzers.hvp import BatchLoss, HessianOperator
 from normscope.analyzers.spectrum import MIN_TRACE_SAMPLES, dense_hessian, krylov_trace, lanczos
 from normscope.budget import Budget
 from normscope.models import build_model
+from tests.test_budget import one_thread  # noqa: F401 - the module's products on 1 thread
 from tests.test_budget_plan import HEADLINES, OpClock
 from tests.test_hvp import tiny_batch, tiny_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _analyze(model, data, seconds: float, clock: OpClock, batch_size: int):

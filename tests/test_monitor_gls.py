@@ -4,15 +4,13 @@ monitor's rows come from normscope.analyzers.gls.site_values, and agree on the s
 import math
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
-import torch.nn.functional as F
 
-import normscope
 from normscope.analyzers.gls import site_values
 from normscope.models import build_model
 from normscope.monitor.metrics import GLS_METRICS
+from tests.test_plan_monitor import analyze_and_monitor
 
 
 @pytest.mark.parametrize("name", ["mlp_bn", "transformer_ln", "transformer_rms"])
@@ -22,11 +20,7 @@ def test_analyze_and_the_monitor_report_the_same_gls_figures(name, digits64, tmp
     the identity). Centered (BatchNorm, LayerNorm) and uncentered (RMSNorm) regressions."""
     x, y = digits64[0][:32].double(), digits64[1][:32]
     model = build_model(name).double().train()
-    result = normscope.analyze(model, (x, y), analyzers="gls", batch_size=32, batches=1, budget=None)
-    with normscope.Monitor(model, tmp_path / "run", every=1) as monitor:
-        with monitor.step():
-            F.cross_entropy(model(x), y).backward()
-    rows = pd.read_parquet(tmp_path / "run").set_index(["site", "metric"])["value"]
+    result, rows = analyze_and_monitor(model, x, y, "gls", tmp_path)
     gls = result.tables["gls_sites"].set_index("site")
     assert len(gls) >= 2
     for site in gls.index:

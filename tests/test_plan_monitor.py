@@ -12,17 +12,22 @@ from normscope.models import build_model
 from normscope.monitor.metrics import DRIFT_METRICS, GLS_METRICS, STATS_METRICS
 
 
+def analyze_and_monitor(model, x, y, analyzers: str, tmp_path):
+    """``analyze`` of one batch and a monitor's rows (indexed by site and metric) of one training step on it."""
+    result = normscope.analyze(model, (x, y), analyzers=analyzers, batch_size=len(y), batches=1, budget=None)
+    with normscope.Monitor(model, tmp_path / "run", every=1) as monitor:
+        with monitor.step():
+            F.cross_entropy(model(x), y).backward()
+    return result, pd.read_parquet(tmp_path / "run").set_index(["site", "metric"])["value"]
+
+
 @pytest.mark.parametrize("name", ["mlp_bn", "cnn_gn"])
 def test_analyze_and_the_monitor_agree_on_every_shared_quantity(name, digits64, tmp_path):
     x, y = digits64[0][:32].double(), digits64[1][:32]
     model = build_model(name).double().train()
     with torch.no_grad():  # running statistics away from their initial values
         model(x * 2 + 0.5)
-    result = normscope.analyze(model, (x, y), analyzers="stats,gls", batch_size=32, batches=1, budget=None)
-    with normscope.Monitor(model, tmp_path / "run", every=1) as monitor:
-        with monitor.step():
-            F.cross_entropy(model(x), y).backward()
-    rows = pd.read_parquet(tmp_path / "run").set_index(["site", "metric"])["value"]
+    result, rows = analyze_and_monitor(model, x, y, "stats,gls", tmp_path)
     stats = result.tables["stats_sites"].set_index("site")
     gls = result.tables["gls_sites"].set_index("site")
     compared = 0

@@ -81,7 +81,8 @@ def run_one(name: str, budget: float, contention: int) -> dict:
                "missing": [k for k in HEADLINES if k not in descent],
                "stats_gls_rows": [len(result.tables.get("stats_sites", ())), len(result.tables.get("gls_sites", ())), sites],
                "cuts": len(result.meta["budget"]["cuts"]), "pace": round(result.meta["budget"].get("pace", 1.0), 2),
-               "seconds": {k: round(v, 1) for k, v in result.meta["seconds"].items()}, "errors": result.meta["analyzer_errors"]}
+               "seconds": {k: round(v, 1) for k, v in result.meta["seconds"].items()}, "errors": result.meta["analyzer_errors"],
+               "threads_used": result.meta.get("threads", {}).get("threads")}
     except Exception as error:  # noqa: BLE001 - a model this version cannot analyze is a result too
         row = {"model": name, "error": f"{type(error).__name__}: {str(error)[:200]}"}
     row.update(wall_s=round(time.perf_counter() - started, 1), load=[round(load_before, 1), round(os.getloadavg()[0], 1)],

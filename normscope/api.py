@@ -37,6 +37,7 @@ from normscope.determinism import random_layers as deterministic
 from normscope.capture.sites import matches
 from normscope.errors import AnalyzerError, DataShapeError, InvalidArgumentError, NoNormSitesError, NormscopeError, UnknownNameError
 from normscope.guard import grad_enabled, preserved
+from normscope.threads import fitting_threads
 from normscope.overview import attach as attach_overview
 from normscope.plan import Driver, PassFailure, needs
 from normscope.result import AnalysisResult
@@ -69,7 +70,9 @@ def analyze(
 
     The model is never changed: every analyzer runs inside :func:`normscope.guard.preserved`
     (and on a copy when ``device`` differs from the model's). One forward pass on the first
-    batch checks that the data fits the model and lists the sites that ran.
+    batch checks that the data fits the model and lists the sites that ran. On CPU, torch's
+    threads are lowered to the cores other work leaves free while the analysis runs and restored
+    after (:func:`normscope.threads.fitting_threads`; ``meta["threads"]``).
 
     Args:
         model: any ``nn.Module`` with normalization layers (modules or functional calls).
@@ -132,7 +135,9 @@ def analyze(
     work = inner if home == target else copy.deepcopy(inner).to(target)
     dtype = floating_dtype(work)
     started = time.perf_counter()
-    with distributed.session(target) as world, preserved(model), grad_enabled(), progress_bars(progress and world.rank == 0) as track:
+    with (distributed.session(target) as world, preserved(model), grad_enabled(),
+          fitting_threads(target.type == "cpu" and not distributed.launched()) as threads,
+          progress_bars(progress and world.rank == 0) as track):
         seed_generators(seed, target)
         data = usable_outside_inference(data)
         loader, dataset, data_source = make_loader(digits_form(work) if data is None else data, batch_size, seed)
@@ -210,6 +215,7 @@ def analyze(
         "budget": ctx.budget.report(),
         "passes": {"forwards": driver.forwards, "backwards": driver.backwards},
         "distributed": world.describe(),
+        "threads": threads,
         "seconds": {"loading": loaded - started, **timings, "total": time.perf_counter() - started},
     }
     attach_overview(result)

@@ -54,6 +54,7 @@ from op_checks import appendix_c_check, population_check, renorm_check  # noqa: 
 from shapes import shapes_data  # noqa: E402
 
 from normscope.compare import Variant, compare, default_data, make_variant  # noqa: E402
+from normscope.safe_io import write_text  # noqa: E402
 from normscope.seed_stats import beats, binomial_resolution, equivalence, format_mean_std, paired_interval  # noqa: E402
 
 LR, REFERENCE_BATCH = 0.05, 32
@@ -443,9 +444,7 @@ def main() -> None:
         }
         text = render(claims, summaries, selections, settings, checks, appendix, resolutions, per_example)
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.out.with_suffix(".tmp")
-        tmp.write_text(text + "\n")
-        tmp.replace(args.out)
+        write_text(args.out, text + "\n")  # a unique temporary file beside it, renamed: no link followed
         return claims
 
     per_job = 1 if args.quick else SEEDS_PER_JOB  # --quick: one seed per job, so the smoke test merges several jobs per unit

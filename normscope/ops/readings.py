@@ -148,14 +148,12 @@ def population_clip(m: nn.Module, x: Tensor, center: Tensor, var: Tensor) -> Ten
     per example (Algorithm 1: the example's own second moment of p) or, in the ``fixed_mean``
     arrangement, its mean over the example's group of ``microbatch`` examples (the last group
     taking the rest)."""
-    from normscope.ops.population import group_mean
+    from normscope.ops.population import clip_factor, example_moments, group_mean
 
-    flat = x.detach().to(torch.float64).reshape(x.shape[0], x.shape[1], -1)
-    nu = (flat - center.to(torch.float64).view(1, -1, 1)).square().mean(dim=2)
+    _, nu = example_moments(x.detach().to(torch.float64), center.to(torch.float64))
     if m.arrangement == "fixed_mean":
         nu = group_mean(nu, min(m.microbatch, x.shape[0]))
-    ratio = (var.to(torch.float64) + m.eps) / (nu + m.eps)
-    return (m.u_max * ratio.sqrt()).clamp(max=1.0)
+    return clip_factor(nu, var.to(torch.float64), m.eps, m.u_max)
 
 
 def population_layout(m: nn.Module, x: Tensor) -> Layout:
